@@ -1,0 +1,168 @@
+r"""Every per-example loss of the offline policy-gradient family, written as the paper's math.
+
+Notation (all tensors have a batch dimension B and a token dimension T):
+
+* ``logprobs[b, t]`` = :math:`\log\pi_\theta(y_t \mid x, y_{<t})`, with gradient.
+* ``ref_logprobs[b, t]`` = :math:`\log\pi_{ref}(y_t \mid x, y_{<t})`, a constant (cached once).
+* ``mask[b, t]`` = :math:`m_t \in \{0, 1\}`, 1 on real response tokens.
+* :math:`L^\theta = -\sum_t m_t \log\pi_\theta(y_t|\cdot)`: the sequence NLL (a sum, not a mean).
+* :math:`R`: the reward of the row; :math:`A^+ = \max(R - V(x), 0)`: its positive advantage.
+* :math:`\mathrm{sg}[\cdot]`: stop-gradient; :math:`\mathrm{clip}_\varepsilon(z)=\min(\max(z,1-\varepsilon),1+\varepsilon)`.
+
+Each function returns ``(loss, stats)``: ``loss`` has shape ``[B]`` (the trainer takes its mean
+over the batch) and ``stats`` holds detached per-example tensors for logging. Every weight is a
+constant with respect to :math:`\theta`, so each gradient is a weighted
+:math:`\nabla_\theta \log\pi_\theta(y|x)`, as in the paper.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ALGORITHMS = ("nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
+REFERENCE_ALGORITHMS = ("r_lol", "a_lol", "a_lol_seq", "a_lol_kl")  # read cached pi_ref log-probs
+ADVANTAGE_ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")  # need V(x)
+REWARD_ALGORITHMS = ("wbc", "r_gold", "r_lol")  # weighted by the raw reward
+CLIPPED_ALGORITHMS = ("r_lol", "a_lol", "a_lol_seq")  # have an importance weight to clip
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+Stats = dict[str, torch.Tensor]
+
+
+def sequence_nll(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    r""":math:`L = -\sum_t m_t \log\pi(y_t|\cdot)`, one value per row."""
+    return -(logprobs * mask).sum(dim=-1)
+
+
+def clip_weight(weight: torch.Tensor, clip: float | None) -> torch.Tensor:
+    r""":math:`\mathrm{clip}_\varepsilon`; ``None`` or 0 leaves the weight unclipped."""
+    if not clip:
+        return weight
+    return weight.clamp(min=1.0 - clip, max=1.0 + clip)
+
+
+def nll_loss(logprobs, mask, **_) -> tuple[torch.Tensor, Stats]:
+    r"""NLL / behaviour cloning: :math:`\mathcal L = L^\theta`."""
+    nll = sequence_nll(logprobs, mask)
+    return nll, {"nll": nll.detach()}
+
+
+def wbc_loss(logprobs, mask, rewards, **_) -> tuple[torch.Tensor, Stats]:
+    r"""Weighted behaviour cloning: :math:`\mathcal L = R \cdot L^\theta`.
+
+    The reward is not clamped: a negative reward pushes the likelihood of :math:`y` down."""
+    nll = sequence_nll(logprobs, mask)
+    return rewards * nll, {"nll": nll.detach(), "reward": rewards}
+
+
+def r_gold_loss(logprobs, mask, rewards, gold_floor: float = 0.1, **_) -> tuple[torch.Tensor, Stats]:
+    r"""Reward-weighted GOLD (Pang & He, 2021):
+    :math:`\mathcal L = R \sum_t m_t\, \mathrm{sg}[\max(\pi_\theta(y_t|\cdot), u)]\,(-\log\pi_\theta(y_t|\cdot))`.
+
+    Each token is weighted by the policy's own probability of it, floored at ``gold_floor`` (u)."""
+    token_weight = logprobs.detach().exp().clamp(min=gold_floor)
+    gold = -(token_weight * logprobs * mask).sum(dim=-1)
+    return rewards * gold, {"nll": sequence_nll(logprobs, mask).detach(), "gold_objective": gold.detach(),
+                            "reward": rewards}
+
+
+def _sequence_ratio(logprobs, ref_logprobs, mask) -> torch.Tensor:
+    r""":math:`\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)] = \exp(\sum_t m_t(\log\pi_\theta - \log\pi_{ref}))`,
+    computed in log space and detached."""
+    return ((logprobs.detach() - ref_logprobs) * mask).sum(dim=-1).exp()
+
+
+def r_lol_loss(logprobs, mask, rewards, ref_logprobs, clip: float | None = None, **_) -> tuple[torch.Tensor, Stats]:
+    r"""Reward LoL: :math:`\mathcal L = R\cdot\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)])\cdot L^\theta`."""
+    nll = sequence_nll(logprobs, mask)
+    ratio = _sequence_ratio(logprobs, ref_logprobs, mask)
+    weight = clip_weight(ratio, clip)
+    return rewards * weight * nll, {"nll": nll.detach(), "reward": rewards, "importance_weight": weight,
+                                    "raw_ratio": ratio}
+
+
+def a_lol_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None = None, **_) -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL (sequence-level importance weight):
+    :math:`\mathcal L = A^+\cdot\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)])\cdot L^\theta`.
+
+    Its gradient is the paper's
+    :math:`-A^+\,\mathrm{clip}(\pi_\theta/\pi_{ref})\,\nabla_\theta\ln\pi_\theta(y|x)`."""
+    adv = advantages.clamp(min=0)
+    nll = sequence_nll(logprobs, mask)
+    ratio = _sequence_ratio(logprobs, ref_logprobs, mask)
+    weight = clip_weight(ratio, clip)
+    return adv * weight * nll, {"nll": nll.detach(), "advantage": adv, "importance_weight": weight,
+                                "raw_ratio": ratio}
+
+
+def a_lol_ref_free_loss(logprobs, mask, advantages, **_) -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL reference-free: the importance weight is 1, :math:`\mathcal L = A^+\cdot L^\theta`."""
+    adv = advantages.clamp(min=0)
+    nll = sequence_nll(logprobs, mask)
+    return adv * nll, {"nll": nll.detach(), "advantage": adv}
+
+
+def a_lol_seq_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None = None, **_) -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL seq (per-token importance weights; the name is the original's):
+    :math:`\mathcal L = A^+\sum_t m_t\,\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y_t|\cdot)/\pi_{ref}(y_t|\cdot)])\,(-\log\pi_\theta(y_t|\cdot))`."""
+    adv = advantages.clamp(min=0)
+    token_weight = clip_weight((logprobs.detach() - ref_logprobs).exp(), clip) * mask
+    weighted_nll = -(token_weight * logprobs).sum(dim=-1)
+    mean_weight = token_weight.sum(-1) / mask.sum(-1).clamp(min=1)
+    return adv * weighted_nll, {"nll": sequence_nll(logprobs, mask).detach(), "advantage": adv,
+                                "importance_weight": mean_weight}
+
+
+def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k3") -> torch.Tensor:
+    r"""A per-row estimate of :math:`KL(\pi_\theta\,\|\,\pi_{ref})` on the data tokens, with
+    :math:`d_t = \log\pi_\theta(y_t|\cdot) - \log\pi_{ref}(y_t|\cdot)` (gradient through :math:`\pi_\theta`):
+
+    * ``k1``: :math:`\sum_t m_t d_t`, the original code's term. It can be negative and its
+      gradient only shifts the advantage by :math:`-\beta`, so rows with :math:`A^+<\beta` are
+      pushed down without bound.
+    * ``k2``: :math:`\tfrac12\sum_t m_t d_t^2`, non-negative, pulls :math:`\pi_\theta` towards :math:`\pi_{ref}`.
+    * ``k3``: :math:`\sum_t m_t (e^{-d_t} - 1 + d_t)` (Schulman's estimator), non-negative, minimum at :math:`d_t = 0`.
+    """
+    d = (logprobs - ref_logprobs) * mask
+    if estimator == "k1":
+        return d.sum(dim=-1)
+    if estimator == "k2":
+        return 0.5 * (d ** 2).sum(dim=-1)
+    if estimator == "k3":
+        return ((torch.exp(-d) - 1.0 + d) * mask).sum(dim=-1)
+    raise ValueError(f"unknown KL estimator '{estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
+
+
+def a_lol_kl_loss(logprobs, mask, advantages, ref_logprobs, kl_beta: float = 0.1, kl_estimator: str = "k3",
+                  **_) -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL KL: the importance weight is replaced by a KL penalty to the reference,
+    :math:`\mathcal L = A^+\cdot L^\theta + \beta\,\widehat{KL}(\pi_\theta\|\pi_{ref})` (see :func:`kl_penalty`)."""
+    adv = advantages.clamp(min=0)
+    nll = sequence_nll(logprobs, mask)
+    kl = kl_penalty(logprobs, ref_logprobs, mask, kl_estimator)
+    return adv * nll + kl_beta * kl, {"nll": nll.detach(), "advantage": adv, "kl_penalty": kl.detach()}
+
+
+LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
+    "nll": nll_loss,
+    "wbc": wbc_loss,
+    "r_gold": r_gold_loss,
+    "r_lol": r_lol_loss,
+    "a_lol": a_lol_loss,
+    "a_lol_ref_free": a_lol_ref_free_loss,
+    "a_lol_seq": a_lol_seq_loss,
+    "a_lol_kl": a_lol_kl_loss,
+}
+
+
+def compute_loss(algorithm: str, logprobs: torch.Tensor, mask: torch.Tensor, *, rewards=None, advantages=None,
+                 ref_logprobs=None, clip=None, kl_beta=0.1, kl_estimator="k3", gold_floor=0.1):
+    """Dispatch by the algorithm's name; returns the batch-mean loss and per-example stats."""
+    if algorithm not in LOSSES:
+        raise ValueError(f"unknown algorithm '{algorithm}' (expected one of {', '.join(ALGORITHMS)})")
+    mask = mask.to(logprobs.dtype)
+    per_example, stats = LOSSES[algorithm](logprobs=logprobs, mask=mask, rewards=rewards, advantages=advantages,
+                                           ref_logprobs=ref_logprobs, clip=clip, kl_beta=kl_beta,
+                                           kl_estimator=kl_estimator, gold_floor=gold_floor)
+    return per_example.mean(), {"loss": per_example.detach(), **stats}

@@ -1,0 +1,149 @@
+"""Loading models and tokenizers, and the one forward pass every stage shares.
+
+Causal LMs and encoder-decoder LMs are both supported; which one a checkpoint is comes from
+its config (``is_encoder_decoder``). LoRA adapters come from peft.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message names the path."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0  # 0 disables LoRA
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | None = None  # comma-separated; None lets peft pick per architecture
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+def _check_local_or_hub(name: str) -> None:
+    """Fail early on a path that cannot exist; 'org/name' is left to the hub client."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise ModelLoadError(f"model path '{name}' does not exist")
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    _check_local_or_hub(name)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model config from '{name}': {str(exc).splitlines()[0]}") from None
+
+
+def is_encoder_decoder(name: str) -> bool:
+    return bool(getattr(load_config(name), "is_encoder_decoder", False))
+
+
+def load_tokenizer(name: str, tokenizer_name: str | None = None):
+    """Tokenizer with a pad token: a tokenizer without one reuses EOS (GPT-2 style), as is usual."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_name or name
+    _check_local_or_hub(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer from '{source}': {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer '{source}' has neither a pad nor an eos token")
+        logger.info("tokenizer '%s' has no pad token: using eos (%r) for padding", source, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
+               adapter_path: str | None = None, trainable: bool = True):
+    """Load a causal or seq2seq LM; wrap it with a new LoRA adapter or an existing one if asked."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = load_config(name)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(name, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from '{name}': {str(exc).splitlines()[0]}") from None
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    elif lora is not None and lora.enabled:
+        model = add_lora(model, lora)
+    return model
+
+
+def add_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+    targets = [t.strip() for t in lora.target_modules.split(",")] if lora.target_modules else None
+    if targets is None and model.config.model_type == "gpt2":
+        targets = ["c_attn", "c_proj"]  # peft has no default for some small test configs
+    config = LoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def set_dropout(model: torch.nn.Module, p: float | None) -> None:
+    """Set every dropout probability to ``p`` (``None`` leaves them)."""
+    if p is None:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+
+def model_is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def forward_token_logprobs(model, batch: dict, return_prompt_states: bool = False):
+    """log pi(y_t | x, y_<t) of each target token, and optionally the last-layer prompt states.
+
+    ``batch`` comes from :class:`lolrl.collation.Collator`. Returns ``(logprobs, states, state_mask)``
+    where ``logprobs`` has the shape of ``batch["target_mask"]`` and is 0 where the mask is 0.
+    Only the target positions go through log-softmax, which keeps memory at O(tokens x vocab)
+    for response tokens rather than for the whole padded sequence.
+    """
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "decoder_input_ids" in batch:
+        kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
+        kwargs["decoder_attention_mask"] = batch["decoder_attention_mask"]
+    out = model(**kwargs, output_hidden_states=return_prompt_states, use_cache=False)
+    logits = out.logits
+    if "decoder_input_ids" not in batch:
+        logits = logits[:, :-1]  # position t predicts token t+1
+    mask = batch["target_mask"].bool()
+    selected = logits[mask].float()
+    target = batch["target_ids"][mask]
+    token_logprobs = selected.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
+    logprobs = torch.zeros(mask.shape, dtype=token_logprobs.dtype, device=logits.device)
+    logprobs = logprobs.masked_scatter(mask, token_logprobs)
+    if not return_prompt_states:
+        return logprobs, None, None
+    if "decoder_input_ids" in batch:
+        return logprobs, out.encoder_last_hidden_state, batch["attention_mask"]
+    return logprobs, out.hidden_states[-1], batch["prompt_mask"]
+
+__all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
+           "forward_token_logprobs", "set_dropout", "add_lora", "DTYPES"]

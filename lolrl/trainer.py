@@ -1,0 +1,456 @@
+"""The offline policy-gradient trainer: one engine for all eight algorithms, on Accelerate.
+
+Stages (each cached under a key of its inputs, see :mod:`lolrl.cache`):
+
+1. tokenise the records (validated already) and load the policy, which starts as pi_ref;
+2. reference pass: pi_ref's log-prob of every training response token, once;
+3. value estimate (A-LoL): pi_ref generates on the validation prompts, the reward scores the
+   generations, a head V(x) on pi_ref's prompt states is fit to them; training advantages
+   A = R - V(x) come from the same reference pass;
+4. training: the sampler picks rows, the policy alone runs forward, one loss function by name;
+5. validation on a schedule (generate, score, keep the best checkpoint) and the final evaluation.
+
+The same code runs on a CPU, one GPU or several processes under ``accelerate launch``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import cache as cache_lib
+from .collation import Collator, Tokenizer, TokenizedRow, check_prompts_renderable
+from .config import ConfigError, OfflineRLConfig
+from .data import Record, TaskData, reward_matrix
+from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_validation_curve,
+                         summarize_generations, write_results_table)
+from .generation import generate
+from .io import append_jsonl, atomic_write_json, write_jsonl
+from .losses import compute_loss
+from .modeling import forward_token_logprobs, load_model, load_tokenizer, model_is_encoder_decoder, set_dropout
+from .reference import prompt_states, reference_pass
+from .sampling import EpochSampler, sampling_weights
+from .tasks import task_info
+from .value import ValueFitSettings, ValueHead, fit_value_head
+
+logger = logging.getLogger(__name__)
+
+
+def advantage_statistics(advantages: np.ndarray) -> dict:
+    """Mean, spread, deciles and the share of rows the A-LoL objective drops (A <= 0)."""
+    return {
+        "n": int(advantages.size), "mean": float(advantages.mean()), "median": float(np.median(advantages)),
+        "std": float(advantages.std()), "min": float(advantages.min()), "max": float(advantages.max()),
+        "percentiles": {str(p): float(np.percentile(advantages, p)) for p in range(0, 101, 10)},
+        "share_negative": float(np.mean(advantages < 0)),
+        "share_non_positive": float(np.mean(advantages <= 0)),
+    }
+
+
+def reward_columns(records: list[Record]) -> dict[str, list]:
+    """Extra record fields, passed to reward functions as TRL passes dataset columns."""
+    keys: list[str] = []
+    for record in records:
+        keys += [k for k in record.meta if k not in keys]
+    columns = {k: [r.meta.get(k) for r in records] for k in keys}
+    columns["ids"] = [r.id for r in records]
+    columns["references"] = [r.response for r in records]
+    return columns
+
+
+@dataclass
+class TrainingSignal:
+    """What the loss needs per training row, computed once before training."""
+
+    rewards: np.ndarray | None
+    advantages: np.ndarray | None
+    ref_logprobs: list[torch.Tensor] | None
+    sample_weights: np.ndarray | None
+
+
+class OfflineRLTrainer:
+    """Train with any of ``nll, wbc, r_gold, r_lol, a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl``.
+
+    >>> trainer = OfflineRLTrainer(OfflineRLConfig(model_name="path/to/nll_model", output_dir="out",
+    ...                                            algorithm="a_lol"), data, reward)
+    >>> results = trainer.run()
+    """
+
+    def __init__(self, config: OfflineRLConfig, data: TaskData, reward=None, accelerator=None):
+        self.config = config
+        self.data = data
+        self.reward = reward
+        self.task = task_info(config.task_name)
+        if config.uses_advantage and reward is None:
+            raise ConfigError(f"{config.algorithm} fits a value estimate on scored generations: it needs a reward")
+        if config.do_train and data.train and any(r.reward is None for r in data.train) and config.algorithm != "nll":
+            raise ConfigError(f"{config.algorithm} needs a reward on every training row")
+        self.accelerator = accelerator or self._make_accelerator()
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.is_main = self.accelerator.is_main_process
+        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, is_main_process=self.is_main)
+        self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
+        for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
+            if records:
+                check_prompts_renderable(self.tokenizer, records, split)
+        self.model = None
+        self.global_step = 0
+        self.best_measure = -math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.config.dtype]
+        log_with = None if self.config.report_to in (None, "none") else self.config.report_to.split(",")
+        accelerator = Accelerator(mixed_precision=mixed if self.config.lora.enabled else "no",
+                                  log_with=log_with, project_dir=self.config.output_dir)
+        set_seed(self.config.seed)
+        return accelerator
+
+    def _load_policy(self) -> None:
+        config = self.config
+        # LoRA trains fp32 adapters on a low-precision base via autocast; full fine-tuning loads the given dtype.
+        model = load_model(config.model_name, dtype=config.dtype, lora=config.lora, adapter_path=config.adapter_path)
+        if config.disable_dropout:
+            set_dropout(model, 0.0)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        self.encoder_decoder = model_is_encoder_decoder(model)
+        self.row_tokenizer = Tokenizer(self.tokenizer, self.encoder_decoder, config.max_prompt_length,
+                                       config.max_resp_length)
+        self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
+                                 getattr(model.config, "decoder_start_token_id", None))
+        self.model = model.to(self.accelerator.device)
+
+    def _model_key(self) -> dict:
+        config = self.config
+        return {"model": cache_lib.model_identity(config.model_name), "adapter": config.adapter_path and
+                cache_lib.model_identity(config.adapter_path), "tokenizer": config.tokenizer_name,
+                "max_prompt_length": config.max_prompt_length, "max_resp_length": config.max_resp_length,
+                "dtype": config.dtype}
+
+    # ----------------------------------------------------------------------------- the reference
+    def _val_records(self) -> list[Record]:
+        val = self.data.val
+        return val[: self.config.max_val_examples] if self.config.max_val_examples else val
+
+    def _score(self, records: list[Record], completions: list[str], desc: str) -> dict[str, list[float]]:
+        """Score on the main process and share the result, so every process takes the same decisions."""
+        result = [None]
+        if self.is_main:
+            result = [self.reward(prompts=[r.prompt for r in records], completions=completions,
+                                  batch_size=self.config.val_batch_size, desc=desc, **reward_columns(records))]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(result)
+        return result[0]
+
+    def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
+        completions = generate(self.model, self.tokenizer, rows, self.config.generation, self.config.val_batch_size,
+                               self.accelerator, desc=f"{desc}: generate")
+        rewards = self._score(records, completions, f"{desc}: reward") if self.reward is not None else {}
+        return completions, rewards
+
+    def _reference_generations(self, val_rows: list[TokenizedRow]) -> tuple[list[str], dict[str, list[float]]]:
+        """pi_ref's generations on the validation prompts and their rewards (cached)."""
+        val = self._val_records()
+        key = cache_lib.hash_json({"stage": "reference_generations", **self._model_key(),
+                                   "val": cache_lib.records_digest(val), "reward": self.reward.to_spec(),
+                                   "generation": self.config.generation.as_dict()})
+        hit = self.cache.load("reference_val_generations", key)
+        if hit is not None:
+            return hit[0]["completions"], hit[0]["rewards"]
+        completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
+        self.cache.save("reference_val_generations", key, {"completions": completions, "rewards": rewards})
+        return completions, rewards
+
+    def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> ValueHead:
+        config = self.config
+        settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
+                                    heldout_fraction=config.value_heldout_fraction, seed=config.seed)
+        states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
+                               self.accelerator, desc="value features")
+        payload = [None]
+        if self.is_main:
+            head, report = fit_value_head(states, targets, settings)
+            payload = [({k: v.cpu() for k, v in head.state_dict().items()}, report.as_dict())]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(payload)
+        state, report = payload[0]
+        head = ValueHead(states[0].shape[-1])
+        head.load_state_dict(state)
+        head.eval()
+        if self.is_main:
+            atomic_write_json(self.output_dir / "value_fit.json", report)
+        logger.info("value head: held-out MSE %.4f vs %.4f for a constant (R^2 %.3f), best epoch %d",
+                    report["heldout_mse"], report["constant_mse"], report["heldout_r2"], report["best_epoch"])
+        return head
+
+    def prepare_training_signal(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow]) -> TrainingSignal:
+        """Reference log-probs, value estimate, advantages and sampling weights, computed once."""
+        config = self.config
+        train = self.data.train
+        rewards = np.array([r.reward for r in train], dtype=np.float64) if config.algorithm != "nll" else None
+        if not (config.uses_reference or config.uses_advantage):
+            weights = sampling_weights(config.sampling_strategy, rewards, len(train))
+            return TrainingSignal(rewards, None, None, weights)
+
+        key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(),
+                                   "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
+                                       "val": cache_lib.records_digest(self._val_records()),
+                                       "reward": self.reward.to_spec(), "generation": config.generation.as_dict(),
+                                       "epochs": config.value_epochs, "lr": config.value_learning_rate,
+                                       "heldout": config.value_heldout_fraction, "seed": config.seed}})
+        hit = self.cache.load("reference_pass", key)
+        if hit is not None:
+            payload, tensors = hit
+            offsets = payload["offsets"]
+            flat = tensors["logprobs"]
+            ref_logprobs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(train))]
+            values = tensors["values"].double().numpy() if "values" in tensors else None
+        else:
+            head = None
+            if config.uses_advantage:
+                _, gen_rewards = self._reference_generations(val_rows)
+                head = self._fit_value(val_rows, gen_rewards["final_reward"])
+            outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
+                                     self.accelerator, desc="reference pass (train)")
+            ref_logprobs, values = outputs.logprobs, outputs.values
+            offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
+            tensors = {"logprobs": torch.cat(ref_logprobs)}
+            if values is not None:
+                tensors["values"] = torch.tensor(values)
+            self.cache.save("reference_pass", key, {"offsets": offsets}, tensors)
+
+        advantages = None
+        if config.uses_advantage:
+            advantages = rewards - values
+            stats = advantage_statistics(advantages)
+            if self.is_main:
+                atomic_write_json(self.output_dir / "advantage_stats.json", stats)
+            logger.info("training advantages: mean %.4f, median %.4f; %.1f%% negative (dropped by A-LoL)",
+                        stats["mean"], stats["median"], 100 * stats["share_negative"])
+        priority_values = advantages if config.uses_advantage else rewards
+        weights = sampling_weights(config.sampling_strategy, priority_values, len(train))
+        return TrainingSignal(rewards, advantages, ref_logprobs if config.uses_reference else None, weights)
+
+    # ------------------------------------------------------------------------------ validation
+    def validation_measure(self, val_rows: list[TokenizedRow], step: int, epoch: float) -> float:
+        """Generate on the validation prompts and score; the task's metric selects checkpoints."""
+        val = self._val_records()
+        if self.reward is None:
+            measure = -self.gold_nll_per_token(val_rows)
+            summary = {"neg_nll_per_token": measure}
+        else:
+            completions, rewards = self._generate_and_score(val, val_rows, "validation")
+            summary = summarize_generations(completions, rewards)
+            measure = summary[self.task.val_metric]
+        if self.is_main:
+            append_jsonl(self.output_dir / "validation_stats.jsonl", {"step": step, "epoch": epoch, **summary})
+        return measure
+
+    def gold_nll_per_token(self, rows: list[TokenizedRow]) -> float:
+        """Mean NLL per token of the gold responses (the measure when no reward is given)."""
+        outputs = reference_pass(self.model, rows, self.collator, self.config.val_batch_size, None,
+                                 self.accelerator, desc="validation NLL")
+        tokens = sum(len(lp) for lp in outputs.logprobs)
+        return -float(sum(lp.sum() for lp in outputs.logprobs)) / max(tokens, 1)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+    def _maybe_keep_best(self, measure: float, step: int) -> bool:
+        if not measure > self.best_measure:
+            return False
+        self.best_measure = measure
+        self.best_state = self._trainable_state()
+        self.save_model(self.config.save_dir)
+        if self.is_main:
+            atomic_write_json(Path(self.config.save_dir) / "best.json", {"step": step, "measure": measure,
+                                                                         "metric": self.task.val_metric})
+        return True
+
+    def save_model(self, directory: str) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+
+    # -------------------------------------------------------------------------------- training
+    def _optimizer(self, total_steps: int):
+        from transformers import get_scheduler
+
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 else decay).append(param)  # no decay on biases and norms
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=self.config.learning_rate, eps=1e-8)
+        scheduler = get_scheduler(self.config.lr_scheduler, optimizer,
+                                  num_warmup_steps=int(self.config.warmup_ratio * total_steps),
+                                  num_training_steps=total_steps)
+        return optimizer, scheduler
+
+    def _batch_tensors(self, indices: list[int], rows: list[TokenizedRow], signal: TrainingSignal) -> dict:
+        batch = {k: v.to(self.accelerator.device) for k, v in self.collator([rows[i] for i in indices]).items()}
+        device = self.accelerator.device
+        if signal.rewards is not None:
+            batch["rewards"] = torch.tensor(signal.rewards[indices], dtype=torch.float32, device=device)
+        if signal.advantages is not None:
+            batch["advantages"] = torch.tensor(signal.advantages[indices], dtype=torch.float32, device=device)
+        if signal.ref_logprobs is not None:
+            mask = batch["target_mask"].bool()
+            ref = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+            batch["ref_logprobs"] = ref.masked_scatter(mask, torch.cat([signal.ref_logprobs[i] for i in indices]).to(device))
+        return batch
+
+    def _loss(self, batch: dict):
+        logprobs, _, _ = forward_token_logprobs(self.model, batch)
+        config = self.config
+        return compute_loss(config.algorithm, logprobs, batch["target_mask"], rewards=batch.get("rewards"),
+                            advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
+                            clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
+                            gold_floor=config.gold_floor)
+
+    def train(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow], signal: TrainingSignal) -> None:
+        config, acc = self.config, self.accelerator
+        sampler = EpochSampler(len(train_rows), config.batch_size, acc.num_processes, acc.process_index,
+                               signal.sample_weights, config.seed,
+                               [r.length for r in train_rows] if config.length_grouping else None)
+        micro_per_epoch = sampler.steps_per_epoch
+        opt_per_epoch = math.ceil(micro_per_epoch / config.accumulation_steps)
+        total = opt_per_epoch * config.n_epochs
+        if config.max_steps > 0:
+            total = min(total, config.max_steps) if config.n_epochs else config.max_steps
+        epochs = math.ceil(total / opt_per_epoch) if opt_per_epoch else 0
+        val_points = {round(k * opt_per_epoch / config.val_log_frequency) for k in range(1, config.val_log_frequency + 1)}
+        optimizer, scheduler = self._optimizer(max(total, 1))
+        self.model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+        if self.is_main:
+            atomic_write_json(self.output_dir / "training_plan.json", {
+                "rows": len(train_rows), "rows_per_epoch": sampler.rows_per_epoch, "global_batch": sampler.global_batch,
+                "micro_steps_per_epoch": micro_per_epoch, "optimizer_steps_per_epoch": opt_per_epoch,
+                "optimizer_steps": total, "epochs": epochs, "validations_per_epoch": len(val_points)})
+        logger.info("training %s: %d optimizer steps (%d per epoch, %d of %d rows per epoch)", config.algorithm,
+                    total, opt_per_epoch, sampler.rows_per_epoch, len(train_rows))
+        progress = tqdm(total=total, desc=f"train {config.algorithm}", disable=not acc.is_local_main_process)
+        window: dict[str, list[float]] = {}
+        started = time.time()
+        self.model.train()
+        for epoch in range(epochs):
+            batches = sampler.batches(epoch)
+            for group_start in range(0, len(batches), config.accumulation_steps):
+                if self.global_step >= total:
+                    break
+                group = batches[group_start:group_start + config.accumulation_steps]
+                for j, indices in enumerate(group):
+                    syncing = j == len(group) - 1
+                    with contextlib.nullcontext() if syncing else acc.no_sync(self.model):
+                        with acc.autocast():
+                            loss, stats = self._loss(self._batch_tensors(indices, train_rows, signal))
+                        acc.backward(loss / len(group))
+                    for name, value in stats.items():
+                        window.setdefault(name, []).extend(value.float().cpu().tolist())
+                if config.max_grad_norm:
+                    acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                self.global_step += 1
+                progress.update(1)
+                step_in_epoch = group_start // config.accumulation_steps + 1
+                if self.global_step % config.logging_steps == 0 or step_in_epoch in val_points:
+                    self._log(window, epoch + step_in_epoch / opt_per_epoch, scheduler, started, progress)
+                    window = {}
+                if step_in_epoch in val_points or self.global_step == total:
+                    measure = self.validation_measure(val_rows, self.global_step, epoch + step_in_epoch / opt_per_epoch)
+                    improved = self._maybe_keep_best(measure, self.global_step)
+                    logger.info("step %d: validation %s = %.4f%s", self.global_step, self.task.val_metric
+                                if self.reward is not None else "-nll/token", measure, " (new best)" if improved else "")
+                    self.model.train()
+        progress.close()
+        acc.end_training()
+
+    def _log(self, window: dict[str, list[float]], epoch: float, scheduler, started: float, progress) -> None:
+        entry = {"step": self.global_step, "epoch": round(epoch, 4), "lr": scheduler.get_last_lr()[0],
+                 "elapsed_s": round(time.time() - started, 2)}
+        entry.update({k: float(np.mean(v)) for k, v in window.items() if v})
+        progress.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "nll", "advantage", "importance_weight") if k in entry})
+        if self.is_main:
+            append_jsonl(self.output_dir / "train_log.jsonl", entry)
+        self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.global_step)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str, records: list[Record], rows: list[TokenizedRow]) -> dict[str, dict]:
+        """Generate on a split, score, and summarise generated and gold responses."""
+        completions, rewards = self._generate_and_score(records, rows, f"evaluate {split}")
+        tables = {f"{split}/generated": summarize_generations(completions, rewards) if rewards else
+                  summarize_generations(completions, {})}
+        gold = reward_matrix(records)
+        if gold and all(len(v) == len(records) for v in gold.values()):
+            tables[f"{split}/reference"] = summarize_generations([r.response for r in records], gold)
+        if self.is_main:
+            write_jsonl(self.output_dir / f"{split}_generations.jsonl", [
+                {"id": r.id, "response": c, **{k: v[i] for k, v in rewards.items()}}
+                for i, (r, c) in enumerate(zip(records, completions))])
+            if rewards:
+                plot_reward_distributions(rewards, gold or None, self.output_dir / f"reward_distribution_{split}.png",
+                                          title=f"{split}: generated vs reference rewards")
+        return tables
+
+    def _restore_best(self) -> None:
+        if self.best_state is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        model.load_state_dict(self.best_state, strict=False)
+
+    # ------------------------------------------------------------------------------------ run
+    def run(self) -> dict[str, dict]:
+        """The whole pipeline: reference signal, training with validation, final evaluation."""
+        config = self.config
+        if self.is_main:
+            atomic_write_json(self.output_dir / "args.json", config.to_dict())
+        self._load_policy()
+        val_records = self._val_records()
+        val_rows = self.row_tokenizer(val_records)
+        if config.do_train:
+            train_rows = self.row_tokenizer(self.data.train)
+            signal = self.prepare_training_signal(train_rows, val_rows)
+            if config.eval_in_beginning:
+                self._maybe_keep_best(self.validation_measure(val_rows, 0, 0.0), 0)
+            self.train(train_rows, val_rows, signal)
+            self._restore_best()
+            if self.is_main:
+                plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png")
+                plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png",
+                                      metric=self.task.val_metric if self.reward is not None else "neg_nll_per_token")
+        results: dict[str, dict] = {}
+        splits = [("val", val_records, val_rows)]
+        if config.do_test and self.data.test:
+            splits.append(("test", self.data.test, self.row_tokenizer(self.data.test)))
+        for split, records, rows in splits:
+            results.update(self.evaluate(split, records, rows))
+        if self.is_main:
+            paths = write_results_table(self.output_dir, "eval_results", results)
+            logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
+        return results

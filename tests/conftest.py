@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+import toy_task  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny GPT-2 (tokenizer without a pad token, like GPT-2's) and a tiny T5, saved to disk."""
+    from lolrl.tiny import build_causal_lm, build_seq2seq_lm, train_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    causal_tok = train_tokenizer(toy_task.corpus(), root / "tok_causal", with_pad=False)
+    build_causal_lm(causal_tok, root / "causal")
+    seq_tok = train_tokenizer(toy_task.corpus(), root / "tok_seq2seq", with_pad=True)
+    build_seq2seq_lm(seq_tok, root / "seq2seq")
+    return {"causal": str(root / "causal"), "seq2seq": str(root / "seq2seq")}
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    return toy_task.write_task(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="session")
+def toy_reward_spec():
+    path = TESTS / "toy_task.py"
+    return f"politeness={path}:politeness + brevity={path}:brevity"
