@@ -155,14 +155,21 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:
+    """Log the library to stderr and OUTPUT/train_output.log; calling it again replaces both handlers."""
+    library = logging.getLogger("lolrl")
+    for handler in [h for h in library.handlers if getattr(h, "_lolrl", False)]:
+        library.removeHandler(handler)
+        handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if is_main:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(output_dir) / "train_output.log"))
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler._lolrl = True
+        handler.setFormatter(formatter)
+        library.addHandler(handler)
+    library.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 USER_ERRORS = (DataError, ConfigError, ModelLoadError, NoPositiveRowsError, RewardSpecError, RewardOutputError)

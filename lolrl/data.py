@@ -178,7 +178,12 @@ def load_jsonl_with_datasets(path: str | Path, require_reward: bool = False) -> 
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), None, None, "file not found")
-    dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    try:
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as exc:  # Arrow could not build one schema for the file (or bad JSON)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(str(path), None, None, f"datasets cannot read this file ({first}); "
+                                               "the default reader names the bad line") from None
     return records_from_dataset(dataset, str(path), require_reward)
 
 

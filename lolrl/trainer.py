@@ -379,10 +379,11 @@ class OfflineRLTrainer:
                 self.global_step += 1
                 progress.update(1)
                 step_in_epoch = group_start // config.accumulation_steps + 1
-                if self.global_step % config.logging_steps == 0 or step_in_epoch in val_points:
+                validate = step_in_epoch in val_points or self.global_step == total
+                if self.global_step % config.logging_steps == 0 or validate:
                     self._log(window, epoch + step_in_epoch / opt_per_epoch, scheduler, started, progress)
                     window = {}
-                if step_in_epoch in val_points or self.global_step == total:
+                if validate:
                     measure = self.validation_measure(val_rows, self.global_step, epoch + step_in_epoch / opt_per_epoch)
                     improved = self._maybe_keep_best(measure, self.global_step)
                     logger.info("step %d: validation %s = %.4f%s", self.global_step, self.task.val_metric

@@ -1,0 +1,74 @@
+"""Batched collation (no mid-padding) gives exactly the log-probs of unpadded single-row forwards."""
+import pytest
+import torch
+
+from lolrl.collation import Collator, Tokenizer, group_by_length
+from lolrl.data import Record
+from lolrl.modeling import forward_token_logprobs, load_model, load_tokenizer
+
+RECORDS = [
+    Record("a", "user: tell me about cats\nbot:", "sure i am glad to help with cats", 1.0),
+    Record("b", "user: tell me about a very long and winding river of stars and trains\nbot:", "no", 0.0),
+    Record("c", "hi", "please enjoy music you are welcome kind regards and thanks", 0.5),
+]
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_batched_logprobs_equal_single_row(tiny_models, kind):
+    tokenizer = load_tokenizer(tiny_models[kind])
+    model = load_model(tiny_models[kind]).eval()
+    encdec = kind == "seq2seq"
+    rows = Tokenizer(tokenizer, encdec, 64, 32)(RECORDS)
+    collator = Collator(tokenizer.pad_token_id, encdec, model.config.decoder_start_token_id if encdec else None)
+    batch = collator(rows)
+    with torch.no_grad():
+        batched, _, _ = forward_token_logprobs(model, batch)
+        for i, row in enumerate(rows):
+            single, _, _ = forward_token_logprobs(model, collator([row]))
+            got = batched[i][batch["target_mask"][i].bool()]
+            assert got.shape[0] == len(row.response_ids)
+            torch.testing.assert_close(got, single[0][collator([row])["target_mask"][0].bool()],
+                                       atol=1e-5, rtol=0)
+
+
+def test_causal_layout_has_no_padding_between_prompt_and_response(tiny_models):
+    tokenizer = load_tokenizer(tiny_models["causal"])
+    rows = Tokenizer(tokenizer, False, 64, 32)(RECORDS)
+    batch = Collator(tokenizer.pad_token_id, False)(rows)
+    for i, row in enumerate(rows):
+        n = row.length
+        assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
+        assert batch["input_ids"][i, :n].tolist() == row.prompt_ids + row.response_ids
+        # target t is input token t+1; the scored targets are exactly the response tokens
+        scored = batch["target_ids"][i][batch["target_mask"][i].bool()].tolist()
+        assert scored == row.response_ids
+        assert batch["prompt_mask"][i].sum() == len(row.prompt_ids)
+
+
+def test_truncation_and_eos(tiny_models):
+    tokenizer = load_tokenizer(tiny_models["causal"])
+    tok = Tokenizer(tokenizer, False, max_prompt_length=4, max_resp_length=3)
+    long = Record("x", "one two three four five six seven", "a b c d e f", 1.0)
+    row = tok([long])[0]
+    full_prompt = tokenizer(long.prompt)["input_ids"]
+    assert row.prompt_ids == full_prompt[-4:]  # prompts keep their end
+    assert len(row.response_ids) == 3
+    short = tok([Record("y", "p", "ok", 1.0)])[0]
+    assert short.response_ids[-1] == tokenizer.eos_token_id  # responses end with EOS
+
+
+def test_chat_prompt_uses_template(tiny_models):
+    tokenizer = load_tokenizer(tiny_models["causal"])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}bot:"
+    row = Tokenizer(tokenizer, False)([Record("x", [{"role": "user", "content": "hi"}], "ok", 1.0)])[0]
+    assert tokenizer.decode(row.prompt_ids) == "user: hi\nbot:"
+
+
+def test_group_by_length_keeps_the_multiset():
+    indices = [5, 1, 1, 3, 0, 2, 4, 5]
+    lengths = [10, 1, 7, 3, 9, 2]
+    grouped = group_by_length(indices, lengths, batch_size=2, window=4, seed=1)
+    assert sorted(grouped) == sorted(indices)
+    batches = [grouped[i:i + 2] for i in range(0, 8, 2)]
+    # one window holds all 8 draws: batches are consecutive pairs in length order, in shuffled order
+    assert sorted(sorted(lengths[i] for i in b) for b in batches) == [[1, 1], [2, 2], [3, 7], [9, 10]]

@@ -1,0 +1,165 @@
+"""The value head V(x): padding invariance, fitting with held-out selection, predict()."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lolrl.value import ValueFitSettings, ValueHead, fit_value_head, pad_states, predict
+
+H = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: intra-op threads only add contention (25x slower on 2 shared cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _states(n: int, seed: int, lo: int = 3, hi: int = 12) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randn(n_i, H, generator=g) for n_i in lengths]
+
+
+def _target(s: torch.Tensor) -> float:
+    """Mean of the first feature over the real positions."""
+    return float(s[:, 0].mean())
+
+
+def test_pad_states_shapes_and_mask():
+    states = [torch.ones(2, H), 2 * torch.ones(5, H), 3 * torch.ones(1, H)]
+    padded, mask = pad_states(states)
+    assert padded.shape == (3, 5, H) and mask.shape == (3, 5) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [2, 5, 1]
+    assert torch.all(padded[0, 2:] == 0) and torch.all(padded[0, :2] == 1)
+
+
+def test_value_does_not_depend_on_padding():
+    torch.manual_seed(0)
+    head = ValueHead(H).eval()
+    # A non-trivial affine output, so a padding leak would not hide behind a zero readout.
+    head.target_mean.fill_(-3.0)
+    head.target_std.fill_(2.5)
+    short, long_ = _states(2, seed=1, lo=3, hi=4)[0], torch.randn(11, H)
+    with torch.no_grad():
+        alone = head(short[None], torch.ones(1, short.shape[0], dtype=torch.bool))
+        padded, mask = pad_states([short, long_])
+        batched = head(padded, mask)
+        assert abs(batched[0].item() - alone[0].item()) < 1e-6
+        long_alone = head(long_[None], torch.ones(1, 11, dtype=torch.bool))
+        assert abs(batched[1].item() - long_alone[0].item()) < 1e-6
+        # Garbage at the padded positions changes nothing.
+        garbage = padded.clone()
+        garbage[0, short.shape[0]:] = 100.0 * torch.randn(11 - short.shape[0], H)
+        torch.testing.assert_close(head(garbage, mask), batched, rtol=0, atol=1e-6)
+        # ... while the real positions do matter (the head is not constant).
+        changed = padded.clone()
+        changed[0, 0] += 5.0
+        assert abs(head(changed, mask)[0].item() - batched[0].item()) > 1e-4
+
+
+def test_predict_returns_one_value_per_input_and_ignores_batching():
+    torch.manual_seed(1)
+    head = ValueHead(H)
+    head.train()  # predict must switch to eval mode itself (no dropout noise)
+    states = _states(70, seed=2)
+    values = predict(head, states)
+    assert isinstance(values, np.ndarray) and values.shape == (70,)
+    assert not head.training
+    single = predict(head, states, batch_size=1)
+    np.testing.assert_allclose(values, single, atol=1e-6)
+    np.testing.assert_allclose(predict(head, states, batch_size=7), values, atol=1e-6)
+    assert predict(head, []).shape == (0,)
+
+
+def _fit(shift: float = 0.0, n: int = 200, epochs: int = 25, seed: int = 0):
+    states = _states(n, seed=seed)
+    targets = [_target(s) + shift for s in states]
+    head, report = fit_value_head(states, targets, ValueFitSettings(epochs=epochs, learning_rate=3e-3,
+                                                                     batch_size=16, heldout_fraction=0.25,
+                                                                     dropout=0.0, seed=seed))
+    return states, np.array(targets), head, report
+
+
+def _heldout(report, states, targets, seed=0, fraction=0.25):
+    order = np.random.default_rng(seed).permutation(len(states))
+    held = order[:report.n_heldout]
+    assert report.n_heldout == max(1, round(len(states) * fraction))
+    return [states[i] for i in held], targets[held], order[report.n_heldout:]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return _fit()
+
+
+def test_fit_reaches_a_useful_r2(fitted):
+    states, targets, head, report = fitted
+    assert report.heldout_r2 > 0.5
+    assert report.heldout_mse < report.constant_mse
+    held_states, held_targets, train_idx = _heldout(report, states, targets)
+    # The report describes the returned head on the held-out prompts.
+    mse = float(np.mean((predict(head, held_states) - held_targets) ** 2))
+    assert mse == pytest.approx(report.heldout_mse, rel=1e-5)
+    constant = float(np.mean((held_targets - targets[train_idx].mean()) ** 2))
+    assert report.constant_mse == pytest.approx(constant, rel=1e-5)
+    assert report.heldout_r2 == pytest.approx(1 - report.heldout_mse / report.constant_mse)
+
+
+def test_report_fields_are_consistent(fitted):
+    states, targets, head, report = fitted
+    assert report.n_train + report.n_heldout == len(states)
+    assert report.n_heldout >= 1 and report.n_train >= 1
+    assert 0 <= report.best_epoch <= 25
+    assert report.best_epoch > 0  # training improved on the initial head
+    _, _, train_idx = _heldout(report, states, targets)
+    assert report.target_mean == pytest.approx(float(targets[train_idx].mean()), abs=1e-5)
+    assert report.target_std == pytest.approx(float(targets[train_idx].std()), rel=1e-4)
+    d = report.as_dict()
+    assert set(d) >= {"best_epoch", "heldout_mse", "constant_mse", "heldout_r2", "n_train", "n_heldout"}
+
+
+def test_zero_epochs_keeps_the_initial_head():
+    states, targets, head, report = _fit(epochs=0, n=40)
+    assert report.best_epoch == 0
+    held_states, held_targets, _ = _heldout(report, states, targets)
+    mse = float(np.mean((predict(head, held_states) - held_targets) ** 2))
+    assert mse == pytest.approx(report.heldout_mse, rel=1e-5)
+
+
+def test_selection_uses_the_heldout_split():
+    """The kept epoch is the one whose head has the lowest held-out MSE among all epochs run."""
+    states = _states(120, seed=4)
+    targets = [_target(s) for s in states]
+    reports = {}
+    for epochs in (1, 2, 3, 4, 5):
+        _, reports[epochs] = fit_value_head(states, targets, ValueFitSettings(
+            epochs=epochs, learning_rate=3e-3, batch_size=16, dropout=0.0, seed=1))
+    # Training is deterministic, so the runs share a trajectory: the best MSE over a longer run is
+    # the minimum over a prefix, non-increasing in the number of epochs, and best_epoch <= epochs.
+    mses = [reports[e].heldout_mse for e in (1, 2, 3, 4, 5)]
+    assert all(b <= a + 1e-9 for a, b in zip(mses, mses[1:]))
+    for e, r in reports.items():
+        assert 0 <= r.best_epoch <= e
+        if 0 < r.best_epoch < e:  # the kept head is the one the shorter run ended on
+            assert reports[r.best_epoch].heldout_mse == pytest.approx(r.heldout_mse, rel=1e-6)
+
+
+def test_negative_targets_are_represented():
+    states, targets, head, report = _fit(shift=-10.0)
+    assert np.all(targets < -5)
+    assert report.heldout_r2 > 0.5
+    assert report.target_mean == pytest.approx(-10.0, abs=0.3)
+    held_states, held_targets, _ = _heldout(report, states, targets)
+    pred = predict(head, held_states)
+    assert np.all(pred < -5)
+    assert float(np.mean((pred - held_targets) ** 2)) < float(np.var(held_targets))
+
+
+def test_too_few_prompts_raise():
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_value_head([torch.randn(3, H)], [1.0], ValueFitSettings(epochs=1))
