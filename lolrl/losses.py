@@ -107,7 +107,8 @@ def a_lol_seq_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None 
     r"""A-LoL seq (per-token importance weights; the name is the original's):
     :math:`\mathcal L = A^+\sum_t m_t\,\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y_t|\cdot)/\pi_{ref}(y_t|\cdot)])\,(-\log\pi_\theta(y_t|\cdot))`."""
     adv = advantages.clamp(min=0)
-    token_weight = clip_weight((logprobs.detach() - ref_logprobs).exp(), clip) * mask
+    # Mask before exp: a large log-ratio at a padded position would give inf * 0 = NaN.
+    token_weight = clip_weight(((logprobs.detach() - ref_logprobs) * mask).exp(), clip) * mask
     weighted_nll = -(token_weight * logprobs).sum(dim=-1)
     mean_weight = token_weight.sum(-1) / mask.sum(-1).clamp(min=1)
     return adv * weighted_nll, {"nll": sequence_nll(logprobs, mask).detach(), "advantage": adv,

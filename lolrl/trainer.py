@@ -113,7 +113,9 @@ class OfflineRLTrainer:
 
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.config.dtype]
         log_with = None if self.config.report_to in (None, "none") else self.config.report_to.split(",")
-        accelerator = Accelerator(mixed_precision=mixed if self.config.lora.enabled else "no",
+        # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
+        has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed if self.config.lora.enabled else "no",
                                   log_with=log_with, project_dir=self.config.output_dir)
         set_seed(self.config.seed)
         return accelerator
@@ -390,7 +392,6 @@ class OfflineRLTrainer:
                                 if self.reward is not None else "-nll/token", measure, " (new best)" if improved else "")
                     self.model.train()
         progress.close()
-        acc.end_training()
 
     def _log(self, window: dict[str, list[float]], epoch: float, scheduler, started: float, progress) -> None:
         entry = {"step": self.global_step, "epoch": round(epoch, 4), "lr": scheduler.get_last_lr()[0],
@@ -454,4 +455,5 @@ class OfflineRLTrainer:
         if self.is_main:
             paths = write_results_table(self.output_dir, "eval_results", results)
             logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
+        self.accelerator.end_training()  # closes trackers (and, with several processes, the process group)
         return results

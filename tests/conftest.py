@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -8,10 +6,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 
-TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS))
-
-import toy_task  # noqa: E402
+from lolrl import toy as toy_task  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,5 +29,4 @@ def toy_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_reward_spec():
-    path = TESTS / "toy_task.py"
-    return f"politeness={path}:politeness + brevity={path}:brevity"
+    return toy_task.REWARD_SPEC

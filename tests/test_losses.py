@@ -233,10 +233,6 @@ def test_padding_changes_neither_value_nor_gradient(algo, clip, est):
         torch.testing.assert_close(stats2[key], stats[key], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lolrl/losses.py a_lol_seq_loss: the per-token ratio exp(logprobs - ref_logprobs) is taken "
-    "BEFORE the mask multiplies it, so an overflow at a padded position (inf * 0 = NaN) poisons the "
-    "row when clip is None. Latent only: the trainer fills padding with 0 in both tensors."))
 def test_a_lol_seq_is_finite_with_extreme_values_at_padding():
     lp = torch.full((2, 4), -1.0, dtype=torch.float32)
     ref = lp.clone()

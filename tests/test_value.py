@@ -149,6 +149,24 @@ def test_selection_uses_the_heldout_split():
             assert reports[r.best_epoch].heldout_mse == pytest.approx(r.heldout_mse, rel=1e-6)
 
 
+@pytest.mark.parametrize("seed", [1, 3])
+def test_an_overfitting_run_keeps_its_best_heldout_epoch(seed):
+    """Pure-noise targets on 18 training prompts: the held-out MSE gets worse as the head overfits,
+    so the kept epoch is an early one, and the returned head is that epoch's, not the last one."""
+    states = _states(24, seed=10 + seed)
+    targets = np.random.default_rng(seed).normal(size=24)
+    settings = dict(learning_rate=1e-2, batch_size=8, dropout=0.0, seed=seed)
+    head, report = fit_value_head(states, targets.tolist(), ValueFitSettings(epochs=40, **settings))
+    assert 0 < report.best_epoch < 40
+    held_states, held_targets, _ = _heldout(report, states, targets, seed=seed, fraction=0.2)
+    mse = float(np.mean((predict(head, held_states) - held_targets) ** 2))
+    assert mse == pytest.approx(report.heldout_mse, rel=1e-5)
+    # The same trajectory stopped at best_epoch ends on the same head.
+    short_head, short = fit_value_head(states, targets.tolist(), ValueFitSettings(epochs=report.best_epoch, **settings))
+    assert short.best_epoch == report.best_epoch
+    np.testing.assert_allclose(predict(short_head, held_states), predict(head, held_states), atol=1e-6)
+
+
 def test_negative_targets_are_represented():
     states, targets, head, report = _fit(shift=-10.0)
     assert np.all(targets < -5)

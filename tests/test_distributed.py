@@ -1,0 +1,28 @@
+"""Two CPU processes (gloo) train together through the real script."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_two_processes_train_a_lol(tmp_path, tiny_models, toy_dir, toy_reward_spec):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
+           "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", "a_lol", "-t",
+           "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "10", "--num_beams", "1", "-vf", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((out / "training_plan.json").read_text())
+    assert plan["global_batch"] == 8  # 2 processes x 4 rows
+    stats = json.loads((out / "advantage_stats.json").read_text())
+    positive = round((1 - stats["share_non_positive"]) * stats["n"])
+    assert plan["optimizer_steps_per_epoch"] == -(-positive // 8)
+    assert (out / "model" / "model.safetensors").exists()
+    # written once, by the main process only
+    assert proc.stdout.count("| split |") == 1
+    assert len((out / "validation_stats.jsonl").read_text().splitlines()) == 1
