@@ -345,7 +345,9 @@ class OfflineRLTrainer:
         if config.max_steps > 0:
             total = min(total, config.max_steps) if config.n_epochs else config.max_steps
         epochs = math.ceil(total / opt_per_epoch) if opt_per_epoch else 0
-        val_points = {round(k * opt_per_epoch / config.val_log_frequency) for k in range(1, config.val_log_frequency + 1)}
+        # vf validations per epoch, evenly spaced, the last at the epoch's end (fewer if the epoch is shorter)
+        val_points = {max(1, round(k * opt_per_epoch / config.val_log_frequency))
+                      for k in range(1, config.val_log_frequency + 1)}
         optimizer, scheduler = self._optimizer(max(total, 1))
         self.model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
         if self.is_main:
