@@ -5,6 +5,7 @@ its config (``is_encoder_decoder``). LoRA adapters come from peft.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -39,9 +40,22 @@ def _check_local_or_hub(name: str) -> None:
         raise ModelLoadError(f"model path '{name}' does not exist")
 
 
+def split_adapter(name: str, adapter_path: str | None = None) -> tuple[str, str | None]:
+    """A folder holding a peft adapter (``adapter_config.json``) stands for base model + adapter."""
+    config_file = os.path.join(os.path.expanduser(name), "adapter_config.json")
+    if adapter_path is None and os.path.isfile(config_file):
+        with open(config_file) as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+        if not base:
+            raise ModelLoadError(f"adapter '{name}' does not name its base model (base_model_name_or_path)")
+        return base, name
+    return name, adapter_path
+
+
 def load_config(name: str):
     from transformers import AutoConfig
 
+    name, _ = split_adapter(name)
     _check_local_or_hub(name)
     try:
         return AutoConfig.from_pretrained(name)
@@ -76,6 +90,7 @@ def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
     """Load a causal or seq2seq LM; wrap it with a new LoRA adapter or an existing one if asked."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    name, adapter_path = split_adapter(name, adapter_path)
     config = load_config(name)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:

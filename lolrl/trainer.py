@@ -204,6 +204,27 @@ class OfflineRLTrainer:
                     report["heldout_mse"], report["constant_mse"], report["heldout_r2"], report["best_epoch"])
         return head
 
+    def check_reward_agreement(self, sample_size: int = 64) -> dict:
+        """Score a sample of training responses with ``--reward`` and compare with the data's rewards.
+
+        V(x) learns the scale of ``--reward`` while A = R - V(x) takes R from the data: if the two
+        disagree, the advantages mix two scales. This is cheap and says so loudly."""
+        train = self.data.train
+        sample = [train[i] for i in np.random.default_rng(self.config.seed).permutation(len(train))[:sample_size]]
+        scored = self._score(sample, [r.response for r in sample], "reward check")["final_reward"]
+        diff = np.abs(np.array(scored) - np.array([r.reward for r in sample]))
+        report = {"rows": len(sample), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+                  "data_reward_mean": float(np.mean([r.reward for r in sample])),
+                  "scored_reward_mean": float(np.mean(scored))}
+        if report["max_abs_diff"] > 1e-3 * max(1.0, abs(report["data_reward_mean"])):
+            logger.warning("--reward disagrees with the training data's rewards on %d sampled rows (mean |diff| %.4f, "
+                           "data mean %.4f vs scored mean %.4f): the value estimate and the advantages use "
+                           "different reward scales", len(sample), report["mean_abs_diff"],
+                           report["data_reward_mean"], report["scored_reward_mean"])
+        if self.is_main:
+            atomic_write_json(self.output_dir / "reward_check.json", report)
+        return report
+
     def prepare_training_signal(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow]) -> TrainingSignal:
         """Reference log-probs, value estimate, advantages and sampling weights, computed once."""
         config = self.config
@@ -229,6 +250,7 @@ class OfflineRLTrainer:
         else:
             head = None
             if config.uses_advantage:
+                self.check_reward_agreement()
                 _, gen_rewards = self._reference_generations(val_rows)
                 head = self._fit_value(val_rows, gen_rewards["final_reward"])
             outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,

@@ -64,6 +64,24 @@ def test_outputs_and_plots(tmp_path, tiny_models, toy_dir, toy_reward_spec):
     stats = json.loads((out / "advantage_stats.json").read_text())
     positive = round((1 - stats["share_non_positive"]) * stats["n"])
     assert plan["rows_per_epoch"] == positive  # the epoch is shortened to the positive-advantage rows
+    assert json.loads((out / "reward_check.json").read_text())["max_abs_diff"] < 1e-9  # same reward as the data
+
+
+def test_lora_accumulation_and_evaluation_of_the_adapter(tmp_path, tiny_models, toy_dir, toy_reward_spec):
+    out, saved = tmp_path / "out", tmp_path / "adapter"
+    argv = args_for(toy_dir, tiny_models["causal"], out, "a_lol_seq", toy_reward_spec, "--lora_r", "4",
+                    "-as", "2", "-s", str(saved))
+    assert main(argv) == 0
+    assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
+    plan = json.loads((out / "training_plan.json").read_text())
+    assert plan["optimizer_steps_per_epoch"] == -(-plan["micro_steps_per_epoch"] // 2)
+    # without -t the script evaluates the saved model: here an adapter folder, loaded on its base
+    argv = ["-i", str(toy_dir), "-tn", "toy", "--reward", toy_reward_spec, "-m", tiny_models["causal"],
+            "-s", str(saved), "-o", str(tmp_path / "eval"), "-ml", "10", "--num_beams", "1"]
+    assert main(argv) == 0
+    trained = json.loads((out / "eval_results.json").read_text())["test/generated"]
+    evaluated = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["test/generated"]
+    assert evaluated["final_reward"] == pytest.approx(trained["final_reward"], abs=1e-6)
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tiny_models, toy_dir, toy_reward_spec, caplog):
