@@ -65,6 +65,17 @@ def reward_columns(records: list[Record]) -> dict[str, list]:
     return columns
 
 
+def _flat_config(config: dict, prefix: str = "") -> dict:
+    """Trackers take flat scalars: nested settings become ``generation.num_beams`` etc."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
 @dataclass
 class TrainingSignal:
     """What the loss needs per training row, computed once before training."""
@@ -90,6 +101,8 @@ class OfflineRLTrainer:
         self.task = task_info(config.task_name)
         if config.uses_advantage and reward is None:
             raise ConfigError(f"{config.algorithm} fits a value estimate on scored generations: it needs a reward")
+        if config.uses_advantage and config.do_train and len(self._val_records_of(data)) < 2:
+            raise ConfigError(f"{config.algorithm} fits the value estimate on validation prompts: it needs at least 2")
         if config.do_train and data.train and any(r.reward is None for r in data.train) and config.algorithm != "nll":
             raise ConfigError(f"{config.algorithm} needs a reward on every training row")
         self.accelerator = accelerator or self._make_accelerator()
@@ -115,15 +128,18 @@ class OfflineRLTrainer:
         log_with = None if self.config.report_to in (None, "none") else self.config.report_to.split(",")
         # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
         has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-        accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed if self.config.lora.enabled else "no",
-                                  log_with=log_with, project_dir=self.config.output_dir)
+        accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
+                                  project_dir=self.config.output_dir)
         set_seed(self.config.seed)
         return accelerator
 
     def _load_policy(self) -> None:
         config = self.config
-        # LoRA trains fp32 adapters on a low-precision base via autocast; full fine-tuning loads the given dtype.
-        model = load_model(config.model_name, dtype=config.dtype, lora=config.lora, adapter_path=config.adapter_path)
+        # bf16/fp16 run under autocast. Full fine-tuning keeps fp32 master weights (as transformers' Trainer
+        # does); with LoRA the frozen base is loaded in the low precision and the adapters stay fp32.
+        low_precision_base = config.lora.enabled or config.adapter_path is not None
+        model = load_model(config.model_name, dtype=config.dtype if low_precision_base else "fp32",
+                           lora=config.lora, adapter_path=config.adapter_path)
         if config.disable_dropout:
             set_dropout(model, 0.0)
         if config.gradient_checkpointing:
@@ -145,9 +161,11 @@ class OfflineRLTrainer:
                 "dtype": config.dtype}
 
     # ----------------------------------------------------------------------------- the reference
+    def _val_records_of(self, data: TaskData) -> list[Record]:
+        return data.val[: self.config.max_val_examples] if self.config.max_val_examples else data.val
+
     def _val_records(self) -> list[Record]:
-        val = self.data.val
-        return val[: self.config.max_val_examples] if self.config.max_val_examples else val
+        return self._val_records_of(self.data)
 
     def _score(self, records: list[Record], completions: list[str], desc: str) -> dict[str, list[float]]:
         """Score on the main process and share the result, so every process takes the same decisions."""
@@ -180,7 +198,7 @@ class OfflineRLTrainer:
         self.cache.save("reference_val_generations", key, {"completions": completions, "rewards": rewards})
         return completions, rewards
 
-    def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> ValueHead:
+    def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[ValueHead, dict]:
         config = self.config
         settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
                                     heldout_fraction=config.value_heldout_fraction, seed=config.seed)
@@ -198,11 +216,9 @@ class OfflineRLTrainer:
         head = ValueHead(states[0].shape[-1])
         head.load_state_dict(state)
         head.eval()
-        if self.is_main:
-            atomic_write_json(self.output_dir / "value_fit.json", report)
         logger.info("value head: held-out MSE %.4f vs %.4f for a constant (R^2 %.3f), best epoch %d",
                     report["heldout_mse"], report["constant_mse"], report["heldout_r2"], report["best_epoch"])
-        return head
+        return head, report
 
     def check_reward_agreement(self, sample_size: int = 64) -> dict:
         """Score a sample of training responses with ``--reward`` and compare with the data's rewards.
@@ -221,9 +237,12 @@ class OfflineRLTrainer:
                            "data mean %.4f vs scored mean %.4f): the value estimate and the advantages use "
                            "different reward scales", len(sample), report["mean_abs_diff"],
                            report["data_reward_mean"], report["scored_reward_mean"])
-        if self.is_main:
-            atomic_write_json(self.output_dir / "reward_check.json", report)
         return report
+
+    def _write_reports(self, reports: dict) -> None:
+        if self.is_main:
+            for name, report in reports.items():
+                atomic_write_json(self.output_dir / f"{name}.json", report)
 
     def prepare_training_signal(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow]) -> TrainingSignal:
         """Reference log-probs, value estimate, advantages and sampling weights, computed once."""
@@ -243,16 +262,18 @@ class OfflineRLTrainer:
         hit = self.cache.load("reference_pass", key)
         if hit is not None:
             payload, tensors = hit
+            self._write_reports(payload.get("reports", {}))
             offsets = payload["offsets"]
             flat = tensors["logprobs"]
             ref_logprobs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(train))]
             values = tensors["values"].double().numpy() if "values" in tensors else None
         else:
-            head = None
+            head, reports = None, {}
             if config.uses_advantage:
-                self.check_reward_agreement()
+                reports["reward_check"] = self.check_reward_agreement()
                 _, gen_rewards = self._reference_generations(val_rows)
-                head = self._fit_value(val_rows, gen_rewards["final_reward"])
+                head, reports["value_fit"] = self._fit_value(val_rows, gen_rewards["final_reward"])
+                self._write_reports(reports)
             outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
                                      self.accelerator, desc="reference pass (train)")
             ref_logprobs, values = outputs.logprobs, outputs.values
@@ -260,7 +281,7 @@ class OfflineRLTrainer:
             tensors = {"logprobs": torch.cat(ref_logprobs)}
             if values is not None:
                 tensors["values"] = torch.tensor(values)
-            self.cache.save("reference_pass", key, {"offsets": offsets}, tensors)
+            self.cache.save("reference_pass", key, {"offsets": offsets, "reports": reports}, tensors)
 
         advantages = None
         if config.uses_advantage:
@@ -275,14 +296,15 @@ class OfflineRLTrainer:
         return TrainingSignal(rewards, advantages, ref_logprobs if config.uses_reference else None, weights)
 
     # ------------------------------------------------------------------------------ validation
-    def validation_measure(self, val_rows: list[TokenizedRow], step: int, epoch: float) -> float:
-        """Generate on the validation prompts and score; the task's metric selects checkpoints."""
+    def validation_measure(self, val_rows: list[TokenizedRow], step: int, epoch: float, generations=None) -> float:
+        """Generate on the validation prompts and score; the task's metric selects checkpoints.
+        ``generations`` = (completions, rewards) already made by this very model, to reuse."""
         val = self._val_records()
         if self.reward is None:
             measure = -self.gold_nll_per_token(val_rows)
             summary = {"neg_nll_per_token": measure}
         else:
-            completions, rewards = self._generate_and_score(val, val_rows, "validation")
+            completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
             summary = summarize_generations(completions, rewards)
             measure = summary[self.task.val_metric]
         if self.is_main:
@@ -379,6 +401,8 @@ class OfflineRLTrainer:
                 "optimizer_steps": total, "epochs": epochs, "validations_per_epoch": len(val_points)})
         logger.info("training %s: %d optimizer steps (%d per epoch, %d of %d rows per epoch)", config.algorithm,
                     total, opt_per_epoch, sampler.rows_per_epoch, len(train_rows))
+        if config.report_to not in (None, "none"):
+            acc.init_trackers("lolrl", config=_flat_config(config.to_dict()))
         progress = tqdm(total=total, desc=f"train {config.algorithm}", disable=not acc.is_local_main_process)
         window: dict[str, list[float]] = {}
         started = time.time()
@@ -463,7 +487,9 @@ class OfflineRLTrainer:
             train_rows = self.row_tokenizer(self.data.train)
             signal = self.prepare_training_signal(train_rows, val_rows)
             if config.eval_in_beginning:
-                self._maybe_keep_best(self.validation_measure(val_rows, 0, 0.0), 0)
+                # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
+                reuse = self._reference_generations(val_rows) if config.uses_advantage else None
+                self._maybe_keep_best(self.validation_measure(val_rows, 0, 0.0, reuse), 0)
             self.train(train_rows, val_rows, signal)
             self._restore_best()
             if self.is_main:

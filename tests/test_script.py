@@ -94,6 +94,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_models, toy_dir, toy_rew
         assert main(args_for(toy_dir, tiny_models["causal"], tmp_path / "b", "a_lol", toy_reward_spec, *common)) == 0
     assert "reusing cache" in caplog.text
     assert json.loads((tmp_path / "b" / "advantage_stats.json").read_text()) == first
+    assert (tmp_path / "b" / "value_fit.json").exists() and (tmp_path / "b" / "reward_check.json").exists()
     caplog.clear()
     with caplog.at_level("INFO"):  # another max length changes the reference pass: recomputed
         assert main(args_for(toy_dir, tiny_models["causal"], tmp_path / "c", "a_lol", toy_reward_spec, *common,
