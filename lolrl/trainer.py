@@ -493,7 +493,9 @@ class OfflineRLTrainer:
             self.train(train_rows, val_rows, signal)
             self._restore_best()
             if self.is_main:
-                plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png")
+                plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png",
+                                 keys=["loss", "nll", "advantage", "reward", "importance_weight", "raw_ratio",
+                                       "gold_objective", "kl_penalty", "lr"])
                 plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png",
                                       metric=self.task.val_metric if self.reward is not None else "neg_nll_per_token")
         results: dict[str, dict] = {}
