@@ -27,16 +27,35 @@ def train_tokenizer(texts: list[str], directory: str | Path, vocab_size: int = 4
 
 
 def build_causal_lm(tokenizer, directory: str | Path, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
-                    n_positions: int = 512, seed: int = 0):
+                    n_positions: int = 512, seed: int = 0, dropout: float = 0.1):
     """A GPT-2 configuration of a few thousand parameters, randomly initialised and saved."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                        n_positions=n_positions, bos_token_id=tokenizer.eos_token_id,
+                        n_positions=n_positions, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return model
+
+
+def build_llama_lm(tokenizer, directory: str | Path, n_layer: int = 2, hidden: int = 128, heads: int = 4,
+                   max_positions: int = 256, seed: int = 0):
+    """A tiny Llama (rotary positions, as SmolLM2 and most current models): learns faster than GPT-2 here."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=n_layer, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return model

@@ -6,7 +6,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 
-from lolrl import toy as toy_task  # noqa: E402
+from lolrl import demo_task  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -15,18 +15,18 @@ def tiny_models(tmp_path_factory):
     from lolrl.tiny import build_causal_lm, build_seq2seq_lm, train_tokenizer
 
     root = tmp_path_factory.mktemp("models")
-    causal_tok = train_tokenizer(toy_task.corpus(), root / "tok_causal", with_pad=False)
+    causal_tok = train_tokenizer(demo_task.corpus(), root / "tok_causal", with_pad=False)
     build_causal_lm(causal_tok, root / "causal")
-    seq_tok = train_tokenizer(toy_task.corpus(), root / "tok_seq2seq", with_pad=True)
+    seq_tok = train_tokenizer(demo_task.corpus(), root / "tok_seq2seq", with_pad=True)
     build_seq2seq_lm(seq_tok, root / "seq2seq")
     return {"causal": str(root / "causal"), "seq2seq": str(root / "seq2seq")}
 
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
-    return toy_task.write_task(tmp_path_factory.mktemp("toy"))
+    return demo_task.write_task(tmp_path_factory.mktemp("toy"), n_train=48, n_val=12, n_test=8)
 
 
 @pytest.fixture(scope="session")
 def toy_reward_spec():
-    return toy_task.REWARD_SPEC
+    return demo_task.REWARD_SPEC

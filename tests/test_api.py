@@ -3,7 +3,7 @@ import math
 
 from lolrl import OfflineRLConfig, OfflineRLTrainer, load_reward, load_task_dir
 from lolrl.rewards import RewardFunction
-from lolrl.toy import length_ok, politeness
+from lolrl.demo_task import fluency, safety
 
 
 def test_readme_api_example(tmp_path, tiny_models, toy_dir, toy_reward_spec):
@@ -17,11 +17,11 @@ def test_readme_api_example(tmp_path, tiny_models, toy_dir, toy_reward_spec):
 
 
 def test_reward_from_python_callables(tmp_path, tiny_models, toy_dir):
-    reward = RewardFunction.from_callables({"polite": politeness, "length": length_ok}, weights={"length": 0.5})
+    reward = RewardFunction.from_callables({"safe": safety, "fluent": fluency}, weights={"fluent": 0.5})
     config = OfflineRLConfig(model_name=tiny_models["seq2seq"], output_dir=str(tmp_path / "run"), algorithm="wbc",
                              n_epochs=1, batch_size=16, max_resp_length=8, max_steps=1, val_log_frequency=1,
                              do_test=False)
     results = OfflineRLTrainer(config, load_task_dir(toy_dir, need_test=False), reward).run()
     assert set(results) == {"val/generated", "val/reference"}
     generated = results["val/generated"]
-    assert math.isclose(generated["final_reward"], generated["polite"] + 0.5 * generated["length"], rel_tol=1e-9)
+    assert math.isclose(generated["final_reward"], generated["safe"] + 0.5 * generated["fluent"], rel_tol=1e-9)

@@ -35,7 +35,7 @@ def test_every_algorithm_trains(tmp_path, tiny_models, toy_dir, toy_reward_spec,
     assert log[-1]["step"] == 3
     results = json.loads((out / "eval_results.json").read_text())
     assert {"val/generated", "test/generated", "test/reference"} <= set(results)
-    for key in ("politeness", "relevance", "length_ok", "final_reward", "distinct_1", "distinct_2", "distinct_3", "avg_response_len"):
+    for key in ("safety", "on_topic", "fluency", "final_reward", "distinct_1", "distinct_2", "distinct_3", "avg_response_len"):
         assert key in results["test/generated"]
     # the saved best model differs from the start: training changed the weights
     start, best = weights(tiny_models[kind]), weights(out / "model")
