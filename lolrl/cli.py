@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     dropout.add_argument("--keep_dropout", dest="disable_dropout", action="store_false",
                          help="default: dropout off for the importance-weighted algorithms, on otherwise")
     g.add_argument("--no_length_grouping", action="store_true", help="do not group training rows by length")
+    g.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="pack a batch's rows into one sequence without padding (decoder-only models whose "
+                        "attention honours it; auto checks this on the model)")
     g.add_argument("-seed", "--seed", type=int, default=901)
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--report_to", default="none", help="trackers for accelerate: tensorboard, wandb, ... or none")
@@ -151,7 +154,7 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
         val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
-        report_to=args.report_to, length_grouping=not args.no_length_grouping)
+        report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing)
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:

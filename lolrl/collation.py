@@ -82,39 +82,68 @@ class Tokenizer:
 
 
 class Collator:
-    """Pads a list of :class:`TokenizedRow` into model inputs.
+    """Turns a list of :class:`TokenizedRow` into model inputs, in one of two layouts.
 
-    Output keys: ``input_ids``, ``attention_mask``, ``target_ids`` and ``target_mask`` (the tokens
-    whose log-probability is scored, aligned so that ``logits[:, t]`` predicts ``target_ids[:, t]``),
-    ``prompt_mask`` (causal: the prompt positions, for the value head), ``index`` (row indices),
-    and for encoder-decoder models ``decoder_input_ids`` / ``decoder_attention_mask``.
+    * padded (default): one row per sequence, ``[prompt | response | pad ...]``, right padding only;
+    * packed (``pack=True``, causal LMs whose attention honours it): every row back to back in one
+      sequence with no padding at all, ``position_ids`` restarting at 0 for each row and no
+      attention mask, so transformers builds a block-diagonal causal mask.
+
+    Keys: ``input_ids``, ``attention_mask`` (padded only), ``position_ids`` (packed only),
+    ``target_ids`` / ``target_mask`` (the scored tokens, aligned so that ``logits[:, t]`` predicts
+    ``target_ids[:, t]``), ``prompt_mask`` (causal: prompt positions), ``prompt_lengths``,
+    ``response_lengths``, ``index``, and for encoder-decoder models ``decoder_input_ids`` /
+    ``decoder_attention_mask``.
     """
 
-    def __init__(self, pad_token_id: int, encoder_decoder: bool, decoder_start_token_id: int | None = None):
+    def __init__(self, pad_token_id: int, encoder_decoder: bool, decoder_start_token_id: int | None = None,
+                 pack: bool = False):
+        if pack and encoder_decoder:
+            raise ValueError("packing is for decoder-only models")
         self.pad = pad_token_id
         self.encoder_decoder = encoder_decoder
         self.decoder_start = decoder_start_token_id if decoder_start_token_id is not None else pad_token_id
+        self.pack = pack
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(r) for r in rows)
         return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
     def __call__(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
-        index = torch.tensor([r.index for r in rows], dtype=torch.long)
+        common = {"index": torch.tensor([r.index for r in rows], dtype=torch.long),
+                  "prompt_lengths": torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long),
+                  "response_lengths": torch.tensor([len(r.response_ids) for r in rows], dtype=torch.long)}
         if self.encoder_decoder:
-            return self._seq2seq(rows) | {"index": index}
-        return self._causal(rows) | {"index": index}
+            return self._seq2seq(rows) | common
+        return (self._packed(rows) if self.pack else self._causal(rows)) | common
+
+    @staticmethod
+    def _target_flags(row: TokenizedRow) -> list[int]:
+        # Shifted by one: target t is input token t+1, scored when it is a response token.
+        return [0] * (len(row.prompt_ids) - 1) + [1] * len(row.response_ids)
 
     def _causal(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
         sequences = [r.prompt_ids + r.response_ids for r in rows]
         input_ids = self._pad(sequences, self.pad)
         attention = self._pad([[1] * len(s) for s in sequences], 0)
         prompt_mask = self._pad([[1] * len(r.prompt_ids) + [0] * len(r.response_ids) for r in rows], 0)
-        # Shifted by one: target t is input token t+1, scored when it is a response token.
-        target_mask = self._pad([[0] * (len(r.prompt_ids) - 1) + [1] * len(r.response_ids) for r in rows], 0)
+        target_mask = self._pad([self._target_flags(r) for r in rows], 0)
         width = input_ids.shape[1] - 1
         return {"input_ids": input_ids, "attention_mask": attention, "prompt_mask": prompt_mask,
                 "target_ids": input_ids[:, 1:], "target_mask": target_mask[:, :width]}
+
+    def _packed(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
+        ids, positions, prompt_flags, target_flags = [], [], [], []
+        for r in rows:
+            ids += r.prompt_ids + r.response_ids
+            positions += list(range(r.length))
+            prompt_flags += [1] * len(r.prompt_ids) + [0] * len(r.response_ids)
+            # a row's last token would "predict" the next row's first token: never scored
+            target_flags += self._target_flags(r) + [0]
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        return {"input_ids": input_ids, "position_ids": torch.tensor([positions], dtype=torch.long),
+                "prompt_mask": torch.tensor([prompt_flags], dtype=torch.long), "target_ids": input_ids[:, 1:],
+                "target_mask": torch.tensor([target_flags[:-1]], dtype=torch.long)}
 
     def _seq2seq(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
         input_ids = self._pad([r.prompt_ids for r in rows], self.pad)
@@ -125,6 +154,13 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention, "target_ids": targets,
                 "target_mask": target_mask, "decoder_input_ids": decoder_input_ids,
                 "decoder_attention_mask": target_mask.clone()}
+
+
+def padding_ratio(batch: dict[str, torch.Tensor]) -> float:
+    """Tokens fed to the model / real tokens (1.0 for a packed batch)."""
+    real = int((batch["prompt_lengths"] + batch["response_lengths"]).sum())
+    fed = batch["input_ids"].numel() + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
+    return fed / real
 
 
 def length_grouped_batches(rows: list[TokenizedRow], batch_size: int) -> list[list[TokenizedRow]]:

@@ -75,6 +75,7 @@ class OfflineRLConfig:
     logging_steps: int = 10
     report_to: str = "none"
     length_grouping: bool = True
+    packing: str = "auto"  # auto: pack rows without padding when the model provably supports it; on; off
 
     def __post_init__(self) -> None:
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "model")
@@ -109,6 +110,8 @@ class OfflineRLConfig:
                      "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.packing not in ("auto", "on", "off"):
+            raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
         if self.n_epochs < 0:
             raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")
 

@@ -132,33 +132,65 @@ def model_is_encoder_decoder(model) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def forward_token_logprobs(model, batch: dict, return_prompt_states: bool = False):
-    """log pi(y_t | x, y_<t) of each target token, and optionally the last-layer prompt states.
+def _model_inputs(batch: dict) -> dict:
+    """The keys the model takes; a packed batch has position ids and no attention mask."""
+    keys = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids", "decoder_attention_mask")
+    return {k: batch[k] for k in keys if k in batch}
 
-    ``batch`` comes from :class:`lolrl.collation.Collator`. Returns ``(logprobs, states, state_mask)``
-    where ``logprobs`` has the shape of ``batch["target_mask"]`` and is 0 where the mask is 0.
-    Only the target positions go through log-softmax, which keeps memory at O(tokens x vocab)
-    for response tokens rather than for the whole padded sequence.
+
+def response_logprobs(model, batch: dict, return_prompt_states: bool = False):
+    """log pi(y_t | x, y_<t) of every response token, per row, whatever the batch layout.
+
+    ``batch`` comes from :class:`lolrl.collation.Collator`: padded rows or one packed sequence.
+    Returns ``(logprobs, mask, states)``: ``logprobs`` and ``mask`` are ``[rows, longest response]``
+    (0 past each row's end); ``states`` is, when asked, the list of each row's last-layer prompt
+    states ``[prompt length, hidden]`` (decoder-only: the prompt positions; seq2seq: the encoder).
+    Only the scored positions go through log-softmax: memory is O(response tokens x vocab).
     """
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "decoder_input_ids" in batch:
-        kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
-        kwargs["decoder_attention_mask"] = batch["decoder_attention_mask"]
-    out = model(**kwargs, output_hidden_states=return_prompt_states, use_cache=False)
+    out = model(**_model_inputs(batch), output_hidden_states=return_prompt_states, use_cache=False)
     logits = out.logits
     if "decoder_input_ids" not in batch:
         logits = logits[:, :-1]  # position t predicts token t+1
-    mask = batch["target_mask"].bool()
-    selected = logits[mask].float()
-    target = batch["target_ids"][mask]
-    token_logprobs = selected.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
-    logprobs = torch.zeros(mask.shape, dtype=token_logprobs.dtype, device=logits.device)
-    logprobs = logprobs.masked_scatter(mask, token_logprobs)
+    target_mask = batch["target_mask"].bool()
+    selected = logits[target_mask].float()
+    target = batch["target_ids"][target_mask]
+    flat = selected.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
+    lengths = batch["response_lengths"].tolist()
+    logprobs = torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
+    mask = (torch.arange(logprobs.shape[1], device=flat.device)[None, :] < batch["response_lengths"][:, None])
     if not return_prompt_states:
-        return logprobs, None, None
+        return logprobs, mask.to(logprobs.dtype), None
     if "decoder_input_ids" in batch:
-        return logprobs, out.encoder_last_hidden_state, batch["attention_mask"]
-    return logprobs, out.hidden_states[-1], batch["prompt_mask"]
+        hidden, state_mask = out.encoder_last_hidden_state, batch["attention_mask"]
+    else:
+        hidden, state_mask = out.hidden_states[-1], batch["prompt_mask"]
+    states = list(torch.split(hidden[state_mask.bool()], batch["prompt_lengths"].tolist()))
+    return logprobs, mask.to(logprobs.dtype), states
+
+
+@torch.no_grad()
+def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4) -> bool:
+    """Whether this model honours packed sequences (position ids restarting per row, no mask):
+    the log-probs of ``rows`` packed must equal their padded log-probs. Checked on the real model,
+    so a model whose attention ignores the packing silently gets padded batches instead."""
+    from .collation import Collator
+
+    if getattr(model.config, "is_encoder_decoder", False) or len(rows) < 2:
+        return False
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        batches = [{k: v.to(device) for k, v in Collator(pad_token_id, False, pack=pack)(rows).items()}
+                   for pack in (False, True)]
+        (padded, mask, _), (packed, _, _) = (response_logprobs(model, b) for b in batches)
+        exact = bool(((padded - packed).abs() * mask).max() <= tolerance)
+    except (RuntimeError, ValueError, TypeError):  # a model that rejects position_ids without a mask
+        exact = False
+    finally:
+        model.train(was_training)
+    return exact
+
 
 __all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
-           "forward_token_logprobs", "set_dropout", "add_lora", "DTYPES"]
+           "response_logprobs", "packing_is_exact", "set_dropout", "add_lora", "DTYPES"]

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .collation import Collator, TokenizedRow, length_grouped_batches
-from .modeling import forward_token_logprobs
+from .modeling import response_logprobs
+from .value import pad_states
 
 
 @dataclass
@@ -61,11 +62,14 @@ def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_si
     for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size), desc=desc,
                            disable=not show, leave=False):
         batch = _to(collator(batch_rows), device)
-        logprobs, states, state_mask = forward_token_logprobs(model, batch, return_prompt_states=value_head is not None)
-        values = value_head(states.float(), state_mask).cpu() if value_head is not None else None
-        mask = batch["target_mask"].bool()
+        logprobs, _, states = response_logprobs(model, batch, return_prompt_states=value_head is not None)
+        values = None
+        if value_head is not None:
+            padded, state_mask = pad_states([s.float() for s in states])
+            values = value_head(padded, state_mask.to(padded.device)).cpu()
         for i, row in enumerate(batch_rows):
-            local[row.index] = (logprobs[i][mask[i]].float().cpu(), None if values is None else float(values[i]))
+            local[row.index] = (logprobs[i, : len(row.response_ids)].float().cpu(),
+                                None if values is None else float(values[i]))
     model.train(was_training)
     merged = _gather(local, accelerator)
     ordered = [merged[row.index] for row in rows]

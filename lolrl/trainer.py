@@ -34,7 +34,8 @@ from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_valid
 from .generation import generate
 from .io import append_jsonl, atomic_write_json, write_jsonl
 from .losses import compute_loss
-from .modeling import forward_token_logprobs, load_model, load_tokenizer, model_is_encoder_decoder, set_dropout
+from .modeling import (load_model, load_tokenizer, model_is_encoder_decoder, packing_is_exact, response_logprobs,
+                       set_dropout)
 from .reference import prompt_states, reference_pass
 from .sampling import EpochSampler, sampling_weights
 from .tasks import task_info
@@ -149,9 +150,25 @@ class OfflineRLTrainer:
         self.encoder_decoder = model_is_encoder_decoder(model)
         self.row_tokenizer = Tokenizer(self.tokenizer, self.encoder_decoder, config.max_prompt_length,
                                        config.max_resp_length)
-        self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
-                                 getattr(model.config, "decoder_start_token_id", None))
         self.model = model.to(self.accelerator.device)
+        self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
+                                 getattr(model.config, "decoder_start_token_id", None), pack=self._use_packing())
+
+    def _use_packing(self) -> bool:
+        """Pack rows without any padding when the model provably honours it (checked on real rows)."""
+        mode = self.config.packing
+        if mode == "off" or self.encoder_decoder:
+            if mode == "on":
+                raise ConfigError("--packing on is for decoder-only models")
+            return False
+        probe = self.row_tokenizer((self.data.train or self.data.val)[:4])
+        exact = packing_is_exact(self.model, probe, self.tokenizer.pad_token_id)
+        if mode == "on" and not exact:
+            raise ConfigError(f"--packing on: '{self.config.model_name}' does not give the same log-probs packed "
+                              "as padded (its attention ignores position-id packing); use --packing auto or off")
+        logger.info("batches: %s", "packed (no padding; verified exact on this model)" if exact
+                    else "padded and grouped by length (the model does not honour packing)")
+        return exact
 
     def _model_key(self) -> dict:
         config = self.config
@@ -364,16 +381,15 @@ class OfflineRLTrainer:
             batch["rewards"] = torch.tensor(signal.rewards[indices], dtype=torch.float32, device=device)
         if signal.advantages is not None:
             batch["advantages"] = torch.tensor(signal.advantages[indices], dtype=torch.float32, device=device)
-        if signal.ref_logprobs is not None:
-            mask = batch["target_mask"].bool()
-            ref = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-            batch["ref_logprobs"] = ref.masked_scatter(mask, torch.cat([signal.ref_logprobs[i] for i in indices]).to(device))
+        if signal.ref_logprobs is not None:  # same [rows, longest response] layout as the policy's log-probs
+            batch["ref_logprobs"] = torch.nn.utils.rnn.pad_sequence(
+                [signal.ref_logprobs[i] for i in indices], batch_first=True).to(device)
         return batch
 
     def _loss(self, batch: dict):
-        logprobs, _, _ = forward_token_logprobs(self.model, batch)
+        logprobs, mask, _ = response_logprobs(self.model, batch)
         config = self.config
-        return compute_loss(config.algorithm, logprobs, batch["target_mask"], rewards=batch.get("rewards"),
+        return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
                             advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
                             clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
                             gold_floor=config.gold_floor)

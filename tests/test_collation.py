@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lolrl.collation import Collator, Tokenizer, group_by_length
+from lolrl.collation import Collator, Tokenizer, group_by_length, padding_ratio
 from lolrl.data import Record
-from lolrl.modeling import forward_token_logprobs, load_model, load_tokenizer
+from lolrl.modeling import load_model, load_tokenizer, packing_is_exact, response_logprobs
 
 RECORDS = [
     Record("a", "user: tell me about cats\nbot:", "sure i am glad to help with cats", 1.0),
@@ -13,22 +13,56 @@ RECORDS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def _single_row_logprobs(model, collator, rows):
+    return [response_logprobs(model, collator([row]))[0][0] for row in rows]
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq", "llama"])
 def test_batched_logprobs_equal_single_row(tiny_models, kind):
     tokenizer = load_tokenizer(tiny_models[kind])
     model = load_model(tiny_models[kind]).eval()
     encdec = kind == "seq2seq"
     rows = Tokenizer(tokenizer, encdec, 64, 32)(RECORDS)
     collator = Collator(tokenizer.pad_token_id, encdec, model.config.decoder_start_token_id if encdec else None)
-    batch = collator(rows)
     with torch.no_grad():
-        batched, _, _ = forward_token_logprobs(model, batch)
+        batched, mask, states = response_logprobs(model, collator(rows), return_prompt_states=True)
+        singles = _single_row_logprobs(model, collator, rows)
         for i, row in enumerate(rows):
-            single, _, _ = forward_token_logprobs(model, collator([row]))
-            got = batched[i][batch["target_mask"][i].bool()]
-            assert got.shape[0] == len(row.response_ids)
-            torch.testing.assert_close(got, single[0][collator([row])["target_mask"][0].bool()],
-                                       atol=1e-5, rtol=0)
+            n = len(row.response_ids)
+            assert mask[i].sum() == n
+            torch.testing.assert_close(batched[i, :n], singles[i], atol=1e-5, rtol=0)
+            assert states[i].shape[0] == len(row.prompt_ids)
+
+
+@pytest.mark.parametrize("kind", ["causal", "llama"])
+def test_packed_logprobs_equal_single_row(tiny_models, kind):
+    """One packed sequence, no padding, positions restarting per row: the same log-probs and prompt states."""
+    tokenizer = load_tokenizer(tiny_models[kind])
+    model = load_model(tiny_models[kind]).eval()
+    rows = Tokenizer(tokenizer, False, 64, 32)(RECORDS)
+    packed = Collator(tokenizer.pad_token_id, False, pack=True)(rows)
+    assert packed["input_ids"].shape == (1, sum(r.length for r in rows)) and padding_ratio(packed) == 1.0
+    with torch.no_grad():
+        logprobs, _, states = response_logprobs(model, packed, return_prompt_states=True)
+        _, _, padded_states = response_logprobs(model, Collator(tokenizer.pad_token_id, False)(rows), True)
+        for i, single in enumerate(_single_row_logprobs(model, Collator(tokenizer.pad_token_id, False), rows)):
+            torch.testing.assert_close(logprobs[i, : len(rows[i].response_ids)], single, atol=1e-5, rtol=0)
+            torch.testing.assert_close(states[i], padded_states[i], atol=1e-5, rtol=0)
+    assert packing_is_exact(model, rows, tokenizer.pad_token_id)
+
+
+def test_packing_probe_rejects_a_model_that_ignores_it(tiny_models):
+    """A model whose attention ignores position-id packing must be caught, not silently trained wrong."""
+    tokenizer = load_tokenizer(tiny_models["llama"])
+    model = load_model(tiny_models["llama"]).eval()
+    rows = Tokenizer(tokenizer, False, 64, 32)(RECORDS)
+    original = model.forward
+
+    def without_packing(*args, position_ids=None, **kwargs):  # what an older attention implementation does
+        return original(*args, **kwargs)
+
+    model.forward = without_packing
+    assert not packing_is_exact(model, rows, tokenizer.pad_token_id)
 
 
 def test_causal_layout_has_no_padding_between_prompt_and_response(tiny_models):

@@ -149,3 +149,15 @@ def test_script_file_runs_nll_without_reward(tmp_path, tiny_models, toy_dir):
     assert len(validations) == 4  # -vf 2 validations per epoch, 2 epochs
     assert validations[-1]["neg_nll_per_token"] > validations[0]["neg_nll_per_token"]  # NLL training lowers NLL
     assert (tmp_path / "saved" / "model.safetensors").exists()
+
+
+def test_packed_and_padded_training_agree(tmp_path, tiny_models, toy_dir, toy_reward_spec):
+    logs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        assert main(args_for(toy_dir, tiny_models["llama"], out, "a_lol", toy_reward_spec, "--packing", mode,
+                             "--logging_steps", "1")) == 0
+        logs[mode] = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    for on, off in zip(logs["on"], logs["off"]):
+        for key in ("loss", "nll", "importance_weight"):
+            assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-5), key
