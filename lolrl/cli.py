@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="default: dropout off for the importance-weighted algorithms, on otherwise")
     g.add_argument("--no_length_grouping", action="store_true", help="do not group training rows by length")
     g.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
-                   help="pack a batch's rows into one sequence without padding (decoder-only models whose "
-                        "attention honours it; auto checks this on the model)")
+                   help="pack a batch's rows into one sequence without padding; auto: only with a flash-attention "
+                        "kernel (else rows are padded, grouped by length), and only if exact on this model")
     g.add_argument("-seed", "--seed", type=int, default=901)
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--report_to", default="none", help="trackers for accelerate: tensorboard, wandb, ... or none")

@@ -192,5 +192,23 @@ def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4) ->
     return exact
 
 
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/vllm-flash-attn3")
+
+
+def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto") -> bool:
+    """Pack a batch's rows into one sequence, or pad them (grouped by length)?
+
+    Packing removes every pad token, but the attention then costs O(total tokens^2) unless the
+    kernel handles variable-length rows (flash attention); with eager/SDPA attention a packed
+    batch is slower than a length-grouped one (measured: bench/throughput.py). ``auto`` packs only
+    with such a kernel, and only when packed log-probs provably equal padded ones on this model;
+    ``on`` packs whenever they are equal; ``off`` never packs."""
+    if mode == "off" or getattr(model.config, "is_encoder_decoder", False):
+        return False
+    if mode == "auto" and getattr(model.config, "_attn_implementation", None) not in VARLEN_ATTENTION:
+        return False
+    return packing_is_exact(model, probe_rows, pad_token_id)
+
+
 __all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
-           "response_logprobs", "packing_is_exact", "set_dropout", "add_lora", "DTYPES"]
+           "response_logprobs", "packing_is_exact", "choose_packing", "set_dropout", "add_lora", "DTYPES"]

@@ -34,7 +34,7 @@ from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_valid
 from .generation import generate
 from .io import append_jsonl, atomic_write_json, write_jsonl
 from .losses import compute_loss
-from .modeling import (load_model, load_tokenizer, model_is_encoder_decoder, packing_is_exact, response_logprobs,
+from .modeling import (choose_packing, load_model, load_tokenizer, model_is_encoder_decoder, response_logprobs,
                        set_dropout)
 from .reference import prompt_states, reference_pass
 from .sampling import EpochSampler, sampling_weights
@@ -155,20 +155,18 @@ class OfflineRLTrainer:
                                  getattr(model.config, "decoder_start_token_id", None), pack=self._use_packing())
 
     def _use_packing(self) -> bool:
-        """Pack rows without any padding when the model provably honours it (checked on real rows)."""
+        """Packed rows (no padding) with a variable-length attention kernel; else length-grouped padding."""
         mode = self.config.packing
-        if mode == "off" or self.encoder_decoder:
-            if mode == "on":
-                raise ConfigError("--packing on is for decoder-only models")
-            return False
+        if mode == "on" and self.encoder_decoder:
+            raise ConfigError("--packing on is for decoder-only models")
         probe = self.row_tokenizer((self.data.train or self.data.val)[:4])
-        exact = packing_is_exact(self.model, probe, self.tokenizer.pad_token_id)
-        if mode == "on" and not exact:
+        pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode)
+        if mode == "on" and not pack:
             raise ConfigError(f"--packing on: '{self.config.model_name}' does not give the same log-probs packed "
                               "as padded (its attention ignores position-id packing); use --packing auto or off")
-        logger.info("batches: %s", "packed (no padding; verified exact on this model)" if exact
-                    else "padded and grouped by length (the model does not honour packing)")
-        return exact
+        logger.info("batches: %s", "packed without padding (verified exact on this model)" if pack
+                    else "padded, grouped by length")
+        return pack
 
     def _model_key(self) -> dict:
         config = self.config

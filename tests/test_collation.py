@@ -106,3 +106,16 @@ def test_group_by_length_keeps_the_multiset():
     batches = [grouped[i:i + 2] for i in range(0, 8, 2)]
     # one window holds all 8 draws: batches are consecutive pairs in length order, in shuffled order
     assert sorted(sorted(lengths[i] for i in b) for b in batches) == [[1, 1], [2, 2], [3, 7], [9, 10]]
+
+
+def test_auto_packing_only_with_a_varlen_attention_kernel(tiny_models):
+    """SDPA/eager attention over a packed batch costs O(total^2): auto keeps padded, length-grouped rows."""
+    from lolrl.modeling import choose_packing
+
+    tokenizer = load_tokenizer(tiny_models["llama"])
+    model = load_model(tiny_models["llama"]).eval()
+    rows = Tokenizer(tokenizer, False, 64, 32)(RECORDS)
+    assert model.config._attn_implementation not in ("flash_attention_2", "flash_attention_3")
+    assert not choose_packing(model, rows, tokenizer.pad_token_id, "auto")
+    assert choose_packing(model, rows, tokenizer.pad_token_id, "on")
+    assert not choose_packing(model, rows, tokenizer.pad_token_id, "off")
