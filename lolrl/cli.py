@@ -94,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack a batch's rows into one sequence without padding; auto: only with a flash-attention "
                         "kernel (else rows are padded, grouped by length), and only if exact on this model")
     g.add_argument("-seed", "--seed", type=int, default=901)
+    g.add_argument("--save_steps", type=int, default=0,
+                   help="checkpoint (model/adapter, optimizer, scheduler, sampler, RNG) every N optimizer steps; "
+                        "0: at every validation; -1: never")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="how many checkpoints to keep")
+    resume = g.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_const", const="must", default="auto",
+                        help="continue from the latest checkpoint in OUTPUT/checkpoints (default: whenever one exists)")
+    resume.add_argument("--no_resume", dest="resume", action="store_const", const="never",
+                        help="start over even if a checkpoint exists")
+    g.add_argument("--stop_after_steps", type=int, default=-1,
+                   help="stop, checkpointed, after this many optimizer steps (e.g. to fit a batch job's time limit); "
+                        "the same command then resumes")
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--report_to", default="none", help="trackers for accelerate: tensorboard, wandb, ... or none")
     g = p.add_argument_group("validation and generation")
@@ -154,7 +166,9 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
         val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
-        report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing)
+        report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,
+        save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+        stop_after_steps=args.stop_after_steps)
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:  # one line, status 2; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if is_main:
+    if is_main and results:
         from .evaluation import format_markdown_table
 
         print(format_markdown_table(results))

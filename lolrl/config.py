@@ -70,6 +70,12 @@ class OfflineRLConfig:
     do_train: bool = True
     do_test: bool = True
 
+    # checkpoints: 0 = at every validation, N > 0 = every N optimizer steps, -1 = never
+    save_steps: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto: continue from OUTPUT/checkpoints when one exists; must; never
+    stop_after_steps: int = -1  # stop (checkpointed) after this many optimizer steps; the next run resumes
+
     lora: LoraSettings = field(default_factory=LoraSettings)
     adapter_path: str | None = None
     logging_steps: int = 10
@@ -110,6 +116,8 @@ class OfflineRLConfig:
                      "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.resume not in ("auto", "must", "never"):
+            raise ConfigError(f"resume must be auto, must or never, got '{self.resume}'")
         if self.packing not in ("auto", "on", "off"):
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
         if self.n_epochs < 0:

@@ -15,6 +15,7 @@ The same code runs on a CPU, one GPU or several processes under ``accelerate lau
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -32,7 +33,8 @@ from .data import Record, TaskData, reward_matrix
 from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_validation_curve,
                          summarize_generations, write_results_table)
 from .generation import generate
-from .io import append_jsonl, atomic_write_json, write_jsonl
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from .losses import compute_loss
 from .modeling import (choose_packing, load_model, load_tokenizer, model_is_encoder_decoder, response_logprobs,
                        set_dropout)
@@ -392,7 +394,67 @@ class OfflineRLTrainer:
                             clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
                             gold_floor=config.gold_floor)
 
-    def train(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow], signal: TrainingSignal) -> None:
+    # ----------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _run_key(self) -> str:
+        """What a checkpoint must agree with to be resumed (not the flags that only say when to stop)."""
+        settings = {k: v for k, v in self.config.to_dict().items()
+                    if k not in ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to",
+                                 "logging_steps", "use_cache", "do_test")}
+        return cache_lib.hash_json({"settings": settings, "train": cache_lib.records_digest(self.data.train)})
+
+    def find_checkpoint(self) -> Path | None:
+        mode = self.config.resume
+        found = None if mode == "never" else latest_checkpoint(self.checkpoint_dir)
+        if mode == "must" and found is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+        if found is not None:
+            written_by = json.loads((found / "state.json").read_text())["progress"].get("run_key")
+            if written_by != self._run_key():
+                raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
+                                  "resume with the same flags, or pass --no_resume (or another -o)")
+            logger.info("resuming from %s (pass --no_resume to start over)", found)
+        return found
+
+    def _save_checkpoint(self, optimizer, scheduler, epoch: int, next_group: int) -> None:
+        self.accelerator.wait_for_everyone()
+        rng_states = [torch.get_rng_state()]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
+        if self.is_main:
+            progress = {"epoch": epoch, "next_group": next_group, "best_measure": self.best_measure,
+                        "run_key": self._run_key()}
+            save_checkpoint(self.checkpoint_dir, self.global_step, self._trainable_state(), optimizer, scheduler,
+                            progress, self.best_state, keep=self.config.keep_checkpoints, torch_rng_states=rng_states)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self, checkpoint: Path, optimizer, scheduler) -> tuple[int, int]:
+        state, best = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.model), optimizer, scheduler,
+                                      self.accelerator.process_index)
+        self.global_step = state["step"]
+        measure = state["progress"]["best_measure"]
+        self.best_measure = -math.inf if measure is None else measure
+        self.best_state = best
+        if self.is_main:  # drop log lines of steps after the checkpoint (the crashed run's tail)
+            for name in ("train_log.jsonl", "validation_stats.jsonl"):
+                path = self.output_dir / name
+                if path.exists():
+                    write_jsonl(path, [e for e in read_jsonl(path) if e.get("step", 0) <= self.global_step])
+        return state["progress"]["epoch"], state["progress"]["next_group"]
+
+    def _should_checkpoint(self, validated: bool) -> bool:
+        every = self.config.save_steps
+        return (every == 0 and validated) or (every > 0 and self.global_step % every == 0)
+
+    # -------------------------------------------------------------------------------- training
+    def train(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow], signal: TrainingSignal,
+              checkpoint: Path | None = None) -> bool:
+        """The optimisation loop; returns False when it stopped early on ``stop_after_steps``."""
         config, acc = self.config, self.accelerator
         sampler = EpochSampler(len(train_rows), config.batch_size, acc.num_processes, acc.process_index,
                                signal.sample_weights, config.seed,
@@ -418,12 +480,15 @@ class OfflineRLTrainer:
         if config.report_to not in (None, "none"):
             acc.init_trackers("lolrl", config=_flat_config(config.to_dict()))
         progress = tqdm(total=total, desc=f"train {config.algorithm}", disable=not acc.is_local_main_process)
+        start_epoch, start_group = self._resume(checkpoint, optimizer, scheduler) if checkpoint else (0, 0)
+        progress.update(self.global_step)
         window: dict[str, list[float]] = {}
         started = time.time()
         self.model.train()
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             batches = sampler.batches(epoch)
-            for group_start in range(0, len(batches), config.accumulation_steps):
+            first = start_group * config.accumulation_steps if epoch == start_epoch else 0
+            for group_start in range(first, len(batches), config.accumulation_steps):
                 if self.global_step >= total:
                     break
                 group = batches[group_start:group_start + config.accumulation_steps]
@@ -453,7 +518,16 @@ class OfflineRLTrainer:
                     logger.info("step %d: validation %s = %.4f%s", self.global_step, self.task.val_metric
                                 if self.reward is not None else "-nll/token", measure, " (new best)" if improved else "")
                     self.model.train()
+                stopping = self.global_step == config.stop_after_steps
+                if self._should_checkpoint(validate) or stopping:
+                    self._save_checkpoint(optimizer, scheduler, epoch, step_in_epoch)
+                if stopping:
+                    progress.close()
+                    logger.info("stopped after %d optimizer steps as asked; run the same command to resume",
+                                self.global_step)
+                    return False
         progress.close()
+        return True
 
     def _log(self, window: dict[str, list[float]], epoch: float, scheduler, started: float, progress) -> None:
         entry = {"step": self.global_step, "epoch": round(epoch, 4), "lr": scheduler.get_last_lr()[0],
@@ -500,11 +574,14 @@ class OfflineRLTrainer:
         if config.do_train:
             train_rows = self.row_tokenizer(self.data.train)
             signal = self.prepare_training_signal(train_rows, val_rows)
-            if config.eval_in_beginning:
+            checkpoint = self.find_checkpoint()
+            if config.eval_in_beginning and checkpoint is None:
                 # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
                 reuse = self._reference_generations(val_rows) if config.uses_advantage else None
                 self._maybe_keep_best(self.validation_measure(val_rows, 0, 0.0, reuse), 0)
-            self.train(train_rows, val_rows, signal)
+            if not self.train(train_rows, val_rows, signal, checkpoint):
+                self.accelerator.end_training()
+                return {}
             self._restore_best()
             if self.is_main:
                 plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png",

@@ -1,0 +1,67 @@
+"""Checkpoints and resume: a run stopped after k steps and resumed ends where an uninterrupted run ends."""
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lolrl.checkpoint import latest_checkpoint
+from lolrl.cli import main
+
+
+def argv(toy_dir, model, out, reward, *extra):
+    # wbc keeps dropout on, so the torch RNG state must be restored too
+    return ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", "wbc",
+            "-t", "-e", "2", "-bs", "8", "-as", "2", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1",
+            "-lr", "1e-3", "--save_steps", "1", "--no_test", *extra]
+
+
+def final_params(out: Path) -> dict:
+    return load_file(str(latest_checkpoint(out / "checkpoints") / "trainable.safetensors"))
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_models, toy_dir, toy_reward_spec, caplog):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(argv(toy_dir, tiny_models["causal"], whole, toy_reward_spec)) == 0
+    assert main(argv(toy_dir, tiny_models["causal"], split, toy_reward_spec, "--stop_after_steps", "4")) == 0
+    assert not (split / "eval_results.json").exists()  # stopped: no final evaluation yet
+    assert latest_checkpoint(split / "checkpoints").name == "step_000004"
+    with caplog.at_level("INFO"):
+        assert main(argv(toy_dir, tiny_models["causal"], split, toy_reward_spec)) == 0
+    assert "resuming from" in caplog.text
+    a, b = final_params(whole), final_params(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+    steps = [json.loads(l)["step"] for l in (split / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no step logged twice across the two runs
+    whole_val = (whole / "validation_stats.jsonl").read_text().splitlines()
+    split_val = (split / "validation_stats.jsonl").read_text().splitlines()
+    assert len(whole_val) == len(split_val)
+    assert len(list((split / "checkpoints").glob("step_*"))) == 2  # --keep_checkpoints 2
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys):
+    out = tmp_path / "o"
+    assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "--stop_after_steps", "1")) == 0
+    assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "-lr", "5e-4")) == 2
+    assert "other settings" in capsys.readouterr().err
+    # --no_resume starts over
+    assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "-lr", "5e-4", "--no_resume")) == 0
+
+
+def test_resume_flag_without_checkpoint_is_an_error(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys):
+    assert main(argv(toy_dir, tiny_models["causal"], tmp_path / "o", toy_reward_spec, "--resume")) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_interrupted_checkpoint_write_is_ignored(tmp_path, tiny_models, toy_dir, toy_reward_spec):
+    out = tmp_path / "o"
+    assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "--stop_after_steps", "2")) == 0
+    # a save killed half-way leaves a temporary folder (and no state.json): never read
+    partial = out / "checkpoints" / ".tmp_step_000003"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"garbage")
+    incomplete = out / "checkpoints" / "step_000009"
+    incomplete.mkdir()
+    assert latest_checkpoint(out / "checkpoints").name == "step_000002"
