@@ -77,7 +77,11 @@ class Cache:
 
             if not tensor_path.exists():
                 return None
-            tensors = load_file(str(tensor_path))
+            try:
+                tensors = load_file(str(tensor_path))
+            except Exception as exc:  # truncated or corrupt file (safetensors raises its own error type)
+                logger.warning("cache %s is unreadable (%s): recomputing", tensor_path.name, exc)
+                return None
             if tensors.get("__key__") is None or bytes(tensors.pop("__key__").tolist()).decode() != key:
                 logger.warning("cache %s tensors do not match their key: recomputing", tensor_path.name)
                 return None

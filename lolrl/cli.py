@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,15 @@ from .tasks import is_paper_task, task_info
 logger = logging.getLogger("lolrl")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Flag errors as one line and status 2, like every other input error of the script."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         description="Offline policy-gradient training (A-LoL and baselines) of a language model on "
                     "(prompt, response, reward) data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -214,8 +222,8 @@ def run(args: argparse.Namespace) -> tuple[dict, OfflineRLConfig, bool]:
     reward = load_reward(config.reward) if config.reward else None
     from .trainer import OfflineRLTrainer
 
+    _setup_logging(config.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0)  # before models load
     trainer = OfflineRLTrainer(config, data, reward)
-    _setup_logging(config.output_dir, trainer.is_main)
     return trainer.run(), config, trainer.is_main
 
 

@@ -27,13 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as cache_lib
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .collation import Collator, Tokenizer, TokenizedRow, check_prompts_renderable
 from .config import ConfigError, OfflineRLConfig
 from .data import Record, TaskData, reward_matrix
 from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_validation_curve,
                          summarize_generations, write_results_table)
 from .generation import generate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from .losses import compute_loss
 from .modeling import (choose_packing, load_model, load_tokenizer, model_is_encoder_decoder, response_logprobs,
@@ -335,28 +335,35 @@ class OfflineRLTrainer:
         tokens = sum(len(lp) for lp in outputs.logprobs)
         return -float(sum(lp.sum() for lp in outputs.logprobs)) / max(tokens, 1)
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        model = self.accelerator.unwrap_model(self.model)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The whole state dict, gathered from shards under FSDP / ZeRO-3 (a collective: every process calls it)."""
+        return self.accelerator.get_state_dict(self.model)
+
+    def _trainable_state(self, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        full_state = self._full_state() if full_state is None else full_state
+        return {k: v.detach().cpu().clone() for k, v in full_state.items() if k in names}
 
     def _maybe_keep_best(self, measure: float, step: int) -> bool:
         if not measure > self.best_measure:
             return False
         self.best_measure = measure
-        self.best_state = self._trainable_state()
-        self.save_model(self.config.save_dir)
+        state = self._full_state()
+        self.best_state = self._trainable_state(state)
+        self.save_model(self.config.save_dir, state)
         if self.is_main:
             atomic_write_json(Path(self.config.save_dir) / "best.json", {"step": step, "measure": measure,
                                                                          "metric": self.task.val_metric})
         return True
 
-    def save_model(self, directory: str) -> None:
-        self.accelerator.wait_for_everyone()
+    def save_model(self, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The model (or only its adapter) and tokenizer, ready for ``from_pretrained``; main process writes."""
+        state = self._full_state() if state is None else state
         if self.is_main:
             model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
+        self.accelerator.wait_for_everyone()
 
     # -------------------------------------------------------------------------------- training
     def _optimizer(self, total_steps: int):

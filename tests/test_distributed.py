@@ -5,15 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from lolrl.losses import ALGORITHMS
+
 ROOT = Path(__file__).parent.parent
 
 
-def test_two_processes_train_a_lol(tmp_path, tiny_models, toy_dir, toy_reward_spec):
+@pytest.mark.parametrize("algo", ["a_lol"])
+def test_two_processes_train_a_lol(tmp_path, tiny_models, toy_dir, toy_reward_spec, algo):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
-           "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", "a_lol", "-t",
+           "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", algo, "-t",
            "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "10", "--num_beams", "1", "-vf", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,3 +31,20 @@ def test_two_processes_train_a_lol(tmp_path, tiny_models, toy_dir, toy_reward_sp
     # written once, by the main process only
     assert proc.stdout.count("| split |") == 1
     assert len((out / "validation_stats.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("algo", [a for a in ALGORITHMS if a != "a_lol"])
+def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy_reward_spec, algo):
+    """`accelerate launch --multi_gpu` starts two gloo processes on a CPU-only machine (see the README)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+           str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
+           "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", algo, "-t",
+           "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "6", "--num_beams", "1", "-vf", "1", "--max_steps", "2",
+           "--no_test"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "training_plan.json").read_text())["global_batch"] == 8
+    assert [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()] == [2]

@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 from lolrl.checkpoint import latest_checkpoint
