@@ -145,6 +145,37 @@ def a_lol_kl_loss(logprobs, mask, advantages, ref_logprobs, kl_beta: float = 0.1
     return adv * nll + kl_beta * kl, {"nll": nll.detach(), "advantage": adv, "kl_penalty": kl.detach()}
 
 
+def pro_loss(scores: torch.Tensor, rewards: torch.Tensor, sft_nll: torch.Tensor,
+             sft_weight: float = 0.05) -> tuple[torch.Tensor, Stats]:
+    r"""PRO, Preference Ranking Optimization (Song et al., 2023), for ``n`` ranked candidates per prompt.
+
+    ``scores[b, k]`` = :math:`s_k`, the length-normalised log-probability
+    :math:`\tfrac{1}{|y_k|}\sum_t \log\pi_\theta(y_{k,t}|\cdot)`; ``rewards[b, k]`` = :math:`r_k`;
+    ``sft_nll[b]`` = the summed NLL of the candidate used for the SFT term. Candidates are ranked
+    by reward inside the function (the original assumed the file was sorted and flipped the
+    preference when it was not). With :math:`T_k^j = r_k - r_j` for :math:`j > k` and
+    :math:`T_k^k = \max_{j>k} T_k^j`,
+
+    .. math::
+        \mathcal L = -\sum_{k=1}^{n-1} \log\frac{\exp(s_k T_k^k)}{\exp(s_k T_k^k) + \sum_{j>k}\exp(s_j T_k^j)}
+        + w\,(n-1)^2\,\mathrm{NLL}_{sft},
+
+    averaged over the batch (``w`` = ``sft_weight``, 0.05 as in the original). With two candidates
+    the ranking term is :math:`\log(1 + \exp(T\,(s_1 - s_0)))`.
+    """
+    order = rewards.argsort(dim=-1, descending=True)
+    s, r = scores.gather(-1, order), rewards.gather(-1, order)
+    n = s.shape[-1]
+    ranking = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+    for k in range(n - 1):
+        temperature = r[:, k:k + 1] - r[:, k + 1:]
+        top = temperature.max(dim=-1, keepdim=True).values
+        logits = torch.cat([s[:, k:k + 1] * top, s[:, k + 1:] * temperature], dim=-1)
+        ranking = ranking + torch.logsumexp(logits, dim=-1) - logits[:, 0]
+    sft = sft_weight * (n - 1) ** 2 * sft_nll
+    return (ranking + sft).mean(), {"ranking_loss": ranking.detach(), "sft_nll": sft_nll.detach()}
+
+
 LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
     "nll": nll_loss,
     "wbc": wbc_loss,

@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Drop HH training records whose responses end with ':' (cut off), as the original data_cleaning.py.
+
+    python data_cleaning.py [--input data/hh_train_len2/train.json] [--output data/hh_train_len2/cleaner_train.json]
+"""
+import argparse
+import json
+import sys
+
+from lolrl.data import DataError
+from lolrl.hh import clean_training_rows, read_pro_file
+from lolrl.io import atomic_write_text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default="data/hh_train_len2/train.json")
+    parser.add_argument("--output", default="data/hh_train_len2/cleaner_train.json")
+    args = parser.parse_args()
+    try:
+        rows = read_pro_file(args.input)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kept, report = clean_training_rows(rows)
+    atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    print(f"{report['records']} records: {report['good_suffix_ends_with_colon']} good and "
+          f"{report['bad_suffix_ends_with_colon']} bad suffixes end with ':'; dropped {report['dropped']}, "
+          f"kept {report['kept']} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""HH data in PRO's format: reading, rendering, post-processing, cleaning (real dev file when present)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lolrl.data import DataError
+from lolrl.hh import (SYSTEM_PREFIX, clean_training_rows, postprocess, pro_records, read_pro_file, render_anthropic,
+                      render_llama, to_chat)
+
+ROOT = Path(__file__).parent.parent
+DEV = ROOT.parent / "shared" / "data" / "hh" / "hh_dev" / "sampled_dev.json"
+TURNS = ["<|prompter|>Q1", "<|assistant|>A1", "<|prompter|>Q2", "<|assistant|>"]
+
+
+def row(suffix=("good answer", "bad answer"), reward=(1.0, -1.0)):
+    return {"prefix": [TURNS, TURNS], "suffix": list(suffix), "reward": list(reward), "sft_index": 0,
+            "meta": {"task": "dialogue"}}
+
+
+def test_renderings():
+    assert render_llama(TURNS) == SYSTEM_PREFIX + "### Human: Q1 ### Assistant: A1 ### Human: Q2 ### Assistant:"
+    assert render_anthropic(TURNS) == "Human: Q1\nAssistant: A1\nHuman: Q2\nAssistant:"
+    assert to_chat(TURNS) == [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                              {"role": "user", "content": "Q2"}]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Sure, here it is.\n### Human: and now?", "Sure, here it is."),
+    ("Fine.\nHuman: next", "Fine."),
+    ("Okay ###", "Okay"),
+    ("  plain  ", "plain"),
+])
+def test_postprocess(text, expected):
+    assert postprocess(text) == expected
+
+
+def test_records_and_sigmoid_rewards(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(row()) + "\n")
+    rows = read_pro_file(path)
+    sft = pro_records(rows)
+    assert len(sft) == 1 and sft[0].response == "good answer" and sft[0].reward == pytest.approx(1 / (1 + math.e ** -1))
+    both = pro_records(rows, candidates="all", how="chat")
+    assert [r.reward for r in both] == pytest.approx([1 / (1 + math.e ** -1), 1 / (1 + math.e)])
+    assert both[0].is_chat
+
+
+def test_bad_pro_rows_name_the_field(tmp_path):
+    path = tmp_path / "f.json"
+    broken = row()
+    broken["reward"] = [1.0]
+    path.write_text(json.dumps(row()) + "\n" + json.dumps(broken) + "\n")
+    with pytest.raises(DataError, match=r"f.json:2: field 'reward': 1 rewards for 2 suffixes"):
+        read_pro_file(path)
+
+
+def test_cleaning_rule_and_script(tmp_path):
+    rows = [row(("fine", "also fine")), row(("here are some options:", "x")), row(("ok", "cut off:")),
+            row(("ends with colon and space: ", "y"))]
+    kept, report = clean_training_rows(rows)
+    assert [r["suffix"][0] for r in kept] == ["fine", "ends with colon and space: "]  # literal test, no strip
+    assert report == {"records": 4, "good_suffix_ends_with_colon": 1, "bad_suffix_ends_with_colon": 1,
+                      "dropped": 2, "kept": 2}
+    src, dst = tmp_path / "train.json", tmp_path / "cleaner_train.json"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, str(ROOT / "data_cleaning.py"), "--input", str(src), "--output", str(dst)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "dropped 2, kept 2" in proc.stdout
+    assert len(dst.read_text().splitlines()) == 2
+
+
+@pytest.mark.skipif(not DEV.is_file(), reason="the real HH dev file (../shared/data/hh) is not present")
+def test_real_dev_file():
+    rows = read_pro_file(DEV)
+    assert len(rows) == 280
+    records = pro_records(rows)
+    assert all(r.prompt.startswith(SYSTEM_PREFIX + "### Human:") and r.prompt.endswith("### Assistant:")
+               for r in records)
+    assert all(0.0 < r.reward < 1.0 for r in records)
