@@ -114,8 +114,10 @@ def pro_records(rows: list[dict], how: str = "llama", candidates: str = "sft", n
         prompt = render(row["prefix"][0], how)
         chosen = [row.get("sft_index", 0)] if candidates == "sft" else range(len(row["suffix"]))
         for k in chosen:
+            # `turns` travels to reward functions as a column: the HH reward models read the raw dialogue.
             records.append(Record(id=f"{name}-{i}-{k}", prompt=prompt, response=row["suffix"][k],
-                                  reward=sigmoid(row["reward"][k]), meta={"candidate": k, "row": i}))
+                                  reward=sigmoid(row["reward"][k]),
+                                  meta={"candidate": k, "row": i, "turns": row["prefix"][0]}))
     return records
 
 

@@ -81,3 +81,34 @@ def test_real_dev_file():
     assert all(r.prompt.startswith(SYSTEM_PREFIX + "### Human:") and r.prompt.endswith("### Assistant:")
                for r in records)
     assert all(0.0 < r.reward < 1.0 for r in records)
+
+
+def test_openassistant_reward_model_architecture_loads_and_scores(tmp_path):
+    """A tiny checkpoint of the custom `gpt_neox_reward_model` type loads through the Auto classes and
+    scores the marker-format dialogue at its last real token, whatever the padding."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig, HHRewardModel, reward_model_text, register
+    from lolrl.tiny import train_tokenizer
+
+    corpus = ["<|prompter|>Q1", "<|assistant|>A1", "a fine answer", "no", "<eos>"] * 5
+    tokenizer = train_tokenizer(corpus, tmp_path / "rm", vocab_size=300, with_pad=True)
+    torch.manual_seed(0)
+    config = GPTNeoXRewardModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPTNeoXRewardModel(config).save_pretrained(tmp_path / "rm")
+    register()
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert isinstance(loaded, GPTNeoXRewardModel)
+    text = reward_model_text(TURNS, "a fine answer", "<eos>")
+    assert text == "<|prompter|>Q1<eos><|assistant|>A1<eos><|prompter|>Q2<eos><|assistant|>a fine answer<eos>"
+    reward = HHRewardModel(str(tmp_path / "rm"), device="cpu", batch_size=2)
+    alone = reward(["p"], ["a fine answer"], turns=[TURNS])
+    batched = reward(["p", "p"], ["a fine answer", "no " * 20], turns=[TURNS, TURNS])
+    assert 0.0 < alone[0] < 1.0 and batched[0] == pytest.approx(alone[0], abs=1e-5)
+    ids = reward.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        direct = torch.sigmoid(loaded(**ids).logits[0, 0]).item()
+    assert alone[0] == pytest.approx(direct, abs=1e-5)
