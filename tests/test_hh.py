@@ -112,3 +112,49 @@ def test_openassistant_reward_model_architecture_loads_and_scores(tmp_path):
     with torch.no_grad():
         direct = torch.sigmoid(loaded(**ids).logits[0, 0]).item()
     assert alone[0] == pytest.approx(direct, abs=1e-5)
+
+
+def _tiny_reward_model(directory):
+    import torch
+
+    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
+    from lolrl.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["<|prompter|>Q1", "<|assistant|>A1", "an answer", "<eos>"] * 5, directory,
+                                vocab_size=300, with_pad=True)
+    torch.manual_seed(0)
+    config = GPTNeoXRewardModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPTNeoXRewardModel(config).save_pretrained(directory)
+
+
+def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
+    """qlora_llama_hh_eval.py on a tiny base + LoRA adapter and a tiny reward model, two test splits."""
+    from peft import LoraConfig, get_peft_model
+
+    from lolrl.modeling import load_model
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])) \
+        .save_pretrained(adapter)
+    _tiny_reward_model(tmp_path / "rm")
+    test_dir = tmp_path / "hh_test"
+    test_dir.mkdir()
+    for split, n in (("harmless_base", 5), ("helpful_base", 3)):
+        (test_dir / f"{split}.json").write_text("".join(json.dumps(row()) + "\n" for _ in range(n)))
+    (test_dir / "bad_test_indices.json").write_text(json.dumps({"harmless_base.json": [0, 2], "helpful_base.json": []}))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "qlora_llama_hh_eval.py"), "--model_name_or_path",
+                           tiny_models["llama"], "--adapter_path", str(adapter), "--reward_model", str(tmp_path / "rm"),
+                           "--test_dir", str(test_dir), "--output_dir", str(out), "--exclude_bad_indices",
+                           "--per_device_eval_batch_size", "4"],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                            "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "hh_eval_results.json").read_text())
+    assert results["harmless_base"]["n"] == 3 and results["helpful_base"]["n"] == 3  # 2 bad indices skipped
+    lines = [json.loads(l) for l in (out / "harmless_base_eval_results.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and set(lines[0]) == {"prefix", "suffix", "reward"}
+    assert all(0.0 < l["reward"] < 1.0 for l in lines) and lines[0]["prefix"].startswith(SYSTEM_PREFIX)
+    assert (out / "hh_eval_results.md").exists() and (out / "hh_reward_distribution.png").exists()
