@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_target_modules", default=None, help="comma-separated module names")
     g.add_argument("--adapter_path", default=None, help="start from (and train) this peft adapter")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--load_in_4bit", action="store_true",
+                   help="QLoRA: quantise the frozen base to 4-bit NF4 (CUDA + bitsandbytes; plain LoRA otherwise)")
     g.add_argument("-ml", "--max_resp_length", type=int, default=128, help="response tokens (train and generation)")
     g.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
     g = p.add_argument_group("algorithm")
@@ -176,7 +178,7 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
         report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,
         save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        stop_after_steps=args.stop_after_steps)
+        stop_after_steps=args.stop_after_steps, load_in_4bit=args.load_in_4bit)
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:

@@ -64,6 +64,8 @@ class OfflineRLConfig:
     # validation, generation and evaluation
     val_batch_size: int = 64
     val_log_frequency: int = 2
+    eval_steps: int = 0  # > 0: validate every N optimizer steps instead of val_log_frequency per epoch
+    step_scale_rows: int | None = None  # with max_steps and priority sampling: scale steps by positive rows / this
     eval_in_beginning: bool = False
     max_val_examples: int | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -78,6 +80,7 @@ class OfflineRLConfig:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     adapter_path: str | None = None
+    load_in_4bit: bool = False  # QLoRA: NF4 base on CUDA (plain LoRA without CUDA, with a warning)
     logging_steps: int = 10
     report_to: str = "none"
     length_grouping: bool = True

@@ -85,18 +85,40 @@ def load_tokenizer(name: str, tokenizer_name: str | None = None):
     return tokenizer
 
 
+def quantization_kwargs(dtype: str, device_index: int = 0) -> dict:
+    """QLoRA's 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES["bf16" if dtype == "fp32" else dtype]
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            "device_map": {"": device_index}}
+
+
 def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
-               adapter_path: str | None = None, trainable: bool = True):
-    """Load a causal or seq2seq LM; wrap it with a new LoRA adapter or an existing one if asked."""
+               adapter_path: str | None = None, trainable: bool = True, load_in_4bit: bool = False,
+               device_index: int = 0):
+    """Load a causal or seq2seq LM; wrap it with a new LoRA adapter or an existing one if asked.
+    ``load_in_4bit`` quantises the frozen base to NF4 (QLoRA) on CUDA; without CUDA it says so
+    and loads the plain model."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     name, adapter_path = split_adapter(name, adapter_path)
     config = load_config(name)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    kwargs = {"dtype": DTYPES[dtype]}
+    if load_in_4bit and torch.cuda.is_available():
+        kwargs.update(quantization_kwargs(dtype, device_index))
+    elif load_in_4bit:
+        logger.warning("no CUDA device: 4-bit quantisation is off, '%s' loads in %s (plain LoRA)", name, dtype)
     try:
-        model = cls.from_pretrained(name, dtype=DTYPES[dtype])
+        model = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from '{name}': {str(exc).splitlines()[0]}") from None
+    if "quantization_config" in kwargs:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter_path:
         from peft import PeftModel
 

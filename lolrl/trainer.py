@@ -97,10 +97,11 @@ class OfflineRLTrainer:
     >>> results = trainer.run()
     """
 
-    def __init__(self, config: OfflineRLConfig, data: TaskData, reward=None, accelerator=None):
+    def __init__(self, config: OfflineRLConfig, data: TaskData, reward=None, accelerator=None, postprocess=None):
         self.config = config
         self.data = data
         self.reward = reward
+        self.postprocess = postprocess  # applied to every generation before scoring (e.g. the HH stop rule)
         self.task = task_info(config.task_name)
         if config.uses_advantage and reward is None:
             raise ConfigError(f"{config.algorithm} fits a value estimate on scored generations: it needs a reward")
@@ -140,9 +141,10 @@ class OfflineRLTrainer:
         config = self.config
         # bf16/fp16 run under autocast. Full fine-tuning keeps fp32 master weights (as transformers' Trainer
         # does); with LoRA the frozen base is loaded in the low precision and the adapters stay fp32.
-        low_precision_base = config.lora.enabled or config.adapter_path is not None
+        low_precision_base = config.lora.enabled or config.adapter_path is not None or config.load_in_4bit
         model = load_model(config.model_name, dtype=config.dtype if low_precision_base else "fp32",
-                           lora=config.lora, adapter_path=config.adapter_path)
+                           lora=config.lora, adapter_path=config.adapter_path, load_in_4bit=config.load_in_4bit,
+                           device_index=self.accelerator.local_process_index)
         if config.disable_dropout:
             set_dropout(model, 0.0)
         if config.gradient_checkpointing:
@@ -152,7 +154,9 @@ class OfflineRLTrainer:
         self.encoder_decoder = model_is_encoder_decoder(model)
         self.row_tokenizer = Tokenizer(self.tokenizer, self.encoder_decoder, config.max_prompt_length,
                                        config.max_resp_length)
-        self.model = model.to(self.accelerator.device)
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
+            getattr(model, "base_model", None), "is_loaded_in_4bit", False)
+        self.model = model if quantized else model.to(self.accelerator.device)  # 4-bit weights are placed on load
         self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
                                  getattr(model.config, "decoder_start_token_id", None), pack=self._use_packing())
 
@@ -199,6 +203,8 @@ class OfflineRLTrainer:
     def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
         completions = generate(self.model, self.tokenizer, rows, self.config.generation, self.config.val_batch_size,
                                self.accelerator, desc=f"{desc}: generate")
+        if self.postprocess is not None:
+            completions = [self.postprocess(c) for c in completions]
         rewards = self._score(records, completions, f"{desc}: reward") if self.reward is not None else {}
         return completions, rewards
 
@@ -469,8 +475,13 @@ class OfflineRLTrainer:
         micro_per_epoch = sampler.steps_per_epoch
         opt_per_epoch = math.ceil(micro_per_epoch / config.accumulation_steps)
         total = opt_per_epoch * config.n_epochs
+        eval_steps = config.eval_steps
         if config.max_steps > 0:
             total = min(total, config.max_steps) if config.n_epochs else config.max_steps
+            if config.step_scale_rows and signal.sample_weights is not None:
+                # the HH recipe: a step budget for all prompts shrinks (or grows) with the positive share
+                share = sampler.rows_per_epoch / config.step_scale_rows
+                total, eval_steps = max(1, int(total * share)), max(1, int(eval_steps * share)) if eval_steps > 0 else 0
         epochs = math.ceil(total / opt_per_epoch) if opt_per_epoch else 0
         # vf validations per epoch, evenly spaced, the last at the epoch's end (fewer if the epoch is shorter)
         val_points = {max(1, round(k * opt_per_epoch / config.val_log_frequency))
@@ -515,7 +526,8 @@ class OfflineRLTrainer:
                 self.global_step += 1
                 progress.update(1)
                 step_in_epoch = group_start // config.accumulation_steps + 1
-                validate = step_in_epoch in val_points or self.global_step == total
+                scheduled = (self.global_step % eval_steps == 0) if eval_steps > 0 else step_in_epoch in val_points
+                validate = scheduled or self.global_step == total
                 if self.global_step % config.logging_steps == 0 or validate:
                     self._log(window, epoch + step_in_epoch / opt_per_epoch, scheduler, started, progress)
                     window = {}

@@ -158,3 +158,44 @@ def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
     assert len(lines) == 3 and set(lines[0]) == {"prefix", "suffix", "reward"}
     assert all(0.0 < l["reward"] < 1.0 for l in lines) and lines[0]["prefix"].startswith(SYSTEM_PREFIX)
     assert (out / "hh_eval_results.md").exists() and (out / "hh_reward_distribution.png").exists()
+
+
+@pytest.mark.parametrize("algorithm, strategy", [("nll", "None"), ("a_lol", "good_priority"),
+                                                 ("a_lol_seq", "all_priority")])
+def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, strategy):
+    import random
+
+    sys.path.insert(0, str(ROOT))
+    from lolrl_qlora_llama_hh import main as hh_main
+    from peft import LoraConfig, get_peft_model
+
+    from lolrl.modeling import load_model
+
+    rng = random.Random(0)
+    (tmp_path / "train").mkdir()
+    rows = [row(("a kind and helpful answer", "go away"), (rng.uniform(-3, 3), rng.uniform(-3, 3))) for _ in range(16)]
+    (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.json").write_text("".join(json.dumps(row()) + "\n" for _ in range(6)))
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])) \
+        .save_pretrained(adapter)
+    _tiny_reward_model(tmp_path / "rm")
+    out = tmp_path / "out"
+    code = hh_main(["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(adapter),
+                    "--algorithm", algorithm, "--sampling_strategy", strategy, "--train_file_path",
+                    str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"), "--output_dir", str(out),
+                    "--cache_dir", str(tmp_path / "cache"), "--reward_model", str(tmp_path / "rm"),
+                    "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "2",
+                    "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size", "4"])
+    assert code == 0
+    assert (out / "best_adapter" / "adapter_model.safetensors").exists()
+    plan = json.loads((out / "training_plan.json").read_text())
+    if algorithm == "nll":
+        assert plan["optimizer_steps"] == 4 and plan["rows"] == 16
+    else:  # steps rescaled by the positive share; all_priority trains on both suffixes of every record
+        stats = json.loads((out / "advantage_stats.json").read_text())
+        positive = round((1 - stats["share_non_positive"]) * stats["n"])
+        assert plan["rows"] == (32 if strategy == "all_priority" else 16)
+        assert plan["optimizer_steps"] == max(1, int(4 * positive / 16))
+    validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
+    assert validations and all(0.0 < v["final_reward"] < 1.0 for v in validations)
