@@ -1,6 +1,7 @@
 """HH data in PRO's format: reading, rendering, post-processing, cleaning (real dev file when present)."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,8 +150,7 @@ def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
                            tiny_models["llama"], "--adapter_path", str(adapter), "--reward_model", str(tmp_path / "rm"),
                            "--test_dir", str(test_dir), "--output_dir", str(out), "--exclude_bad_indices",
                            "--per_device_eval_batch_size", "4"],
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                            "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "hh_eval_results.json").read_text())
     assert results["harmless_base"]["n"] == 3 and results["helpful_base"]["n"] == 3  # 2 bad indices skipped
