@@ -156,6 +156,16 @@ class Collator:
                 "decoder_attention_mask": target_mask.clone()}
 
 
+def pad_prompts(rows: list[TokenizedRow], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids and mask only; left padding for decoder-only generation, right otherwise."""
+    width = max(len(r.prompt_ids) for r in rows)
+    pads = [[pad_id] * (width - len(r.prompt_ids)) for r in rows]
+    ids = [p + r.prompt_ids if left else r.prompt_ids + p for r, p in zip(rows, pads)]
+    mask = [[0] * len(p) + [1] * len(r.prompt_ids) if left else [1] * len(r.prompt_ids) + [0] * len(p)
+            for r, p in zip(rows, pads)]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
 def padding_ratio(batch: dict[str, torch.Tensor]) -> float:
     """Tokens fed to the model / real tokens (1.0 for a packed batch)."""
     real = int((batch["prompt_lengths"] + batch["response_lengths"]).sum())

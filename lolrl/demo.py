@@ -19,9 +19,9 @@ import numpy as np
 from . import demo_task
 from .config import OfflineRLConfig
 from .data import load_task_dir
-from .evaluation import format_markdown_table
+from .evaluation import format_markdown_table, pyplot, save_figure
 from .generation import GenerationSettings
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_text
 from .modeling import LoraSettings
 from .rewards import load_reward
 
@@ -179,12 +179,7 @@ def _rows_csv(rows: list[dict]) -> str:
 
 def plot_rewards(summary: dict[str, dict[str, float]], path: Path) -> None:
     """Stacked mean reward components per algorithm, with the std of final_reward over seeds."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary)
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
@@ -200,8 +195,4 @@ def plot_rewards(summary: dict[str, dict[str, float]], path: Path) -> None:
     ax.set_title("Test reward per algorithm (stacked components, error bar = std over seeds)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)

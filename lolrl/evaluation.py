@@ -211,7 +211,7 @@ def _series(rows: Iterable[dict], keys: Sequence[str] | None) -> dict[str, tuple
 
 
 # ----------------------------------------------------------------------------- plotting
-def _pyplot():
+def pyplot():
     """pyplot on the non-interactive Agg backend (training machines have no display)."""
     import matplotlib
 
@@ -221,9 +221,9 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, out_png: str | os.PathLike) -> Path:
+def save_figure(fig, out_png: str | os.PathLike) -> Path:
     """Render to memory, then write atomically, and always free the figure."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         buf = _stdio.BytesIO()
         fig.savefig(buf, format="png", dpi=_PLOT_DPI, bbox_inches="tight")
@@ -261,7 +261,7 @@ def plot_loss_curves(
     series = _series(_read_log(train_log_path), keys)
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = _grid(plt, len(series))
     for ax, (name, (steps, values)) in zip(axes, series.items()):
         ax.plot(steps, values, linewidth=1.0, marker="." if len(steps) < 50 else None)
@@ -269,7 +269,7 @@ def plot_loss_curves(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _finite(values: Iterable[Any]) -> list[float]:
@@ -311,7 +311,7 @@ def plot_reward_distributions(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
+    plt = pyplot()
     components = _ordered_components(generated, reference) or ["(no rewards)"]
     sides = [("generated", generated, "tab:blue"), ("reference", reference or {}, "tab:orange")]
     fig, axes = _grid(plt, len(components), max_cols=4, panel_size=(3.2, 3.2))
@@ -336,7 +336,7 @@ def plot_reward_distributions(
     # bbox_inches="tight" at save time grows the canvas to include it.
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=len(handles), fontsize="small", frameon=False)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_validation_curve(
@@ -355,7 +355,7 @@ def plot_validation_curve(
     steps, values = series[metric]
     pick = max if higher_is_better else min
     best = pick(range(len(values)), key=values.__getitem__)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(steps, values, marker="o", markersize=3, label=metric)
     ax.scatter(
@@ -368,4 +368,4 @@ def plot_validation_curve(
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .collation import TokenizedRow
+from .collation import TokenizedRow, pad_prompts
 
 
 @dataclass
@@ -28,20 +28,6 @@ class GenerationSettings:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def _left_pad(rows: list[TokenizedRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
-    return ids, mask
-
-
-def _right_pad(rows: list[TokenizedRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.tensor([r.prompt_ids + [pad_id] * (width - len(r.prompt_ids)) for r in rows])
-    mask = torch.tensor([[1] * len(r.prompt_ids) + [0] * (width - len(r.prompt_ids)) for r in rows])
-    return ids, mask
 
 
 @torch.no_grad()
@@ -61,7 +47,7 @@ def generate_local(model, tokenizer, rows: list[TokenizedRow], settings: Generat
     outputs: dict[int, str] = {}
     batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
-        ids, mask = (_right_pad if encoder_decoder else _left_pad)(batch, tokenizer.pad_token_id)
+        ids, mask = pad_prompts(batch, tokenizer.pad_token_id, left=not encoder_decoder)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new_tokens = out if encoder_decoder else out[:, ids.shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -24,24 +24,10 @@ TEST_SPLITS = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejec
 
 def load_model_for_eval(model_name: str, adapter_path: str | None = None):
     """Base model (4-bit NF4 through bitsandbytes on CUDA, plain fp32 otherwise) with an optional adapter."""
-    from transformers import AutoModelForCausalLM
+    from .modeling import load_model
 
-    kwargs = {}
-    if torch.cuda.is_available():
-        from transformers import BitsAndBytesConfig
-
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=torch.bfloat16,
-                                                            bnb_4bit_use_double_quant=True),
-                  "device_map": {"": 0}}
-    else:
-        logger.warning("no CUDA device: loading %s in fp32 without 4-bit quantisation", model_name)
-    model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
-    if adapter_path:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
-    return model.eval()
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    return load_model(model_name, dtype=dtype, adapter_path=adapter_path, trainable=False, load_in_4bit=True).eval()
 
 
 def bad_indices(test_dir: Path) -> dict[str, set[int]]:

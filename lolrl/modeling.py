@@ -115,7 +115,7 @@ def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
         model = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from '{name}': {str(exc).splitlines()[0]}") from None
-    if "quantization_config" in kwargs:
+    if "quantization_config" in kwargs and trainable:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -214,7 +214,8 @@ def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4) ->
     return exact
 
 
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/vllm-flash-attn3")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
+                    "kernels-community/vllm-flash-attn3")
 
 
 def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto") -> bool:

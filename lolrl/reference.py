@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .collation import Collator, TokenizedRow, length_grouped_batches
+from .collation import Collator, TokenizedRow, length_grouped_batches, pad_prompts
 from .modeling import response_logprobs
 from .value import pad_states
 
@@ -89,10 +89,7 @@ def prompt_states(model, rows: list[TokenizedRow], pad_token_id: int, batch_size
     show = accelerator is None or accelerator.is_local_main_process
     for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size), desc=desc,
                            disable=not show, leave=False):
-        width = max(len(r.prompt_ids) for r in batch_rows)
-        ids = torch.tensor([r.prompt_ids + [pad_token_id] * (width - len(r.prompt_ids)) for r in batch_rows])
-        mask = torch.tensor([[1] * len(r.prompt_ids) + [0] * (width - len(r.prompt_ids)) for r in batch_rows])
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in pad_prompts(batch_rows, pad_token_id))
         if encoder_decoder:
             states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         else:

@@ -15,6 +15,7 @@ The same code runs on a CPU, one GPU or several processes under ``accelerate lau
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -412,6 +413,7 @@ class OfflineRLTrainer:
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
+    @functools.cached_property
     def _run_key(self) -> str:
         """What a checkpoint must agree with to be resumed (not the flags that only say when to stop)."""
         settings = {k: v for k, v in self.config.to_dict().items()
@@ -426,7 +428,7 @@ class OfflineRLTrainer:
             raise ConfigError(f"--resume: no checkpoint in {self.checkpoint_dir}")
         if found is not None:
             written_by = json.loads((found / "state.json").read_text())["progress"].get("run_key")
-            if written_by != self._run_key():
+            if written_by != self._run_key:
                 raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
                                   "resume with the same flags, or pass --no_resume (or another -o)")
             logger.info("resuming from %s (pass --no_resume to start over)", found)
@@ -439,10 +441,11 @@ class OfflineRLTrainer:
             from accelerate.utils import gather_object
 
             rng_states = gather_object(rng_states)
+        trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
         if self.is_main:
             progress = {"epoch": epoch, "next_group": next_group, "best_measure": self.best_measure,
-                        "run_key": self._run_key()}
-            save_checkpoint(self.checkpoint_dir, self.global_step, self._trainable_state(), optimizer, scheduler,
+                        "run_key": self._run_key}
+            save_checkpoint(self.checkpoint_dir, self.global_step, trainable, optimizer, scheduler,
                             progress, self.best_state, keep=self.config.keep_checkpoints, torch_rng_states=rng_states)
         self.accelerator.wait_for_everyone()
 
