@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .generation import GenerationSettings
-from .losses import ADVANTAGE_ALGORITHMS, ALGORITHMS, CLIPPED_ALGORITHMS, KL_ESTIMATORS, REWARD_ALGORITHMS
+from .losses import (ADVANTAGE_ALGORITHMS, ALGORITHMS, CLIPPED_ALGORITHMS, GROUPED_ALGORITHMS, KL_ESTIMATORS,
+                     REWARD_ALGORITHMS)
 from .modeling import DTYPES, LoraSettings
 from .sampling import STRATEGIES
 
@@ -54,6 +55,9 @@ class OfflineRLConfig:
     kl_beta: float | None = None  # a_lol_kl only; None -> 0.1
     kl_estimator: str = "k3"
     gold_floor: float = 0.1
+    # grouped algorithms (pro): each training item is `group_size` consecutive rows, candidates for one prompt
+    group_size: int = 1
+    sft_weight: float = 0.05
     sampling_strategy: str | None = None  # None: good_priority for A-LoL, None (uniform) otherwise
 
     # value estimate
@@ -98,8 +102,14 @@ class OfflineRLConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(ALGORITHMS)})")
+        known = ALGORITHMS + GROUPED_ALGORITHMS
+        if self.algorithm not in known:
+            raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(known)})")
+        if (self.algorithm in GROUPED_ALGORITHMS) != (self.group_size > 1):
+            raise ConfigError(f"group_size {self.group_size} with '{self.algorithm}': the grouped algorithms "
+                              f"({', '.join(GROUPED_ALGORITHMS)}) need >= 2 candidates per prompt, the others 1")
+        if self.algorithm in GROUPED_ALGORITHMS and self.sampling_strategy != "None":
+            raise ConfigError(f"{self.algorithm} ranks candidates inside each prompt: use sampling strategy None")
         if self.sampling_strategy not in STRATEGIES:
             raise ConfigError(f"unknown sampling strategy '{self.sampling_strategy}' "
                               f"(expected one of {', '.join(STRATEGIES)})")

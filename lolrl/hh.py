@@ -106,18 +106,29 @@ def _check_pro_row(row, source: str, line: int) -> None:
         raise DataError(source, line, "sft_index", "out of range")
 
 
-def pro_records(rows: list[dict], how: str = "llama", candidates: str = "sft", name: str = "hh") -> list[Record]:
+def pro_records(rows: list[dict], how: str = "llama", candidates: str = "sft", name: str = "hh",
+                sigmoid_rewards: bool = True, n_candidates: int | None = None) -> list[Record]:
     """Records for the offline trainers: the ``sft_index`` response (``candidates="sft"``) or every
-    suffix (``"all"``), each with its own reward through a sigmoid, as the original does."""
+    suffix (``"all"``; the first ``n_candidates`` when given), each with its own reward through a
+    sigmoid as the original does (raw logits with ``sigmoid_rewards=False``, as PRO uses them).
+    The candidates of one prompt are consecutive, the ``sft_index`` one flagged ``meta["sft"]``."""
     records = []
     for i, row in enumerate(rows):
         prompt = render(row["prefix"][0], how)
-        chosen = [row.get("sft_index", 0)] if candidates == "sft" else range(len(row["suffix"]))
+        sft_index = row.get("sft_index", 0)
+        if candidates == "sft":
+            chosen = [sft_index]
+        else:
+            count = len(row["suffix"]) if n_candidates is None else n_candidates
+            if not sft_index < count <= len(row["suffix"]):
+                raise DataError(name, i + 1, "suffix", f"need {count} candidates including sft_index {sft_index}, "
+                                                       f"the record has {len(row['suffix'])}")
+            chosen = range(count)
         for k in chosen:
             # `turns` travels to reward functions as a column: the HH reward models read the raw dialogue.
-            records.append(Record(id=f"{name}-{i}-{k}", prompt=prompt, response=row["suffix"][k],
-                                  reward=sigmoid(row["reward"][k]),
-                                  meta={"candidate": k, "row": i, "turns": row["prefix"][0]}))
+            reward = sigmoid(row["reward"][k]) if sigmoid_rewards else float(row["reward"][k])
+            records.append(Record(id=f"{name}-{i}-{k}", prompt=prompt, response=row["suffix"][k], reward=reward,
+                                  meta={"candidate": k, "row": i, "sft": k == sft_index, "turns": row["prefix"][0]}))
     return records
 
 

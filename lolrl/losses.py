@@ -26,6 +26,7 @@ ADVANTAGE_ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")  # n
 REWARD_ALGORITHMS = ("wbc", "r_gold", "r_lol")  # weighted by the raw reward
 CLIPPED_ALGORITHMS = ("r_lol", "a_lol", "a_lol_seq")  # have an importance weight to clip
 KL_ESTIMATORS = ("k1", "k2", "k3")
+GROUPED_ALGORITHMS = ("pro",)  # a training item is a group of candidate responses to one prompt
 
 Stats = dict[str, torch.Tensor]
 
@@ -163,6 +164,13 @@ def pro_loss(scores: torch.Tensor, rewards: torch.Tensor, sft_nll: torch.Tensor,
     averaged over the batch (``w`` = ``sft_weight``, 0.05 as in the original). With two candidates
     the ranking term is :math:`\log(1 + \exp(T\,(s_1 - s_0)))`.
     """
+    per_example, stats = pro_per_example(scores, rewards, sft_nll, sft_weight)
+    return per_example.mean(), stats
+
+
+def pro_per_example(scores: torch.Tensor, rewards: torch.Tensor, sft_nll: torch.Tensor,
+                    sft_weight: float = 0.05) -> tuple[torch.Tensor, Stats]:
+    """:func:`pro_loss` before the batch mean: one value per prompt."""
     order = rewards.argsort(dim=-1, descending=True)
     s, r = scores.gather(-1, order), rewards.gather(-1, order)
     n = s.shape[-1]
@@ -173,7 +181,22 @@ def pro_loss(scores: torch.Tensor, rewards: torch.Tensor, sft_nll: torch.Tensor,
         logits = torch.cat([s[:, k:k + 1] * top, s[:, k + 1:] * temperature], dim=-1)
         ranking = ranking + torch.logsumexp(logits, dim=-1) - logits[:, 0]
     sft = sft_weight * (n - 1) ** 2 * sft_nll
-    return (ranking + sft).mean(), {"ranking_loss": ranking.detach(), "sft_nll": sft_nll.detach()}
+    return ranking + sft, {"ranking_loss": ranking.detach(), "sft_nll": sft_nll.detach()}
+
+
+def pro_group_loss(logprobs, mask, rewards, group_size: int, sft_rows: torch.Tensor,
+                   sft_weight: float = 0.05, **_) -> tuple[torch.Tensor, Stats]:
+    r"""PRO on a batch of rows laid out as consecutive groups of ``group_size`` candidates per prompt.
+
+    Scores are the length-normalised log-probabilities over each candidate's real tokens (the
+    original counted suffix tokens 2..L plus one token past the end, an off-by-one); the SFT term
+    takes the summed NLL of the row flagged in ``sft_rows`` in each group. See :func:`pro_loss`."""
+    scores = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    groups = scores.shape[0] // group_size
+    flags = sft_rows.view(groups, group_size).to(logprobs.dtype)
+    sft_nll = (sequence_nll(logprobs, mask).view(groups, group_size) * flags).sum(-1)
+    return pro_per_example(scores.view(groups, group_size), rewards.view(groups, group_size).to(logprobs.dtype),
+                           sft_nll, sft_weight)
 
 
 LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
@@ -185,16 +208,20 @@ LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
     "a_lol_ref_free": a_lol_ref_free_loss,
     "a_lol_seq": a_lol_seq_loss,
     "a_lol_kl": a_lol_kl_loss,
+    "pro": pro_group_loss,
 }
 
 
 def compute_loss(algorithm: str, logprobs: torch.Tensor, mask: torch.Tensor, *, rewards=None, advantages=None,
-                 ref_logprobs=None, clip=None, kl_beta=0.1, kl_estimator="k3", gold_floor=0.1):
-    """Dispatch by the algorithm's name; returns the batch-mean loss and per-example stats."""
+                 ref_logprobs=None, clip=None, kl_beta=0.1, kl_estimator="k3", gold_floor=0.1, group_size=1,
+                 sft_rows=None, sft_weight=0.05):
+    """Dispatch by the algorithm's name; returns the batch-mean loss and per-example (per-group for
+    the grouped algorithms) stats."""
     if algorithm not in LOSSES:
-        raise ValueError(f"unknown algorithm '{algorithm}' (expected one of {', '.join(ALGORITHMS)})")
+        raise ValueError(f"unknown algorithm '{algorithm}' (expected one of {', '.join(ALGORITHMS + GROUPED_ALGORITHMS)})")
     mask = mask.to(logprobs.dtype)
     per_example, stats = LOSSES[algorithm](logprobs=logprobs, mask=mask, rewards=rewards, advantages=advantages,
                                            ref_logprobs=ref_logprobs, clip=clip, kl_beta=kl_beta,
-                                           kl_estimator=kl_estimator, gold_floor=gold_floor)
+                                           kl_estimator=kl_estimator, gold_floor=gold_floor, group_size=group_size,
+                                           sft_rows=sft_rows, sft_weight=sft_weight)
     return per_example.mean(), {"loss": per_example.detach(), **stats}

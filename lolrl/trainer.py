@@ -34,7 +34,6 @@ from .config import ConfigError, OfflineRLConfig
 from .data import Record, TaskData, reward_matrix
 from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_validation_curve,
                          summarize_generations, write_results_table)
-from .generation import generate
 from .io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from .losses import compute_loss
 from .modeling import (choose_packing, load_model, load_tokenizer, model_is_encoder_decoder, response_logprobs,
@@ -42,6 +41,7 @@ from .modeling import (choose_packing, load_model, load_tokenizer, model_is_enco
 from .reference import prompt_states, reference_pass
 from .sampling import EpochSampler, sampling_weights
 from .tasks import task_info
+from .validation import generate_and_score, score_on_main
 from .value import ValueFitSettings, ValueHead, fit_value_head
 
 logger = logging.getLogger(__name__)
@@ -56,17 +56,6 @@ def advantage_statistics(advantages: np.ndarray) -> dict:
         "share_negative": float(np.mean(advantages < 0)),
         "share_non_positive": float(np.mean(advantages <= 0)),
     }
-
-
-def reward_columns(records: list[Record]) -> dict[str, list]:
-    """Extra record fields, passed to reward functions as TRL passes dataset columns."""
-    keys: list[str] = []
-    for record in records:
-        keys += [k for k in record.meta if k not in keys]
-    columns = {k: [r.meta.get(k) for r in records] for k in keys}
-    columns["ids"] = [r.id for r in records]
-    columns["references"] = [r.response for r in records]
-    return columns
 
 
 def _flat_config(config: dict, prefix: str = "") -> dict:
@@ -88,6 +77,7 @@ class TrainingSignal:
     advantages: np.ndarray | None
     ref_logprobs: list[torch.Tensor] | None
     sample_weights: np.ndarray | None
+    sft_rows: np.ndarray | None = None  # grouped algorithms: the row of each group that the SFT term trains on
 
 
 class OfflineRLTrainer:
@@ -190,24 +180,11 @@ class OfflineRLTrainer:
         return self._val_records_of(self.data)
 
     def _score(self, records: list[Record], completions: list[str], desc: str) -> dict[str, list[float]]:
-        """Score on the main process and share the result, so every process takes the same decisions."""
-        result = [None]
-        if self.is_main:
-            result = [self.reward(prompts=[r.prompt for r in records], completions=completions,
-                                  batch_size=self.config.val_batch_size, desc=desc, **reward_columns(records))]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(result)
-        return result[0]
+        return score_on_main(self.reward, records, completions, self.config.val_batch_size, self.accelerator, desc)
 
     def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
-        completions = generate(self.model, self.tokenizer, rows, self.config.generation, self.config.val_batch_size,
-                               self.accelerator, desc=f"{desc}: generate")
-        if self.postprocess is not None:
-            completions = [self.postprocess(c) for c in completions]
-        rewards = self._score(records, completions, f"{desc}: reward") if self.reward is not None else {}
-        return completions, rewards
+        return generate_and_score(self.model, self.tokenizer, records, rows, self.config.generation,
+                                  self.config.val_batch_size, self.accelerator, self.reward, self.postprocess, desc)
 
     def _reference_generations(self, val_rows: list[TokenizedRow]) -> tuple[list[str], dict[str, list[float]]]:
         """pi_ref's generations on the validation prompts and their rewards (cached)."""
@@ -273,6 +250,8 @@ class OfflineRLTrainer:
         config = self.config
         train = self.data.train
         rewards = np.array([r.reward for r in train], dtype=np.float64) if config.algorithm != "nll" else None
+        if config.group_size > 1:
+            return TrainingSignal(rewards, None, None, None, self._sft_rows(train))
         if not (config.uses_reference or config.uses_advantage):
             weights = sampling_weights(config.sampling_strategy, rewards, len(train))
             return TrainingSignal(rewards, None, None, weights)
@@ -318,6 +297,19 @@ class OfflineRLTrainer:
         priority_values = advantages if config.uses_advantage else rewards
         weights = sampling_weights(config.sampling_strategy, priority_values, len(train))
         return TrainingSignal(rewards, advantages, ref_logprobs if config.uses_reference else None, weights)
+
+    def _sft_rows(self, train: list[Record]) -> np.ndarray:
+        """Check the grouped layout (consecutive candidates of one prompt, one flagged ``meta["sft"]``)."""
+        size = self.config.group_size
+        if len(train) % size:
+            raise ConfigError(f"{len(train)} training rows do not split into groups of {size} candidates")
+        flags = np.array([bool(r.meta.get("sft")) for r in train])
+        for start in range(0, len(train), size):
+            group = train[start:start + size]
+            if len({r.prompt for r in group}) != 1 or flags[start:start + size].sum() != 1:
+                raise ConfigError(f"training rows {start}..{start + size - 1} ({group[0].id}...) are not one prompt's "
+                                  f"{size} candidates with exactly one meta['sft'] row")
+        return flags
 
     # ------------------------------------------------------------------------------ validation
     def validation_measure(self, val_rows: list[TokenizedRow], step: int, epoch: float, generations=None) -> float:
@@ -389,6 +381,8 @@ class OfflineRLTrainer:
         return optimizer, scheduler
 
     def _batch_tensors(self, indices: list[int], rows: list[TokenizedRow], signal: TrainingSignal) -> dict:
+        size = self.config.group_size  # indices count training items: groups of `size` consecutive rows
+        indices = [i * size + k for i in indices for k in range(size)]
         batch = {k: v.to(self.accelerator.device) for k, v in self.collator([rows[i] for i in indices]).items()}
         device = self.accelerator.device
         if signal.rewards is not None:
@@ -398,6 +392,8 @@ class OfflineRLTrainer:
         if signal.ref_logprobs is not None:  # same [rows, longest response] layout as the policy's log-probs
             batch["ref_logprobs"] = torch.nn.utils.rnn.pad_sequence(
                 [signal.ref_logprobs[i] for i in indices], batch_first=True).to(device)
+        if signal.sft_rows is not None:
+            batch["sft_rows"] = torch.tensor(signal.sft_rows[indices], device=device)
         return batch
 
     def _loss(self, batch: dict):
@@ -406,7 +402,8 @@ class OfflineRLTrainer:
         return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
                             advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
                             clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
-                            gold_floor=config.gold_floor)
+                            gold_floor=config.gold_floor, group_size=config.group_size,
+                            sft_rows=batch.get("sft_rows"), sft_weight=config.sft_weight)
 
     # ----------------------------------------------------------------------------- checkpoints
     @property
@@ -472,9 +469,10 @@ class OfflineRLTrainer:
               checkpoint: Path | None = None) -> bool:
         """The optimisation loop; returns False when it stopped early on ``stop_after_steps``."""
         config, acc = self.config, self.accelerator
-        sampler = EpochSampler(len(train_rows), config.batch_size, acc.num_processes, acc.process_index,
-                               signal.sample_weights, config.seed,
-                               [r.length for r in train_rows] if config.length_grouping else None)
+        size = config.group_size  # the sampler draws training items: single rows, or groups of candidates
+        item_lengths = [sum(r.length for r in train_rows[i:i + size]) for i in range(0, len(train_rows), size)]
+        sampler = EpochSampler(len(item_lengths), config.batch_size, acc.num_processes, acc.process_index,
+                               signal.sample_weights, config.seed, item_lengths if config.length_grouping else None)
         micro_per_epoch = sampler.steps_per_epoch
         opt_per_epoch = math.ceil(micro_per_epoch / config.accumulation_steps)
         total = opt_per_epoch * config.n_epochs
@@ -599,7 +597,7 @@ class OfflineRLTrainer:
             checkpoint = self.find_checkpoint()
             if config.eval_in_beginning and checkpoint is None:
                 # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
-                reuse = self._reference_generations(val_rows) if config.uses_advantage else None
+                reuse = self._reference_generations(val_rows) if self.reward is not None else None
                 self._maybe_keep_best(self.validation_measure(val_rows, 0, 0.0, reuse), 0)
             if not self.train(train_rows, val_rows, signal, checkpoint):
                 self.accelerator.end_training()

@@ -163,31 +163,15 @@ def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
 @pytest.mark.parametrize("algorithm, strategy", [("nll", "None"), ("a_lol", "good_priority"),
                                                  ("a_lol_seq", "all_priority")])
 def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, strategy):
-    import random
-
     sys.path.insert(0, str(ROOT))
     from lolrl_qlora_llama_hh import main as hh_main
-    from peft import LoraConfig, get_peft_model
 
-    from lolrl.modeling import load_model
-
-    rng = random.Random(0)
-    (tmp_path / "train").mkdir()
-    rows = [row(("a kind and helpful answer", "go away"), (rng.uniform(-3, 3), rng.uniform(-3, 3))) for _ in range(16)]
-    (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "dev.json").write_text("".join(json.dumps(row()) + "\n" for _ in range(6)))
-    adapter = tmp_path / "adapter"
-    get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])) \
-        .save_pretrained(adapter)
-    _tiny_reward_model(tmp_path / "rm")
-    out = tmp_path / "out"
-    code = hh_main(["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(adapter),
-                    "--algorithm", algorithm, "--sampling_strategy", strategy, "--train_file_path",
-                    str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"), "--output_dir", str(out),
-                    "--cache_dir", str(tmp_path / "cache"), "--reward_model", str(tmp_path / "rm"),
-                    "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "2",
-                    "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size", "4"])
+    args = _hh_training_fixture(tmp_path, tiny_models)
+    code = hh_main(args + ["--algorithm", algorithm, "--sampling_strategy", strategy, "--max_steps", "4",
+                           "--eval_steps", "2", "--per_device_train_batch_size", "2",
+                           "--gradient_accumulation_steps", "1"])
     assert code == 0
+    out = tmp_path / "out"
     assert (out / "best_adapter" / "adapter_model.safetensors").exists()
     plan = json.loads((out / "training_plan.json").read_text())
     if algorithm == "nll":
@@ -199,3 +183,45 @@ def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, str
         assert plan["optimizer_steps"] == max(1, int(4 * positive / 16))
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert validations and all(0.0 < v["final_reward"] < 1.0 for v in validations)
+
+
+def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
+    """Tiny PRO-format train/dev files, a LoRA adapter on the tiny Llama and a tiny OpenAssistant-style RM."""
+    import random
+
+    from peft import LoraConfig, get_peft_model
+
+    from lolrl.modeling import load_model
+
+    rng = random.Random(0)
+    (tmp_path / "train").mkdir()
+    rows = [row(("a kind and helpful answer", "go away"), (rng.uniform(-3, 3), rng.uniform(-3, 3)))
+            for _ in range(n_train)]
+    (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.json").write_text("".join(json.dumps(row()) + "\n" for _ in range(6)))
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])) \
+        .save_pretrained(adapter)
+    _tiny_reward_model(tmp_path / "rm")
+    return ["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(adapter),
+            "--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"),
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+            "--reward_model", str(tmp_path / "rm"), "--per_device_eval_batch_size", "4"]
+
+
+def test_pro_script_trains_on_candidate_groups(tmp_path, tiny_models):
+    sys.path.insert(0, str(ROOT))
+    from pro_qlora_llama_hh import main as pro_main
+
+    args = _hh_training_fixture(tmp_path, tiny_models, n_train=8)
+    code = pro_main(args + ["--max_steps", "3", "--eval_steps", "3", "--per_device_train_batch_size", "2",
+                            "--gradient_accumulation_steps", "1"])
+    assert code == 0
+    out = tmp_path / "out"
+    plan = json.loads((out / "training_plan.json").read_text())
+    assert plan["rows"] == 16 and plan["rows_per_epoch"] == 8  # 8 prompts x 2 candidates, sampled per prompt
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 3 and {"ranking_loss", "sft_nll"} <= set(log[-1])
+    validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validations] == [0, 3]  # the starting adapter is validated first, as the original
+    assert (out / "best_adapter" / "adapter_model.safetensors").exists()

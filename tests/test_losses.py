@@ -375,3 +375,24 @@ def test_pro_three_candidates_and_order_invariance():
     perm = [2, 0, 1]
     shuffled, _ = pro_loss(scores[:, perm], rewards[:, perm], torch.zeros(1, dtype=torch.float64), sft_weight=0.0)
     assert shuffled.item() == pytest.approx(loss.item())  # candidates are ranked by reward inside
+
+
+def test_pro_group_loss_scores_rows_by_mean_logprob_and_sums_sft_nll():
+    """Rows laid out as groups of candidates: score = mean real-token log-prob, SFT term = summed NLL."""
+    from lolrl.losses import pro_loss
+
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0],     # prompt 0: two candidates
+                             [-4.0, 0.0, 0.0], [-1.0, -1.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    rewards = torch.tensor([0.3, 1.2, -0.1, 0.4])
+    sft_rows = torch.tensor([True, False, False, True])
+    loss, stats = compute_loss("pro", logprobs, mask, rewards=rewards, group_size=2, sft_rows=sft_rows,
+                               sft_weight=0.05)
+    scores = torch.tensor([[-2.0, -0.5], [-4.0, -1.0]])  # (-1-2-3)/3, -0.5/1 ; -4/1, (-1-1)/2
+    sft_nll = torch.tensor([6.0, 2.0])  # row 0 (sum 6), row 3 (sum 2)
+    expected, _ = pro_loss(scores, rewards.view(2, 2), sft_nll, sft_weight=0.05)
+    torch.testing.assert_close(loss, expected)
+    assert stats["loss"].shape == (2,)  # one value per prompt
+    # the gradient reaches only real tokens
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert torch.all(grad[~mask] == 0) and torch.all(grad[mask] != 0)
