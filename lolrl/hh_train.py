@@ -50,6 +50,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, accumul
     p.add_argument("--lora_r", type=int, default=64)
     p.add_argument("--lora_alpha", type=int, default=16)
     p.add_argument("--lora_dropout", type=float, default=0.05)
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="trade compute for memory (off, as in the original)")
     p.add_argument("--max_train_examples", type=int, default=None, help="first N training records (quick runs)")
     p.add_argument("--max_val_examples", type=int, default=None)
     p.add_argument("--stop_after_steps", type=int, default=-1,
@@ -111,7 +113,8 @@ def offline_config(args, **settings) -> OfflineRLConfig:
         lr_scheduler=args.lr_scheduler_type, seed=args.seed, max_val_examples=args.max_val_examples,
         generation=generation_settings(args.model_name_or_path), eval_in_beginning=True,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_test=False,
-        stop_after_steps=args.stop_after_steps, **precision(), **settings)
+        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing, **precision(),
+        **settings)
 
 
 def run_offline(args, build) -> int:

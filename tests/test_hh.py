@@ -189,6 +189,7 @@ def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
     """Tiny PRO-format train/dev files, a LoRA adapter on the tiny Llama and a tiny OpenAssistant-style RM."""
     import random
 
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from lolrl.modeling import load_model
@@ -200,8 +201,12 @@ def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
     (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "dev.json").write_text("".join(json.dumps(row()) + "\n" for _ in range(6)))
     adapter = tmp_path / "adapter"
-    get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])) \
-        .save_pretrained(adapter)
+    model = get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a starting adapter that differs from the base model, like a real SFT adapter
+            param.data.normal_(0, 0.5)
+    model.save_pretrained(adapter)
     _tiny_reward_model(tmp_path / "rm")
     return ["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(adapter),
             "--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"),
@@ -225,3 +230,25 @@ def test_pro_script_trains_on_candidate_groups(tmp_path, tiny_models):
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validations] == [0, 3]  # the starting adapter is validated first, as the original
     assert (out / "best_adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("reference_free", [False, True])
+def test_dpo_script_with_trl(tmp_path, tiny_models, reference_free):
+    sys.path.insert(0, str(ROOT))
+    from dpo_qlora_llama_hh import main as dpo_main
+
+    args = _hh_training_fixture(tmp_path, tiny_models, n_train=8)
+    code = dpo_main(args + ["--max_steps", "2", "--eval_steps", "2", "--per_device_train_batch_size", "2",
+                            "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
+                    + (["--reference_free"] if reference_free else []))
+    assert code == 0
+    out = tmp_path / "out"
+    validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validations] == [0, 2] and all(0 < v["final_reward"] < 1 for v in validations)
+    best = out / "best_adapter"
+    assert (best / "adapter_model.safetensors").exists() and not (best / "ref").exists()  # the policy adapter only
+    state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "loss" in e]
+    assert logged and all(math.isfinite(e["loss"]) for e in logged)
+    if not reference_free:  # at step 1 the policy is the reference: the implicit reward margin starts at 0
+        assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""DPO on Helpful-and-Harmless with a (Q)LoRA LLaMA, through TRL's DPOTrainer.
+
+    python dpo_qlora_llama_hh.py --output_dir results/dpo            # reference = the starting adapter
+    python dpo_qlora_llama_hh.py --reference_free --output_dir results/dpo_ref_free
+
+Pairs: the two suffixes of each ``cleaner_train.json`` record, the higher-reward one chosen.
+The reference is the starting adapter (a frozen copy on the same base; its log-probs are computed
+once before training unless ``--ref_every_step``). Validation, best adapter (``OUTPUT/best_adapter``)
+and defaults as the original: beta 0.1, batch 2 x 8 accumulation, lr 2e-4, 9000 steps, validation
+every 900. QLoRA on CUDA, plain LoRA in fp32 without CUDA. Interrupted runs resume from
+``OUTPUT/checkpoints``.
+"""
+import argparse
+import logging
+import sys
+
+from lolrl.dpo import PAIR_ORDERS, train_dpo
+from lolrl.hh_train import (USER_ERRORS, add_common_arguments, generation_settings, hh_postprocess, read_hh_files,
+                            validation_records, validation_reward)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--reference_free", action="store_true", help="reference log-ratio 0 (no reference model)")
+    p.add_argument("--loss_type", default="sigmoid", help="any TRL DPO loss type (sigmoid = DPO, ipo, ...)")
+    p.add_argument("--pair_order", choices=PAIR_ORDERS, default="reward",
+                   help="chosen = the higher-reward suffix, or the first suffix as the original")
+    p.add_argument("--ref_every_step", action="store_true",
+                   help="run the reference adapter in every step instead of precomputing its log-probs")
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--report_to", default="none")
+    add_common_arguments(p, batch_size=2, accumulation=8)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        train_rows, dev_rows = read_hh_files(args)
+        val = validation_records(args, dev_rows)
+        val = val[: args.max_val_examples] if args.max_val_examples else val
+        result = train_dpo(args, train_rows, val, validation_reward(args), hh_postprocess(args),
+                           generation_settings(args.model_name_or_path))
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"best validation reward {result['best_validation_reward']:.4f} after {result['steps']} steps; "
+          f"adapter in {args.output_dir}/best_adapter")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
