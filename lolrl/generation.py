@@ -30,17 +30,26 @@ class GenerationSettings:
         return dict(self.__dict__)
 
 
+def _stop_ids(tokenizer, settings: GenerationSettings) -> list[int]:
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return eos + list(settings.stop_token_ids)
+
+
+def _generate_kwargs(tokenizer, settings: GenerationSettings) -> dict:
+    kwargs = {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams,
+              "repetition_penalty": settings.repetition_penalty, "do_sample": settings.do_sample,
+              "eos_token_id": _stop_ids(tokenizer, settings) or None, "pad_token_id": tokenizer.pad_token_id}
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    return kwargs
+
+
 @torch.no_grad()
 def generate_local(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
                    device, desc: str = "generate", show_progress: bool = True) -> dict[int, str]:
     """Generate for ``rows`` on this process; returns ``{row.index: text}``."""
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    kwargs = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
-                  repetition_penalty=settings.repetition_penalty, do_sample=settings.do_sample,
-                  eos_token_id=eos + list(settings.stop_token_ids) or None, pad_token_id=tokenizer.pad_token_id)
-    if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    kwargs = _generate_kwargs(tokenizer, settings)
     was_training = model.training
     model.eval()
     ordered = sorted(rows, key=lambda r: len(r.prompt_ids))
@@ -72,3 +81,25 @@ def generate(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSet
         for part in gather_object([local_part]):
             local.update(part)
     return [local[row.index] for row in rows]
+
+
+@torch.no_grad()
+def generate_token_ids(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
+                       device) -> list[list[int]]:
+    """The new tokens of each row (decoder-only, this process), in row order, up to and including
+    the first stop token (EOS or ``settings.stop_token_ids``): what an online learner optimises."""
+    kwargs = _generate_kwargs(tokenizer, settings)
+    stops = set(_stop_ids(tokenizer, settings))
+    was_training = model.training
+    model.eval()
+    outputs: dict[int, list[int]] = {}
+    ordered = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))
+    for start in range(0, len(ordered), batch_size):
+        batch = [rows[i] for i in ordered[start:start + batch_size]]
+        ids, mask = pad_prompts(batch, tokenizer.pad_token_id, left=True)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        for i, new in zip(ordered[start:start + batch_size], out[:, ids.shape[1]:].tolist()):
+            end = next((k + 1 for k, token in enumerate(new) if token in stops), len(new))
+            outputs[i] = new[:end]
+    model.train(was_training)
+    return [outputs[i] for i in range(len(rows))]

@@ -1,7 +1,7 @@
 """Evaluation on the HH test splits: greedy generation, the original stop rule and clean-up,
 scores from the test reward model, per-split tables and a plot.
 
-Shared by ``qlora_llama_hh_eval.py`` (base + adapter) and, later, the PPO evaluation (full model).
+Shared by ``qlora_llama_hh_eval.py`` (base + adapter) and ``ppo_hh_eval.py`` (a full model, Anthropic format).
 """
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from .collation import Tokenizer
-from .evaluation import distinct_n, mean_length, plot_reward_distributions, write_results_table
+from .evaluation import (
+    distinct_n,
+    mean_length,
+    plot_reward_distributions,
+    write_results_table,
+)
 from .generation import GenerationSettings, generate
 from .hh import postprocess, pro_records, read_pro_file
 from .io import write_jsonl
@@ -46,14 +51,16 @@ def stop_ids(tokenizer) -> list[int]:
 
 def evaluate_hh(model, tokenizer, reward_fn, test_dir: str | Path, output_dir: str | Path, how: str = "llama",
                 batch_size: int = 16, max_prompt_length: int = 640, max_new_tokens: int = 128,
-                exclude_bad: bool = False, max_examples: int | None = None) -> dict[str, dict]:
+                exclude_bad: bool = False, max_examples: int | None = None,
+                stop_token_ids: list[int] | None = None) -> dict[str, dict]:
     """Per split present: generations and rewards (``<split>_eval_results.jsonl``, the original's
-    layout) and a summary row; then ``hh_eval_results.{json,csv,md}`` and ``hh_reward_distribution.png``."""
+    layout) and a summary row; then ``hh_eval_results.{json,csv,md}`` and ``hh_reward_distribution.png``.
+    ``stop_token_ids`` besides EOS: default '###' when it is one token (:func:`stop_ids`)."""
     test_dir, output_dir = Path(test_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     excluded = bad_indices(test_dir) if exclude_bad else {}
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=1, repetition_penalty=1.0,
-                                  stop_token_ids=stop_ids(tokenizer))
+                                  stop_token_ids=stop_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
     summaries, distributions = {}, {}
     for split in TEST_SPLITS:
         path = test_dir / f"{split}.json"

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Evaluate a full (non-adapter) causal LM, e.g. a released PPO checkpoint, on the HH test splits.
+
+    python ppo_hh_eval.py --model_name_or_path reciprocate/ppo_hh_pythia-6B --output_dir outputs/hh_eval/ppo_pythia
+
+As the original ``ppo_hh_eval.py``: prompts in the Anthropic format (``Human: ... Assistant:``,
+no system line), left-truncated to 384 tokens, greedy decoding of 128 new tokens stopping at EOS
+only, the clean-up that also cuts at the next ``Assistant:`` turn, scored by the 6.9B
+OpenAssistant test reward model. The same evaluation code and outputs as qlora_llama_hh_eval.py:
+<split>_eval_results.jsonl per split, hh_eval_results.{json,csv,md} and a plot.
+4-bit NF4 on CUDA; fp32 on a machine without CUDA (it says so).
+"""
+import argparse
+import logging
+import sys
+
+from lolrl.data import DataError
+from lolrl.evaluation import format_markdown_table
+from lolrl.hh_eval import evaluate_hh, load_model_for_eval
+from lolrl.hh_reward import TEST_RM, HHRewardModel
+from lolrl.modeling import ModelLoadError, load_tokenizer
+
+PROMPT_LIMIT = 384  # the original's 512 - 128
+# The original evaluates this checkpoint with the GPT-NeoX-20B tokenizer (the checkpoint ships none).
+TOKENIZER_OF = {"reciprocate/ppo_hh_neox-20B": "EleutherAI/gpt-neox-20b"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default="reciprocate/ppo_hh_pythia-6B", help="a full causal LM")
+    parser.add_argument("--tokenizer_name", default=None, help="default: the model's own (GPT-NeoX-20B's for "
+                                                               "reciprocate/ppo_hh_neox-20B)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--test_dir", default="data/hh_test")
+    parser.add_argument("--reward_model", default=TEST_RM, help="OpenAssistant Pythia reward model (path or hub id)")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    parser.add_argument("--rm_batch_size", type=int, default=4)
+    parser.add_argument("--exclude_bad_indices", action="store_true",
+                        help="skip the records listed in bad_test_indices.json (dev overlap and others)")
+    parser.add_argument("--max_examples", type=int, default=None, help="per split, for quick checks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tokenizer = load_tokenizer(args.model_name_or_path,
+                                   args.tokenizer_name or TOKENIZER_OF.get(args.model_name_or_path))
+        model = load_model_for_eval(args.model_name_or_path)
+        reward = HHRewardModel(args.reward_model, batch_size=args.rm_batch_size)
+        summaries = evaluate_hh(model, tokenizer, reward, args.test_dir, args.output_dir, how="anthropic",
+                                batch_size=args.per_device_eval_batch_size, max_prompt_length=PROMPT_LIMIT,
+                                exclude_bad=args.exclude_bad_indices, max_examples=args.max_examples,
+                                stop_token_ids=[])
+    except (DataError, ModelLoadError, FileNotFoundError, OSError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(format_markdown_table(summaries))
+    print(f"results in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Online PPO on Helpful-and-Harmless with a (Q)LoRA LLaMA: the paper's RLHF baseline.
+
+    python ppo_qlora_llama_hh.py --output_dir checkpoints/ppo_qlora_llama --cache_dir cache/ppo --total_steps 6000
+
+Each PPO step samples responses (top-p 0.95, 128 new tokens, stop at '###' and EOS) for
+``--ppo_rollout_batch_size`` training prompts, scores the post-processed text with the 1.4B
+OpenAssistant reward model (or ``--reward SPEC``), penalises the per-token KL to the frozen
+starting adapter (adaptive coefficient, 0.2 toward a target of 6), estimates advantages with
+GAE and a value head on the policy's last hidden states, and runs ``--ppo_epochs`` epochs of the
+clipped surrogate and clipped value losses over mini-batches of ``--per_device_train_batch_size``
+(``--gradient_accumulation_steps`` per optimizer step). The defaults are the original's settings
+(its PPOConfig and TRL 0.7.1's defaults). Every ``--eval_steps`` steps: greedy generation on the
+dev prompts, scored by the reward model; the best adapter and its value head go to
+``OUTPUT/best_adapter``. 4-bit NF4 base on CUDA; plain LoRA in fp32 without CUDA (it says so).
+``--stop_after_steps N`` stops, checkpointed, and the same command resumes.
+"""
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from lolrl.hh import pro_records
+from lolrl.hh_train import (
+    MAX_PROMPT_LENGTH,
+    USER_ERRORS,
+    adapter_of,
+    add_common_arguments,
+    generation_settings,
+    hh_postprocess,
+    precision,
+    read_hh_files,
+    validation_records,
+    validation_reward,
+)
+from lolrl.losses import PPO_KL_PENALTIES
+from lolrl.modeling import LoraSettings
+from lolrl.rewards import RewardSpecError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--total_steps", dest="max_steps", type=int, help="PPO steps (default 1000; = --max_steps)")
+    p.add_argument("--ppo_rollout_batch_size", type=int, default=16, help="rollouts per PPO step")
+    p.add_argument("--ppo_epochs", type=int, default=4)
+    p.add_argument("--kl_beta", type=float, default=0.2, help="initial KL coefficient (TRL's init_kl_coef)")
+    p.add_argument("--adap_kl_ctrl", action=argparse.BooleanOptionalAction, default=True,
+                   help="adapt the KL coefficient toward --kl_target (--no-adap_kl_ctrl: fixed --kl_beta)")
+    p.add_argument("--kl_target", type=float, default=6.0)
+    p.add_argument("--kl_horizon", type=float, default=10000.0)
+    p.add_argument("--kl_penalty", choices=PPO_KL_PENALTIES, default="kl")
+    p.add_argument("--ppo_clip", type=float, default=0.2, help="clip range of the probability ratio")
+    p.add_argument("--cliprange_value", type=float, default=0.2)
+    p.add_argument("--vf_coef", type=float, default=0.1)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=0.95)
+    p.add_argument("--use_score_scaling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--use_score_norm", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--early_stopping", action="store_true",
+                   help="end a step's PPO epochs once the policy KL exceeds 1.5 x --target_kl")
+    p.add_argument("--target_kl", type=float, default=0.1)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--reward", default=None,
+                   help="a reward spec (e.g. my_module:fn, TRL's f(prompts, completions, **columns)) instead of "
+                        "the reward model, for rollouts and validation")
+    p.add_argument("--report_to", default=None, help="tensorboard, wandb, ... (comma-separated)")
+    p.add_argument("--save_steps", type=int, default=0,
+                   help="checkpoint every N steps (0: at every validation, -1: never)")
+    p.add_argument("--no_resume", action="store_true", help="start over even if OUTPUT/checkpoints exists")
+    add_common_arguments(p, batch_size=4, accumulation=4, learning_rate=2e-5, max_steps=1000, eval_steps=100)
+    p.set_defaults(max_steps=1000, max_grad_norm=0.0, output_dir="checkpoints/ppo_qlora_llama")
+    return p
+
+
+def ppo_config(args):
+    from lolrl.ppo import PPOConfig
+
+    greedy = generation_settings(args.model_name_or_path)
+    greedy.max_new_tokens = args.max_new_tokens
+    sampling = dataclasses.replace(greedy, do_sample=True, top_p=args.top_p, temperature=args.temperature)
+    return PPOConfig(
+        model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
+        save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), **precision(),
+        total_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.ppo_rollout_batch_size,
+        mini_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        ppo_epochs=args.ppo_epochs, max_grad_norm=args.max_grad_norm or None, lr_scheduler=args.lr_scheduler_type,
+        init_kl_coef=args.kl_beta, adap_kl_ctrl=args.adap_kl_ctrl, kl_target=args.kl_target,
+        kl_horizon=args.kl_horizon, kl_penalty=args.kl_penalty, cliprange=args.ppo_clip,
+        cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
+        use_score_scaling=args.use_score_scaling, use_score_norm=args.use_score_norm,
+        early_stopping=args.early_stopping, target_kl=args.target_kl, max_prompt_length=MAX_PROMPT_LENGTH,
+        rollout=sampling, validation=greedy, generation_batch_size=args.per_device_eval_batch_size,
+        eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
+        report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
+        stop_after_steps=args.stop_after_steps)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        train_rows, dev_rows = read_hh_files(args)
+        config = ppo_config(args)
+        if args.reward:
+            from lolrl.rewards import load_reward
+
+            reward = load_reward(args.reward)
+        else:
+            reward = validation_reward(args)
+        from lolrl.ppo import PPOTrainer
+
+        trainer = PPOTrainer(config, pro_records(train_rows, args.prompt_format, "sft", "train"),
+                             validation_records(args, dev_rows), reward, postprocess=hh_postprocess(args))
+        best = trainer.run()
+    except (*USER_ERRORS, RewardSpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if best:
+        print(f"best validation reward {best.get('measure', float('nan')):.4f} at step {best.get('step')}; "
+              f"adapter in {config.save_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

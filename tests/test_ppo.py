@@ -1,0 +1,305 @@
+"""Online PPO: the estimators and losses against their formulas, learning on a toy reward, the HH scripts."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lolrl.losses import (
+    adaptive_kl_coef,
+    gae_advantages,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_token_rewards,
+    ppo_value_loss,
+)
+from lolrl.ppo import RunningMoments
+
+ROOT = Path(__file__).parent.parent
+TURNS = ["<|prompter|>Q1", "<|assistant|>A1", "<|prompter|>Q2", "<|assistant|>"]
+
+
+def close(tensor, expected, atol=1e-6):
+    torch.testing.assert_close(tensor.detach().float(), torch.tensor(expected, dtype=torch.float32), atol=atol, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ formulas
+def test_gae_three_step_hand_example_and_padding():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [1.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 1.0, 0.25], [0.5, 0.5, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
+    # row 0: d2 = 2 - 0.25 = 1.75; d1 = 0 + 0.9*0.25 - 1 = -0.775; d0 = 1 + 0.9*1 - 0.5 = 1.4
+    a2 = 1.75
+    a1 = -0.775 + gamma * lam * a2
+    a0 = 1.4 + gamma * lam * a1
+    # row 1 ends at t=1 (the padded reward 99 and value 7 must not leak): d1 = 2 - 0.5; d0 = 1 + 0.9*0.5 - 0.5
+    b1 = 1.5
+    b0 = 0.95 + gamma * lam * b1
+    close(advantages, [[a0, a1, a2], [b0, b1, 0.0]])
+    close(returns, [[a0 + 0.5, a1 + 1.0, a2 + 0.25], [b0 + 0.5, b1 + 0.5, 0.0]])
+    # gamma = lam = 1 (the original's gamma, lam -> 1): the advantage is the reward-to-go minus the value
+    adv1, _ = gae_advantages(rewards[:1], values[:1], mask[:1], 1.0, 1.0)
+    close(adv1[0], [3.0 - 0.5, 2.0 - 1.0, 2.0 - 0.25])
+
+
+@pytest.mark.parametrize("ratio, advantage, expected, clipped", [
+    (1.1, 1.0, -1.1, False),   # inside the range: -A * ratio
+    (1.5, 1.0, -1.2, True),    # a gain beyond 1 + eps is cut off
+    (1.5, -1.0, 1.5, False),   # a loss is never clipped away (pessimistic bound)
+    (0.5, 1.0, -0.5, False),
+    (0.5, -1.0, 0.8, True),    # ratio below 1 - eps with A < 0: clipped at 1 - eps
+])
+def test_clipped_surrogate(ratio, advantage, expected, clipped):
+    old = torch.zeros(1, 2)
+    logprobs = torch.full((1, 2), math.log(ratio), requires_grad=True)
+    adv = torch.full((1, 2), advantage)
+    loss, stats = ppo_policy_loss(logprobs, old, adv, torch.ones(1, 2), cliprange=0.2)
+    assert float(loss.detach()) == pytest.approx(expected, abs=1e-6)
+    assert float(stats["clipfrac"]) == (1.0 if clipped else 0.0)
+    assert float(stats["ratio"]) == pytest.approx(ratio)
+    assert float(stats["approxkl"]) == pytest.approx(0.5 * math.log(ratio) ** 2)
+    loss.backward()
+    # d/dlogp of -A * ratio is -A * ratio / 2 per token (mean over 2 tokens); clipped terms have no gradient
+    grad = 0.0 if clipped else -advantage * ratio / 2
+    close(logprobs.grad, [[grad, grad]])
+
+
+def test_clipped_surrogate_ignores_padding():
+    logprobs = torch.tensor([[math.log(1.1), 5.0]])
+    loss, _ = ppo_policy_loss(logprobs, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]))
+    assert float(loss) == pytest.approx(-1.1)
+
+
+@pytest.mark.parametrize("value, expected, clipped", [
+    (0.1, 0.5 * 0.9 ** 2, False),  # |V - V_old| <= 0.2: plain squared error
+    (0.5, 0.5 * 0.8 ** 2, True),   # moved 0.5 toward the return: the clipped error (V_old + 0.2) counts
+    (-0.5, 0.5 * 1.5 ** 2, False),  # moved away: the larger, unclipped error counts
+])
+def test_clipped_value_loss(value, expected, clipped):
+    values = torch.tensor([[value]], requires_grad=True)
+    loss, stats = ppo_value_loss(values, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), cliprange_value=0.2)
+    assert float(loss.detach()) == pytest.approx(expected, abs=1e-6)
+    assert float(stats["value_clipfrac"]) == (1.0 if clipped else 0.0)
+    loss.backward()
+    assert float(values.grad) == pytest.approx(0.0 if clipped else value - 1.0, abs=1e-6)
+
+
+def test_kl_penalty_on_every_token_and_score_on_the_last():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -0.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    scores = torch.tensor([2.0, 3.0])
+    rewards, kl = ppo_token_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    d = (logprobs - ref) * mask
+    close(kl, d.tolist())
+    close(rewards, [[-0.1 * 0.5, -0.1 * -1.0, 2.0], [-0.1 * 1.0, -0.1 * -0.5 + 3.0, 0.0]])
+    _, abs_kl = ppo_token_rewards(scores, logprobs, ref, mask, 0.1, "abs")
+    _, mse_kl = ppo_token_rewards(scores, logprobs, ref, mask, 0.1, "mse")
+    close(abs_kl, d.abs().tolist())
+    close(mse_kl, (0.5 * d ** 2).tolist())
+    with pytest.raises(ValueError, match="unknown KL penalty"):
+        ppo_token_rewards(scores, logprobs, ref, mask, 0.1, "full")
+
+
+def test_adaptive_kl_controller():
+    # e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
+    assert adaptive_kl_coef(0.2, 6.6, 6.0, 10000, 16) == pytest.approx(0.2 * (1 + 0.1 * 16 / 10000))
+    assert adaptive_kl_coef(0.2, 60.0, 6.0, 10000, 16) == pytest.approx(0.2 * (1 + 0.2 * 16 / 10000))
+    assert adaptive_kl_coef(0.2, 0.0, 6.0, 10000, 16) == pytest.approx(0.2 * (1 - 0.2 * 16 / 10000))
+    assert adaptive_kl_coef(0.2, 6.0, 6.0, 10000, 16) == pytest.approx(0.2)
+
+
+def test_whitening_and_running_moments():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 50.0, 60.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    real = np.array([1.0, 2.0, 3.0, 4.0])
+    white = masked_whiten(values, mask)
+    expected = (real - real.mean()) / real.std(ddof=1)
+    assert white[mask.bool()].tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    assert masked_whiten(values, mask, shift_mean=False)[mask.bool()].tolist() == \
+        pytest.approx((expected + real.mean()).tolist(), abs=1e-4)
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, 16) for _ in range(5)]
+    running = RunningMoments()
+    for batch in batches:
+        running.update(torch.tensor(batch))
+    seen = np.concatenate(batches)
+    assert running.mean == pytest.approx(seen.mean()) and running.std == pytest.approx(seen.std(ddof=1))
+
+
+# ------------------------------------------------------------------------------------ learning
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "ran", "far", "big", "red", "sun", "sky", "good", "day", "a", "is"]
+MAX_NEW = 8
+
+
+def _word_model(directory: Path):
+    """A tiny Llama over a 19-token word vocabulary: every word (the target included) starts near 1/19."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lolrl.tiny import build_llama_lm
+
+    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", "<pad>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer.save_pretrained(str(directory))
+    build_llama_lm(tokenizer, directory, hidden=32, heads=2, seed=0)
+
+
+def target_word_share(prompts, completions, **_):
+    """The toy reward: the share of the response budget spent on the word 'good'."""
+    return [c.split().count("good") / MAX_NEW for c in completions]
+
+
+def test_ppo_raises_the_reward_of_a_target_token(tmp_path):
+    from lolrl.data import Record
+    from lolrl.generation import GenerationSettings
+    from lolrl.ppo import PPOConfig, PPOTrainer
+    from lolrl.rewards import RewardFunction
+
+    torch.set_num_threads(1)
+    _word_model(tmp_path / "lm")
+    prompts = [" ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(3)) for i in range(32)]
+    train = [Record(id=str(i), prompt=p, response="", reward=None) for i, p in enumerate(prompts)]
+    config = PPOConfig(model_name=str(tmp_path / "lm"), output_dir=str(tmp_path / "out"), total_steps=30,
+                       learning_rate=1e-3, batch_size=16, mini_batch_size=4, gradient_accumulation_steps=1,
+                       init_kl_coef=0.05, adap_kl_ctrl=False, eval_steps=0, eval_in_beginning=False, seed=0,
+                       rollout=GenerationSettings(max_new_tokens=MAX_NEW, num_beams=1, repetition_penalty=1.0,
+                                                  do_sample=True, top_p=1.0), save_steps=-1)
+    started = time.time()
+    PPOTrainer(config, train, [], RewardFunction.from_callables(target_word_share)).run()
+    elapsed = time.time() - started
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    rewards = [entry["reward"] for entry in log]
+    before, after = np.mean(rewards[:3]), np.mean(rewards[-5:])
+    print(f"PPO toy reward: first 3 steps {before:.3f}, last 5 steps {after:.3f}, {elapsed:.1f} s")
+    # chance is ~1/19 per token; a policy that learned spends most of its budget on the target
+    assert before < 0.15 and after > before + 0.4, rewards
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from pi_ref itself
+    assert log[-1]["kl"] > 0.5 and {"entropy", "policy_loss", "value_loss", "kl_coef", "clipfrac"} <= set(log[-1])
+    assert elapsed < 60
+
+
+# ------------------------------------------------------------------------------------- scripts
+def _row(suffix=("good answer", "bad answer"), reward=(1.0, -1.0)):
+    return {"prefix": [TURNS, TURNS], "suffix": list(suffix), "reward": list(reward), "sft_index": 0,
+            "meta": {"task": "dialogue"}}
+
+
+def _tiny_reward_model(directory):
+    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
+    from lolrl.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["<|prompter|>Q1", "<|assistant|>A1", "an answer", "<eos>"] * 5, directory,
+                                vocab_size=300, with_pad=True)
+    torch.manual_seed(0)
+    config = GPTNeoXRewardModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPTNeoXRewardModel(config).save_pretrained(directory)
+
+
+@pytest.fixture
+def hh_fixture(tmp_path, tiny_models):
+    """Tiny PRO-format train/dev files, a LoRA adapter (non-zero, so it differs from the base) and a tiny RM."""
+    from peft import LoraConfig, get_peft_model
+
+    from lolrl.modeling import load_model
+
+    (tmp_path / "train").mkdir()
+    rows = [_row(("a kind and helpful answer", "go away"), (0.5, -0.5)) for _ in range(8)]
+    (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.json").write_text("".join(json.dumps(_row()) + "\n" for _ in range(4)))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                             init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    _tiny_reward_model(tmp_path / "rm")
+    return tmp_path, ["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(tmp_path / "adapter"),
+                      "--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"),
+                      "--cache_dir", str(tmp_path / "cache"), "--reward_model", str(tmp_path / "rm"),
+                      "--per_device_eval_batch_size", "4", "--ppo_rollout_batch_size", "4",
+                      "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                      "--ppo_epochs", "2", "--max_new_tokens", "6", "--learning_rate", "1e-3"]
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_ppo_script_two_steps_with_the_starting_adapter_as_reference(hh_fixture):
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT))
+    from ppo_qlora_llama_hh import main as ppo_main
+
+    tmp_path, args = hh_fixture
+    out = tmp_path / "out"
+    assert ppo_main(args + ["--output_dir", str(out), "--total_steps", "2", "--eval_steps", "2"]) == 0
+    log = _read_jsonl(out / "train_log.jsonl")
+    assert [e["step"] for e in log] == [1, 2]
+    # policy = reference (the starting adapter, loaded twice) at the first rollout; the coefficient adapts
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-5) and log[0]["kl_coef"] == 0.2
+    assert log[1]["kl_coef"] != 0.2 and all(0.0 < e["reward"] < 1.0 for e in log)
+    assert [v["step"] for v in _read_jsonl(out / "validation_stats.jsonl")] == [0, 2]
+    best = out / "best_adapter"
+    assert (best / "adapter_model.safetensors").exists() and (best / "value_head.safetensors").exists()
+    assert not (best / "reference").exists()  # only the trained adapter is saved
+    final = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    start = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == start.keys() and any(not torch.equal(final[k], start[k]) for k in final)
+    assert (out / "train_curves.png").exists() and (out / "checkpoints").is_dir()
+
+
+def test_ppo_script_resumes_where_it_stopped(hh_fixture):
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT))
+    from ppo_qlora_llama_hh import main as ppo_main
+
+    tmp_path, args = hh_fixture
+    common = args + ["--total_steps", "2", "--eval_steps", "1", "--max_val_examples", "2",
+                     "--reward", "lolrl.demo_task:fluency"]  # any reward spec works instead of the RM
+    assert ppo_main(common + ["--output_dir", str(tmp_path / "whole")]) == 0
+    assert ppo_main(common + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "1"]) == 0
+    assert not (tmp_path / "split" / "final_adapter").exists()
+    assert ppo_main(common + ["--output_dir", str(tmp_path / "split")]) == 0
+    whole, split = (load_file(str(tmp_path / d / "final_adapter" / "adapter_model.safetensors"))
+                    for d in ("whole", "split"))
+    assert all(torch.allclose(whole[k], split[k], atol=1e-6) for k in whole)
+    assert [e["step"] for e in _read_jsonl(tmp_path / "split" / "train_log.jsonl")] == [1, 2]
+    assert _read_jsonl(tmp_path / "split" / "train_log.jsonl")[1]["reward"] == \
+        pytest.approx(_read_jsonl(tmp_path / "whole" / "train_log.jsonl")[1]["reward"])
+
+
+def test_ppo_hh_eval_script_on_a_full_model(tmp_path, tiny_models):
+    _tiny_reward_model(tmp_path / "rm")
+    test_dir = tmp_path / "hh_test"
+    test_dir.mkdir()
+    for split, n in (("harmless_base", 3), ("helpful_online", 2)):
+        (test_dir / f"{split}.json").write_text("".join(json.dumps(_row()) + "\n" for _ in range(n)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "ppo_hh_eval.py"), "--model_name_or_path", tiny_models["causal"],
+                           "--reward_model", str(tmp_path / "rm"), "--test_dir", str(test_dir), "--output_dir",
+                           str(out), "--per_device_eval_batch_size", "2"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "hh_eval_results.json").read_text())
+    assert set(results) == {"harmless_base", "helpful_online"} and results["harmless_base"]["n"] == 3
+    lines = _read_jsonl(out / "harmless_base_eval_results.jsonl")
+    assert len(lines) == 3 and set(lines[0]) == {"prefix", "suffix", "reward"}
+    assert lines[0]["prefix"] == "Human: Q1\nAssistant: A1\nHuman: Q2\nAssistant:"  # the Anthropic format
+    assert all(0.0 < line["reward"] < 1.0 for line in lines)
+    assert (out / "hh_eval_results.md").exists() and (out / "hh_eval_results.csv").exists()
+    assert (out / "hh_reward_distribution.png").exists()
