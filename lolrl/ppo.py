@@ -455,7 +455,7 @@ class PPOTrainer:
                                         "entropy": masked_mean(entropy.detach(), mask), **pg_stats,
                                         **vf_stats, "skipped": torch.tensor(float(skipped))}.items():
                         stats.setdefault(name, []).append(float(value.detach()))
-                    if config.early_stopping and float(pg_stats["policykl"]) > 1.5 * config.target_kl:
+                    if config.early_stopping and self._all_agree(float(pg_stats["policykl"]) > 1.5 * config.target_kl):
                         stop = True
                         break
                 if stop:
@@ -470,6 +470,12 @@ class PPOTrainer:
                 logger.info("early stopping: policy KL above 1.5 x target_kl (%.3g)", config.target_kl)
                 break
         return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def _all_agree(self, flag: bool) -> bool:
+        """True on every process when it is true on any (so every process stops at the same mini-batch)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), "sum") > 0)
 
     def step(self, optimizer, scheduler) -> dict[str, float]:
         """One PPO step: rollouts, the update, the KL controller; returns the step's log entry."""
@@ -585,12 +591,18 @@ class PPOTrainer:
 
     def _save_checkpoint(self, optimizer, scheduler) -> None:
         self.accelerator.wait_for_everyone()
+        rng_states = [torch.get_rng_state()]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
         if self.is_main:
             progress = {"prompt_epoch": self.prompt_epoch, "prompt_position": self.prompt_position,
                         "best_measure": self.best_measure if math.isfinite(self.best_measure) else None,
                         "kl_coef": self.kl_coef, "running": self.running.state(), "run_key": self._run_key}
             save_checkpoint(self.checkpoint_dir, self.global_step, self._trainable_state(), optimizer, scheduler,
-                            progress, self.best_state, keep=self.config.keep_checkpoints)
+                            progress, self.best_state, keep=self.config.keep_checkpoints,
+                            torch_rng_states=rng_states)
         self.accelerator.wait_for_everyone()
 
     def _resume(self, checkpoint: Path, optimizer, scheduler) -> None:

@@ -190,6 +190,26 @@ def test_ppo_raises_the_reward_of_a_target_token(tmp_path):
     assert elapsed < 60
 
 
+def test_rollout_tokens_stop_at_the_first_stop_token(tmp_path):
+    """The raw tokens PPO optimises: each row's new tokens up to and including its first stop token."""
+    from lolrl.collation import TokenizedRow
+    from lolrl.generation import GenerationSettings, generate_token_ids
+    from lolrl.modeling import load_model, load_tokenizer
+
+    _word_model(tmp_path / "lm")
+    tokenizer, model = load_tokenizer(str(tmp_path / "lm")), load_model(str(tmp_path / "lm"))
+    stop = tokenizer.convert_tokens_to_ids("good")
+    rows = [TokenizedRow(i, tokenizer(" ".join(WORDS[i:i + 1 + i % 3]))["input_ids"], []) for i in range(12)]
+    settings = GenerationSettings(max_new_tokens=12, num_beams=1, repetition_penalty=1.0, do_sample=True,
+                                  stop_token_ids=[stop])
+    torch.manual_seed(0)
+    out = generate_token_ids(model, tokenizer, rows, settings, batch_size=5, device="cpu")
+    stops = {stop, tokenizer.eos_token_id}
+    assert len(out) == 12 and all(1 <= len(ids) <= 12 for ids in out)
+    assert all(not stops & set(ids[:-1]) for ids in out)  # nothing after a stop token (no padding either)
+    assert any(ids[-1] in stops for ids in out) and any(len(ids) == 12 for ids in out)
+
+
 # ------------------------------------------------------------------------------------- scripts
 def _row(suffix=("good answer", "bad answer"), reward=(1.0, -1.0)):
     return {"prefix": [TURNS, TURNS], "suffix": list(suffix), "reward": list(reward), "sft_index": 0,
