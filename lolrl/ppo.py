@@ -655,7 +655,7 @@ class PPOTrainer:
                 if self.is_main:
                     append_jsonl(self.output_dir / "train_log.jsonl", entry)
                 acc.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.global_step)
-            validated = self.val_records and config.eval_steps > 0 and (
+            validated = bool(self.val_records) and config.eval_steps > 0 and (
                 self.global_step % config.eval_steps == 0 or self.global_step == config.total_steps)
             if validated:
                 self.validate(self.global_step)
