@@ -14,9 +14,15 @@ clipped surrogate and clipped value losses over mini-batches of ``--per_device_t
 dev prompts, scored by the reward model; the best adapter and its value head go to
 ``OUTPUT/best_adapter``. 4-bit NF4 base on CUDA; plain LoRA in fp32 without CUDA (it says so).
 ``--stop_after_steps N`` stops, checkpointed, and the same command resumes.
+
+``--trainer grpo`` / ``--trainer rloo`` run TRL's GRPO / RLOO trainers instead (further online
+baselines, group-relative advantages over ``--num_generations`` samples per prompt, no value head)
+with the same model loading, reward, KL coefficient (``--kl_beta``; TRL adds a frozen copy of the
+starting adapter as the reference), clip range (``--ppo_clip``) and validation / best adapter.
 """
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", default=None,
                    help="a reward spec (e.g. my_module:fn, TRL's f(prompts, completions, **columns)) instead of "
                         "the reward model, for rollouts and validation")
+    p.add_argument("--trainer", choices=("ppo", "grpo", "rloo"), default="ppo",
+                   help="ppo (lolrl.ppo); grpo or rloo: TRL's trainers with the same reward and validation")
+    p.add_argument("--num_generations", type=int, default=4, help="grpo/rloo: samples per prompt (group size)")
     p.add_argument("--report_to", default=None, help="tensorboard, wandb, ... (comma-separated)")
     p.add_argument("--save_steps", type=int, default=0,
                    help="checkpoint every N steps (0: at every validation, -1: never)")
@@ -96,7 +105,58 @@ def ppo_config(args):
         rollout=sampling, validation=greedy, generation_batch_size=args.per_device_eval_batch_size,
         eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
         report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
-        stop_after_steps=args.stop_after_steps)
+        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing)
+
+
+def run_trl(args, train, val, reward) -> dict:
+    """TRL's GRPO or RLOO on the same model, reward (on post-processed text) and validation callback."""
+    import torch
+    from datasets import Dataset
+
+    from lolrl.modeling import load_model, load_tokenizer
+    from lolrl.validation import RewardValidationCallback, reward_columns
+
+    if args.trainer == "grpo":
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as TRLTrainer
+    else:
+        from trl import RLOOConfig as TRLConfig
+        from trl import RLOOTrainer as TRLTrainer
+    columns = reward_columns(train)
+    dataset = Dataset.from_dict({"prompt": [r.prompt for r in train], **columns})
+    clean = hh_postprocess(args)
+
+    def hh_reward(prompts, completions, **kwargs):
+        mine = {k: kwargs[k] for k in columns if k in kwargs}
+        return reward(prompts=prompts, completions=[clean(c) for c in completions], show_progress=False,
+                      **mine)["final_reward"]
+
+    hardware = precision()
+    model = load_model(args.model_name_or_path, dtype=hardware["dtype"], adapter_path=adapter_of(args),
+                       load_in_4bit=hardware["load_in_4bit"],
+                       lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    config = TRLConfig(
+        output_dir=args.output_dir, learning_rate=args.learning_rate, max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        beta=args.kl_beta, epsilon=args.ppo_clip, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        logging_steps=1, save_strategy="no", report_to=args.report_to or "none", bf16=torch.cuda.is_available(),
+        lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.gradient_checkpointing)
+    trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=config, train_dataset=dataset,
+                         processing_class=tokenizer)
+    greedy = generation_settings(args.model_name_or_path)
+    greedy.max_new_tokens = args.max_new_tokens
+    from lolrl.collation import Tokenizer
+
+    rows = Tokenizer(tokenizer, False, MAX_PROMPT_LENGTH, args.max_new_tokens)(val)
+    RewardValidationCallback(val, rows, tokenizer, reward, greedy, args.per_device_eval_batch_size, args.eval_steps,
+                             args.output_dir, Path(args.output_dir) / "best_adapter", postprocess=clean,
+                             adapter_name="default").attach(trainer)
+    trainer.train()
+    best = Path(args.output_dir) / "best_adapter" / "best.json"
+    return json.loads(best.read_text()) if best.exists() else {}
 
 
 def main(argv=None) -> int:
@@ -111,11 +171,14 @@ def main(argv=None) -> int:
             reward = load_reward(args.reward)
         else:
             reward = validation_reward(args)
-        from lolrl.ppo import PPOTrainer
+        train, val = pro_records(train_rows, args.prompt_format, "sft", "train"), validation_records(args, dev_rows)
+        if args.trainer != "ppo":
+            val = val[: args.max_val_examples] if args.max_val_examples else val
+            best = run_trl(args, train, val, reward)
+        else:
+            from lolrl.ppo import PPOTrainer
 
-        trainer = PPOTrainer(config, pro_records(train_rows, args.prompt_format, "sft", "train"),
-                             validation_records(args, dev_rows), reward, postprocess=hh_postprocess(args))
-        best = trainer.run()
+            best = PPOTrainer(config, train, val, reward, postprocess=hh_postprocess(args)).run()
     except (*USER_ERRORS, RewardSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

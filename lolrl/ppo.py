@@ -119,6 +119,7 @@ class PPOConfig:
     early_stopping: bool = False
     target_kl: float = 0.1  # with early_stopping: stop the step's epochs when policy KL > 1.5 x this
     value_head_dropout: float = 0.1
+    gradient_checkpointing: bool = False
     # generation
     max_prompt_length: int = 640
     rollout: GenerationSettings = field(default_factory=_rollout_settings)
@@ -280,6 +281,10 @@ class PPOTrainer:
                             device_index=acc.local_process_index)
         if getattr(policy.config, "is_encoder_decoder", False):
             raise ConfigError("PPO here is for decoder-only models")
+        if config.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            if hasattr(policy, "enable_input_require_grads"):
+                policy.enable_input_require_grads()
         peft = hasattr(policy, "peft_config")
         if peft and config.adapter_path:
             # The reference is the starting adapter, loaded a second time next to the trained one (a few MB),

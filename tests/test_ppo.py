@@ -265,7 +265,8 @@ def test_ppo_script_two_steps_with_the_starting_adapter_as_reference(hh_fixture)
 
     tmp_path, args = hh_fixture
     out = tmp_path / "out"
-    assert ppo_main(args + ["--output_dir", str(out), "--total_steps", "2", "--eval_steps", "2"]) == 0
+    assert ppo_main(args + ["--output_dir", str(out), "--total_steps", "2", "--eval_steps", "2",
+                            "--gradient_checkpointing"]) == 0
     log = _read_jsonl(out / "train_log.jsonl")
     assert [e["step"] for e in log] == [1, 2]
     # policy = reference (the starting adapter, loaded twice) at the first rollout; the coefficient adapts
@@ -324,3 +325,17 @@ def test_ppo_hh_eval_script_on_a_full_model(tmp_path, tiny_models):
     assert all(0.0 < line["reward"] < 1.0 for line in lines)
     assert (out / "hh_eval_results.md").exists() and (out / "hh_eval_results.csv").exists()
     assert (out / "hh_reward_distribution.png").exists()
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_trl_grpo_and_rloo_behind_the_same_script(hh_fixture, trainer):
+    sys.path.insert(0, str(ROOT))
+    from ppo_qlora_llama_hh import main as ppo_main
+
+    tmp_path, args = hh_fixture
+    out = tmp_path / "out"
+    assert ppo_main(args + ["--output_dir", str(out), "--trainer", trainer, "--num_generations", "2",
+                            "--total_steps", "2", "--eval_steps", "2"]) == 0
+    assert [v["step"] for v in _read_jsonl(out / "validation_stats.jsonl")] == [0, 2]
+    assert (out / "best_adapter" / "adapter_model.safetensors").exists()
+    assert not (out / "best_adapter" / "ref").exists()  # TRL's frozen copy of the starting adapter is not saved
