@@ -47,8 +47,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"best validation reward {result['best_validation_reward']:.4f} after {result['steps']} steps; "
-          f"adapter in {args.output_dir}/best_adapter")
+    best = result["best_validation_reward"]
+    print(f"{result['steps']} steps" + (f", best validation reward {best:.4f}" if best is not None else "")
+          + f"; adapter in {args.output_dir}/best_adapter")
     return 0
 
 

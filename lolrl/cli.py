@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--value_learning_rate", type=float, default=1e-3)
     g.add_argument("--value_heldout_fraction", type=float, default=0.2,
                    help="share of validation prompts held out to select the value head")
+    g.add_argument("--value_source", choices=("generations", "data"), default="generations",
+                   help="V(x) fits rewards of pi_ref's generations on val (the paper) or the val data's stored rewards")
     g.add_argument("-r", "--reward_function", default=None, help=argparse.SUPPRESS)  # unused by the original
     g.add_argument("-but", "--baseline_update_threshold", type=float, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("training")
@@ -172,7 +174,7 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
         ppo_clip=args.ppo_clip if clip_given else 0.9, ppo_clip_given=clip_given, kl_beta=args.kl_beta,
         kl_estimator=args.kl_estimator, gold_floor=args.gold_floor, sampling_strategy=sampling,
         value_epochs=args.a2c_n_value_head_epochs, value_learning_rate=args.value_learning_rate,
-        value_heldout_fraction=args.value_heldout_fraction, val_batch_size=args.val_batch_size,
+        value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source, val_batch_size=args.val_batch_size,
         val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,

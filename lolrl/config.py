@@ -64,6 +64,9 @@ class OfflineRLConfig:
     value_epochs: int = 20
     value_learning_rate: float = 1e-3
     value_heldout_fraction: float = 0.2
+    # generations: V(x) fits the reward of pi_ref's generations on the validation prompts (the paper);
+    # data: V(x) fits the stored rewards of the validation records' own responses (no reward model needed)
+    value_source: str = "generations"
 
     # validation, generation and evaluation
     val_batch_size: int = 64
@@ -133,6 +136,8 @@ class OfflineRLConfig:
             raise ConfigError(f"resume must be auto, must or never, got '{self.resume}'")
         if self.packing not in ("auto", "on", "off"):
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
+        if self.value_source not in ("generations", "data"):
+            raise ConfigError(f"--value_source must be generations or data, got '{self.value_source}'")
         if self.n_epochs < 0:
             raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")
 

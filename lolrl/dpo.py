@@ -21,24 +21,21 @@ import torch
 
 from .collation import Tokenizer
 from .hh import render
+from .preference import PAIR_ORDERS, ordered_pair
 
 logger = logging.getLogger(__name__)
-PAIR_ORDERS = ("reward", "first")
+__all__ = ["PAIR_ORDERS", "preference_pairs", "train_dpo", "truncate_pairs"]
 
 
 def preference_pairs(rows: list[dict], how: str = "llama", order: str = "reward") -> list[dict]:
     """``{"prompt", "chosen", "rejected"}`` per PRO record (its first two suffixes); chat rendering
     gives TRL's conversational format. Records whose two rewards tie are skipped: no preference."""
-    if order not in PAIR_ORDERS:
-        raise ValueError(f"unknown pair order '{order}' (expected one of {', '.join(PAIR_ORDERS)})")
     pairs = []
     for row in rows:
-        (a, b), (ra, rb) = row["suffix"][:2], row["reward"][:2]
-        if order == "reward":
-            if ra == rb:
-                continue
-            if rb > ra:
-                a, b = b, a
+        pair = ordered_pair(row, order)
+        if pair is None:
+            continue
+        a, b = pair
         prompt = render(row["prefix"][0], how)
         if how == "chat":
             a, b = [{"role": "assistant", "content": a}], [{"role": "assistant", "content": b}]
@@ -126,14 +123,24 @@ def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, ge
         use_cpu=not cuda, remove_unused_columns=False)
     trainer = dpo_trainer_class(args.reference_free)(
         model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
-    rows = Tokenizer(tokenizer, False, MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH)(val_records)
-    validator = RewardValidationCallback(val_records, rows, tokenizer, reward, generation,
-                                         args.per_device_eval_batch_size, args.eval_steps, output_dir,
-                                         output_dir / "best_adapter", postprocess=postprocess,
-                                         adapter_name="default")
-    validator.attach(trainer)
+    validator = None
+    if reward is not None:
+        rows = Tokenizer(tokenizer, False, MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH)(val_records)
+        validator = RewardValidationCallback(val_records, rows, tokenizer, reward, generation,
+                                             args.per_device_eval_batch_size, args.eval_steps, output_dir,
+                                             output_dir / "best_adapter", postprocess=postprocess,
+                                             adapter_name="default")
+        validator.attach(trainer)
+    else:
+        logger.warning("no reward: no validation by generation; the final adapter is saved as best_adapter")
     if args.stop_after_steps > 0:
         trainer.add_callback(_stop_after(args.stop_after_steps))
     checkpoints = sorted((output_dir / "checkpoints").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=bool(checkpoints) or None)
-    return {"best_validation_reward": validator.best, "steps": trainer.state.global_step}
+    if validator is None and trainer.state.global_step == args.max_steps:
+        if trainer.accelerator.is_main_process:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                output_dir / "best_adapter", selected_adapters=["default"], safe_serialization=True)
+            tokenizer.save_pretrained(output_dir / "best_adapter")
+        trainer.accelerator.wait_for_everyone()
+    return {"best_validation_reward": validator.best if validator else None, "steps": trainer.state.global_step}

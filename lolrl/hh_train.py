@@ -18,11 +18,11 @@ from .data import DataError, TaskData
 from .generation import GenerationSettings
 from .hh import RENDERINGS, postprocess, pro_records, read_pro_file
 from .modeling import LoraSettings, ModelLoadError
-from .rewards import RewardFunction
+from .rewards import RewardFunction, RewardSpecError
 from .sampling import NoPositiveRowsError
 
 MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH = 640, 128  # the original's limits (prompt left-truncated)
-USER_ERRORS = (DataError, ConfigError, ModelLoadError, NoPositiveRowsError)
+USER_ERRORS = (DataError, ConfigError, ModelLoadError, NoPositiveRowsError, RewardSpecError)
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, accumulation: int,
@@ -44,7 +44,12 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, accumul
     p.add_argument("--output_dir", default="./results")
     p.add_argument("--cache_dir", default="cache/")
     p.add_argument("--seed", type=int, default=901)
-    p.add_argument("--reward_model", default=None, help="validation reward model (default the 1.4B OpenAssistant RM)")
+    p.add_argument("--reward_model", default=None,
+                   help="validation reward model: OpenAssistant-style or any one-logit sequence classifier "
+                        "(default the 1.4B OpenAssistant RM)")
+    p.add_argument("--reward", default=None,
+                   help="instead of --reward_model: any lolrl reward spec (module:fn, file.py:fn, hf:...), or "
+                        "'none' to validate by the dev responses' NLL without generating")
     p.add_argument("--prompt_format", choices=RENDERINGS, default="llama",
                    help="llama: the original system line and ### turns; chat: the tokenizer's chat template")
     p.add_argument("--lora_r", type=int, default=64)
@@ -68,8 +73,8 @@ def read_hh_files(args) -> tuple[list[dict], list[dict]]:
     return train[: args.max_train_examples] if args.max_train_examples else train, read_pro_file(args.eval_file_path)
 
 
-def validation_records(args, dev_rows: list[dict]):
-    return pro_records(dev_rows, args.prompt_format, "sft", "dev")
+def validation_records(args, dev_rows: list[dict], candidates: str = "sft"):
+    return pro_records(dev_rows, args.prompt_format, candidates, "dev")
 
 
 def hh_postprocess(args):
@@ -86,9 +91,13 @@ def generation_settings(model_name: str) -> GenerationSettings:
                               stop_token_ids=stop_ids(load_tokenizer(model_name)))
 
 
-def validation_reward(args) -> RewardFunction:
+def validation_reward(args) -> RewardFunction | None:
+    """``--reward`` (a spec, or none), else the OpenAssistant-style ``--reward_model``."""
     from .hh_reward import TRAINING_RM, HHRewardModel
+    from .rewards import load_reward
 
+    if args.reward is not None:
+        return None if args.reward.lower() == "none" else load_reward(args.reward)
     return RewardFunction.from_callables(
         {"reward": HHRewardModel(args.reward_model or TRAINING_RM, batch_size=args.per_device_eval_batch_size)})
 
@@ -132,8 +141,9 @@ def run_offline(args, build) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if results:
-        print(f"validation reward of the best adapter: {results['val/generated']['final_reward']:.4f}; "
-              f"adapter in {config.save_dir}")
+        reward = results["val/generated"].get("final_reward")
+        print((f"validation reward of the best adapter: {reward:.4f}; " if reward is not None else "")
+              + f"adapter in {config.save_dir}")
     return 0
 
 

@@ -94,8 +94,13 @@ class OfflineRLTrainer:
         self.reward = reward
         self.postprocess = postprocess  # applied to every generation before scoring (e.g. the HH stop rule)
         self.task = task_info(config.task_name)
-        if config.uses_advantage and reward is None:
-            raise ConfigError(f"{config.algorithm} fits a value estimate on scored generations: it needs a reward")
+        if config.uses_advantage and reward is None and config.value_source == "generations":
+            raise ConfigError(f"{config.algorithm} fits a value estimate on scored generations: it needs a reward "
+                              "(or --value_source data, to fit it on the validation records' stored rewards)")
+        if config.uses_advantage and config.value_source == "data" and any(
+                r.reward is None for r in self._val_records_of(data)):
+            raise ConfigError("--value_source data fits V(x) on the validation records' rewards: every validation "
+                              "record needs one")
         if config.uses_advantage and config.do_train and len(self._val_records_of(data)) < 2:
             raise ConfigError(f"{config.algorithm} fits the value estimate on validation prompts: it needs at least 2")
         if config.do_train and data.train and any(r.reward is None for r in data.train) and config.algorithm != "nll":
@@ -259,7 +264,8 @@ class OfflineRLTrainer:
         key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(),
                                    "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
-                                       "reward": self.reward.to_spec(), "generation": config.generation.as_dict(),
+                                       "source": config.value_source, "reward": self.reward and self.reward.to_spec(),
+                                       "generation": config.generation.as_dict(),
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
                                        "heldout": config.value_heldout_fraction, "seed": config.seed}})
         hit = self.cache.load("reference_pass", key)
@@ -273,9 +279,12 @@ class OfflineRLTrainer:
         else:
             head, reports = None, {}
             if config.uses_advantage:
-                reports["reward_check"] = self.check_reward_agreement()
-                _, gen_rewards = self._reference_generations(val_rows)
-                head, reports["value_fit"] = self._fit_value(val_rows, gen_rewards["final_reward"])
+                if config.value_source == "generations":
+                    reports["reward_check"] = self.check_reward_agreement()
+                    targets = self._reference_generations(val_rows)[1]["final_reward"]
+                else:  # the stored rewards of the data's own responses to the validation prompts
+                    targets = [r.reward for r in self._val_records()]
+                head, reports["value_fit"] = self._fit_value(val_rows, targets)
                 self._write_reports(reports)
             outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
                                      self.accelerator, desc="reference pass (train)")

@@ -252,3 +252,42 @@ def test_dpo_script_with_trl(tmp_path, tiny_models, reference_free):
     assert logged and all(math.isfinite(e["loss"]) for e in logged)
     if not reference_free:  # at step 1 the policy is the reference: the implicit reward margin starts at 0
         assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_preference_report_on_hand_numbers():
+    from lolrl.preference import preference_report
+
+    report = preference_report([-10.0, -5.0, -7.0], [-12.0, -4.0, -7.0], [-11.0, -6.0, -6.0], [-11.0, -6.0, -8.0],
+                               chosen_tokens=[5, 5, 7], rejected_tokens=[4, 2, 7])
+    assert report["likelihood_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)  # margins 2, -1, 0 (a tie)
+    assert report["likelihood_margin"] == pytest.approx((2 - 1 + 0) / 3)
+    # per token: -2 - (-3) = 1; -1 - (-2) = 1; -1 - (-1) = 0
+    assert report["likelihood_accuracy_per_token"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # implicit: margin - ref margin = 2 - 0, -1 - 0, 0 - 2
+    assert report["implicit_accuracy"] == pytest.approx(1 / 3)
+    assert report["implicit_margin"] == pytest.approx((2 - 1 - 2) / 3)
+
+
+def test_pair_records_put_the_higher_reward_first():
+    from lolrl.preference import pair_records
+
+    chosen, rejected = pair_records([row(("x", "y"), (0.1, 0.9)), row(("p", "q"), (2.0, 1.0)), row(("t", "t"), (1, 1))])
+    assert [r.response for r in chosen] == ["y", "p"] and [r.response for r in rejected] == ["x", "q"]
+
+
+def test_hh_a_lol_without_a_reward_model_fits_value_on_stored_rewards(tmp_path, tiny_models):
+    """--reward none --value_source data: V(x) from the dev file's stored rewards, validation by NLL."""
+    sys.path.insert(0, str(ROOT))
+    from lolrl_qlora_llama_hh import main as hh_main
+
+    args = _hh_training_fixture(tmp_path, tiny_models)
+    code = hh_main(args + ["--algorithm", "a_lol", "--sampling_strategy", "all_priority", "--reward", "none",
+                           "--value_source", "data", "--max_steps", "2", "--eval_steps", "2",
+                           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"])
+    assert code == 0
+    out = tmp_path / "out"
+    fit = json.loads((out / "value_fit.json").read_text())
+    assert fit["n_train"] + fit["n_heldout"] == 12  # 6 dev records x 2 suffixes, each with its stored reward
+    assert not (out / "reward_check.json").exists()  # nothing was generated or scored
+    validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
+    assert validations and all("neg_nll_per_token" in v for v in validations)
