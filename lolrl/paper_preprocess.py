@@ -183,7 +183,7 @@ def _plot_scores(scores: list[float], out_png: Path, title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     if len(scores) > 1:
-        ax.violinplot([scores], vert=False, showmedians=True)
+        ax.violinplot([scores], orientation="horizontal", showmedians=True)
     ax.set_xlabel("score")
     ax.set_title(title)
     save_figure(fig, out_png)
