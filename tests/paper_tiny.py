@@ -12,10 +12,7 @@ import numpy as np
 import torch
 
 EOS = "<|endoftext|>"
-WORDS = ("the a is was what do you think about this that it really good bad game movie cat dog car buys wants "
-         "drive show off sleeps wakes up knowledge paris capital france travel europe been have where should "
-         "i we they like love hate person personx persony because needed feels seen as result hindered by "
-         "can before so thanks nice great idea agree disagree funny lol yes no maybe never always").split()
+WORDS = ["the", "a", "is", "was", "what", "do", "you", "think", "about", "this", "that", "it", "really", "good", "bad", "game", "movie", "cat", "dog", "car", "buys", "wants", "drive", "show", "off", "sleeps", "wakes", "up", "knowledge", "paris", "capital", "france", "travel", "europe", "been", "have", "where", "should", "i", "we", "they", "like", "love", "hate", "person", "personx", "persony", "because", "needed", "feels", "seen", "as", "result", "hindered", "by", "can", "before", "so", "thanks", "nice", "great", "idea", "agree", "disagree", "funny", "lol", "yes", "no", "maybe", "never", "always"]
 
 
 def corpus() -> list[str]:
@@ -39,7 +36,14 @@ def gpt2_tokenizer(directory: Path):
 
 
 def roberta_tokenizer(directory: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -74,7 +78,10 @@ def gpt2_config(tokenizer, **kwargs):
 def build_all(root: Path) -> dict[str, str]:
     """Policy (GPT-2 LM), CoLA / FaithCritic (RoBERTa classifiers), DialogRPT depth / updown
     (GPT2ForSequenceClassification), ToxiChat (GPT-2 + off_classifier) and the RoBERTa tokenizer/config."""
-    from transformers import GPT2ForSequenceClassification, RobertaForSequenceClassification
+    from transformers import (
+        GPT2ForSequenceClassification,
+        RobertaForSequenceClassification,
+    )
 
     from lolrl.paper_rewards import _toxichat_class
     from lolrl.tiny import build_causal_lm

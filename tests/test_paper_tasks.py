@@ -13,11 +13,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import paper_tiny  # noqa: E402
+import paper_tiny
 
-from lolrl import paper_data, paper_rewards  # noqa: E402
-from lolrl.data import DataError, load_jsonl  # noqa: E402
-from lolrl.paper_rewards import EOS  # noqa: E402
+from lolrl import paper_data, paper_rewards
+from lolrl.data import DataError, load_jsonl
+from lolrl.paper_rewards import EOS
 
 LN3 = math.log(3.0)
 
@@ -56,7 +56,7 @@ def test_tfidf_matches_hand_computation():
     assert scorer.score("The dog!" + EOS) == pytest.approx((the / norm + dog / norm) / 2 * 0.2)  # k = 2 -> x 0.2
     assert scorer.score("cat cat") == pytest.approx(0.1)  # one term: weight 1.0, penalty 1/10
     assert scorer.score("zebra a") == 0.0
-    five = paper_rewards.TfidfScorer({w: 1.0 for w in "ab cd ef gh ij".split()})
+    five = paper_rewards.TfidfScorer({w: 1.0 for w in ["ab", "cd", "ef", "gh", "ij"]})
     assert five.score("ab cd ef gh ij") == pytest.approx(1 / math.sqrt(5))  # k = 5: no penalty
 
 
@@ -427,7 +427,7 @@ def test_comet_preprocessing(comet_critic, tmp_path):
     argv = ["-i", str(raw), "-it", str(atomic), "-ccm", comet_critic["dir"], "-o", str(out), "-bs", "4"]
     assert run_main(preprocess_comet, comet_parser(), argv) == 0
     train = load_jsonl(out / "train.jsonl", True)
-    assert [r.prompt for r in train][0] == "<head> PersonX buys a car 0 </head> <relation> xWant </relation> [GEN] "
+    assert train[0].prompt == "<head> PersonX buys a car 0 </head> <relation> xWant </relation> [GEN] "
     assert [r.reward for r in train] == pytest.approx([0.1, 0.2, 0.3]) and train[0].response == "to drive it 0"
     assert len(load_jsonl(out / "val.jsonl")) == 2 and len(load_jsonl(out / "test_atomic10x.jsonl")) == 1
     test = load_jsonl(out / "test.jsonl")
@@ -489,7 +489,8 @@ def test_training_with_the_recipe_then_aggregation(reddit_dir, models, tmp_path,
 
 
 def test_aggregator_never_evaluates_prefixes(tmp_path, capsys):
-    from lolrl.aggregate import main as aggregate_main, parse_prefixes
+    from lolrl.aggregate import main as aggregate_main
+    from lolrl.aggregate import parse_prefixes
 
     assert parse_prefixes('{"dgpt_nll": false}') == {"dgpt_nll": False}
     assert parse_prefixes("['a', 'b']") == {"a": True, "b": True}
@@ -527,3 +528,17 @@ def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models
     assert len(task_data.val) == 10000  # a seeded random sample of 10,000, as the original
     period = AutoTokenizer.from_pretrained(models["policy"])(".", add_special_tokens=False)["input_ids"]
     assert config.generation.stop_token_ids == period
+
+
+def test_paper_task_without_tfidf_is_a_one_line_error(reddit_dir, models, tmp_path, capsys):
+    from lolrl.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("pos_train.jsonl", "val.jsonl", "test.jsonl"):
+        (data / name).write_text((reddit_dir[1] / name).read_text())
+    assert main(["-i", str(data), "-tn", "reddit_pos", "-m", models["policy"], "-o", str(tmp_path / "o"),
+                 "-om", models["offensive"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: task 'reddit_pos': built-in reward recipe: TF-IDF file") and len(err.splitlines()) == 1
+    assert err.endswith("(or pass --reward SPEC)")
