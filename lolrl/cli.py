@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and task")
     g.add_argument("-i", "--input_dir", required=True, help="folder with train.jsonl, val.jsonl, test.jsonl")
     g.add_argument("-tn", "--task_name", required=True,
-                   help="task name; a paper task (reddit_pos, reddit_neg, wow, faithdial, faithdial_wow, comet) "
-                        "or any name together with --reward")
+                   help="task name; a paper task (reddit_pos, reddit_neg, wow, faithdial, faithdial_wow, COMET; "
+                        "any case), scored by its built-in reward recipe unless --reward is given, or any name "
+                        "together with --reward")
     g.add_argument("--reward", default=None,
                    help="reward spec scoring generations: 'module:function', 'file.py:function', "
                         "'hf:MODEL#softmax[1]', a weighted sum 'a=...+0.5*b=...', a .json file, or 'none' "
@@ -131,13 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--no_test", action="store_true", help="skip the final test-set evaluation")
-    g = p.add_argument_group("paper reward models (used by the paper tasks' reward recipes)")
-    for short, long in (("-cm", "--cola_classifier_model"), ("-esm", "--embedding_similarity_model"),
-                        ("-scm", "--sentiment_classification_model"), ("-dnlim", "--doc_nli_model"),
-                        ("-ccm", "--comet_critic_model"), ("-fcm", "--faithdial_critic_model"),
-                        ("-dcm", "--depth_dialogRPT_model"), ("-ucm", "--updown_dialogRPT_model"),
-                        ("-om", "--offensive_model_dir")):
-        g.add_argument(short, long, default=None)
+    g = p.add_argument_group("paper reward models: the paper tasks' built-in reward recipes (used when --reward "
+                             "is not given) read their classifiers from these hub ids or folders")
+    from .paper_rewards import DEFAULT_MODELS
+
+    for short, long, key in (("-cm", "--cola_classifier_model", "cola"), ("-esm", "--embedding_similarity_model", None),
+                             ("-scm", "--sentiment_classification_model", None), ("-dnlim", "--doc_nli_model", None),
+                             ("-ccm", "--comet_critic_model", "comet_critic"),
+                             ("-fcm", "--faithdial_critic_model", "faithcritic"),
+                             ("-dcm", "--depth_dialogRPT_model", "depth"), ("-ucm", "--updown_dialogRPT_model", "updown"),
+                             ("-om", "--offensive_model_dir", "offensive")):
+        g.add_argument(short, long, default=None,
+                       help=f"default {DEFAULT_MODELS[key]}" if key else "unused by these tasks (accepted)")
     return p
 
 
@@ -205,13 +212,42 @@ USER_ERRORS = (DataError, ConfigError, ModelLoadError, NoPositiveRowsError, Rewa
 
 
 def _check_reward_given(args: argparse.Namespace) -> None:
-    if args.reward is not None:
-        return
-    if is_paper_task(args.task_name):
-        raise ConfigError(f"task '{args.task_name}': its reward recipe (the paper's classifier models) is not "
-                          "built in yet; pass --reward SPEC (or --reward none to select checkpoints by gold NLL)")
+    if args.reward is not None or is_paper_task(args.task_name):
+        return  # a paper task without --reward uses its built-in recipe
     raise ConfigError(f"task '{args.task_name}' is not a paper task: pass --reward SPEC "
                       "(or --reward none to select checkpoints by gold NLL)")
+
+
+def _paper_task_reward(args: argparse.Namespace, config: OfflineRLConfig):
+    """The paper task's recipe (lolrl.paper_rewards), classifiers from -cm -ucm -dcm -om -fcm -ccm and the
+    TF-IDF weights from the input folder; ``config.reward`` records its components."""
+    from .paper_rewards import TFIDF_FILE, PaperRewardModels, build_task_reward
+
+    task = task_info(args.task_name)
+    models = PaperRewardModels.from_args(args, batch_size=config.val_batch_size)
+    try:
+        reward = build_task_reward(task.name, models, Path(args.input_dir) / TFIDF_FILE
+                                   if task.name != "comet" else None)
+    except RewardSpecError as exc:
+        raise RewardSpecError(f"task '{task.name}': built-in reward recipe: {exc} (or pass --reward SPEC)") from None
+    config.reward = " + ".join(f"{c.name}={c.source}" for c in reward.components)
+    return reward
+
+
+def _apply_task_settings(args: argparse.Namespace, config: OfflineRLConfig, data) -> None:
+    """COMET, as the original: validate on a seeded sample of 10,000 val rows; stop generating at '.'."""
+    task = task_info(args.task_name)
+    if task.val_sample and args.max_val_examples is None and len(data.val) > task.val_sample:
+        data.val = random.Random(config.seed).sample(data.val, task.val_sample)
+        logger.info("task %s: validating on a random sample of %d val rows", task.name, task.val_sample)
+    if task.stop_texts and not config.generation.stop_token_ids:
+        from .modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
+        for text in task.stop_texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                config.generation.stop_token_ids.append(ids[0])
 
 
 def run(args: argparse.Namespace) -> tuple[dict, OfflineRLConfig, bool]:
@@ -223,7 +259,11 @@ def run(args: argparse.Namespace) -> tuple[dict, OfflineRLConfig, bool]:
     data = load_task_dir(args.input_dir, task_info(args.task_name).split_files,
                          require_train_reward=config.do_train and config.algorithm != "nll",
                          need_test=config.do_test, use_datasets=args.use_datasets)
-    reward = load_reward(config.reward) if config.reward else None
+    if args.reward is None and is_paper_task(args.task_name):
+        reward = _paper_task_reward(args, config)
+    else:
+        reward = load_reward(config.reward) if config.reward else None
+    _apply_task_settings(args, config, data)
     from .trainer import OfflineRLTrainer
 
     _setup_logging(config.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0)  # before models load

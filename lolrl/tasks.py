@@ -1,7 +1,9 @@
 """Task names: the paper's tasks (with their file names and model-selection measure) and any other.
 
-The names are one consistent lower-case set; the original's spellings are accepted as aliases.
-A task the library does not know is fine as long as a reward is given with ``--reward``.
+The names are one consistent set, matched case-insensitively: ``reddit_pos``, ``reddit_neg``,
+``wow``, ``faithdial``, ``faithdial_wow``, ``comet`` (so the original's ``COMET`` and ``WOW``
+work too). A paper task without ``--reward`` is scored by its built-in recipe
+(:mod:`lolrl.paper_rewards`); any other name needs ``--reward``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ class TaskInfo:
     val_metric: str = "final_reward"  # which mean generated reward selects the best checkpoint
     max_value: float | None = None  # upper bound of final_reward (number of [0, 1] components)
     components: tuple[str, ...] = ()
+    val_sample: int | None = None  # validate on a seeded random sample of this many val rows (COMET: 10,000)
+    stop_texts: tuple[str, ...] = ()  # generation also stops at these tokens (COMET: ".")
 
 
 PAPER_TASKS = {
@@ -25,18 +29,16 @@ PAPER_TASKS = {
     "wow": TaskInfo("wow", {"test": "faithdial_test.jsonl"}, "faithdial", 4.0, ("fluency", "faithdial", "depth", "tfidf")),
     "faithdial": TaskInfo("faithdial", {}, "final_reward", 4.0, ("fluency", "faithdial", "depth", "tfidf")),
     "faithdial_wow": TaskInfo("faithdial_wow", {}, "faithdial", 4.0, ("fluency", "faithdial", "depth", "tfidf")),
-    "comet": TaskInfo("comet", {}, "p_valid_model", 1.0, ("p_valid_model",)),
+    "comet": TaskInfo("comet", {}, "p_valid_model", 1.0, ("p_valid_model",), val_sample=10000, stop_texts=(".",)),
 }
-ALIASES = {"WOW": "wow", "COMET": "comet"}
 
 
 def task_info(name: str | None) -> TaskInfo:
     """The paper task of that name (case-insensitive), or a generic task."""
     if not name:
         return TaskInfo("custom")
-    key = ALIASES.get(name, name.lower())
-    return PAPER_TASKS.get(key, TaskInfo(name))
+    return PAPER_TASKS.get(name.lower(), TaskInfo(name))
 
 
 def is_paper_task(name: str | None) -> bool:
-    return bool(name) and ALIASES.get(name, name.lower()) in PAPER_TASKS
+    return bool(name) and name.lower() in PAPER_TASKS

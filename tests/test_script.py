@@ -107,7 +107,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_models, toy_dir, toy_rew
     (["-algo", "a_lol_kl", "-c", "0.2"], "no importance weight to clip"),
     (["--reward", "nope_module:fn"], "cannot import module 'nope_module'"),
     (["-m", "./no/such/model"], "does not exist"),
-    (["-tn", "reddit_pos", "--reward", None], "pass --reward"),
+    (["-tn", "my_task", "--reward", None], "pass --reward"),  # a paper task has a built-in recipe
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys, extra, message):
     argv = args_for(toy_dir, tiny_models["causal"], tmp_path / "o", "nll", toy_reward_spec)
