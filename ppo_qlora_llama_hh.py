@@ -29,7 +29,6 @@ from pathlib import Path
 
 from lolrl.hh import pro_records
 from lolrl.hh_train import (
-    MAX_PROMPT_LENGTH,
     USER_ERRORS,
     adapter_of,
     add_common_arguments,
@@ -69,9 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--reward", default=None,
-                   help="a reward spec (e.g. my_module:fn, TRL's f(prompts, completions, **columns)) instead of "
-                        "the reward model, for rollouts and validation")
     p.add_argument("--trainer", choices=("ppo", "grpo", "rloo"), default="ppo",
                    help="ppo (lolrl.ppo); grpo or rloo: TRL's trainers with the same reward and validation")
     p.add_argument("--num_generations", type=int, default=4, help="grpo/rloo: samples per prompt (group size)")
@@ -101,7 +97,7 @@ def ppo_config(args):
         kl_horizon=args.kl_horizon, kl_penalty=args.kl_penalty, cliprange=args.ppo_clip,
         cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
         use_score_scaling=args.use_score_scaling, use_score_norm=args.use_score_norm,
-        early_stopping=args.early_stopping, target_kl=args.target_kl, max_prompt_length=MAX_PROMPT_LENGTH,
+        early_stopping=args.early_stopping, target_kl=args.target_kl, max_prompt_length=args.max_prompt_length,
         rollout=sampling, validation=greedy, generation_batch_size=args.per_device_eval_batch_size,
         eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
         report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
@@ -150,7 +146,7 @@ def run_trl(args, train, val, reward) -> dict:
     greedy.max_new_tokens = args.max_new_tokens
     from lolrl.collation import Tokenizer
 
-    rows = Tokenizer(tokenizer, False, MAX_PROMPT_LENGTH, args.max_new_tokens)(val)
+    rows = Tokenizer(tokenizer, False, args.max_prompt_length, args.max_new_tokens)(val)
     RewardValidationCallback(val, rows, tokenizer, reward, greedy, args.per_device_eval_batch_size, args.eval_steps,
                              args.output_dir, Path(args.output_dir) / "best_adapter", postprocess=clean,
                              adapter_name="default").attach(trainer)
@@ -165,12 +161,9 @@ def main(argv=None) -> int:
     try:
         train_rows, dev_rows = read_hh_files(args)
         config = ppo_config(args)
-        if args.reward:
-            from lolrl.rewards import load_reward
-
-            reward = load_reward(args.reward)
-        else:
-            reward = validation_reward(args)
+        reward = validation_reward(args)  # --reward SPEC, else the OpenAssistant-style --reward_model
+        if reward is None:
+            raise RewardSpecError("online PPO scores its rollouts: --reward none is not possible here")
         train, val = pro_records(train_rows, args.prompt_format, "sft", "train"), validation_records(args, dev_rows)
         if args.trainer != "ppo":
             val = val[: args.max_val_examples] if args.max_val_examples else val

@@ -9,7 +9,7 @@ Needs the shared HH test files (``--hh_dir``, default ../shared/data/hh) and the
 next ``--n_dev`` records: there is no reward model offline, so ``--reward none --value_source data``),
 then scores disjoint held-out pairs of helpful_base: preference accuracy of the log-ratio to the
 reference (the starting model) and the reference-free likelihood margin. Prints a table, writes
-``preference_results.{json,md}``. A CPU run of the defaults takes about half an hour.
+``preference_results.{json,md}``. Prompts keep their last 256 tokens (``--max_prompt_length``) to fit a CPU budget.
 """
 import argparse
 import os
@@ -45,10 +45,10 @@ def prepare_data(hh_dir: Path, work: Path, n_train: int, n_dev: int, n_eval: int
     return work / "data" / "train", work / "data" / "dev.json", held_out
 
 
-def train(name: str, model: Path, train_dir: Path, dev: Path, out: Path, args) -> float:
+def train(name: str, model: Path, train_dir: Path, dev: Path, out: Path, args) -> float | None:
     if (out / "best_adapter" / "adapter_model.safetensors").exists():
         print(f"{name}: adapter exists, skipping training")
-        return 0.0
+        return None
     steps = str(args.max_steps)
     command = [sys.executable, str(ROOT / RUNS[name][0]), *RUNS[name][1:], "--model_name_or_path", str(model),
                "--adapter_path", "none", "--prompt_format", "chat", "--reward", "none",
@@ -56,7 +56,8 @@ def train(name: str, model: Path, train_dir: Path, dev: Path, out: Path, args) -
                "--cache_dir", str(out / "cache"), "--lora_r", "8", "--lora_alpha", "16",
                "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                "--per_device_eval_batch_size", "8", "--learning_rate", str(args.learning_rate),
-               "--max_steps", steps, "--eval_steps", steps, "--max_val_examples", "32", "--seed", "0"]
+               "--max_steps", steps, "--eval_steps", steps, "--max_val_examples", "32", "--seed", "0",
+               "--max_prompt_length", str(args.max_prompt_length)]
     if name == "pro":
         command[command.index("--per_device_train_batch_size") + 1] = "2"  # 2 prompts x 2 candidates
         command[command.index("--gradient_accumulation_steps") + 1] = "4"
@@ -71,7 +72,8 @@ def main() -> int:
     parser.add_argument("--hh_dir", default=str(ROOT.parent / "shared" / "data" / "hh"))
     parser.add_argument("--n_train", type=int, default=256)
     parser.add_argument("--n_dev", type=int, default=64)
-    parser.add_argument("--n_eval", type=int, default=256)
+    parser.add_argument("--n_eval", type=int, default=128)
+    parser.add_argument("--max_prompt_length", type=int, default=256, help="prompt tokens kept (CPU budget)")
     parser.add_argument("--max_steps", type=int, default=32, help="optimizer steps of 8 rows (DPO: 8 pairs)")
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--algorithms", default="nll,a_lol,dpo")
@@ -95,8 +97,10 @@ def main() -> int:
     chosen, rejected = pair_records(held_out, "chat")
 
     def sums(model, desc):
-        c, c_len = response_logprob_sums(model, tokenizer, chosen, desc=f"{desc}: chosen")
-        r, r_len = response_logprob_sums(model, tokenizer, rejected, desc=f"{desc}: rejected")
+        c, c_len = response_logprob_sums(model, tokenizer, chosen, max_prompt_length=args.max_prompt_length,
+                                         desc=f"{desc}: chosen")
+        r, r_len = response_logprob_sums(model, tokenizer, rejected, max_prompt_length=args.max_prompt_length,
+                                         desc=f"{desc}: rejected")
         return c, r, c_len, r_len
 
     ref_c, ref_r, c_len, r_len = sums(load_model(str(model_dir)).eval(), "reference")
@@ -105,7 +109,7 @@ def main() -> int:
         policy = PeftModel.from_pretrained(load_model(str(model_dir)), str(work / name / "best_adapter")).eval()
         pol_c, pol_r, _, _ = sums(policy, name)
         results[name] = {**preference_report(pol_c, pol_r, ref_c, ref_r, c_len, r_len),
-                         "train_seconds": round(seconds[name], 1)}
+                         "train_seconds": None if seconds[name] is None else round(seconds[name], 1)}
     atomic_write_json(work / "preference_results.json", results)
     table = format_markdown_table(results, first_column="policy")
     atomic_write_text(work / "preference_results.md", table)

@@ -97,14 +97,14 @@ def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, ge
     from datasets import Dataset
     from trl import DPOConfig
 
-    from .hh_train import MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH, adapter_of, precision
+    from .hh_train import MAX_RESPONSE_LENGTH, adapter_of, precision
     from .modeling import LoraSettings, load_model, load_tokenizer
     from .validation import RewardValidationCallback
 
     output_dir = Path(args.output_dir)
     tokenizer = load_tokenizer(args.model_name_or_path)
     pairs = truncate_pairs(preference_pairs(train_rows, args.prompt_format, args.pair_order), tokenizer,
-                           MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH)
+                           args.max_prompt_length, MAX_RESPONSE_LENGTH)
     logger.info("%d preference pairs from %d records", len(pairs), len(train_rows))
     settings = precision()
     model = load_model(args.model_name_or_path, dtype=settings["dtype"], load_in_4bit=settings["load_in_4bit"],
@@ -125,7 +125,7 @@ def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, ge
         model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
     validator = None
     if reward is not None:
-        rows = Tokenizer(tokenizer, False, MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH)(val_records)
+        rows = Tokenizer(tokenizer, False, args.max_prompt_length, MAX_RESPONSE_LENGTH)(val_records)
         validator = RewardValidationCallback(val_records, rows, tokenizer, reward, generation,
                                              args.per_device_eval_batch_size, args.eval_steps, output_dir,
                                              output_dir / "best_adapter", postprocess=postprocess,

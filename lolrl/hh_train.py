@@ -52,6 +52,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, accumul
                         "'none' to validate by the dev responses' NLL without generating")
     p.add_argument("--prompt_format", choices=RENDERINGS, default="llama",
                    help="llama: the original system line and ### turns; chat: the tokenizer's chat template")
+    p.add_argument("--max_prompt_length", type=int, default=MAX_PROMPT_LENGTH,
+                   help="prompt tokens kept (the last ones), 640 as the original")
     p.add_argument("--lora_r", type=int, default=64)
     p.add_argument("--lora_alpha", type=int, default=16)
     p.add_argument("--lora_dropout", type=float, default=0.05)
@@ -115,7 +117,7 @@ def offline_config(args, **settings) -> OfflineRLConfig:
     return OfflineRLConfig(
         model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
         save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir, task_name="hh",
-        max_prompt_length=MAX_PROMPT_LENGTH, max_resp_length=MAX_RESPONSE_LENGTH, n_epochs=0,
+        max_prompt_length=args.max_prompt_length, max_resp_length=MAX_RESPONSE_LENGTH, n_epochs=0,
         max_steps=args.max_steps, eval_steps=args.eval_steps, batch_size=args.per_device_train_batch_size,
         accumulation_steps=args.gradient_accumulation_steps, val_batch_size=args.per_device_eval_batch_size,
         learning_rate=args.learning_rate, weight_decay=0.0, max_grad_norm=args.max_grad_norm,

@@ -52,8 +52,8 @@ def pair_records(rows: list[dict], how: str = "llama") -> tuple[list[Record], li
 def response_logprob_sums(model, tokenizer, records: list[Record], batch_size: int = 8,
                           max_prompt_length: int = 640, max_response_length: int = 128, desc: str = "log-probs"):
     """Summed log-prob and token count of each record's response under ``model``."""
-    rows = Tokenizer(tokenizer, False, max_prompt_length, max_response_length)(records)
-    outputs = reference_pass(model, rows, Collator(tokenizer.pad_token_id), batch_size, desc=desc)
+    rows = Tokenizer(tokenizer, False, max_prompt_length, max_response_length)(records)  # causal LMs
+    outputs = reference_pass(model, rows, Collator(tokenizer.pad_token_id, False), batch_size, desc=desc)
     return (np.array([float(lp.sum()) for lp in outputs.logprobs]),
             np.array([len(lp) for lp in outputs.logprobs], dtype=np.float64))
 

@@ -315,7 +315,7 @@ class OfflineRLTrainer:
         flags = np.array([bool(r.meta.get("sft")) for r in train])
         for start in range(0, len(train), size):
             group = train[start:start + size]
-            if len({r.prompt for r in group}) != 1 or flags[start:start + size].sum() != 1:
+            if len({json.dumps(r.prompt) for r in group}) != 1 or flags[start:start + size].sum() != 1:
                 raise ConfigError(f"training rows {start}..{start + size - 1} ({group[0].id}...) are not one prompt's "
                                   f"{size} candidates with exactly one meta['sft'] row")
         return flags

@@ -291,3 +291,25 @@ def test_hh_a_lol_without_a_reward_model_fits_value_on_stored_rewards(tmp_path, 
     assert not (out / "reward_check.json").exists()  # nothing was generated or scored
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert validations and all("neg_nll_per_token" in v for v in validations)
+
+
+def test_response_logprob_sums_match_a_direct_forward(tiny_models):
+    import torch
+
+    from lolrl.data import Record
+    from lolrl.modeling import load_model, load_tokenizer
+    from lolrl.preference import response_logprob_sums
+
+    tokenizer = load_tokenizer(tiny_models["llama"])
+    model = load_model(tiny_models["llama"]).eval()
+    records = [Record(id="a", prompt="hello there", response="a kind answer"),
+               Record(id="b", prompt="a longer prompt with more words", response="no")]
+    sums, lengths = response_logprob_sums(model, tokenizer, records, batch_size=2)
+    for record, total, n in zip(records, sums, lengths):
+        prompt = tokenizer(record.prompt)["input_ids"]
+        response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logprobs = model(ids).logits.log_softmax(-1)[0, len(prompt) - 1:-1]
+        expected = logprobs.gather(-1, torch.tensor(response)[:, None]).sum().item()
+        assert n == len(response) and total == pytest.approx(expected, abs=1e-4)
