@@ -59,7 +59,7 @@ from .losses import (
     ppo_value_loss,
 )
 from .modeling import LoraSettings, load_model, load_tokenizer
-from .trainer import _flat_config
+from .trainer import _flat_config, make_accelerator
 from .validation import generate_and_score, reward_columns
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class PPOTrainer:
         self.config, self.train_records, self.reward = config, train, reward
         self.val_records = val[: config.max_val_examples] if config.max_val_examples else val
         self.postprocess = postprocess  # applied to every generation before scoring (e.g. the HH stop rule)
-        self.accelerator = accelerator or self._make_accelerator()
+        self.accelerator = accelerator or make_accelerator(config)
         self.is_main = self.accelerator.is_main_process
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -259,18 +259,6 @@ class PPOTrainer:
         self.ref_adapter = False
 
     # ----------------------------------------------------------------------------------- set-up
-    def _make_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.config.dtype]
-        log_with = None if self.config.report_to in (None, "none") else self.config.report_to.split(",")
-        has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-        accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
-                                  project_dir=self.config.output_dir)
-        set_seed(self.config.seed)
-        return accelerator
-
     def _load(self) -> None:
         config, acc = self.config, self.accelerator
         if config.load_in_4bit and config.model_name and not (config.lora.enabled or config.adapter_path):

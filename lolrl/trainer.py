@@ -69,6 +69,21 @@ def _flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def make_accelerator(config):
+    """An ``Accelerator`` for a run's ``dtype``, ``report_to``, ``output_dir`` and ``seed`` (any trainer's config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.dtype]
+    log_with = None if config.report_to in (None, "none") else config.report_to.split(",")
+    # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
+                              project_dir=config.output_dir)
+    set_seed(config.seed)
+    return accelerator
+
+
 @dataclass
 class TrainingSignal:
     """What the loss needs per training row, computed once before training."""
@@ -121,17 +136,7 @@ class OfflineRLTrainer:
 
     # ----------------------------------------------------------------------------------- set-up
     def _make_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.config.dtype]
-        log_with = None if self.config.report_to in (None, "none") else self.config.report_to.split(",")
-        # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
-        has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-        accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
-                                  project_dir=self.config.output_dir)
-        set_seed(self.config.seed)
-        return accelerator
+        return make_accelerator(self.config)
 
     def _load_policy(self) -> None:
         config = self.config

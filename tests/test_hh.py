@@ -12,14 +12,10 @@ from lolrl.data import DataError
 from lolrl.hh import (SYSTEM_PREFIX, clean_training_rows, postprocess, pro_records, read_pro_file, render_anthropic,
                       render_llama, to_chat)
 
+from hh_tiny import TURNS, pro_row, tiny_reward_model
+
 ROOT = Path(__file__).parent.parent
 DEV = ROOT.parent / "shared" / "data" / "hh" / "hh_dev" / "sampled_dev.json"
-TURNS = ["<|prompter|>Q1", "<|assistant|>A1", "<|prompter|>Q2", "<|assistant|>"]
-
-
-def row(suffix=("good answer", "bad answer"), reward=(1.0, -1.0)):
-    return {"prefix": [TURNS, TURNS], "suffix": list(suffix), "reward": list(reward), "sft_index": 0,
-            "meta": {"task": "dialogue"}}
 
 
 def test_renderings():
@@ -41,7 +37,7 @@ def test_postprocess(text, expected):
 
 def test_records_and_sigmoid_rewards(tmp_path):
     path = tmp_path / "f.json"
-    path.write_text(json.dumps(row()) + "\n")
+    path.write_text(json.dumps(pro_row()) + "\n")
     rows = read_pro_file(path)
     sft = pro_records(rows)
     assert len(sft) == 1 and sft[0].response == "good answer" and sft[0].reward == pytest.approx(1 / (1 + math.e ** -1))
@@ -52,16 +48,16 @@ def test_records_and_sigmoid_rewards(tmp_path):
 
 def test_bad_pro_rows_name_the_field(tmp_path):
     path = tmp_path / "f.json"
-    broken = row()
+    broken = pro_row()
     broken["reward"] = [1.0]
-    path.write_text(json.dumps(row()) + "\n" + json.dumps(broken) + "\n")
+    path.write_text(json.dumps(pro_row()) + "\n" + json.dumps(broken) + "\n")
     with pytest.raises(DataError, match=r"f.json:2: field 'reward': 1 rewards for 2 suffixes"):
         read_pro_file(path)
 
 
 def test_cleaning_rule_and_script(tmp_path):
-    rows = [row(("fine", "also fine")), row(("here are some options:", "x")), row(("ok", "cut off:")),
-            row(("ends with colon and space: ", "y"))]
+    rows = [pro_row(("fine", "also fine")), pro_row(("here are some options:", "x")), pro_row(("ok", "cut off:")),
+            pro_row(("ends with colon and space: ", "y"))]
     kept, report = clean_training_rows(rows)
     assert [r["suffix"][0] for r in kept] == ["fine", "ends with colon and space: "]  # literal test, no strip
     assert report == {"records": 4, "good_suffix_ends_with_colon": 1, "bad_suffix_ends_with_colon": 1,
@@ -115,20 +111,6 @@ def test_openassistant_reward_model_architecture_loads_and_scores(tmp_path):
     assert alone[0] == pytest.approx(direct, abs=1e-5)
 
 
-def _tiny_reward_model(directory):
-    import torch
-
-    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
-    from lolrl.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(["<|prompter|>Q1", "<|assistant|>A1", "an answer", "<eos>"] * 5, directory,
-                                vocab_size=300, with_pad=True)
-    torch.manual_seed(0)
-    config = GPTNeoXRewardModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPTNeoXRewardModel(config).save_pretrained(directory)
-
 
 def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
     """qlora_llama_hh_eval.py on a tiny base + LoRA adapter and a tiny reward model, two test splits."""
@@ -139,11 +121,11 @@ def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
     adapter = tmp_path / "adapter"
     get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])) \
         .save_pretrained(adapter)
-    _tiny_reward_model(tmp_path / "rm")
+    tiny_reward_model(tmp_path / "rm")
     test_dir = tmp_path / "hh_test"
     test_dir.mkdir()
     for split, n in (("harmless_base", 5), ("helpful_base", 3)):
-        (test_dir / f"{split}.json").write_text("".join(json.dumps(row()) + "\n" for _ in range(n)))
+        (test_dir / f"{split}.json").write_text("".join(json.dumps(pro_row()) + "\n" for _ in range(n)))
     (test_dir / "bad_test_indices.json").write_text(json.dumps({"harmless_base.json": [0, 2], "helpful_base.json": []}))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "qlora_llama_hh_eval.py"), "--model_name_or_path",
@@ -196,10 +178,10 @@ def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
 
     rng = random.Random(0)
     (tmp_path / "train").mkdir()
-    rows = [row(("a kind and helpful answer", "go away"), (rng.uniform(-3, 3), rng.uniform(-3, 3)))
+    rows = [pro_row(("a kind and helpful answer", "go away"), (rng.uniform(-3, 3), rng.uniform(-3, 3)))
             for _ in range(n_train)]
     (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "dev.json").write_text("".join(json.dumps(row()) + "\n" for _ in range(6)))
+    (tmp_path / "dev.json").write_text("".join(json.dumps(pro_row()) + "\n" for _ in range(6)))
     adapter = tmp_path / "adapter"
     model = get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)
@@ -207,7 +189,7 @@ def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
         if "lora_B" in name:  # a starting adapter that differs from the base model, like a real SFT adapter
             param.data.normal_(0, 0.5)
     model.save_pretrained(adapter)
-    _tiny_reward_model(tmp_path / "rm")
+    tiny_reward_model(tmp_path / "rm")
     return ["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(adapter),
             "--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"),
             "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
@@ -271,7 +253,7 @@ def test_preference_report_on_hand_numbers():
 def test_pair_records_put_the_higher_reward_first():
     from lolrl.preference import pair_records
 
-    chosen, rejected = pair_records([row(("x", "y"), (0.1, 0.9)), row(("p", "q"), (2.0, 1.0)), row(("t", "t"), (1, 1))])
+    chosen, rejected = pair_records([pro_row(("x", "y"), (0.1, 0.9)), pro_row(("p", "q"), (2.0, 1.0)), pro_row(("t", "t"), (1, 1))])
     assert [r.response for r in chosen] == ["y", "p"] and [r.response for r in rejected] == ["x", "q"]
 
 

@@ -21,8 +21,9 @@ from lolrl.losses import (
 )
 from lolrl.ppo import RunningMoments
 
+from hh_tiny import pro_row, tiny_reward_model
+
 ROOT = Path(__file__).parent.parent
-TURNS = ["<|prompter|>Q1", "<|assistant|>A1", "<|prompter|>Q2", "<|assistant|>"]
 
 
 def close(tensor, expected, atol=1e-6):
@@ -211,24 +212,6 @@ def test_rollout_tokens_stop_at_the_first_stop_token(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- scripts
-def _row(suffix=("good answer", "bad answer"), reward=(1.0, -1.0)):
-    return {"prefix": [TURNS, TURNS], "suffix": list(suffix), "reward": list(reward), "sft_index": 0,
-            "meta": {"task": "dialogue"}}
-
-
-def _tiny_reward_model(directory):
-    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
-    from lolrl.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(["<|prompter|>Q1", "<|assistant|>A1", "an answer", "<eos>"] * 5, directory,
-                                vocab_size=300, with_pad=True)
-    torch.manual_seed(0)
-    config = GPTNeoXRewardModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPTNeoXRewardModel(config).save_pretrained(directory)
-
-
 @pytest.fixture
 def hh_fixture(tmp_path, tiny_models):
     """Tiny PRO-format train/dev files, a LoRA adapter (non-zero, so it differs from the base) and a tiny RM."""
@@ -237,14 +220,14 @@ def hh_fixture(tmp_path, tiny_models):
     from lolrl.modeling import load_model
 
     (tmp_path / "train").mkdir()
-    rows = [_row(("a kind and helpful answer", "go away"), (0.5, -0.5)) for _ in range(8)]
+    rows = [pro_row(("a kind and helpful answer", "go away"), (0.5, -0.5)) for _ in range(8)]
     (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "dev.json").write_text("".join(json.dumps(_row()) + "\n" for _ in range(4)))
+    (tmp_path / "dev.json").write_text("".join(json.dumps(pro_row()) + "\n" for _ in range(4)))
     torch.manual_seed(0)
     peft_model = get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                                              init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
-    _tiny_reward_model(tmp_path / "rm")
+    tiny_reward_model(tmp_path / "rm")
     return tmp_path, ["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(tmp_path / "adapter"),
                       "--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"),
                       "--cache_dir", str(tmp_path / "cache"), "--reward_model", str(tmp_path / "rm"),
@@ -305,11 +288,11 @@ def test_ppo_script_resumes_where_it_stopped(hh_fixture):
 
 
 def test_ppo_hh_eval_script_on_a_full_model(tmp_path, tiny_models):
-    _tiny_reward_model(tmp_path / "rm")
+    tiny_reward_model(tmp_path / "rm")
     test_dir = tmp_path / "hh_test"
     test_dir.mkdir()
     for split, n in (("harmless_base", 3), ("helpful_online", 2)):
-        (test_dir / f"{split}.json").write_text("".join(json.dumps(_row()) + "\n" for _ in range(n)))
+        (test_dir / f"{split}.json").write_text("".join(json.dumps(pro_row()) + "\n" for _ in range(n)))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "ppo_hh_eval.py"), "--model_name_or_path", tiny_models["causal"],
                            "--reward_model", str(tmp_path / "rm"), "--test_dir", str(test_dir), "--output_dir",

@@ -1,0 +1,23 @@
+"""Shared HH test material: a PRO-format record and a tiny OpenAssistant-style reward model."""
+TURNS = ["<|prompter|>Q1", "<|assistant|>A1", "<|prompter|>Q2", "<|assistant|>"]
+
+
+def pro_row(suffix=("good answer", "bad answer"), reward=(1.0, -1.0)):
+    return {"prefix": [TURNS, TURNS], "suffix": list(suffix), "reward": list(reward), "sft_index": 0,
+            "meta": {"task": "dialogue"}}
+
+
+def tiny_reward_model(directory):
+    """A 1-layer GPT-NeoX reward model of the OpenAssistant architecture, saved to ``directory``."""
+    import torch
+
+    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
+    from lolrl.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["<|prompter|>Q1", "<|assistant|>A1", "an answer", "<eos>"] * 5, directory,
+                                vocab_size=300, with_pad=True)
+    torch.manual_seed(0)
+    config = GPTNeoXRewardModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPTNeoXRewardModel(config).save_pretrained(directory)
