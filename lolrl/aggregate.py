@@ -10,8 +10,11 @@ with no folder as ``missing``; both keep their row (status column) and are liste
 Columns: ``task_name, baseline_model, algorithm, status``, then from ``validation_stats.jsonl``
 ``best e, best s, best V <metric>, worst e, worst s, worst V <metric>``, then ``val_<metric>,
 test_<metric>`` and, for each of ``val_gen, test_gen, val_gold, test_gold``, one column per
-metric of ``eval_results.json`` (reward components, final_reward, distinct-n, length). Numbers have
-3 decimals; absent values are ``NA``. ``<metric>`` is the task's checkpoint-selection metric.
+metric of ``eval_results.json`` (reward components, final_reward, distinct-n, length, coverage/density
+for the dialogue tasks, meteor). Numbers have 3 decimals; absent values are ``NA``. ``<metric>`` is the
+paper task's checkpoint-selection metric; for any other task it is ``meteor``, the original's default
+(read from ``validation_stats.jsonl`` and from ``eval_results.json``'s ``val/generated`` / ``test/generated``
+rows, where the original read the top-level ``meteor`` of its final-eval file); ``--metric`` picks another.
 """
 from __future__ import annotations
 
@@ -31,6 +34,14 @@ from .tasks import is_paper_task, task_info
 SEGMENTS = (("val_gen", "val/generated"), ("test_gen", "test/generated"), ("val_gold", "val/reference"),
             ("test_gold", "test/reference"))
 SKIPPED_METRICS = ("n",)
+DEFAULT_METRIC = "meteor"  # the original's success metric for tasks without a reward metric of their own
+
+
+def success_metric(task_name: str, metric: str | None = None) -> str:
+    """``metric`` if given, else the paper task's checkpoint-selection metric, else ``meteor``."""
+    if metric:
+        return metric
+    return task_info(task_name).val_metric if is_paper_task(task_name) else DEFAULT_METRIC
 
 
 class AggregateError(ValueError):
@@ -165,10 +176,10 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aggregate(prefixes: dict[str, bool], task_name: str, output_file: str | Path, results_dir: str | Path
-              ) -> tuple[list[Run], Path, Path]:
+def aggregate(prefixes: dict[str, bool], task_name: str, output_file: str | Path, results_dir: str | Path,
+              metric: str | None = None) -> tuple[list[Run], Path, Path]:
     task = task_info(task_name)
-    metric = task.val_metric
+    metric = success_metric(task_name, metric)
     folder = task_folder(Path(results_dir), task_name)
     runs = [load_run(r) for r in expected_runs(folder, prefixes)]
     header, rows = table(runs, task.name, metric)
@@ -191,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tn", "--task_name", required=True, help="reddit_pos, reddit_neg, wow, faithdial, faithdial_wow, COMET")
     p.add_argument("-o", "--output_file", required=True, help="CSV to write; the markdown table goes to the same name .md")
     p.add_argument("--results_dir", default="final_results", help="folder holding <task>/<prefix>[_<algorithm>]/ runs")
+    p.add_argument("--metric", default=None,
+                   help="success metric of the best/worst and val_/test_ columns (default: the paper task's "
+                        "checkpoint-selection metric; meteor for other tasks, as the original)")
     return p
 
 
@@ -201,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     except AggregateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not is_paper_task(args.task_name):
-        print(f"note: '{args.task_name}' is not a paper task: selecting by final_reward", file=sys.stderr)
-    runs, csv_path, md_path = aggregate(prefixes, args.task_name, args.output_file, args.results_dir)
+    metric = success_metric(args.task_name, args.metric)
+    if not is_paper_task(args.task_name) and not args.metric:
+        print(f"note: '{args.task_name}' is not a paper task: success metric {metric} (--metric picks another)",
+              file=sys.stderr)
+    runs, csv_path, md_path = aggregate(prefixes, args.task_name, args.output_file, args.results_dir, metric)
     for run in runs:
         if run.status != "complete":
             print(f"{run.status.split(':')[0]}: {run.baseline} / {run.algorithm} ({run.path}"

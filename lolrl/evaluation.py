@@ -52,6 +52,66 @@ def mean_length(texts: Sequence[str]) -> float:
     return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
 
 
+def extractive_fragment_lengths(knowledge: Sequence[str], response: Sequence[str],
+                                original_off_by_one: bool = False) -> list[int]:
+    """Lengths |f| of the greedy extractive fragments of ``response`` in ``knowledge`` (Grusky et al. 2018).
+
+    From response position i, scan the knowledge for every run of equal tokens starting there and keep
+    the longest (the first of equal length); i then moves past it (or by one when nothing matched). A
+    run replaces the current best f when ``|run| > |f|``, as in Newsroom's own ``Fragments._match``.
+    The paper's pseudo-code writes ``|f| < i' - i - 1``, i.e. ``|run| > |f| + 1``: single shared words
+    never count and a run one longer than f never replaces it. The A-LoL code followed the pseudo-code;
+    ``original_off_by_one=True`` reproduces it.
+    """
+    margin = 1 if original_off_by_one else 0
+    lengths: list[int] = []
+    i = 0
+    while i < len(response):
+        best = 0
+        j = 0
+        while j < len(knowledge):
+            if response[i] != knowledge[j]:
+                j += 1
+                continue
+            run = 0
+            while i + run < len(response) and j + run < len(knowledge) and response[i + run] == knowledge[j + run]:
+                run += 1
+            if run > best + margin:
+                best = run
+            j += run
+        if best:
+            lengths.append(best)
+        i += max(best, 1)
+    return lengths
+
+
+def coverage_and_density(knowledge: str, response: str, original_off_by_one: bool = False) -> tuple[float, float]:
+    """Extractive coverage and density of a response w.r.t. its knowledge (whitespace tokens, case-sensitive).
+
+    coverage = sum_f |f| / |response tokens|,  density = sum_f |f|^2 / |response tokens|,
+    over the fragments of :func:`extractive_fragment_lengths`. A response with no tokens (empty or
+    whitespace only) scores 0 for both (the original divided by zero on whitespace-only text).
+    """
+    response_tokens = response.split()
+    if not response_tokens:
+        return 0.0, 0.0
+    lengths = extractive_fragment_lengths(knowledge.split(), response_tokens, original_off_by_one)
+    n = len(response_tokens)
+    return sum(lengths) / n, sum(f * f for f in lengths) / n
+
+
+def knowledge_overlap_summary(knowledge: Sequence[str], responses: Sequence[str],
+                              original_off_by_one: bool = False) -> dict[str, float]:
+    """Mean and population std of coverage and density over aligned (knowledge, response) pairs:
+    ``{"coverage", "coverage_std", "density", "density_std"}`` (NaN for no pairs)."""
+    if len(knowledge) != len(responses):
+        raise ValueError(f"{len(knowledge)} knowledge texts for {len(responses)} responses")
+    pairs = [coverage_and_density(k, r, original_off_by_one) for k, r in zip(knowledge, responses)]
+    coverage, coverage_std = _mean_std([c for c, _ in pairs])
+    density, density_std = _mean_std([d for _, d in pairs])
+    return {"coverage": coverage, "coverage_std": coverage_std, "density": density, "density_std": density_std}
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population std; NaN for an empty list (serialised as null, not a fake 0)."""
     if not values:
@@ -62,14 +122,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize_generations(
-    completions: Sequence[str], rewards: dict[str, Sequence[float]]
+    completions: Sequence[str],
+    rewards: dict[str, Sequence[float]],
+    references: Sequence[str] | None = None,
+    knowledge: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """One row of evaluation numbers for a set of completions.
 
     Returns ``{<component>: mean, ..., "final_reward": mean, "final_reward_std": std,
     "distinct_1", "distinct_2", "distinct_3", "avg_response_len", "n"}`` with reward
-    components in their given order. Reward lists must align with ``completions``:
-    a length mismatch almost always means rewards were scored on the wrong rows.
+    components in their given order, plus ``coverage, coverage_std, density, density_std``
+    against ``knowledge`` (:func:`knowledge_overlap_summary`) and ``meteor`` against the gold
+    ``references`` (:func:`lolrl.meteor.corpus_meteor`, over all of them) when those are given.
+    Reward, reference and knowledge lists must align with ``completions``: a length mismatch
+    almost always means they belong to other rows.
     """
     out: dict[str, float] = {}
     for name, values in rewards.items():
@@ -85,6 +151,12 @@ def summarize_generations(
     for n in (1, 2, 3):
         out[f"distinct_{n}"] = distinct_n(completions, n)
     out["avg_response_len"] = mean_length(completions)
+    if knowledge is not None:
+        out.update(knowledge_overlap_summary(knowledge, completions))
+    if references is not None:
+        from lolrl.meteor import corpus_meteor
+
+        out["meteor"] = corpus_meteor(completions, references)
     out["n"] = len(completions)
     return out
 

@@ -108,6 +108,12 @@ def split_dialogue_prompt(prompt: str) -> tuple[str, str]:
     return knowledge[len(KNOWLEDGE_PREFIX):], history
 
 
+def dialogue_knowledge(prompt: str) -> str:
+    """The knowledge of a dialogue prompt as the original's coverage/density read it: the text before
+    the first EOS, without ``Knowledge:``, stripped."""
+    return split_dialogue_prompt(prompt)[0].strip()
+
+
 _HEAD_RE = re.compile(r"<head>(.*?)</head>", re.DOTALL)
 _RELATION_RE = re.compile(r"<relation>(.*?)</relation>", re.DOTALL)
 

@@ -60,7 +60,7 @@ from .losses import (
 )
 from .modeling import LoraSettings, load_model, load_tokenizer
 from .trainer import _flat_config, make_accelerator
-from .validation import generate_and_score, reward_columns
+from .validation import generate_and_score, reference_texts, reward_columns
 
 logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "reference"
@@ -520,7 +520,8 @@ class PPOTrainer:
     def validate(self, step: int, generations=None) -> float:
         """Mean validation reward; a new best is saved to ``save_dir``."""
         completions, rewards = generations or self._generate_and_score("validation")
-        summary = summarize_generations(completions, rewards)
+        summary = summarize_generations(completions, rewards,
+                                        references=reference_texts(self.val_records, self.tokenizer.eos_token))
         measure = summary["final_reward"]
         improved = measure > self.best_measure
         if self.is_main:

@@ -19,6 +19,7 @@ class TaskInfo:
     components: tuple[str, ...] = ()
     val_sample: int | None = None  # validate on a seeded random sample of this many val rows (COMET: 10,000)
     stop_texts: tuple[str, ...] = ()  # generation also stops at these tokens (COMET: ".")
+    knowledge_metrics: bool = False  # coverage/density of responses against the prompt's knowledge (dialogue tasks)
 
 
 PAPER_TASKS = {
@@ -26,9 +27,12 @@ PAPER_TASKS = {
                            ("fluency", "depth", "updown", "safe", "tfidf")),
     "reddit_neg": TaskInfo("reddit_neg", {"train": "neg_train.jsonl"}, "final_reward", 5.0,
                            ("fluency", "depth", "updown", "safe", "tfidf")),
-    "wow": TaskInfo("wow", {"test": "faithdial_test.jsonl"}, "faithdial", 4.0, ("fluency", "faithdial", "depth", "tfidf")),
-    "faithdial": TaskInfo("faithdial", {}, "final_reward", 4.0, ("fluency", "faithdial", "depth", "tfidf")),
-    "faithdial_wow": TaskInfo("faithdial_wow", {}, "faithdial", 4.0, ("fluency", "faithdial", "depth", "tfidf")),
+    "wow": TaskInfo("wow", {"test": "faithdial_test.jsonl"}, "faithdial", 4.0, ("fluency", "faithdial", "depth", "tfidf"),
+                  knowledge_metrics=True),
+    "faithdial": TaskInfo("faithdial", {}, "final_reward", 4.0, ("fluency", "faithdial", "depth", "tfidf"),
+                  knowledge_metrics=True),
+    "faithdial_wow": TaskInfo("faithdial_wow", {}, "faithdial", 4.0, ("fluency", "faithdial", "depth", "tfidf"),
+                  knowledge_metrics=True),
     "comet": TaskInfo("comet", {}, "p_valid_model", 1.0, ("p_valid_model",), val_sample=10000, stop_texts=(".",)),
 }
 

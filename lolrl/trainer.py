@@ -36,12 +36,14 @@ from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_valid
                          summarize_generations, write_results_table)
 from .io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from .losses import compute_loss
+from .meteor import default_matcher
 from .modeling import (choose_packing, load_model, load_tokenizer, model_is_encoder_decoder, response_logprobs,
                        set_dropout)
+from .paper_rewards import dialogue_knowledge
 from .reference import prompt_states, reference_pass
 from .sampling import EpochSampler, sampling_weights
 from .tasks import task_info
-from .validation import generate_and_score, score_on_main
+from .validation import generate_and_score, reference_texts, score_on_main
 from .value import ValueFitSettings, ValueHead, fit_value_head
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class OfflineRLTrainer:
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
                 check_prompts_renderable(self.tokenizer, records, split)
+        # METEOR's matching stages depend on what NLTK finds installed: say which, once, up front.
+        logger.info("meteor_matching: %s", default_matcher().stages)
         self.model = None
         self.global_step = 0
         self.best_measure = -math.inf
@@ -335,7 +339,7 @@ class OfflineRLTrainer:
             summary = {"neg_nll_per_token": measure}
         else:
             completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
-            summary = summarize_generations(completions, rewards)
+            summary = summarize_generations(completions, rewards, references=self._reference_texts(val))
             measure = summary[self.task.val_metric]
         if self.is_main:
             append_jsonl(self.output_dir / "validation_stats.jsonl", {"step": step, "epoch": epoch, **summary})
@@ -576,11 +580,14 @@ class OfflineRLTrainer:
     def evaluate(self, split: str, records: list[Record], rows: list[TokenizedRow]) -> dict[str, dict]:
         """Generate on a split, score, and summarise generated and gold responses."""
         completions, rewards = self._generate_and_score(records, rows, f"evaluate {split}")
-        tables = {f"{split}/generated": summarize_generations(completions, rewards) if rewards else
-                  summarize_generations(completions, {})}
+        references = self._reference_texts(records)
+        knowledge = self._knowledge(records)
+        tables = {f"{split}/generated": summarize_generations(completions, rewards, references, knowledge)}
         gold = reward_matrix(records)
-        if gold and all(len(v) == len(records) for v in gold.values()):
-            tables[f"{split}/reference"] = summarize_generations([r.response for r in records], gold)
+        gold_complete = bool(gold) and all(len(v) == len(records) for v in gold.values())
+        if gold_complete or knowledge is not None:
+            tables[f"{split}/reference"] = summarize_generations(references, gold if gold_complete else {},
+                                                                 knowledge=knowledge)
         if self.is_main:
             write_jsonl(self.output_dir / f"{split}_generations.jsonl", [
                 {"id": r.id, "response": c, **{k: v[i] for k, v in rewards.items()}}
@@ -589,6 +596,16 @@ class OfflineRLTrainer:
                 plot_reward_distributions(rewards, gold or None, self.output_dir / f"reward_distribution_{split}.png",
                                           title=f"{split}: generated vs reference rewards")
         return tables
+
+    def _reference_texts(self, records: list[Record]) -> list[str]:
+        """Gold responses without their end-of-text marker, for METEOR and the gold summary."""
+        return reference_texts(records, self.tokenizer.eos_token)
+
+    def _knowledge(self, records: list[Record]) -> list[str] | None:
+        """Each prompt's knowledge for coverage/density (dialogue tasks), else None."""
+        if not self.task.knowledge_metrics:
+            return None
+        return [dialogue_knowledge(r.prompt) for r in records]
 
     def _restore_best(self) -> None:
         if self.best_state is None:

@@ -16,6 +16,7 @@ from .data import Record
 from .evaluation import summarize_generations
 from .generation import GenerationSettings, generate
 from .io import append_jsonl, atomic_write_json
+from .paper_rewards import EOS as PAPER_EOS  # the end marker written into the paper tasks' references
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,19 @@ def reward_columns(records: list[Record]) -> dict[str, list]:
     columns["ids"] = [r.id for r in records]
     columns["references"] = [r.response for r in records]
     return columns
+
+
+def reference_texts(records: list[Record], eos_token: str | None = None) -> list[str]:
+    """The records' gold responses as text to compare generations with: every ``<|endoftext|>`` (the
+    original removed it too) and the tokenizer's EOS text removed, then stripped."""
+    markers = [m for m in (PAPER_EOS, eos_token) if m]
+    texts = []
+    for record in records:
+        text = record.response
+        for marker in markers:
+            text = text.replace(marker, "")
+        texts.append(text.strip())
+    return texts
 
 
 def score_on_main(reward, records: list[Record], completions: list[str], batch_size: int, accelerator,
@@ -89,7 +103,8 @@ class RewardValidationCallback:
         model.eval()
         completions, rewards = generate_and_score(model, self.tokenizer, self.records, self.rows, self.settings,
                                                   self.batch_size, accelerator, self.reward, self.postprocess)
-        summary = summarize_generations(completions, rewards)
+        summary = summarize_generations(completions, rewards,
+                                        references=reference_texts(self.records, self.tokenizer.eos_token))
         measure = summary[self.metric]
         improved = measure > self.best
         if accelerator.is_main_process:

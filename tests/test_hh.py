@@ -164,7 +164,7 @@ def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, str
         assert plan["rows"] == (32 if strategy == "all_priority" else 16)
         assert plan["optimizer_steps"] == max(1, int(4 * positive / 16))
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
-    assert validations and all(0.0 < v["final_reward"] < 1.0 for v in validations)
+    assert validations and all(0.0 < v["final_reward"] < 1.0 and 0.0 <= v["meteor"] <= 1.0 for v in validations)
 
 
 def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
@@ -227,6 +227,7 @@ def test_dpo_script_with_trl(tmp_path, tiny_models, reference_free):
     out = tmp_path / "out"
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validations] == [0, 2] and all(0 < v["final_reward"] < 1 for v in validations)
+    assert all(0 <= v["meteor"] <= 1 for v in validations)  # RewardValidationCallback: against the chosen responses
     best = out / "best_adapter"
     assert (best / "adapter_model.safetensors").exists() and not (best / "ref").exists()  # the policy adapter only
     state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())

@@ -257,6 +257,7 @@ def test_ppo_script_two_steps_with_the_starting_adapter_as_reference(hh_fixture)
     # after one update the policy has left the reference, which stayed frozen (else the KL would stay 0)
     assert abs(log[1]["kl"]) > 1e-4 and log[1]["kl_coef"] < 0.2 and all(0.0 < e["reward"] < 1.0 for e in log)
     assert [v["step"] for v in _read_jsonl(out / "validation_stats.jsonl")] == [0, 2]
+    assert all(0 <= v["meteor"] <= 1 for v in _read_jsonl(out / "validation_stats.jsonl"))
     best = out / "best_adapter"
     assert (best / "adapter_model.safetensors").exists() and (best / "value_head.safetensors").exists()
     assert not (best / "reference").exists()  # only the trained adapter is saved
