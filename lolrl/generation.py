@@ -6,6 +6,7 @@ With several processes each one generates its share and the results are gathered
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -44,10 +45,29 @@ def _generate_kwargs(tokenizer, settings: GenerationSettings) -> dict:
     return kwargs
 
 
+def sharded_parameters(accelerator) -> bool:
+    """Whether the weights are sharded across processes (DeepSpeed ZeRO-3 or FSDP): then every
+    process must take part in every forward of ``generate`` (``synced_gpus``)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return False
+    state = accelerator.state
+    plugin = getattr(state, "deepspeed_plugin", None)
+    zero3 = plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+    return zero3 or str(getattr(state, "distributed_type", "")).endswith("FSDP")
+
+
+def batches_per_process(n_rows: int, num_processes: int, batch_size: int) -> int:
+    """Generation batches of the busiest process when rows are dealt round-robin."""
+    return math.ceil(math.ceil(n_rows / num_processes) / batch_size)
+
+
 @torch.no_grad()
 def generate_local(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
-                   device, desc: str = "generate", show_progress: bool = True) -> dict[int, str]:
-    """Generate for ``rows`` on this process; returns ``{row.index: text}``."""
+                   device, desc: str = "generate", show_progress: bool = True,
+                   synced_batches: int | None = None) -> dict[int, str]:
+    """Generate for ``rows`` on this process; returns ``{row.index: text}``. With ``synced_batches``
+    (sharded weights) this process runs exactly that many ``generate`` calls with ``synced_gpus``,
+    dummy ones where it has no rows left, so that no process waits for a collective alone."""
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     kwargs = _generate_kwargs(tokenizer, settings)
     was_training = model.training
@@ -55,12 +75,21 @@ def generate_local(model, tokenizer, rows: list[TokenizedRow], settings: Generat
     ordered = sorted(rows, key=lambda r: len(r.prompt_ids))
     outputs: dict[int, str] = {}
     batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
-        ids, mask = pad_prompts(batch, tokenizer.pad_token_id, left=not encoder_decoder)
+    total = len(batches)
+    if synced_batches is not None:
+        kwargs["synced_gpus"] = True
+        total = synced_batches
+    for k in tqdm(range(total), desc=desc, disable=not show_progress, leave=False):
+        if k < len(batches):
+            ids, mask = pad_prompts(batches[k], tokenizer.pad_token_id, left=not encoder_decoder)
+        else:  # a batch this process does not need, only to keep it in step (output discarded)
+            ids = torch.full((1, 1), tokenizer.pad_token_id)
+            mask = torch.ones_like(ids)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        new_tokens = out if encoder_decoder else out[:, ids.shape[1]:]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        outputs.update({row.index: text.strip() for row, text in zip(batch, texts)})
+        if k < len(batches):
+            new_tokens = out if encoder_decoder else out[:, ids.shape[1]:]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            outputs.update({row.index: text.strip() for row, text in zip(batches[k], texts)})
     model.train(was_training)
     return outputs
 
@@ -75,8 +104,11 @@ def generate(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSet
         from accelerate.utils import gather_object
 
         mine = rows[accelerator.process_index::accelerator.num_processes]
+        synced = batches_per_process(len(rows), accelerator.num_processes, batch_size) \
+            if sharded_parameters(accelerator) else None
         local_part = generate_local(accelerator.unwrap_model(model), tokenizer, mine, settings, batch_size,
-                                    accelerator.device, desc, show_progress=accelerator.is_local_main_process)
+                                    accelerator.device, desc, show_progress=accelerator.is_local_main_process,
+                                    synced_batches=synced)
         local = {}
         for part in gather_object([local_part]):
             local.update(part)

@@ -48,3 +48,32 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "training_plan.json").read_text())["global_batch"] == 8
     assert [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()] == [2]
+
+
+def test_sharded_weights_generate_the_same_number_of_times_on_every_process(tiny_models):
+    """Under ZeRO-3 / FSDP every process must join every generate call (synced_gpus): a process
+    with fewer rows runs dummy batches whose output is dropped."""
+    from lolrl.collation import Tokenizer
+    from lolrl.data import Record
+    from lolrl.generation import GenerationSettings, batches_per_process, generate_local
+    from lolrl.modeling import load_model, load_tokenizer
+
+    assert batches_per_process(10, 3, 2) == 2 and batches_per_process(9, 2, 4) == 2 and batches_per_process(0, 2, 4) == 0
+    tokenizer = load_tokenizer(tiny_models["llama"])
+    model = load_model(tiny_models["llama"]).eval()
+    calls = []
+    real_generate = model.generate
+
+    def recording_generate(**kwargs):
+        calls.append(kwargs.pop("synced_gpus", False))
+        return real_generate(**kwargs)
+
+    model.generate = recording_generate
+    rows = Tokenizer(tokenizer, False, 32, 8)([Record(id=str(i), prompt=f"hello {i}", response="x") for i in range(3)])
+    settings = GenerationSettings(max_new_tokens=3, num_beams=1, repetition_penalty=1.0)
+    out = generate_local(model, tokenizer, rows, settings, batch_size=2, device="cpu", show_progress=False,
+                         synced_batches=4)
+    assert calls == [True] * 4 and sorted(out) == [0, 1, 2]  # 2 real batches + 2 dummies, only real rows kept
+    calls.clear()
+    assert generate_local(model, tokenizer, [], settings, 2, "cpu", show_progress=False, synced_batches=1) == {}
+    assert calls == [True]
