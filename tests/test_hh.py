@@ -296,3 +296,23 @@ def test_response_logprob_sums_match_a_direct_forward(tiny_models):
             logprobs = model(ids).logits.log_softmax(-1)[0, len(prompt) - 1:-1]
         expected = logprobs.gather(-1, torch.tensor(response)[:, None]).sum().item()
         assert n == len(response) and total == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("lolrl_qlora_llama_hh.py", ["--algorithm", "a_lol", "--sampling_strategy", "all_priority"]),
+    ("pro_qlora_llama_hh.py", []),
+])
+def test_hh_scripts_with_two_processes(tmp_path, tiny_models, script, extra):
+    """torchrun, two gloo processes: the per-process batches of prompts (PRO: of candidate groups)."""
+    args = _hh_training_fixture(tmp_path, tiny_models, n_train=8)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+           str(ROOT / script), *args, *extra, "--max_steps", "2", "--eval_steps", "2",
+           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert json.loads((out / "training_plan.json").read_text())["global_batch"] == 4  # 2 processes x 2 items
+    validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
+    assert validations[0]["step"] == 0 and len(validations) >= 2  # written once, by the main process
+    assert (out / "best_adapter" / "adapter_model.safetensors").exists()
