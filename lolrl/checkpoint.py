@@ -98,3 +98,49 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int 
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     best_path = path / "best.safetensors"
     return state, (load_file(str(best_path)) if best_path.is_file() else None)
+
+
+# Settings that only say when to stop, what to log or where: a run resumed with other values is the same run.
+NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to", "logging_steps",
+                  "use_cache", "do_test")
+
+
+def run_key(settings: dict, train_digest: str) -> str:
+    """What a checkpoint must agree with to be resumed: the run's settings and its training data."""
+    from .cache import hash_json
+
+    kept = {k: v for k, v in settings.items() if k not in NOT_IN_RUN_KEY}
+    return hash_json({"settings": kept, "train": train_digest})
+
+
+def find_resumable(directory: Path, mode: str, key: str) -> Path | None:
+    """The checkpoint to resume (``mode``: auto, must, never), refusing one written by another run."""
+    from .config import ConfigError
+
+    found = None if mode == "never" else latest_checkpoint(directory)
+    if mode == "must" and found is None:
+        raise ConfigError(f"--resume: no checkpoint in {directory}")
+    if found is not None and json.loads((found / "state.json").read_text())["progress"].get("run_key") != key:
+        raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
+                          "resume with the same flags, or pass --no_resume (or another output folder)")
+    return found
+
+
+def process_rng_states(accelerator) -> list[torch.Tensor]:
+    """Every process's torch RNG state, gathered (a collective: every process calls it)."""
+    states = [torch.get_rng_state()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        states = gather_object(states)
+    return states
+
+
+def drop_log_tail(output_dir: Path, step: int, names=("train_log.jsonl", "validation_stats.jsonl")) -> None:
+    """Remove the log lines of steps after ``step`` (what a crashed run logged past its checkpoint)."""
+    from .io import read_jsonl, write_jsonl
+
+    for name in names:
+        path = output_dir / name
+        if path.exists():
+            write_jsonl(path, [e for e in read_jsonl(path) if e.get("step", 0) <= step])

@@ -41,13 +41,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import cache as cache_lib
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (drop_log_tail, find_resumable, load_checkpoint, process_rng_states, run_key,
+                         save_checkpoint)
 from .collation import Collator, TokenizedRow, Tokenizer
 from .config import ConfigError
 from .data import Record
 from .evaluation import plot_loss_curves, plot_validation_curve, summarize_generations
 from .generation import GenerationSettings, generate_token_ids
-from .io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
+from .io import append_jsonl, atomic_write_json, write_jsonl
 from .losses import (
     PPO_KL_PENALTIES,
     adaptive_kl_coef,
@@ -566,30 +567,17 @@ class PPOTrainer:
 
     @functools.cached_property
     def _run_key(self) -> str:
-        settings = {k: v for k, v in self.config.to_dict().items()
-                    if k not in ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to",
-                                 "logging_steps", "use_cache")}
-        return cache_lib.hash_json({"settings": settings, "train": cache_lib.records_digest(self.train_records)})
+        return run_key(self.config.to_dict(), cache_lib.records_digest(self.train_records))
 
     def find_checkpoint(self) -> Path | None:
-        mode = self.config.resume
-        found = None if mode == "never" else latest_checkpoint(self.checkpoint_dir)
-        if mode == "must" and found is None:
-            raise ConfigError(f"resume: no checkpoint in {self.checkpoint_dir}")
+        found = find_resumable(self.checkpoint_dir, self.config.resume, self._run_key)
         if found is not None:
-            if json.loads((found / "state.json").read_text())["progress"].get("run_key") != self._run_key:
-                raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
-                                  "resume with the same flags, or pass --no_resume (or another --output_dir)")
             logger.info("resuming from %s (pass --no_resume to start over)", found)
         return found
 
     def _save_checkpoint(self, optimizer, scheduler) -> None:
         self.accelerator.wait_for_everyone()
-        rng_states = [torch.get_rng_state()]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            rng_states = gather_object(rng_states)
+        rng_states = process_rng_states(self.accelerator)
         if self.is_main:
             progress = {"prompt_epoch": self.prompt_epoch, "prompt_position": self.prompt_position,
                         "best_measure": self.best_measure if math.isfinite(self.best_measure) else None,
@@ -609,11 +597,8 @@ class PPOTrainer:
         self.kl_coef = progress["kl_coef"]
         self.running = RunningMoments(**progress["running"])
         self.best_state = best
-        if self.is_main:  # drop log lines of steps after the checkpoint
-            for name in ("train_log.jsonl", "validation_stats.jsonl"):
-                path = self.output_dir / name
-                if path.exists():
-                    write_jsonl(path, [e for e in read_jsonl(path) if e.get("step", 0) <= self.global_step])
+        if self.is_main:
+            drop_log_tail(self.output_dir, self.global_step)
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> dict:

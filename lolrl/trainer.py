@@ -28,13 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as cache_lib
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (drop_log_tail, find_resumable, load_checkpoint, process_rng_states, run_key,
+                         save_checkpoint)
 from .collation import Collator, Tokenizer, TokenizedRow, check_prompts_renderable
 from .config import ConfigError, OfflineRLConfig
 from .data import Record, TaskData, reward_matrix
 from .evaluation import (plot_loss_curves, plot_reward_distributions, plot_validation_curve,
                          summarize_generations, write_results_table)
-from .io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
+from .io import append_jsonl, atomic_write_json, write_jsonl
 from .losses import compute_loss
 from .meteor import default_matcher
 from .modeling import (choose_packing, load_model, load_tokenizer, model_is_encoder_decoder, response_logprobs,
@@ -430,32 +431,17 @@ class OfflineRLTrainer:
 
     @functools.cached_property
     def _run_key(self) -> str:
-        """What a checkpoint must agree with to be resumed (not the flags that only say when to stop)."""
-        settings = {k: v for k, v in self.config.to_dict().items()
-                    if k not in ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to",
-                                 "logging_steps", "use_cache", "do_test")}
-        return cache_lib.hash_json({"settings": settings, "train": cache_lib.records_digest(self.data.train)})
+        return run_key(self.config.to_dict(), cache_lib.records_digest(self.data.train))
 
     def find_checkpoint(self) -> Path | None:
-        mode = self.config.resume
-        found = None if mode == "never" else latest_checkpoint(self.checkpoint_dir)
-        if mode == "must" and found is None:
-            raise ConfigError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+        found = find_resumable(self.checkpoint_dir, self.config.resume, self._run_key)
         if found is not None:
-            written_by = json.loads((found / "state.json").read_text())["progress"].get("run_key")
-            if written_by != self._run_key:
-                raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
-                                  "resume with the same flags, or pass --no_resume (or another -o)")
             logger.info("resuming from %s (pass --no_resume to start over)", found)
         return found
 
     def _save_checkpoint(self, optimizer, scheduler, epoch: int, next_group: int) -> None:
         self.accelerator.wait_for_everyone()
-        rng_states = [torch.get_rng_state()]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            rng_states = gather_object(rng_states)
+        rng_states = process_rng_states(self.accelerator)
         trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
         if self.is_main:
             progress = {"epoch": epoch, "next_group": next_group, "best_measure": self.best_measure,
@@ -471,11 +457,8 @@ class OfflineRLTrainer:
         measure = state["progress"]["best_measure"]
         self.best_measure = -math.inf if measure is None else measure
         self.best_state = best
-        if self.is_main:  # drop log lines of steps after the checkpoint (the crashed run's tail)
-            for name in ("train_log.jsonl", "validation_stats.jsonl"):
-                path = self.output_dir / name
-                if path.exists():
-                    write_jsonl(path, [e for e in read_jsonl(path) if e.get("step", 0) <= self.global_step])
+        if self.is_main:
+            drop_log_tail(self.output_dir, self.global_step)
         return state["progress"]["epoch"], state["progress"]["next_group"]
 
     def _should_checkpoint(self, validated: bool) -> bool:
