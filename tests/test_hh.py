@@ -142,8 +142,10 @@ def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
     assert (out / "hh_eval_results.md").exists() and (out / "hh_reward_distribution.png").exists()
 
 
-@pytest.mark.parametrize("algorithm, strategy", [("nll", "None"), ("a_lol", "good_priority"),
-                                                 ("a_lol_seq", "all_priority")])
+@pytest.mark.parametrize("algorithm, strategy", [
+    ("nll", "None"), ("wbc", "good_random"), ("r_gold", "None"), ("r_lol", "good_priority"),
+    ("a_lol", "good_priority"), ("a_lol_ref_free", "good_random"), ("a_lol_seq", "all_priority"),
+    ("a_lol_kl", "good_priority")])
 def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, strategy):
     sys.path.insert(0, str(ROOT))
     from lolrl_qlora_llama_hh import main as hh_main
@@ -156,7 +158,7 @@ def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, str
     out = tmp_path / "out"
     assert (out / "best_adapter" / "adapter_model.safetensors").exists()
     plan = json.loads((out / "training_plan.json").read_text())
-    if algorithm == "nll":
+    if not algorithm.startswith("a_lol"):
         assert plan["optimizer_steps"] == 4 and plan["rows"] == 16
     else:  # steps rescaled by the positive share; all_priority trains on both suffixes of every record
         stats = json.loads((out / "advantage_stats.json").read_text())
