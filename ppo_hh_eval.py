@@ -14,11 +14,8 @@ import argparse
 import logging
 import sys
 
-from lolrl.data import DataError
-from lolrl.evaluation import format_markdown_table
-from lolrl.hh_eval import evaluate_hh, load_model_for_eval
-from lolrl.hh_reward import TEST_RM, HHRewardModel
-from lolrl.modeling import ModelLoadError, load_tokenizer
+from lolrl.hh_eval import run_test_evaluation
+from lolrl.hh_reward import TEST_RM
 
 PROMPT_LIMIT = 384  # the original's 512 - 128
 # The original evaluates this checkpoint with the GPT-NeoX-20B tokenizer (the checkpoint ships none).
@@ -40,21 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_examples", type=int, default=None, help="per split, for quick checks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        tokenizer = load_tokenizer(args.model_name_or_path,
-                                   args.tokenizer_name or TOKENIZER_OF.get(args.model_name_or_path))
-        model = load_model_for_eval(args.model_name_or_path)
-        reward = HHRewardModel(args.reward_model, batch_size=args.rm_batch_size)
-        summaries = evaluate_hh(model, tokenizer, reward, args.test_dir, args.output_dir, how="anthropic",
-                                batch_size=args.per_device_eval_batch_size, max_prompt_length=PROMPT_LIMIT,
-                                exclude_bad=args.exclude_bad_indices, max_examples=args.max_examples,
-                                stop_token_ids=[])
-    except (DataError, ModelLoadError, FileNotFoundError, OSError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(format_markdown_table(summaries))
-    print(f"results in {args.output_dir}")
-    return 0
+    return run_test_evaluation(args, tokenizer_name=args.tokenizer_name or TOKENIZER_OF.get(args.model_name_or_path),
+                               how="anthropic", max_prompt_length=PROMPT_LIMIT, stop_token_ids=[])
 
 
 if __name__ == "__main__":

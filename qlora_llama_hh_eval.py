@@ -12,12 +12,9 @@ import argparse
 import logging
 import sys
 
-from lolrl.data import DataError
-from lolrl.evaluation import format_markdown_table
 from lolrl.hh import RENDERINGS
-from lolrl.hh_eval import evaluate_hh, load_model_for_eval
-from lolrl.hh_reward import TEST_RM, HHRewardModel
-from lolrl.modeling import ModelLoadError, load_tokenizer
+from lolrl.hh_eval import run_test_evaluation
+from lolrl.hh_reward import TEST_RM
 
 
 def main() -> int:
@@ -37,19 +34,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapter = None if args.adapter_path in (None, "", "none") else args.adapter_path
-    try:
-        tokenizer = load_tokenizer(args.model_name_or_path)
-        model = load_model_for_eval(args.model_name_or_path, adapter)
-        reward = HHRewardModel(args.reward_model, batch_size=args.rm_batch_size)
-        summaries = evaluate_hh(model, tokenizer, reward, args.test_dir, args.output_dir, how=args.prompt_format,
-                                batch_size=args.per_device_eval_batch_size, exclude_bad=args.exclude_bad_indices,
-                                max_examples=args.max_examples)
-    except (DataError, ModelLoadError, FileNotFoundError, OSError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(format_markdown_table(summaries))
-    print(f"results in {args.output_dir}")
-    return 0
+    return run_test_evaluation(args, adapter_path=adapter, how=args.prompt_format)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,12 @@ def parse_rows(rows: Iterable[tuple[int, Any]], source: str, require_reward: boo
     return records
 
 
-def _decoded_lines(path: Path) -> Iterable[tuple[int, Any]]:
+def json_lines(path: str | Path) -> Iterable[tuple[int, Any]]:
+    """``(line number, decoded value)`` of every non-blank line of a JSON Lines file; a missing file
+    or a line that is not JSON raises :class:`DataError` naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, None, "file not found")
     with open(path, encoding="utf-8") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
@@ -160,10 +165,7 @@ def _decoded_lines(path: Path) -> Iterable[tuple[int, Any]]:
 
 def load_jsonl(path: str | Path, require_reward: bool = False) -> list[Record]:
     """Read and validate one JSON Lines file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "file not found")
-    return parse_rows(_decoded_lines(path), str(path), require_reward)
+    return parse_rows(json_lines(path), str(path), require_reward)
 
 
 def records_from_dataset(dataset, source: str = "dataset", require_reward: bool = False) -> list[Record]:

@@ -7,11 +7,10 @@ slot), ``suffix`` (the candidate responses), ``reward`` (raw reward-model logits
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .data import DataError, Record
+from .data import DataError, Record, json_lines
 
 PROMPTER, ASSISTANT = "<|prompter|>", "<|assistant|>"
 SYSTEM_PREFIX = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -68,20 +67,10 @@ def sigmoid(x: float) -> float:
 
 def read_pro_file(path: str | Path) -> list[dict]:
     """Read and check a PRO-format JSON Lines file; errors name the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "file not found")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(str(path), number, None, f"invalid JSON ({exc.msg})") from None
-            _check_pro_row(row, str(path), number)
-            rows.append(row)
+    for number, row in json_lines(path):
+        _check_pro_row(row, str(path), number)
+        rows.append(row)
     if not rows:
         raise DataError(str(path), None, None, "has no records")
     return rows

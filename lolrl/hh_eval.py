@@ -87,3 +87,30 @@ def evaluate_hh(model, tokenizer, reward_fn, test_dir: str | Path, output_dir: s
                               title="HH test: reward of the generated responses per split")
     return summaries
 
+
+
+def run_test_evaluation(args, adapter_path: str | None = None, tokenizer_name: str | None = None,
+                        **evaluate_kwargs) -> int:
+    """The evaluation scripts' body: load the tokenizer, the model (plus adapter) and the test reward
+    model named by ``args``, run :func:`evaluate_hh`, print the table; user errors print one line
+    and return 2."""
+    import sys
+
+    from .data import DataError
+    from .evaluation import format_markdown_table
+    from .hh_reward import HHRewardModel
+    from .modeling import ModelLoadError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.model_name_or_path, tokenizer_name)
+        model = load_model_for_eval(args.model_name_or_path, adapter_path)
+        reward = HHRewardModel(args.reward_model, batch_size=args.rm_batch_size)
+        summaries = evaluate_hh(model, tokenizer, reward, args.test_dir, args.output_dir,
+                                batch_size=args.per_device_eval_batch_size, exclude_bad=args.exclude_bad_indices,
+                                max_examples=args.max_examples, **evaluate_kwargs)
+    except (DataError, ModelLoadError, FileNotFoundError, OSError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(format_markdown_table(summaries))
+    print(f"results in {args.output_dir}")
+    return 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import DataError
+from .data import DataError, json_lines
 from .paper_rewards import COMET_RELATION_PHRASES, EOS
 
 RANDOM_SEED = 901
@@ -308,30 +308,20 @@ def comet_prompt(head: str, relation: str) -> str:
 
 def read_atomic10x(path: str | Path) -> dict[str, list[tuple[int, dict]]]:
     """``ATOMIC10X.jsonl`` rows grouped by their ``split`` (train / val / test), each with its line number."""
-    path = Path(path)
     source = str(path)
-    if not path.is_file():
-        raise DataError(source, None, None, "file not found")
     splits: dict[str, list[tuple[int, dict]]] = {"train": [], "val": [], "test": []}
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(source, number, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(source, number, None, "expected a JSON object")
-            for key in ("head", "relation", "tail", "split"):
-                if not isinstance(row.get(key), str):
-                    raise DataError(source, number, key, f"expected a string, got {row.get(key)!r}")
-            value = row.get("p_valid_model")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise DataError(source, number, "p_valid_model", f"expected a finite number, got {value!r}")
-            if row["split"] not in splits:
-                raise DataError(source, number, "split", f"expected train, val or test, got {row['split']!r}")
-            splits[row["split"]].append((number, row))
+    for number, row in json_lines(path):
+        if not isinstance(row, dict):
+            raise DataError(source, number, None, "expected a JSON object")
+        for key in ("head", "relation", "tail", "split"):
+            if not isinstance(row.get(key), str):
+                raise DataError(source, number, key, f"expected a string, got {row.get(key)!r}")
+        value = row.get("p_valid_model")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise DataError(source, number, "p_valid_model", f"expected a finite number, got {value!r}")
+        if row["split"] not in splits:
+            raise DataError(source, number, "split", f"expected train, val or test, got {row['split']!r}")
+        splits[row["split"]].append((number, row))
     return splits
 
 
