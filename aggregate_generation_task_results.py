@@ -5,7 +5,7 @@
 """
 import sys
 
-from lolrl.aggregate import main
+from lolrl.tasks.paper.aggregate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@
 """
 import sys
 
-from lolrl.comet_convert import main
+from lolrl.tasks.paper.comet_convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,9 +7,9 @@ import argparse
 import json
 import sys
 
-from lolrl.data import DataError
-from lolrl.hh import clean_training_rows, read_pro_file
-from lolrl.io import atomic_write_text
+from lolrl.engine.data import DataError
+from lolrl.tasks.hh.data import clean_training_rows, read_pro_file
+from lolrl.utils.io import atomic_write_text
 
 
 def main() -> int:

@@ -10,8 +10,8 @@ import logging
 import os
 import sys
 
-from lolrl.demo import DemoSettings, run_demo
-from lolrl.losses import ALGORITHMS
+from lolrl.demo.pipeline import DemoSettings, run_demo
+from lolrl.engine.losses import ALGORITHMS
 
 
 def main() -> int:

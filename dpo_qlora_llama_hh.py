@@ -15,9 +15,16 @@ import argparse
 import logging
 import sys
 
-from lolrl.dpo import PAIR_ORDERS, train_dpo
-from lolrl.hh_train import (USER_ERRORS, add_common_arguments, generation_settings, hh_postprocess, read_hh_files,
-                            validation_records, validation_reward)
+from lolrl.tasks.hh.cli import add_common_arguments
+from lolrl.tasks.hh.dpo import PAIR_ORDERS, train_dpo
+from lolrl.tasks.hh.train import (
+    generation_settings,
+    hh_postprocess,
+    read_hh_files,
+    validation_records,
+    validation_reward,
+)
+from lolrl.utils.errors import UserError, report_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +51,8 @@ def main(argv=None) -> int:
         val = val[: args.max_val_examples] if args.max_val_examples else val
         result = train_dpo(args, train_rows, val, validation_reward(args), hh_postprocess(args),
                            generation_settings(args.model_name_or_path))
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report_user_error(exc)
     best = result["best_validation_reward"]
     print(f"{result['steps']} steps" + (f", best validation reward {best:.4f}" if best is not None else "")
           + f"; adapter in {args.output_dir}/best_adapter")

@@ -12,19 +12,23 @@ starting adapter, whose log-probs are computed once before training.
 import argparse
 import sys
 
-from lolrl.config import ConfigError
-from lolrl.hh import pro_records
-from lolrl.hh_train import add_common_arguments, offline_config, run_offline, task_data, validation_records
-from lolrl.losses import ALGORITHMS
+from lolrl.engine.config import ConfigError
+from lolrl.engine.losses import ALGORITHMS
+from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
+from lolrl.engine.sampling import canonical_strategy
+from lolrl.tasks.hh.cli import add_common_arguments, run_offline
+from lolrl.tasks.hh.data import pro_records
+from lolrl.tasks.hh.train import offline_config, task_data, validation_records
 
-STRATEGIES = ("None", "good_priority", "good_random", "all_priority")
+STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithm", choices=ALGORITHMS, default="nll")
-    p.add_argument("--sampling_strategy", choices=STRATEGIES, default="None",
-                   help="all_priority: both suffixes of every record, each with its own reward")
+    p.add_argument("--sampling_strategy", type=canonical_strategy, choices=STRATEGIES, default="uniform",
+                   help="uniform (the original's None, also accepted), good_priority, good_random, or all_priority: "
+                        "both suffixes of every record, each with its own reward")
     p.add_argument("--ppo_clip", type=float, default=0.9)
     p.add_argument("--kl_beta", type=float, default=0.0,
                    help="> 0 with --algorithm a_lol and --ppo_clip 0 is A-LoL KL (the original's spelling)")

@@ -14,8 +14,8 @@ import argparse
 import logging
 import sys
 
-from lolrl.hh_eval import run_test_evaluation
-from lolrl.hh_reward import TEST_RM
+from lolrl.tasks.hh.evaluate import run_test_evaluation
+from lolrl.tasks.hh.reward_model import TEST_RM
 
 PROMPT_LIMIT = 384  # the original's 512 - 128
 # The original evaluates this checkpoint with the GPT-NeoX-20B tokenizer (the checkpoint ships none).

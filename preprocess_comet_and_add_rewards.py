@@ -5,7 +5,7 @@ See the README section of the task for the commands; the pipeline is in lolrl/pa
 """
 import sys
 
-from lolrl.paper_preprocess import comet_parser, preprocess_comet, run_main
+from lolrl.tasks.paper.preprocess import comet_parser, preprocess_comet, run_main
 
 if __name__ == "__main__":
     sys.exit(run_main(preprocess_comet, comet_parser(), None))

@@ -5,7 +5,7 @@ See the README section of the task for the commands; the pipeline is in lolrl/pa
 """
 import sys
 
-from lolrl.paper_preprocess import dialogue_parser, preprocess_dialogue, run_main
+from lolrl.tasks.paper.preprocess import dialogue_parser, preprocess_dialogue, run_main
 
 if __name__ == "__main__":
     sys.exit(run_main(preprocess_dialogue, dialogue_parser(), None))

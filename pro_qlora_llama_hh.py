@@ -4,7 +4,7 @@
     python pro_qlora_llama_hh.py --output_dir results/pro
 
 Each training item is one prompt with its first ``--training_stage`` candidate responses; the
-loss (``lolrl.losses.pro_loss``) ranks them by their raw stored reward-model logits, using the
+loss (``lolrl.engine.losses.pro_loss``) ranks them by their raw stored reward-model logits, using the
 length-normalised log-probability of each, plus ``--sft_weight`` x the summed NLL of the
 ``sft_index`` response. Same engine, validation, best adapter and checkpoints as
 ``lolrl_qlora_llama_hh.py``. Differences from the original (documented in the README): the
@@ -15,8 +15,9 @@ one).
 import argparse
 import sys
 
-from lolrl.hh import pro_records
-from lolrl.hh_train import add_common_arguments, offline_config, run_offline, task_data, validation_records
+from lolrl.tasks.hh.cli import add_common_arguments, run_offline
+from lolrl.tasks.hh.data import pro_records
+from lolrl.tasks.hh.train import offline_config, task_data, validation_records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build(args, train_rows, dev_rows):
     config = offline_config(args, algorithm="pro", group_size=args.training_stage, sft_weight=args.sft_weight,
-                            sampling_strategy="None")
+                            sampling_strategy="uniform")
     train = pro_records(train_rows, args.prompt_format, "all", "train", sigmoid_rewards=False,
                         n_candidates=args.training_stage)
     return config, task_data(train, validation_records(args, dev_rows))

@@ -12,9 +12,9 @@ import argparse
 import logging
 import sys
 
-from lolrl.hh import RENDERINGS
-from lolrl.hh_eval import run_test_evaluation
-from lolrl.hh_reward import TEST_RM
+from lolrl.tasks.hh.data import RENDERINGS
+from lolrl.tasks.hh.evaluate import run_test_evaluation
+from lolrl.tasks.hh.reward_model import TEST_RM
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ Example (see the README for the full workflow):
 """
 import sys
 
-from lolrl.cli import main
+from lolrl.tasks.paper.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lolrl import demo_task  # noqa: E402
-from lolrl.demo import DemoSettings, run_demo, summarise  # noqa: E402
-from lolrl.losses import ALGORITHMS  # noqa: E402
+from lolrl.demo import task as demo_task  # noqa: E402
+from lolrl.demo.pipeline import DemoSettings, run_demo, summarise  # noqa: E402
+from lolrl.engine.losses import ALGORITHMS  # noqa: E402
 
 TARGET = 0.25
 

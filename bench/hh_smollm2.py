@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lolrl.evaluation import format_markdown_table  # noqa: E402
-from lolrl.hh import clean_training_rows, read_pro_file  # noqa: E402
-from lolrl.io import atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
+from lolrl.engine.evaluation import format_markdown_table  # noqa: E402
+from lolrl.tasks.hh.data import clean_training_rows, read_pro_file  # noqa: E402
+from lolrl.utils.io import atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
 
 RUNS = {
     "nll": ["lolrl_qlora_llama_hh.py", "--algorithm", "nll"],
@@ -83,9 +83,9 @@ def main() -> int:
         return 2
     from peft import PeftModel
 
-    from lolrl.modeling import load_model, load_tokenizer
-    from lolrl.preference import pair_records, preference_report, response_logprob_sums
-    from lolrl.smollm2 import materialise
+    from lolrl.demo.smollm2 import materialise
+    from lolrl.engine.modeling import load_model, load_tokenizer
+    from lolrl.tasks.hh.preference import pair_records, preference_report, response_logprob_sums
 
     work = Path(args.work_dir)
     model_dir = materialise(work / "smollm2")

@@ -70,7 +70,7 @@ def synthetic_rows(limit: int) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------ setup
 def prepare(workdir: Path, quick: bool, n_rows: int) -> dict:
     """Rows, a tokenizer trained on them and a GPT-2 built from a config, written to ``workdir``."""
-    from lolrl.tiny import build_causal_lm, train_tokenizer
+    from lolrl.demo.tiny import build_causal_lm, train_tokenizer
 
     source = "HH (../shared/data/hh)" if HH.is_dir() else "synthetic, HH-like lengths"
     rows = hh_rows(n_rows) if HH.is_dir() else synthetic_rows(n_rows)
@@ -109,12 +109,12 @@ def run_worker(method: str, workdir: Path, steps: int, batch_size: int) -> dict:
     import numpy as np
     import torch
 
-    from lolrl.collation import Collator, Tokenizer, group_by_length, padding_ratio
-    from lolrl.data import Record
-    from lolrl.losses import compute_loss
-    from lolrl.modeling import choose_packing, load_model, load_tokenizer, response_logprobs
-    from lolrl.reference import reference_pass
-    from lolrl.value import ValueHead
+    from lolrl.engine.collation import Collator, Tokenizer, group_by_length, padding_ratio
+    from lolrl.engine.data import Record
+    from lolrl.engine.losses import compute_loss
+    from lolrl.engine.modeling import choose_packing, load_model, load_tokenizer, response_logprobs
+    from lolrl.engine.reference import reference_pass
+    from lolrl.engine.value import ValueHead
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()

@@ -6,13 +6,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 
-from lolrl import demo_task  # noqa: E402
+from lolrl.demo import task as demo_task  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A tiny GPT-2 (tokenizer without a pad token, like GPT-2's), a tiny T5 and a tiny Llama, saved to disk."""
-    from lolrl.tiny import build_causal_lm, build_llama_lm, build_seq2seq_lm, train_tokenizer
+    from lolrl.demo.tiny import build_causal_lm, build_llama_lm, build_seq2seq_lm, train_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     causal_tok = train_tokenizer(demo_task.corpus(), root / "tok_causal", with_pad=False)

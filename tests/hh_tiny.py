@@ -11,8 +11,8 @@ def tiny_reward_model(directory):
     """A 1-layer GPT-NeoX reward model of the OpenAssistant architecture, saved to ``directory``."""
     import torch
 
-    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
-    from lolrl.tiny import train_tokenizer
+    from lolrl.demo.tiny import train_tokenizer
+    from lolrl.tasks.hh.reward_model import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
 
     tokenizer = train_tokenizer(["<|prompter|>Q1", "<|assistant|>A1", "an answer", "<eos>"] * 5, directory,
                                 vocab_size=300, with_pad=True)

@@ -83,8 +83,8 @@ def build_all(root: Path) -> dict[str, str]:
         RobertaForSequenceClassification,
     )
 
-    from lolrl.paper_rewards import _toxichat_class
-    from lolrl.tiny import build_causal_lm
+    from lolrl.demo.tiny import build_causal_lm
+    from lolrl.tasks.paper.rewards import _toxichat_class
 
     root = Path(root)
     paths = {k: root / k for k in ("policy", "cola", "faithcritic", "depth", "updown", "offensive", "roberta")}

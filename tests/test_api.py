@@ -2,8 +2,8 @@
 import math
 
 from lolrl import OfflineRLConfig, OfflineRLTrainer, load_reward, load_task_dir
-from lolrl.rewards import RewardFunction
-from lolrl.demo_task import fluency, safety
+from lolrl.demo.task import fluency, safety
+from lolrl.engine.rewards import RewardFunction
 
 
 def test_readme_api_example(tmp_path, tiny_models, toy_dir, toy_reward_spec):
@@ -22,6 +22,6 @@ def test_reward_from_python_callables(tmp_path, tiny_models, toy_dir):
                              n_epochs=1, batch_size=16, max_resp_length=8, max_steps=1, val_log_frequency=1,
                              do_test=False)
     results = OfflineRLTrainer(config, load_task_dir(toy_dir, need_test=False), reward).run()
-    assert set(results) == {"val/generated", "val/reference"}
+    assert set(results) == {"val/generated", "val/gold"}
     generated = results["val/generated"]
     assert math.isclose(generated["final_reward"], generated["safe"] + 0.5 * generated["fluent"], rel_tol=1e-9)

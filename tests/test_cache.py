@@ -1,7 +1,7 @@
 """Keyed caches: reused only when their key matches; a damaged entry is recomputed, never read."""
 import torch
 
-from lolrl.cache import Cache, hash_json
+from lolrl.utils.cache import Cache, hash_json
 
 
 def test_roundtrip_and_key_mismatch(tmp_path, caplog):

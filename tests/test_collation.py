@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lolrl.collation import Collator, Tokenizer, group_by_length, padding_ratio
-from lolrl.data import Record
-from lolrl.modeling import load_model, load_tokenizer, packing_is_exact, response_logprobs
+from lolrl.engine.collation import Collator, Tokenizer, group_by_length, padding_ratio
+from lolrl.engine.data import Record
+from lolrl.engine.modeling import load_model, load_tokenizer, packing_is_exact, response_logprobs
 
 RECORDS = [
     Record("a", "user: tell me about cats\nbot:", "sure i am glad to help with cats", 1.0),
@@ -110,7 +110,7 @@ def test_group_by_length_keeps_the_multiset():
 
 def test_auto_packing_only_with_a_varlen_attention_kernel(tiny_models):
     """SDPA/eager attention over a packed batch costs O(total^2): auto keeps padded, length-grouped rows."""
-    from lolrl.modeling import choose_packing
+    from lolrl.engine.modeling import choose_packing
 
     tokenizer = load_tokenizer(tiny_models["llama"])
     model = load_model(tiny_models["llama"]).eval()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lolrl.data import DataError, load_jsonl, load_jsonl_with_datasets, load_task_dir, records_to_dataset
+from lolrl.engine.data import DataError, load_jsonl, load_jsonl_with_datasets, load_task_dir, records_to_dataset
 
 
 def write(path, lines):

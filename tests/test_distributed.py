@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lolrl.losses import ALGORITHMS
+from lolrl.engine.losses import ALGORITHMS
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # the fast lane: pytest -m "not slow"
 
 ROOT = Path(__file__).parent.parent
 
@@ -53,10 +55,10 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy
 def test_sharded_weights_generate_the_same_number_of_times_on_every_process(tiny_models):
     """Under ZeRO-3 / FSDP every process must join every generate call (synced_gpus): a process
     with fewer rows runs dummy batches whose output is dropped."""
-    from lolrl.collation import Tokenizer
-    from lolrl.data import Record
-    from lolrl.generation import GenerationSettings, batches_per_process, generate_local
-    from lolrl.modeling import load_model, load_tokenizer
+    from lolrl.engine.collation import Tokenizer
+    from lolrl.engine.data import Record
+    from lolrl.engine.generation import GenerationSettings, batches_per_process, generate_local
+    from lolrl.engine.modeling import load_model, load_tokenizer
 
     assert batches_per_process(10, 3, 2) == 2 and batches_per_process(9, 2, 4) == 2 and batches_per_process(0, 2, 4) == 0
     tokenizer = load_tokenizer(tiny_models["llama"])

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from lolrl.cli import main
+from lolrl.tasks.paper.cli import main
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 
-def base(toy_dir, model, out, reward="lolrl.demo_task:safety", algo="a_lol"):
+def base(toy_dir, model, out, reward="lolrl.demo.task:safety", algo="a_lol"):
     return ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", algo,
             "-t", "-e", "1", "-bs", "8", "-v_bs", "16", "-ml", "6", "--num_beams", "1", "--max_steps", "1"]
 
@@ -82,8 +82,9 @@ def test_no_leftover_lunch(tmp_path, tiny_models, toy_dir, capsys):
 
 
 def test_tokenizer_without_pad_token_is_handled(tmp_path, tiny_models, toy_dir):
-    from lolrl.modeling import load_tokenizer
     from transformers import AutoTokenizer
+
+    from lolrl.engine.modeling import load_tokenizer
 
     assert AutoTokenizer.from_pretrained(tiny_models["causal"]).pad_token is None
     tokenizer = load_tokenizer(tiny_models["causal"])

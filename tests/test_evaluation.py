@@ -1,4 +1,4 @@
-"""Tests for lolrl.evaluation: metrics by hand, tables round-trip, plots are real PNGs."""
+"""Tests for lolrl.engine.evaluation: metrics by hand, tables round-trip, plots are real PNGs."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lolrl.evaluation import (
+from lolrl.engine.evaluation import (
     distinct_n,
     format_markdown_table,
     mean_length,
@@ -109,7 +109,7 @@ def test_summarize_generations_empty_is_nan_not_error():
 # ----------------------------------------------------------------------------- tables
 ROWS = {
     "val/generated": {"final_reward": 0.123456789, "distinct_1": 0.5, "n": 10},
-    "val/reference": {"final_reward": -1.5, "n": 12},
+    "val/gold": {"final_reward": -1.5, "n": 12},
     "test/generated": {"distinct_1": 0.25, "lr": 1e-5, "n": 3},
 }
 
@@ -186,7 +186,7 @@ def test_plot_loss_curves_missing_or_empty_log_returns_none(tmp_path):
 
 
 def test_plot_loss_curves_skips_non_numeric_and_torn_lines(tmp_path):
-    import lolrl.evaluation as ev
+    import lolrl.engine.evaluation as ev
 
     log = tmp_path / "train_log.jsonl"
     log.write_text(
@@ -216,7 +216,7 @@ def test_plot_reward_distributions(tmp_path):
 
 
 def test_reward_component_order_final_last():
-    from lolrl.evaluation import _ordered_components
+    from lolrl.engine.evaluation import _ordered_components
 
     assert _ordered_components({"final_reward": [], "a": []}, {"b": [], "a": []}) == [
         "a", "b", "final_reward"]

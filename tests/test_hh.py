@@ -7,12 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from lolrl.data import DataError
-from lolrl.hh import (SYSTEM_PREFIX, clean_training_rows, postprocess, pro_records, read_pro_file, render_anthropic,
-                      render_llama, to_chat)
-
 from hh_tiny import TURNS, pro_row, tiny_reward_model
+
+from lolrl.engine.data import DataError
+from lolrl.tasks.hh.data import (
+    SYSTEM_PREFIX,
+    clean_training_rows,
+    postprocess,
+    pro_records,
+    read_pro_file,
+    render_anthropic,
+    render_llama,
+    to_chat,
+)
+
+pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
 ROOT = Path(__file__).parent.parent
 DEV = ROOT.parent / "shared" / "data" / "hh" / "hh_dev" / "sampled_dev.json"
@@ -86,8 +95,14 @@ def test_openassistant_reward_model_architecture_loads_and_scores(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from lolrl.hh_reward import GPTNeoXRewardModel, GPTNeoXRewardModelConfig, HHRewardModel, reward_model_text, register
-    from lolrl.tiny import train_tokenizer
+    from lolrl.demo.tiny import train_tokenizer
+    from lolrl.tasks.hh.reward_model import (
+        GPTNeoXRewardModel,
+        GPTNeoXRewardModelConfig,
+        HHRewardModel,
+        register,
+        reward_model_text,
+    )
 
     corpus = ["<|prompter|>Q1", "<|assistant|>A1", "a fine answer", "no", "<eos>"] * 5
     tokenizer = train_tokenizer(corpus, tmp_path / "rm", vocab_size=300, with_pad=True)
@@ -116,7 +131,7 @@ def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
     """qlora_llama_hh_eval.py on a tiny base + LoRA adapter and a tiny reward model, two test splits."""
     from peft import LoraConfig, get_peft_model
 
-    from lolrl.modeling import load_model
+    from lolrl.engine.modeling import load_model
 
     adapter = tmp_path / "adapter"
     get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])) \
@@ -143,7 +158,7 @@ def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
 
 
 @pytest.mark.parametrize("algorithm, strategy", [
-    ("nll", "None"), ("wbc", "good_random"), ("r_gold", "None"), ("r_lol", "good_priority"),
+    ("nll", "uniform"), ("wbc", "good_random"), ("r_gold", "None"), ("r_lol", "good_priority"),
     ("a_lol", "good_priority"), ("a_lol_ref_free", "good_random"), ("a_lol_seq", "all_priority"),
     ("a_lol_kl", "good_priority")])
 def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, strategy):
@@ -176,7 +191,7 @@ def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lolrl.modeling import load_model
+    from lolrl.engine.modeling import load_model
 
     rng = random.Random(0)
     (tmp_path / "train").mkdir()
@@ -240,7 +255,7 @@ def test_dpo_script_with_trl(tmp_path, tiny_models, reference_free):
 
 
 def test_preference_report_on_hand_numbers():
-    from lolrl.preference import preference_report
+    from lolrl.tasks.hh.preference import preference_report
 
     report = preference_report([-10.0, -5.0, -7.0], [-12.0, -4.0, -7.0], [-11.0, -6.0, -6.0], [-11.0, -6.0, -8.0],
                                chosen_tokens=[5, 5, 7], rejected_tokens=[4, 2, 7])
@@ -254,7 +269,7 @@ def test_preference_report_on_hand_numbers():
 
 
 def test_pair_records_put_the_higher_reward_first():
-    from lolrl.preference import pair_records
+    from lolrl.tasks.hh.preference import pair_records
 
     chosen, rejected = pair_records([pro_row(("x", "y"), (0.1, 0.9)), pro_row(("p", "q"), (2.0, 1.0)), pro_row(("t", "t"), (1, 1))])
     assert [r.response for r in chosen] == ["y", "p"] and [r.response for r in rejected] == ["x", "q"]
@@ -281,9 +296,9 @@ def test_hh_a_lol_without_a_reward_model_fits_value_on_stored_rewards(tmp_path, 
 def test_response_logprob_sums_match_a_direct_forward(tiny_models):
     import torch
 
-    from lolrl.data import Record
-    from lolrl.modeling import load_model, load_tokenizer
-    from lolrl.preference import response_logprob_sums
+    from lolrl.engine.data import Record
+    from lolrl.engine.modeling import load_model, load_tokenizer
+    from lolrl.tasks.hh.preference import response_logprob_sums
 
     tokenizer = load_tokenizer(tiny_models["llama"])
     model = load_model(tiny_models["llama"]).eval()
@@ -300,6 +315,7 @@ def test_response_logprob_sums_match_a_direct_forward(tiny_models):
         assert n == len(response) and total == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("script, extra", [
     ("lolrl_qlora_llama_hh.py", ["--algorithm", "a_lol", "--sampling_strategy", "all_priority"]),
     ("pro_qlora_llama_hh.py", []),

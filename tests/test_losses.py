@@ -1,4 +1,4 @@
-"""Every per-example loss of lolrl.losses against an independent, hand-written reference.
+"""Every per-example loss of lolrl.engine.losses against an independent, hand-written reference.
 
 Values are recomputed with plain Python floats (no library helper), and gradients with respect
 to the policy log-probs are compared with hand-derived closed forms: all weights (R, A+, the
@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lolrl.losses import ALGORITHMS, compute_loss, kl_penalty
-
+from lolrl.engine.losses import ALGORITHMS, compute_loss, kl_penalty
 
 
 @pytest.fixture(autouse=True)
@@ -338,7 +337,7 @@ def test_default_kl_is_k3_and_beta_point_one_in_compute_loss():
 
 
 def test_pro_two_candidates_matches_closed_form_and_gradient():
-    from lolrl.losses import pro_loss
+    from lolrl.engine.losses import pro_loss
 
     gen = torch.Generator().manual_seed(0)
     scores = (-torch.rand(5, 2, generator=gen, dtype=torch.float64)).requires_grad_()
@@ -362,7 +361,7 @@ def test_pro_two_candidates_matches_closed_form_and_gradient():
 
 
 def test_pro_three_candidates_and_order_invariance():
-    from lolrl.losses import pro_loss
+    from lolrl.engine.losses import pro_loss
 
     scores = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
     rewards = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
@@ -379,7 +378,7 @@ def test_pro_three_candidates_and_order_invariance():
 
 def test_pro_group_loss_scores_rows_by_mean_logprob_and_sums_sft_nll():
     """Rows laid out as groups of candidates: score = mean real-token log-prob, SFT term = summed NLL."""
-    from lolrl.losses import pro_loss
+    from lolrl.engine.losses import pro_loss
 
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0],     # prompt 0: two candidates
                              [-4.0, 0.0, 0.0], [-1.0, -1.0, 0.0]], requires_grad=True)
@@ -396,3 +395,29 @@ def test_pro_group_loss_scores_rows_by_mean_logprob_and_sums_sft_nll():
     # the gradient reaches only real tokens
     (grad,) = torch.autograd.grad(loss, logprobs)
     assert torch.all(grad[~mask] == 0) and torch.all(grad[mask] != 0)
+
+
+def test_one_table_of_algorithms_drives_every_list():
+    from lolrl.engine.losses import ADVANTAGE_ALGORITHMS, GROUPED_ALGORITHMS, REWARD_ALGORITHMS, TABLE
+
+    assert ALGORITHMS == ("nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
+    assert ADVANTAGE_ALGORITHMS == ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
+    assert REWARD_ALGORITHMS == ("wbc", "r_gold", "r_lol") and GROUPED_ALGORITHMS == ("pro",)
+    assert [n for n, a in TABLE.items() if a.clip] == ["r_lol", "a_lol", "a_lol_seq"]
+    assert [n for n, a in TABLE.items() if a.reference] == ["r_lol", "a_lol", "a_lol_seq", "a_lol_kl"]
+    assert TABLE["a_lol"].inputs == ("advantages", "ref_logprobs", "clip")
+    assert TABLE["a_lol_kl"].inputs == ("advantages", "ref_logprobs", "kl_beta", "kl_estimator")
+
+
+def test_losses_take_exactly_their_arguments():
+    from lolrl.engine.losses import a_lol_loss, wbc_loss
+
+    lp, ref, mask, rewards, advantages = make_batch(3)
+    with pytest.raises(TypeError):
+        a_lol_loss(lp, mask, advantages, ref, clipp=0.2)  # a misspelt argument is an error, not ignored
+    with pytest.raises(TypeError):
+        wbc_loss(lp, mask, rewards, ref_logprobs=ref)
+    with pytest.raises(ValueError, match="a_lol needs ref_logprobs"):
+        compute_loss("a_lol", lp, mask, advantages=advantages)
+    with pytest.raises(ValueError, match="unknown algorithm 'a_lol_typo'"):
+        compute_loss("a_lol_typo", lp, mask)

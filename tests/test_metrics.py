@@ -10,11 +10,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lolrl import meteor
-from lolrl.evaluation import (coverage_and_density, extractive_fragment_lengths, knowledge_overlap_summary,
-                              summarize_generations)
-from lolrl.paper_data import dialogue_prompt
-from lolrl.paper_rewards import EOS, dialogue_knowledge
+from lolrl.engine import meteor
+from lolrl.engine.evaluation import (
+    coverage_and_density,
+    extractive_fragment_lengths,
+    knowledge_overlap_summary,
+    summarize_generations,
+)
+from lolrl.tasks.paper.data import dialogue_prompt
+from lolrl.tasks.paper.rewards import EOS, dialogue_knowledge
 
 
 # --------------------------------------------------------------------------- coverage and density
@@ -212,7 +216,7 @@ def test_agrees_with_nltk_synonym_stage_on_stems():
 
 # --------------------------------------------------------------------------- summaries, trainer, aggregator
 def test_summarize_generations_adds_overlap_and_meteor_before_n():
-    out = summarize_generations(["a b c", "x"], {"final_reward": [1.0, 0.0]}, references=["a b c", "y"],
+    out = summarize_generations(["a b c", "x"], {"final_reward": [1.0, 0.0]}, golds=["a b c", "y"],
                                 knowledge=["a b", "q"])
     assert list(out)[-6:] == ["coverage", "coverage_std", "density", "density_std", "meteor", "n"]
     assert out["coverage"] == pytest.approx((2 / 3 + 0) / 2)
@@ -221,20 +225,20 @@ def test_summarize_generations_adds_overlap_and_meteor_before_n():
     assert "meteor" not in summarize_generations(["a"], {}) and "coverage" not in summarize_generations(["a"], {})
 
 
-def test_reference_texts_drop_end_markers():
-    from lolrl.data import Record
-    from lolrl.validation import reference_texts
+def test_gold_texts_drop_end_markers():
+    from lolrl.engine.data import Record
+    from lolrl.engine.validation import gold_texts
 
     records = [Record("1", "p", f"yes paris {EOS}"), Record("2", "p", "done</s>")]
-    assert reference_texts(records, "</s>") == ["yes paris", "done"]
+    assert gold_texts(records, (EOS, "</s>")) == ["yes paris", "done"]
 
 
 def test_dialogue_task_metrics_in_the_tables_and_the_aggregator(tmp_path, capsys):
     import paper_tiny
 
-    from lolrl.aggregate import main as aggregate_main
-    from lolrl.cli import main as train_main
-    from lolrl.paper_rewards import TFIDF_FILE, TfidfScorer
+    from lolrl.tasks.paper.aggregate import main as aggregate_main
+    from lolrl.tasks.paper.cli import main as train_main
+    from lolrl.tasks.paper.rewards import TFIDF_FILE, TfidfScorer
 
     models = paper_tiny.build_all(tmp_path / "models")
     data = tmp_path / "data"
@@ -257,7 +261,7 @@ def test_dialogue_task_metrics_in_the_tables_and_the_aggregator(tmp_path, capsys
     gold = knowledge_overlap_summary(knowledge, answers)  # the gold texts without EOS
     assert gold["coverage"] == pytest.approx((4 / 5 + 1 / 3 + 1 / 3) / 3)
     for split in ("val", "test"):
-        generated, reference = results[f"{split}/generated"], results[f"{split}/reference"]
+        generated, reference = results[f"{split}/generated"], results[f"{split}/gold"]
         for key, value in gold.items():
             assert reference[key] == pytest.approx(value)
         assert {"coverage", "coverage_std", "density", "density_std", "meteor"} <= set(generated)

@@ -15,9 +15,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import paper_tiny
 
-from lolrl import paper_data, paper_rewards
-from lolrl.data import DataError, load_jsonl
-from lolrl.paper_rewards import EOS
+from lolrl.engine.data import DataError, load_jsonl
+from lolrl.tasks.paper import data as paper_data
+from lolrl.tasks.paper import rewards as paper_rewards
+from lolrl.tasks.paper.rewards import EOS
 
 LN3 = math.log(3.0)
 
@@ -146,7 +147,7 @@ def test_toxichat_cola_faithcritic_against_direct_computation(models):
 
 
 def test_missing_local_model_is_a_one_line_error(tmp_path):
-    from lolrl.rewards import RewardSpecError
+    from lolrl.engine.rewards import RewardSpecError
 
     with pytest.raises(RewardSpecError, match="-om .*no such folder"):
         paper_rewards.ToxiChatSafety(str(tmp_path / "nope"))
@@ -160,7 +161,7 @@ def comet_critic(models, tmp_path_factory):
     """A tiny RoBERTa + head exported under the Keras critic's names, converted by the script."""
     from transformers import AutoConfig, RobertaModel
 
-    from lolrl.comet_convert import main as convert_main
+    from lolrl.tasks.paper.comet_convert import main as convert_main
 
     root = tmp_path_factory.mktemp("critic")
     torch.manual_seed(5)
@@ -177,7 +178,7 @@ def comet_critic(models, tmp_path_factory):
 def test_conversion_maps_names_and_transposes(comet_critic):
     from transformers import AutoModel
 
-    from lolrl.comet_convert import ConversionError, convert_weights, tf_to_pt_name
+    from lolrl.tasks.paper.comet_convert import ConversionError, convert_weights, tf_to_pt_name
 
     assert tf_to_pt_name("roberta/encoder/layer_._0/intermediate/dense/kernel:0") == (
         "encoder", "encoder.layer.0.intermediate.dense.weight", True)
@@ -297,7 +298,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def reddit_dir(models, tmp_path_factory):
-    from lolrl.paper_preprocess import preprocess_reddit, reddit_parser, run_main
+    from lolrl.tasks.paper.preprocess import preprocess_reddit, reddit_parser, run_main
 
     raw, out = tmp_path_factory.mktemp("reddit_raw"), tmp_path_factory.mktemp("reddit_pre")
     _write_csv(raw / "comments_positive.csv", _reddit_rows("pos"))
@@ -368,7 +369,7 @@ def _faithdial(tag: str, n: int) -> list[dict]:
 
 
 def test_dialogue_preprocessing_faithdial_wow(models, tmp_path):
-    from lolrl.paper_preprocess import dialogue_parser, preprocess_dialogue, run_main
+    from lolrl.tasks.paper.preprocess import dialogue_parser, preprocess_dialogue, run_main
 
     wow, faithdial, out = tmp_path / "wow", tmp_path / "faithdial", tmp_path / "out"
     wow.mkdir()
@@ -412,7 +413,7 @@ def test_dialogue_split_files_per_variant(models):
 
 # --------------------------------------------------------------------------- COMET end to end
 def test_comet_preprocessing(comet_critic, tmp_path):
-    from lolrl.paper_preprocess import comet_parser, preprocess_comet, run_main
+    from lolrl.tasks.paper.preprocess import comet_parser, preprocess_comet, run_main
 
     raw, atomic, out = tmp_path / "skd", tmp_path / "atomic2020", tmp_path / "out"
     raw.mkdir()
@@ -443,14 +444,14 @@ def test_comet_preprocessing(comet_critic, tmp_path):
 
 # --------------------------------------------------------------------------- training on the output, aggregation
 def _train(args: list[str]) -> int:
-    from lolrl.cli import main
+    from lolrl.tasks.paper.cli import main
 
     return main(args + ["-e", "1", "-bs", "2", "-v_bs", "4", "-ml", "6", "--max_steps", "2", "-vf", "1",
                         "--num_beams", "1", "-lr", "1e-3", "-t"])
 
 
 def test_training_with_the_recipe_then_aggregation(reddit_dir, models, tmp_path, capsys):
-    from lolrl.aggregate import main as aggregate_main
+    from lolrl.tasks.paper.aggregate import main as aggregate_main
 
     _, data = reddit_dir
     results = tmp_path / "final_results"
@@ -489,8 +490,8 @@ def test_training_with_the_recipe_then_aggregation(reddit_dir, models, tmp_path,
 
 
 def test_aggregator_never_evaluates_prefixes(tmp_path, capsys):
-    from lolrl.aggregate import main as aggregate_main
-    from lolrl.aggregate import parse_prefixes
+    from lolrl.tasks.paper.aggregate import main as aggregate_main
+    from lolrl.tasks.paper.aggregate import parse_prefixes
 
     assert parse_prefixes('{"dgpt_nll": false}') == {"dgpt_nll": False}
     assert parse_prefixes("['a', 'b']") == {"a": True, "b": True}
@@ -505,9 +506,9 @@ def test_aggregator_never_evaluates_prefixes(tmp_path, capsys):
 def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models, tmp_path):
     from transformers import AutoTokenizer
 
-    from lolrl import cli
-    from lolrl.config import OfflineRLConfig
-    from lolrl.data import TaskData
+    from lolrl.engine.config import OfflineRLConfig
+    from lolrl.engine.data import TaskData
+    from lolrl.tasks.paper import cli
 
     data = tmp_path / "comet"
     data.mkdir()
@@ -531,7 +532,7 @@ def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models
 
 
 def test_paper_task_without_tfidf_is_a_one_line_error(reddit_dir, models, tmp_path, capsys):
-    from lolrl.cli import main
+    from lolrl.tasks.paper.cli import main
 
     data = tmp_path / "data"
     data.mkdir()

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hh_tiny import pro_row, tiny_reward_model
 
-from lolrl.losses import (
+from lolrl.engine.losses import (
     adaptive_kl_coef,
     gae_advantages,
     masked_whiten,
@@ -19,9 +20,9 @@ from lolrl.losses import (
     ppo_token_rewards,
     ppo_value_loss,
 )
-from lolrl.ppo import RunningMoments
+from lolrl.online.ppo import RunningMoments
 
-from hh_tiny import pro_row, tiny_reward_model
+pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
 ROOT = Path(__file__).parent.parent
 
@@ -146,7 +147,7 @@ def _word_model(directory: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lolrl.tiny import build_llama_lm
+    from lolrl.demo.tiny import build_llama_lm
 
     vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", "<pad>"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -163,10 +164,10 @@ def target_word_share(prompts, completions, **_):
 
 
 def test_ppo_raises_the_reward_of_a_target_token(tmp_path):
-    from lolrl.data import Record
-    from lolrl.generation import GenerationSettings
-    from lolrl.ppo import PPOConfig, PPOTrainer
-    from lolrl.rewards import RewardFunction
+    from lolrl.engine.data import Record
+    from lolrl.engine.generation import GenerationSettings
+    from lolrl.engine.rewards import RewardFunction
+    from lolrl.online.ppo import PPOConfig, PPOTrainer
 
     torch.set_num_threads(1)
     _word_model(tmp_path / "lm")
@@ -193,9 +194,9 @@ def test_ppo_raises_the_reward_of_a_target_token(tmp_path):
 
 def test_rollout_tokens_stop_at_the_first_stop_token(tmp_path):
     """The raw tokens PPO optimises: each row's new tokens up to and including its first stop token."""
-    from lolrl.collation import TokenizedRow
-    from lolrl.generation import GenerationSettings, generate_token_ids
-    from lolrl.modeling import load_model, load_tokenizer
+    from lolrl.engine.collation import TokenizedRow
+    from lolrl.engine.generation import GenerationSettings, generate_token_ids
+    from lolrl.engine.modeling import load_model, load_tokenizer
 
     _word_model(tmp_path / "lm")
     tokenizer, model = load_tokenizer(str(tmp_path / "lm")), load_model(str(tmp_path / "lm"))
@@ -217,7 +218,7 @@ def hh_fixture(tmp_path, tiny_models):
     """Tiny PRO-format train/dev files, a LoRA adapter (non-zero, so it differs from the base) and a tiny RM."""
     from peft import LoraConfig, get_peft_model
 
-    from lolrl.modeling import load_model
+    from lolrl.engine.modeling import load_model
 
     (tmp_path / "train").mkdir()
     rows = [pro_row(("a kind and helpful answer", "go away"), (0.5, -0.5)) for _ in range(8)]
@@ -275,7 +276,7 @@ def test_ppo_script_resumes_where_it_stopped(hh_fixture):
 
     tmp_path, args = hh_fixture
     common = args + ["--total_steps", "2", "--eval_steps", "1", "--max_val_examples", "2",
-                     "--reward", "lolrl.demo_task:fluency"]  # any reward spec works instead of the RM
+                     "--reward", "lolrl.demo.task:fluency"]  # any reward spec works instead of the RM
     assert ppo_main(common + ["--output_dir", str(tmp_path / "whole")]) == 0
     assert ppo_main(common + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "1"]) == 0
     assert not (tmp_path / "split" / "final_adapter").exists()

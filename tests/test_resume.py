@@ -4,8 +4,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from lolrl.checkpoint import latest_checkpoint
-from lolrl.cli import main
+from lolrl.tasks.paper.cli import main
+from lolrl.utils.checkpoint import latest_checkpoint
 
 
 def argv(toy_dir, model, out, reward, *extra):

@@ -1,4 +1,4 @@
-"""Tests for lolrl.rewards: spec parsing, weighted sums, classifiers and error messages."""
+"""Tests for lolrl.engine.rewards: spec parsing, weighted sums, classifiers and error messages."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lolrl.rewards import (
+from lolrl.engine.rewards import (
     RewardComponent,
     RewardFunction,
     RewardOutputError,

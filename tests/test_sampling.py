@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from lolrl.sampling import EpochSampler, NoPositiveRowsError, sampling_weights
+from lolrl.engine.sampling import EpochSampler, NoPositiveRowsError, sampling_weights
 
 # 8 rows with distinct positive advantages, 4 with non-positive ones (interleaved).
 ADV = np.array([0.5, -1.0, 1.0, 1.5, 0.0, 2.0, 2.5, -0.3, 3.0, 3.5, -2.0, 4.0])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lolrl.value import ValueFitSettings, ValueHead, fit_value_head, pad_states, predict
+from lolrl.engine.value import ValueFitSettings, ValueHead, fit_value_head, pad_states, predict
 
 H = 16
 

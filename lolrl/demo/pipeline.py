@@ -1,0 +1,198 @@
+"""The offline demo: the whole A-LoL pipeline on the embedded task, from a model trained from scratch.
+
+data -> tokenizer + tiny Llama (from scratch) -> NLL reference -> pi_ref's generations on val,
+rewards, value head -> training advantages (the share that is negative is the share A-LoL leaves
+out) -> A-LoL and the baselines, per seed -> test evaluation -> ``results.csv`` and ``rewards.png``.
+
+Every stage is the library's own (``OfflineRLTrainer``), the same as the command line runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lolrl.demo import task as demo_task
+from lolrl.engine.config import OfflineRLConfig
+from lolrl.engine.data import load_task_dir
+from lolrl.engine.evaluation import format_markdown_table, pyplot, save_figure
+from lolrl.engine.generation import GenerationSettings
+from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.rewards import load_reward
+from lolrl.utils.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and learning rates of one demo run; ``tiny()`` and ``smollm2()`` are the two presets."""
+
+    model: str = "tiny"
+    n_train: int = 2000
+    n_val: int = 100
+    n_test: int = 200
+    bad_share: float = 0.5
+    chat_prompts: bool = False
+    nll_epochs: int = 8
+    nll_learning_rate: float = 3e-3
+    rl_epochs: int = 2
+    rl_learning_rate: float = 1e-3
+    batch_size: int = 32
+    max_resp_length: int = 20
+    max_prompt_length: int = 64
+    max_steps: int = -1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tiny_layers: int = 2
+    tiny_width: int = 128
+
+    @classmethod
+    def smollm2(cls) -> "DemoSettings":
+        # 135M parameters on 2 CPU cores: fewer rows and steps, LoRA, a pretrained chat model.
+        return cls(model="smollm2", n_train=256, n_val=24, n_test=48, chat_prompts=True, nll_epochs=1,
+                   nll_learning_rate=1e-3, rl_epochs=1, rl_learning_rate=5e-4, batch_size=8, max_resp_length=24,
+                   max_prompt_length=128, max_steps=24, lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+
+
+def build_base_model(output_dir: Path, settings: DemoSettings) -> Path:
+    """The starting model: a tiny Llama and tokenizer trained from scratch, or SmolLM2 materialised."""
+    if settings.model == "smollm2":
+        from lolrl.demo.smollm2 import materialise
+
+        return materialise(output_dir / "smollm2")
+    from lolrl.demo.tiny import build_llama_lm, train_tokenizer
+
+    directory = output_dir / "scratch_model"
+    tokenizer = train_tokenizer(demo_task.corpus(), directory, vocab_size=600, with_pad=False)
+    build_llama_lm(tokenizer, directory, n_layer=settings.tiny_layers, hidden=settings.tiny_width, heads=4,
+                   max_positions=128)
+    return directory
+
+
+def _config(settings: DemoSettings, **overrides) -> OfflineRLConfig:
+    base = dict(batch_size=settings.batch_size, val_batch_size=64, max_resp_length=settings.max_resp_length,
+                max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps, val_log_frequency=2,
+                lora=settings.lora,
+                # Sampling, not beam search: the table then measures the policy's whole distribution
+                # (NLL reproduces the data's share of poor responses), and V(x) fits E_pi_ref[R].
+                generation=GenerationSettings(max_new_tokens=settings.max_resp_length, num_beams=1,
+                                              repetition_penalty=1.0, do_sample=True),
+                task_name="demo", reward=demo_task.REWARD_SPEC, logging_steps=10)
+    base.update(overrides)
+    return OfflineRLConfig(**base)
+
+
+def _train(config: OfflineRLConfig, data, reward) -> dict:
+    from lolrl.engine.trainer import OfflineRLTrainer
+
+    return OfflineRLTrainer(config, data, reward).run()
+
+
+def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds=(0,),
+             settings: DemoSettings | None = None) -> list[dict]:
+    """Run the pipeline; returns one result row per (algorithm, seed) plus the NLL reference."""
+    settings = settings or DemoSettings()
+    out = Path(output_dir)
+    started = time.time()
+    data_dir = demo_task.write_task(out / "data", settings.n_train, settings.n_val, settings.n_test,
+                                    settings.bad_share, chat=settings.chat_prompts)
+    data, reward = load_task_dir(data_dir), load_reward(demo_task.REWARD_SPEC)
+    share_bad = np.mean([r.meta["kind"] != "good" for r in data.train])
+    print(f"[demo] task: {len(data.train)} train rows, {100 * share_bad:.0f}% poor responses -> {data_dir}")
+    base = build_base_model(out, settings)
+
+    print("[demo] stage 1: NLL on all training rows -> the reference policy pi_ref")
+    nll_dir = out / "runs" / "nll"
+    nll_results = _train(_config(settings, model_name=str(base), output_dir=str(nll_dir), algorithm="nll",
+                                 n_epochs=settings.nll_epochs, learning_rate=settings.nll_learning_rate,
+                                 seed=0), data, reward)
+    reference = nll_dir / "model"
+    rows = [_result_row("nll (reference)", 0, nll_results)]
+
+    for algorithm in algorithms:
+        for seed in seeds:
+            print(f"[demo] stage 2: {algorithm}, seed {seed}, from pi_ref")
+            run_dir = out / "runs" / f"{algorithm}_seed{seed}"
+            results = _train(_config(settings, model_name=str(reference), output_dir=str(run_dir),
+                                     algorithm=algorithm, n_epochs=settings.rl_epochs,
+                                     learning_rate=settings.rl_learning_rate, seed=seed,
+                                     cache_dir=str(out / "cache"), eval_in_beginning=True), data, reward)
+            _print_advantages(run_dir)
+            rows.append(_result_row(algorithm, seed, results))
+    write_results(out, rows)
+    print(f"[demo] done in {time.time() - started:.0f} s: {out / 'results.csv'}, {out / 'rewards.png'}, "
+          f"runs in {out / 'runs'}")
+    return rows
+
+
+def _print_advantages(run_dir: Path) -> None:
+    path = run_dir / "advantage_stats.json"
+    if path.exists():
+        stats = json.loads(path.read_text())
+        print(f"[demo]   advantages: {100 * stats['share_negative']:.0f}% of training rows negative "
+              f"(left out), {100 * (1 - stats['share_non_positive']):.0f}% positive (the leftover lunch)")
+
+
+def _result_row(algorithm: str, seed: int, results: dict) -> dict:
+    test = results.get("test/generated", {})
+    row = {"algorithm": algorithm, "seed": seed, "final_reward": test.get("final_reward")}
+    row.update({name: test.get(name) for name in demo_task.COMPONENTS})
+    row.update({k: test.get(k) for k in ("distinct_1", "distinct_2", "avg_response_len")})
+    return row
+
+
+def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and std over seeds per algorithm, in first-seen order."""
+    table: dict[str, dict[str, float]] = {}
+    for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
+        group = [r for r in rows if r["algorithm"] == algorithm]
+        entry: dict[str, float] = {"seeds": len(group)}
+        for key in ["final_reward", *demo_task.COMPONENTS]:
+            values = np.array([r[key] for r in group], dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std())
+        table[algorithm] = entry
+    return table
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    atomic_write_text(out / "results.csv", _rows_csv(rows))
+    summary = summarise(rows)
+    print(format_markdown_table(summary, first_column="algorithm"))
+    plot_rewards(summary, out / "rewards.png")
+
+
+def _rows_csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def plot_rewards(summary: dict[str, dict[str, float]], path: Path) -> None:
+    """Stacked mean reward components per algorithm, with the std of final_reward over seeds."""
+    plt = pyplot()
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
+    bottom = np.zeros(len(names))
+    for component in demo_task.COMPONENTS:
+        values = np.array([summary[n][component] for n in names])
+        ax.bar(names, values, bottom=bottom, label=component)
+        bottom += values
+    ax.errorbar(names, bottom, yerr=[summary[n]["final_reward_std"] for n in names], fmt="none", color="black",
+                capsize=4)
+    ax.axhline(demo_task.MAX_REWARD, color="grey", linestyle="--", linewidth=1, label="maximum")
+    ax.set_ylabel("mean test reward")
+    ax.set_title("Test reward per algorithm (stacked components, error bar = std over seeds)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    save_figure(fig, path)

@@ -1,0 +1,196 @@
+"""Tokenisation and collation, with no padding between prompt and response.
+
+Causal LMs see ``[prompt | response | pad ...]``: each row is packed to the left and padded on
+the right only, so positions start at 0 on the first real token exactly as in ``generate()``, and
+no pad sits between the prompt and its response (the original padded prompts on the left and
+responses on the right, 2.4x the real tokens on HH-length data). Encoder-decoder LMs get the
+prompt in the encoder and the response in the decoder, both right-padded.
+
+Responses of causal LMs end with EOS, so the policy learns to stop.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lolrl.engine.data import DataError, Record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedRow:
+    index: int  # position in the split's record list; keys every cache
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """A chat prompt goes through the tokenizer's chat template, ready for the assistant turn."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a prompt is a list of chat messages but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def check_prompts_renderable(tokenizer, records: list[Record], source: str) -> None:
+    """Chat prompts need a chat template; say so before any model loads."""
+    if any(r.is_chat for r in records) and not getattr(tokenizer, "chat_template", None):
+        line = next(i for i, r in enumerate(records) if r.is_chat) + 1
+        raise DataError(source, line, "prompt", "is a list of chat messages but the tokenizer has no chat template")
+
+
+class Tokenizer:
+    """Turns records into token ids with the truncation rules of the original code:
+    prompts keep their last ``max_prompt_length`` tokens, responses their first ``max_resp_length``."""
+
+    def __init__(self, tokenizer, encoder_decoder: bool, max_prompt_length: int = 512, max_resp_length: int = 128):
+        self.tokenizer = tokenizer
+        self.encoder_decoder = encoder_decoder
+        self.max_prompt_length = max_prompt_length
+        self.max_resp_length = max_resp_length
+
+    def prompt_ids(self, prompt) -> list[int]:
+        text = render_prompt(self.tokenizer, prompt)
+        # A chat template already holds BOS and friends; plain text gets the model's usual specials.
+        ids = self.tokenizer(text, add_special_tokens=not isinstance(prompt, list))["input_ids"]
+        return ids[-self.max_prompt_length:]
+
+    def response_ids(self, response: str) -> list[int]:
+        tok = self.tokenizer
+        if self.encoder_decoder:
+            ids = tok(text_target=response)["input_ids"]  # T5/BART add their own </s>
+        else:
+            ids = tok(response, add_special_tokens=False)["input_ids"]
+        # End with EOS so the model learns to stop (the original relied on a literal EOS in the data).
+        if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+            ids = ids + [tok.eos_token_id]
+        return ids[: self.max_resp_length]
+
+    def __call__(self, records: list[Record], responses: list[str] | None = None) -> list[TokenizedRow]:
+        responses = responses if responses is not None else [r.response for r in records]
+        return [TokenizedRow(i, self.prompt_ids(r.prompt), self.response_ids(y))
+                for i, (r, y) in enumerate(zip(records, responses))]
+
+
+class Collator:
+    """Turns a list of :class:`TokenizedRow` into model inputs, in one of two layouts.
+
+    * padded (default): one row per sequence, ``[prompt | response | pad ...]``, right padding only;
+    * packed (``pack=True``, causal LMs whose attention honours it): every row back to back in one
+      sequence with no padding at all, ``position_ids`` restarting at 0 for each row and no
+      attention mask, so transformers builds a block-diagonal causal mask.
+
+    Keys: ``input_ids``, ``attention_mask`` (padded only), ``position_ids`` (packed only),
+    ``target_ids`` / ``target_mask`` (the scored tokens, aligned so that ``logits[:, t]`` predicts
+    ``target_ids[:, t]``), ``prompt_mask`` (causal: prompt positions), ``prompt_lengths``,
+    ``response_lengths``, ``index``, and for encoder-decoder models ``decoder_input_ids`` /
+    ``decoder_attention_mask``.
+    """
+
+    def __init__(self, pad_token_id: int, encoder_decoder: bool, decoder_start_token_id: int | None = None,
+                 pack: bool = False):
+        if pack and encoder_decoder:
+            raise ValueError("packing is for decoder-only models")
+        self.pad = pad_token_id
+        self.encoder_decoder = encoder_decoder
+        self.decoder_start = decoder_start_token_id if decoder_start_token_id is not None else pad_token_id
+        self.pack = pack
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    def __call__(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
+        common = {"index": torch.tensor([r.index for r in rows], dtype=torch.long),
+                  "prompt_lengths": torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long),
+                  "response_lengths": torch.tensor([len(r.response_ids) for r in rows], dtype=torch.long)}
+        if self.encoder_decoder:
+            return self._seq2seq(rows) | common
+        return (self._packed(rows) if self.pack else self._causal(rows)) | common
+
+    @staticmethod
+    def _target_flags(row: TokenizedRow) -> list[int]:
+        # Shifted by one: target t is input token t+1, scored when it is a response token.
+        return [0] * (len(row.prompt_ids) - 1) + [1] * len(row.response_ids)
+
+    def _causal(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
+        sequences = [r.prompt_ids + r.response_ids for r in rows]
+        input_ids = self._pad(sequences, self.pad)
+        attention = self._pad([[1] * len(s) for s in sequences], 0)
+        prompt_mask = self._pad([[1] * len(r.prompt_ids) + [0] * len(r.response_ids) for r in rows], 0)
+        target_mask = self._pad([self._target_flags(r) for r in rows], 0)
+        width = input_ids.shape[1] - 1
+        return {"input_ids": input_ids, "attention_mask": attention, "prompt_mask": prompt_mask,
+                "target_ids": input_ids[:, 1:], "target_mask": target_mask[:, :width]}
+
+    def _packed(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
+        ids, positions, prompt_flags, target_flags = [], [], [], []
+        for r in rows:
+            ids += r.prompt_ids + r.response_ids
+            positions += list(range(r.length))
+            prompt_flags += [1] * len(r.prompt_ids) + [0] * len(r.response_ids)
+            # a row's last token would "predict" the next row's first token: never scored
+            target_flags += self._target_flags(r) + [0]
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        return {"input_ids": input_ids, "position_ids": torch.tensor([positions], dtype=torch.long),
+                "prompt_mask": torch.tensor([prompt_flags], dtype=torch.long), "target_ids": input_ids[:, 1:],
+                "target_mask": torch.tensor([target_flags[:-1]], dtype=torch.long)}
+
+    def _seq2seq(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
+        input_ids = self._pad([r.prompt_ids for r in rows], self.pad)
+        attention = self._pad([[1] * len(r.prompt_ids) for r in rows], 0)
+        targets = self._pad([r.response_ids for r in rows], self.pad)
+        target_mask = self._pad([[1] * len(r.response_ids) for r in rows], 0)
+        decoder_input_ids = self._pad([[self.decoder_start] + r.response_ids[:-1] for r in rows], self.pad)
+        return {"input_ids": input_ids, "attention_mask": attention, "target_ids": targets,
+                "target_mask": target_mask, "decoder_input_ids": decoder_input_ids,
+                "decoder_attention_mask": target_mask.clone()}
+
+
+def pad_prompts(rows: list[TokenizedRow], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids and mask only; left padding for decoder-only generation, right otherwise."""
+    width = max(len(r.prompt_ids) for r in rows)
+    pads = [[pad_id] * (width - len(r.prompt_ids)) for r in rows]
+    ids = [p + r.prompt_ids if left else r.prompt_ids + p for r, p in zip(rows, pads)]
+    mask = [[0] * len(p) + [1] * len(r.prompt_ids) if left else [1] * len(r.prompt_ids) + [0] * len(p)
+            for r, p in zip(rows, pads)]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def padding_ratio(batch: dict[str, torch.Tensor]) -> float:
+    """Tokens fed to the model / real tokens (1.0 for a packed batch)."""
+    real = int((batch["prompt_lengths"] + batch["response_lengths"]).sum())
+    fed = batch["input_ids"].numel() + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
+    return fed / real
+
+
+def length_grouped_batches(rows: list[TokenizedRow], batch_size: int) -> list[list[TokenizedRow]]:
+    """Batches of rows of similar length, in length order: the inference passes pad almost nothing."""
+    ordered = sorted(rows, key=lambda r: r.length)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def group_by_length(indices: list[int], lengths: list[int], batch_size: int, window: int = 50,
+                    seed: int = 0) -> list[int]:
+    """Reorder sampled indices so each batch holds rows of similar length, batches shuffled.
+
+    Rows are sorted within windows of ``window`` batches (``window=1`` keeps the sampled order),
+    then whole batches are shuffled, so the data order stays random at the batch level.
+    """
+    rng = random.Random(seed)
+    span = batch_size * max(1, window)
+    out: list[list[int]] = []
+    for start in range(0, len(indices), span):
+        chunk = sorted(indices[start:start + span], key=lambda i: lengths[i])
+        out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return [i for batch in out for i in batch]

@@ -1,0 +1,163 @@
+"""The configuration of one offline policy-gradient run (all algorithms share it, TRL style)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lolrl.engine.generation import GenerationSettings
+from lolrl.engine.losses import GROUPED_ALGORITHMS, KL_ESTIMATORS, TABLE, Algorithm
+from lolrl.engine.modeling import DTYPES, LoraSettings
+from lolrl.engine.sampling import STRATEGIES, canonical_strategy
+from lolrl.utils.errors import ConfigError
+
+__all__ = ["ConfigError", "OfflineRLConfig"]
+
+
+@dataclass
+class OfflineRLConfig:
+    """Every setting of a run. Defaults follow the paper where the original code contradicts it:
+    importance weights clipped to [1-0.9, 1+0.9], priority sampling on for A-LoL, a finite
+    ``kl_beta`` for ``a_lol_kl``; see the README's table of defaults."""
+
+    model_name: str
+    output_dir: str
+    algorithm: str = "nll"
+    tokenizer_name: str | None = None
+    save_dir: str | None = None  # default: {output_dir}/model
+    cache_dir: str | None = None  # default: {output_dir}/cache
+    use_cache: bool = True
+    task_name: str | None = None
+    reward: str | None = None  # reward spec, see lolrl.engine.rewards
+
+    # lengths
+    max_prompt_length: int = 512
+    max_resp_length: int = 128
+
+    # optimisation
+    n_epochs: int = 4
+    max_steps: int = -1  # optimizer steps; -1 = the epochs decide
+    batch_size: int = 16
+    accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    disable_dropout: bool | None = None  # None: disabled for the importance-weighted algorithms
+    seed: int = 901
+
+    # objectives
+    ppo_clip: float | None = 0.9
+    kl_beta: float | None = None  # a_lol_kl only; None -> 0.1
+    kl_estimator: str = "k3"
+    gold_floor: float = 0.1
+    # grouped algorithms (pro): each training item is `group_size` consecutive rows, candidates for one prompt
+    group_size: int = 1
+    sft_weight: float = 0.05
+    sampling_strategy: str | None = None  # None: good_priority for A-LoL, None (uniform) otherwise
+
+    # value estimate
+    value_epochs: int = 20
+    value_learning_rate: float = 1e-3
+    value_heldout_fraction: float = 0.2
+    # generations: V(x) fits the reward of pi_ref's generations on the validation prompts (the paper);
+    # data: V(x) fits the stored rewards of the validation records' own responses (no reward model needed)
+    value_source: str = "generations"
+
+    # validation, generation and evaluation
+    val_batch_size: int = 64
+    val_log_frequency: int = 2  # validations per epoch (evenly spaced), as the original
+    eval_steps: int = 0  # > 0: validate every N optimizer steps instead of val_log_frequency per epoch
+    step_scale_rows: int | None = None  # with max_steps and priority sampling: scale steps by positive rows / this
+    eval_in_beginning: bool = False
+    max_val_examples: int | None = None
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    do_train: bool = True
+    do_test: bool = True
+
+    # checkpoints: 0 = at every validation, N > 0 = every N optimizer steps, -1 = never
+    save_steps: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto: continue from OUTPUT/checkpoints when one exists; must; never
+    stop_after_steps: int = -1  # stop (checkpointed) after this many optimizer steps; the next run resumes
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    adapter_path: str | None = None
+    load_in_4bit: bool = False  # QLoRA: NF4 base on CUDA (plain LoRA without CUDA, with a warning)
+    logging_steps: int = 10
+    report_to: str = "none"
+    length_grouping: bool = True
+    packing: str = "auto"  # auto: pack rows without padding when the model provably supports it; on; off
+
+    def __post_init__(self) -> None:
+        self.save_dir = self.save_dir or str(Path(self.output_dir) / "model")
+        self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
+        if self.algorithm not in TABLE:
+            raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(TABLE)})")
+        if self.sampling_strategy is None:
+            self.sampling_strategy = "good_priority" if self.uses_advantage else "uniform"
+        self.sampling_strategy = canonical_strategy(self.sampling_strategy)
+        if self.spec.kl and self.kl_beta is None:
+            self.kl_beta = 0.1
+        if self.disable_dropout is None:
+            self.disable_dropout = self.spec.reference  # an importance weight or KL term compares with pi_ref
+        self.validate()
+
+    def validate(self) -> None:
+        if (self.algorithm in GROUPED_ALGORITHMS) != (self.group_size > 1):
+            raise ConfigError(f"group_size {self.group_size} with '{self.algorithm}': the grouped algorithms "
+                              f"({', '.join(GROUPED_ALGORITHMS)}) need >= 2 candidates per prompt, the others 1")
+        if self.spec.grouped and self.sampling_strategy != "uniform":
+            raise ConfigError(f"{self.algorithm} ranks candidates inside each prompt: use sampling strategy uniform")
+        if self.sampling_strategy not in STRATEGIES:
+            raise ConfigError(f"unknown sampling strategy '{self.sampling_strategy}' "
+                              f"(expected one of {', '.join(STRATEGIES)})")
+        if self.sampling_strategy != "uniform" and self.spec.weight is None:
+            raise ConfigError("priority sampling needs rewards or advantages: not available for -algo nll")
+        if self.kl_beta is not None and not self.spec.kl:
+            raise ConfigError(f"--kl_beta is only used by a_lol_kl, not by '{self.algorithm}'")
+        if self.spec.kl and self.ppo_clip_given and self.ppo_clip:
+            raise ConfigError("a_lol_kl has no importance weight to clip: use --ppo_clip 0 (or leave it out) with --kl_beta")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"unknown KL estimator '{self.kl_estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
+        if self.ppo_clip is not None and not 0 <= self.ppo_clip < 1:
+            raise ConfigError(f"--ppo_clip must be in [0, 1), got {self.ppo_clip}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{self.dtype}' (expected one of {', '.join(DTYPES)})")
+        for name in ("batch_size", "accumulation_steps", "val_batch_size", "val_log_frequency", "max_resp_length",
+                     "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.resume not in ("auto", "must", "never"):
+            raise ConfigError(f"resume must be auto, must or never, got '{self.resume}'")
+        if self.packing not in ("auto", "on", "off"):
+            raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
+        if self.value_source not in ("generations", "data"):
+            raise ConfigError(f"--value_source must be generations or data, got '{self.value_source}'")
+        if self.n_epochs < 0:
+            raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")
+
+    # Whether the user set --ppo_clip explicitly (the CLI sets this); the library default is 0.9.
+    ppo_clip_given: bool = False
+
+    @property
+    def spec(self) -> Algorithm:
+        """The algorithm's entry in :data:`lolrl.engine.losses.TABLE`."""
+        return TABLE[self.algorithm]
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.spec.reference
+
+    @property
+    def uses_advantage(self) -> bool:
+        return self.spec.weight == "advantage"
+
+    @property
+    def effective_clip(self) -> float | None:
+        return self.ppo_clip if self.spec.clip else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,391 @@
+r"""Every per-example loss of the offline policy-gradient family, written as the paper's math.
+
+Notation (all tensors have a batch dimension B and a token dimension T):
+
+* ``logprobs[b, t]`` = :math:`\log\pi_\theta(y_t \mid x, y_{<t})`, with gradient.
+* ``ref_logprobs[b, t]`` = :math:`\log\pi_{ref}(y_t \mid x, y_{<t})`, a constant (cached once).
+* ``mask[b, t]`` = :math:`m_t \in \{0, 1\}`, 1 on real response tokens.
+* :math:`L^\theta = -\sum_t m_t \log\pi_\theta(y_t|\cdot)`: the sequence NLL (a sum, not a mean).
+* :math:`R`: the reward of the row; :math:`A^+ = \max(R - V(x), 0)`: its positive advantage.
+* :math:`\mathrm{sg}[\cdot]`: stop-gradient; :math:`\mathrm{clip}_\varepsilon(z)=\min(\max(z,1-\varepsilon),1+\varepsilon)`.
+
+Each function returns ``(loss, stats)``: ``loss`` has shape ``[B]`` (the trainer takes its mean
+over the batch) and ``stats`` holds detached per-example tensors for logging. Every weight is a
+constant with respect to :math:`\theta`, so each gradient is a weighted
+:math:`\nabla_\theta \log\pi_\theta(y|x)`, as in the paper.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+Stats = dict[str, torch.Tensor]
+
+
+def sequence_nll(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    r""":math:`L = -\sum_t m_t \log\pi(y_t|\cdot)`, one value per row."""
+    return -(logprobs * mask).sum(dim=-1)
+
+
+def clip_weight(weight: torch.Tensor, clip: float | None) -> torch.Tensor:
+    r""":math:`\mathrm{clip}_\varepsilon`; ``None`` or 0 leaves the weight unclipped."""
+    if not clip:
+        return weight
+    return weight.clamp(min=1.0 - clip, max=1.0 + clip)
+
+
+def nll_loss(logprobs, mask) -> tuple[torch.Tensor, Stats]:
+    r"""NLL / behaviour cloning: :math:`\mathcal L = L^\theta`."""
+    nll = sequence_nll(logprobs, mask)
+    return nll, {"nll": nll.detach()}
+
+
+def wbc_loss(logprobs, mask, rewards) -> tuple[torch.Tensor, Stats]:
+    r"""Weighted behaviour cloning: :math:`\mathcal L = R \cdot L^\theta`.
+
+    The reward is not clamped: a negative reward pushes the likelihood of :math:`y` down."""
+    nll = sequence_nll(logprobs, mask)
+    return rewards * nll, {"nll": nll.detach(), "reward": rewards}
+
+
+def r_gold_loss(logprobs, mask, rewards, gold_floor: float = 0.1) -> tuple[torch.Tensor, Stats]:
+    r"""Reward-weighted GOLD (Pang & He, 2021):
+    :math:`\mathcal L = R \sum_t m_t\, \mathrm{sg}[\max(\pi_\theta(y_t|\cdot), u)]\,(-\log\pi_\theta(y_t|\cdot))`.
+
+    Each token is weighted by the policy's own probability of it, floored at ``gold_floor`` (u)."""
+    token_weight = logprobs.detach().exp().clamp(min=gold_floor)
+    gold = -(token_weight * logprobs * mask).sum(dim=-1)
+    return rewards * gold, {"nll": sequence_nll(logprobs, mask).detach(), "gold_objective": gold.detach(),
+                            "reward": rewards}
+
+
+def _sequence_ratio(logprobs, ref_logprobs, mask) -> torch.Tensor:
+    r""":math:`\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)] = \exp(\sum_t m_t(\log\pi_\theta - \log\pi_{ref}))`,
+    computed in log space and detached."""
+    return ((logprobs.detach() - ref_logprobs) * mask).sum(dim=-1).exp()
+
+
+def r_lol_loss(logprobs, mask, rewards, ref_logprobs, clip: float | None = None) -> tuple[torch.Tensor, Stats]:
+    r"""Reward LoL: :math:`\mathcal L = R\cdot\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)])\cdot L^\theta`."""
+    nll = sequence_nll(logprobs, mask)
+    ratio = _sequence_ratio(logprobs, ref_logprobs, mask)
+    weight = clip_weight(ratio, clip)
+    return rewards * weight * nll, {"nll": nll.detach(), "reward": rewards, "importance_weight": weight,
+                                    "raw_ratio": ratio}
+
+
+def a_lol_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None = None) -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL (sequence-level importance weight):
+    :math:`\mathcal L = A^+\cdot\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)])\cdot L^\theta`.
+
+    Its gradient is the paper's
+    :math:`-A^+\,\mathrm{clip}(\pi_\theta/\pi_{ref})\,\nabla_\theta\ln\pi_\theta(y|x)`."""
+    adv = advantages.clamp(min=0)
+    nll = sequence_nll(logprobs, mask)
+    ratio = _sequence_ratio(logprobs, ref_logprobs, mask)
+    weight = clip_weight(ratio, clip)
+    return adv * weight * nll, {"nll": nll.detach(), "advantage": adv, "importance_weight": weight,
+                                "raw_ratio": ratio}
+
+
+def a_lol_ref_free_loss(logprobs, mask, advantages) -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL reference-free: the importance weight is 1, :math:`\mathcal L = A^+\cdot L^\theta`."""
+    adv = advantages.clamp(min=0)
+    nll = sequence_nll(logprobs, mask)
+    return adv * nll, {"nll": nll.detach(), "advantage": adv}
+
+
+def a_lol_seq_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None = None) -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL seq (per-token importance weights; the name is the original's):
+    :math:`\mathcal L = A^+\sum_t m_t\,\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y_t|\cdot)/\pi_{ref}(y_t|\cdot)])\,(-\log\pi_\theta(y_t|\cdot))`."""
+    adv = advantages.clamp(min=0)
+    # Mask before exp: a large log-ratio at a padded position would give inf * 0 = NaN.
+    token_weight = clip_weight(((logprobs.detach() - ref_logprobs) * mask).exp(), clip) * mask
+    weighted_nll = -(token_weight * logprobs).sum(dim=-1)
+    mean_weight = token_weight.sum(-1) / mask.sum(-1).clamp(min=1)
+    return adv * weighted_nll, {"nll": sequence_nll(logprobs, mask).detach(), "advantage": adv,
+                                "importance_weight": mean_weight}
+
+
+def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k3") -> torch.Tensor:
+    r"""A per-row estimate of :math:`KL(\pi_\theta\,\|\,\pi_{ref})` on the data tokens, with
+    :math:`d_t = \log\pi_\theta(y_t|\cdot) - \log\pi_{ref}(y_t|\cdot)` (gradient through :math:`\pi_\theta`):
+
+    * ``k1``: :math:`\sum_t m_t d_t`, the original code's term. It can be negative and its
+      gradient only shifts the advantage by :math:`-\beta`, so rows with :math:`A^+<\beta` are
+      pushed down without bound.
+    * ``k2``: :math:`\tfrac12\sum_t m_t d_t^2`, non-negative, pulls :math:`\pi_\theta` towards :math:`\pi_{ref}`.
+    * ``k3``: :math:`\sum_t m_t (e^{-d_t} - 1 + d_t)` (Schulman's estimator), non-negative, minimum at :math:`d_t = 0`.
+    """
+    d = (logprobs - ref_logprobs) * mask
+    if estimator == "k1":
+        return d.sum(dim=-1)
+    if estimator == "k2":
+        return 0.5 * (d ** 2).sum(dim=-1)
+    if estimator == "k3":
+        return ((torch.exp(-d) - 1.0 + d) * mask).sum(dim=-1)
+    raise ValueError(f"unknown KL estimator '{estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
+
+
+def a_lol_kl_loss(logprobs, mask, advantages, ref_logprobs, kl_beta: float = 0.1, kl_estimator: str = "k3") -> tuple[torch.Tensor, Stats]:
+    r"""A-LoL KL: the importance weight is replaced by a KL penalty to the reference,
+    :math:`\mathcal L = A^+\cdot L^\theta + \beta\,\widehat{KL}(\pi_\theta\|\pi_{ref})` (see :func:`kl_penalty`)."""
+    adv = advantages.clamp(min=0)
+    nll = sequence_nll(logprobs, mask)
+    kl = kl_penalty(logprobs, ref_logprobs, mask, kl_estimator)
+    return adv * nll + kl_beta * kl, {"nll": nll.detach(), "advantage": adv, "kl_penalty": kl.detach()}
+
+
+def pro_loss(scores: torch.Tensor, rewards: torch.Tensor, sft_nll: torch.Tensor,
+             sft_weight: float = 0.05) -> tuple[torch.Tensor, Stats]:
+    r"""PRO, Preference Ranking Optimization (Song et al., 2023), for ``n`` ranked candidates per prompt.
+
+    ``scores[b, k]`` = :math:`s_k`, the length-normalised log-probability
+    :math:`\tfrac{1}{|y_k|}\sum_t \log\pi_\theta(y_{k,t}|\cdot)`; ``rewards[b, k]`` = :math:`r_k`;
+    ``sft_nll[b]`` = the summed NLL of the candidate used for the SFT term. Candidates are ranked
+    by reward inside the function (the original assumed the file was sorted and flipped the
+    preference when it was not). With :math:`T_k^j = r_k - r_j` for :math:`j > k` and
+    :math:`T_k^k = \max_{j>k} T_k^j`,
+
+    .. math::
+        \mathcal L = -\sum_{k=1}^{n-1} \log\frac{\exp(s_k T_k^k)}{\exp(s_k T_k^k) + \sum_{j>k}\exp(s_j T_k^j)}
+        + w\,(n-1)^2\,\mathrm{NLL}_{sft},
+
+    averaged over the batch (``w`` = ``sft_weight``, 0.05 as in the original). With two candidates
+    the ranking term is :math:`\log(1 + \exp(T\,(s_1 - s_0)))`.
+    """
+    per_example, stats = pro_per_example(scores, rewards, sft_nll, sft_weight)
+    return per_example.mean(), stats
+
+
+def pro_per_example(scores: torch.Tensor, rewards: torch.Tensor, sft_nll: torch.Tensor,
+                    sft_weight: float = 0.05) -> tuple[torch.Tensor, Stats]:
+    """:func:`pro_loss` before the batch mean: one value per prompt."""
+    order = rewards.argsort(dim=-1, descending=True)
+    s, r = scores.gather(-1, order), rewards.gather(-1, order)
+    n = s.shape[-1]
+    ranking = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+    for k in range(n - 1):
+        temperature = r[:, k:k + 1] - r[:, k + 1:]
+        top = temperature.max(dim=-1, keepdim=True).values
+        logits = torch.cat([s[:, k:k + 1] * top, s[:, k + 1:] * temperature], dim=-1)
+        ranking = ranking + torch.logsumexp(logits, dim=-1) - logits[:, 0]
+    sft = sft_weight * (n - 1) ** 2 * sft_nll
+    return ranking + sft, {"ranking_loss": ranking.detach(), "sft_nll": sft_nll.detach()}
+
+
+def pro_group_loss(logprobs, mask, rewards, group_size: int, sft_rows: torch.Tensor,
+                   sft_weight: float = 0.05) -> tuple[torch.Tensor, Stats]:
+    r"""PRO on a batch of rows laid out as consecutive groups of ``group_size`` candidates per prompt.
+
+    Scores are the length-normalised log-probabilities over each candidate's real tokens (the
+    original counted suffix tokens 2..L plus one token past the end, an off-by-one); the SFT term
+    takes the summed NLL of the row flagged in ``sft_rows`` in each group. See :func:`pro_loss`."""
+    scores = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    groups = scores.shape[0] // group_size
+    flags = sft_rows.view(groups, group_size).to(logprobs.dtype)
+    sft_nll = (sequence_nll(logprobs, mask).view(groups, group_size) * flags).sum(-1)
+    return pro_per_example(scores.view(groups, group_size), rewards.view(groups, group_size).to(logprobs.dtype),
+                           sft_nll, sft_weight)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One row of the table of algorithms: its loss and what it reads."""
+
+    name: str
+    loss: Callable[..., tuple[torch.Tensor, Stats]]
+    weight: str | None = None  # what scales each row: "reward" (R), "advantage" (A+ = max(R - V(x), 0)) or None
+    reference: bool = False  # reads pi_ref's cached log-probs (an importance weight or a KL term)
+    clip: bool = False  # has an importance weight to clip (--ppo_clip)
+    kl: bool = False  # a KL penalty to pi_ref instead of the importance weight (--kl_beta, --kl_estimator)
+    grouped: bool = False  # a training item is a group of candidate responses to one prompt
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The loss's arguments besides ``logprobs`` and ``mask``, from its signature."""
+        return tuple(n for n in inspect.signature(self.loss).parameters if n not in ("logprobs", "mask"))
+
+
+TABLE: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("nll", nll_loss),
+    Algorithm("wbc", wbc_loss, weight="reward"),
+    Algorithm("r_gold", r_gold_loss, weight="reward"),
+    Algorithm("r_lol", r_lol_loss, weight="reward", reference=True, clip=True),
+    Algorithm("a_lol", a_lol_loss, weight="advantage", reference=True, clip=True),
+    Algorithm("a_lol_ref_free", a_lol_ref_free_loss, weight="advantage"),
+    Algorithm("a_lol_seq", a_lol_seq_loss, weight="advantage", reference=True, clip=True),
+    Algorithm("a_lol_kl", a_lol_kl_loss, weight="advantage", reference=True, kl=True),
+    Algorithm("pro", pro_group_loss, weight="reward", grouped=True),
+)}
+# Lists derived from the table (the names of the command lines' choices and the config's checks).
+ALGORITHMS = tuple(n for n, a in TABLE.items() if not a.grouped)  # one response per training item
+GROUPED_ALGORITHMS = tuple(n for n, a in TABLE.items() if a.grouped)
+ADVANTAGE_ALGORITHMS = tuple(n for n, a in TABLE.items() if a.weight == "advantage")  # need V(x)
+REWARD_ALGORITHMS = tuple(n for n in ALGORITHMS if TABLE[n].weight == "reward")  # weighted by the raw reward
+
+
+def algorithm(name: str) -> Algorithm:
+    """The table's entry for ``name``; an unknown name is an error that lists the known ones."""
+    if name not in TABLE:
+        raise ValueError(f"unknown algorithm '{name}' (expected one of {', '.join(TABLE)})")
+    return TABLE[name]
+
+
+def compute_loss(name: str, logprobs: torch.Tensor, mask: torch.Tensor, *, rewards=None, advantages=None,
+                 ref_logprobs=None, clip=None, kl_beta=0.1, kl_estimator="k3", gold_floor=0.1, group_size=1,
+                 sft_rows=None, sft_weight=0.05):
+    """Dispatch by the algorithm's name: its loss gets exactly the arguments it takes (a batch
+    tensor it needs but lacks is an error). Returns the batch-mean loss and per-example (per-group
+    for the grouped algorithms) stats."""
+    entry = algorithm(name)
+    given = dict(rewards=rewards, advantages=advantages, ref_logprobs=ref_logprobs, clip=clip, kl_beta=kl_beta,
+                 kl_estimator=kl_estimator, gold_floor=gold_floor, group_size=group_size, sft_rows=sft_rows,
+                 sft_weight=sft_weight)
+    missing = [n for n in ("rewards", "advantages", "ref_logprobs", "sft_rows") if n in entry.inputs and given[n] is None]
+    if missing:
+        raise ValueError(f"{name} needs {', '.join(missing)}")
+    mask = mask.to(logprobs.dtype)
+    per_example, stats = entry.loss(logprobs=logprobs, mask=mask, **{n: given[n] for n in entry.inputs})
+    return per_example.mean(), {"loss": per_example.detach(), **stats}
+
+
+# --------------------------------------------------------------------------------------------------
+# Online PPO (the HH baseline, :mod:`lolrl.online.ppo`). The original ran TRL 0.7.1's ``PPOTrainer``;
+# these are its estimators and losses, one function each. Tensors are ``[B, T]`` over the
+# response tokens, ``mask`` 1 on real tokens (responses are right-padded, so a row's last real
+# token is its last 1).
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    r""":math:`\sum m\,v / \sum m`, over everything (``dim=None``) or along ``dim``."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    r"""Whitening over the masked entries, as TRL:
+    :math:`(v - \mu)/\sqrt{\sigma^2 + 10^{-8}}`, with :math:`\mu` the masked mean and :math:`\sigma^2`
+    the masked variance with Bessel's correction (:math:`\times n/(n-1)`, :math:`n = \sum m`).
+    ``shift_mean=False`` adds :math:`\mu` back (scale only). Needs at least two real entries."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    if count < 2:
+        raise ValueError("whitening needs at least two unmasked values")
+    var = masked_mean((values - mean) ** 2, mask) * count / (count - 1)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+PPO_KL_PENALTIES = ("kl", "abs", "mse")
+
+
+def ppo_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float, kl_penalty: str = "kl") -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token rewards of a rollout with the KL penalty to the frozen reference (reward shaping).
+
+    With :math:`d_t = \log\pi_{old}(y_t|\cdot) - \log\pi_{ref}(y_t|\cdot)` on the sampled tokens and
+    the penalty :math:`k_t` = :math:`d_t` (``"kl"``, TRL's default), :math:`|d_t|` (``"abs"``) or
+    :math:`\tfrac12 d_t^2` (``"mse"``),
+
+    .. math::
+        r_t = -\beta\,k_t + \mathbb 1[t = T]\,S,
+
+    where :math:`S` is the row's (scaled) score and :math:`T` its last real token. ``scores[b]`` =
+    :math:`S`; ``kl_coef`` = :math:`\beta`. Returns ``(rewards, k)``, both ``[B, T]`` and 0 on padding.
+    """
+    d = logprobs - ref_logprobs
+    if kl_penalty == "kl":
+        k = d
+    elif kl_penalty == "abs":
+        k = d.abs()
+    elif kl_penalty == "mse":
+        k = 0.5 * d ** 2
+    else:
+        raise ValueError(f"unknown KL penalty '{kl_penalty}' (expected one of {', '.join(PPO_KL_PENALTIES)})")
+    k = k * mask
+    rewards = -kl_coef * k
+    last = mask.sum(dim=-1).long() - 1  # right padding: the last real token
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, k
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Generalised advantage estimation (Schulman et al., 2016) over the response tokens.
+
+    .. math::
+        \delta_t = r_t + \gamma V_{t+1} - V_t, \qquad
+        \hat A_t = \sum_{l \ge 0} (\gamma\lambda)^l \delta_{t+l}, \qquad \hat R_t = \hat A_t + V_t,
+
+    with :math:`V_{T+1} = 0` after a row's last real token (rewards and values are masked, so the
+    padding contributes nothing). Returns ``(advantages, returns)``, not whitened, no gradient."""
+    rewards, values = rewards * mask, values * mask
+    length = rewards.shape[-1]
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    returns = advantages + values
+    return advantages.detach(), returns.detach()
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, cliprange: float = 0.2) -> tuple[torch.Tensor, Stats]:
+    r"""PPO's clipped surrogate (Schulman et al., 2017), a masked mean over tokens:
+
+    .. math::
+        \rho_t = \exp(\log\pi_\theta(y_t|\cdot) - \log\pi_{old}(y_t|\cdot)),\qquad
+        \mathcal L^{clip} = \mathrm{mean}_t \max\big(-\hat A_t\,\rho_t,\; -\hat A_t\,\mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\big).
+
+    Stats: ``clipfrac`` (share of tokens where the clipped term is larger), ``approxkl``
+    :math:`\tfrac12\,\mathrm{mean}_t(\log\rho_t)^2`, ``policykl`` :math:`-\mathrm{mean}_t\log\rho_t`,
+    ``ratio`` (mean :math:`\rho`)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).detach(),
+             "approxkl": (0.5 * masked_mean(log_ratio.detach() ** 2, mask)),
+             "policykl": masked_mean(-log_ratio.detach(), mask), "ratio": masked_mean(ratio.detach(), mask)}
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   cliprange_value: float = 0.2) -> tuple[torch.Tensor, Stats]:
+    r"""PPO's clipped value loss, a masked mean over tokens:
+
+    .. math::
+        V^{clip}_t = \mathrm{clip}(V_t, V^{old}_t - \epsilon_v, V^{old}_t + \epsilon_v),\qquad
+        \mathcal L^{V} = \tfrac12\,\mathrm{mean}_t \max\big((V_t - \hat R_t)^2, (V^{clip}_t - \hat R_t)^2\big).
+
+    Stats: ``value_clipfrac`` (share of tokens where the clipped error is the larger)."""
+    clipped_values = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
+    error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(error, clipped_error), mask)
+    return loss, {"value_clipfrac": masked_mean((clipped_error > error).float(), mask).detach()}
+
+
+def adaptive_kl_coef(coef: float, current_kl: float, target: float, horizon: float, n_steps: int) -> float:
+    r"""One update of the adaptive KL coefficient (Ziegler et al., 2019), as TRL's controller:
+
+    .. math::
+        e = \mathrm{clip}(\mathrm{KL}/\mathrm{KL}_{target} - 1, -0.2, 0.2),\qquad
+        \beta \leftarrow \beta\,(1 + e\,n/H),
+
+    with KL the rollout's mean summed per-sequence KL, :math:`n` the rollouts in the step and
+    :math:`H` the horizon."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)

@@ -1,0 +1,239 @@
+"""Loading models and tokenizers, and the one forward pass every stage shares.
+
+Causal LMs and encoder-decoder LMs are both supported; which one a checkpoint is comes from
+its config (``is_encoder_decoder``). LoRA adapters come from peft.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lolrl.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(UserError):
+    """A model or tokenizer that cannot be loaded; the message names the path."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0  # 0 disables LoRA
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | None = None  # comma-separated; None lets peft pick per architecture
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+def _check_local_or_hub(name: str) -> None:
+    """Fail early on a path that cannot exist; 'org/name' is left to the hub client."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise ModelLoadError(f"model path '{name}' does not exist")
+
+
+def split_adapter(name: str, adapter_path: str | None = None) -> tuple[str, str | None]:
+    """A folder holding a peft adapter (``adapter_config.json``) stands for base model + adapter."""
+    config_file = os.path.join(os.path.expanduser(name), "adapter_config.json")
+    if adapter_path is None and os.path.isfile(config_file):
+        with open(config_file) as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+        if not base:
+            raise ModelLoadError(f"adapter '{name}' does not name its base model (base_model_name_or_path)")
+        return base, name
+    return name, adapter_path
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    name, _ = split_adapter(name)
+    _check_local_or_hub(name)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model config from '{name}': {str(exc).splitlines()[0]}") from None
+
+
+def is_encoder_decoder(name: str) -> bool:
+    return bool(getattr(load_config(name), "is_encoder_decoder", False))
+
+
+def load_tokenizer(name: str, tokenizer_name: str | None = None):
+    """Tokenizer with a pad token: a tokenizer without one reuses EOS (GPT-2 style), as is usual."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_name or name
+    _check_local_or_hub(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer from '{source}': {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer '{source}' has neither a pad nor an eos token")
+        logger.info("tokenizer '%s' has no pad token: using eos (%r) for padding", source, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_kwargs(dtype: str, device_index: int = 0) -> dict:
+    """QLoRA's 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES["bf16" if dtype == "fp32" else dtype]
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            "device_map": {"": device_index}}
+
+
+def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
+               adapter_path: str | None = None, trainable: bool = True, load_in_4bit: bool = False,
+               device_index: int = 0):
+    """Load a causal or seq2seq LM; wrap it with a new LoRA adapter or an existing one if asked.
+    ``load_in_4bit`` quantises the frozen base to NF4 (QLoRA) on CUDA; without CUDA it says so
+    and loads the plain model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    name, adapter_path = split_adapter(name, adapter_path)
+    config = load_config(name)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    kwargs = {"dtype": DTYPES[dtype]}
+    if load_in_4bit and torch.cuda.is_available():
+        kwargs.update(quantization_kwargs(dtype, device_index))
+    elif load_in_4bit:
+        logger.warning("no CUDA device: 4-bit quantisation is off, '%s' loads in %s (plain LoRA)", name, dtype)
+    try:
+        model = cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from '{name}': {str(exc).splitlines()[0]}") from None
+    if "quantization_config" in kwargs and trainable:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    elif lora is not None and lora.enabled:
+        model = add_lora(model, lora)
+    return model
+
+
+def add_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+    targets = [t.strip() for t in lora.target_modules.split(",")] if lora.target_modules else None
+    if targets is None and model.config.model_type == "gpt2":
+        targets = ["c_attn", "c_proj"]  # peft has no default for some small test configs
+    config = LoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def set_dropout(model: torch.nn.Module, p: float | None) -> None:
+    """Set every dropout probability to ``p`` (``None`` leaves them)."""
+    if p is None:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+
+def model_is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _model_inputs(batch: dict) -> dict:
+    """The keys the model takes; a packed batch has position ids and no attention mask."""
+    keys = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids", "decoder_attention_mask")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def response_logprobs(model, batch: dict, return_prompt_states: bool = False):
+    """log pi(y_t | x, y_<t) of every response token, per row, whatever the batch layout.
+
+    ``batch`` comes from :class:`lolrl.engine.collation.Collator`: padded rows or one packed sequence.
+    Returns ``(logprobs, mask, states)``: ``logprobs`` and ``mask`` are ``[rows, longest response]``
+    (0 past each row's end); ``states`` is, when asked, the list of each row's last-layer prompt
+    states ``[prompt length, hidden]`` (decoder-only: the prompt positions; seq2seq: the encoder).
+    Only the scored positions go through log-softmax: memory is O(response tokens x vocab).
+    """
+    out = model(**_model_inputs(batch), output_hidden_states=return_prompt_states, use_cache=False)
+    logits = out.logits
+    if "decoder_input_ids" not in batch:
+        logits = logits[:, :-1]  # position t predicts token t+1
+    target_mask = batch["target_mask"].bool()
+    selected = logits[target_mask].float()
+    target = batch["target_ids"][target_mask]
+    flat = selected.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
+    lengths = batch["response_lengths"].tolist()
+    logprobs = torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
+    mask = (torch.arange(logprobs.shape[1], device=flat.device)[None, :] < batch["response_lengths"][:, None])
+    if not return_prompt_states:
+        return logprobs, mask.to(logprobs.dtype), None
+    if "decoder_input_ids" in batch:
+        hidden, state_mask = out.encoder_last_hidden_state, batch["attention_mask"]
+    else:
+        hidden, state_mask = out.hidden_states[-1], batch["prompt_mask"]
+    states = list(torch.split(hidden[state_mask.bool()], batch["prompt_lengths"].tolist()))
+    return logprobs, mask.to(logprobs.dtype), states
+
+
+@torch.no_grad()
+def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4) -> bool:
+    """Whether this model honours packed sequences (position ids restarting per row, no mask):
+    the log-probs of ``rows`` packed must equal their padded log-probs. Checked on the real model,
+    so a model whose attention ignores the packing silently gets padded batches instead."""
+    from lolrl.engine.collation import Collator
+
+    if getattr(model.config, "is_encoder_decoder", False) or len(rows) < 2:
+        return False
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        batches = [{k: v.to(device) for k, v in Collator(pad_token_id, False, pack=pack)(rows).items()}
+                   for pack in (False, True)]
+        (padded, mask, _), (packed, _, _) = (response_logprobs(model, b) for b in batches)
+        exact = bool(((padded - packed).abs() * mask).max() <= tolerance)
+    except (RuntimeError, ValueError, TypeError):  # a model that rejects position_ids without a mask
+        exact = False
+    finally:
+        model.train(was_training)
+    return exact
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
+                    "kernels-community/vllm-flash-attn3")
+
+
+def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto") -> bool:
+    """Pack a batch's rows into one sequence, or pad them (grouped by length)?
+
+    Packing removes every pad token, but the attention then costs O(total tokens^2) unless the
+    kernel handles variable-length rows (flash attention); with eager/SDPA attention a packed
+    batch is slower than a length-grouped one (measured: bench/throughput.py). ``auto`` packs only
+    with such a kernel, and only when packed log-probs provably equal padded ones on this model;
+    ``on`` packs whenever they are equal; ``off`` never packs."""
+    if mode == "off" or getattr(model.config, "is_encoder_decoder", False):
+        return False
+    if mode == "auto" and getattr(model.config, "_attn_implementation", None) not in VARLEN_ATTENTION:
+        return False
+    return packing_is_exact(model, probe_rows, pad_token_id)
+
+
+__all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
+           "response_logprobs", "packing_is_exact", "choose_packing", "set_dropout", "add_lora", "DTYPES"]

@@ -1,0 +1,30 @@
+"""The run's Accelerate set-up, shared by the offline trainer and PPO."""
+from __future__ import annotations
+
+import torch
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """Trackers take flat scalars: nested settings become ``generation.num_beams`` etc."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def make_accelerator(config):
+    """An ``Accelerator`` for a run's ``dtype``, ``report_to``, ``output_dir`` and ``seed`` (any trainer's config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.dtype]
+    log_with = None if config.report_to in (None, "none") else config.report_to.split(",")
+    # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
+                              project_dir=config.output_dir)
+    set_seed(config.seed)
+    return accelerator

@@ -1,0 +1,1 @@
+"""Online RL: PPO on Accelerate (GRPO and RLOO run through TRL from the HH PPO script)."""

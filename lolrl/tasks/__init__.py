@@ -1,0 +1,1 @@
+"""Task families: the paper's small-model tasks (``paper``) and Helpful-and-Harmless (``hh``)."""

@@ -1,0 +1,113 @@
+"""Evaluation on the HH test splits: greedy generation, the original stop rule and clean-up,
+scores from the test reward model, per-split tables and a plot.
+
+Shared by ``qlora_llama_hh_eval.py`` (base + adapter) and ``ppo_hh_eval.py`` (a full model, Anthropic format).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lolrl.engine.collation import Tokenizer
+from lolrl.engine.evaluation import (
+    distinct_n,
+    mean_length,
+    plot_reward_distributions,
+    write_results_table,
+)
+from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file
+from lolrl.utils.errors import UserError, report_user_error
+from lolrl.utils.io import write_jsonl
+
+logger = logging.getLogger(__name__)
+TEST_SPLITS = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejection")
+
+
+def load_model_for_eval(model_name: str, adapter_path: str | None = None):
+    """Base model (4-bit NF4 through bitsandbytes on CUDA, plain fp32 otherwise) with an optional adapter."""
+    from lolrl.engine.modeling import load_model
+
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    return load_model(model_name, dtype=dtype, adapter_path=adapter_path, trainable=False, load_in_4bit=True).eval()
+
+
+def bad_indices(test_dir: Path) -> dict[str, set[int]]:
+    path = test_dir / "bad_test_indices.json"
+    if not path.is_file():
+        return {}
+    return {Path(name).stem: set(indices) for name, indices in json.loads(path.read_text()).items()}
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The id of '###' when it is a single token (835 for LLaMA), so generation stops at the next
+    turn; otherwise the post-processing alone cuts the text there."""
+    ids = tokenizer.encode(" ###", add_special_tokens=False)
+    return ids if len(ids) == 1 else []
+
+
+def evaluate_hh(model, tokenizer, reward_fn, test_dir: str | Path, output_dir: str | Path, how: str = "llama",
+                batch_size: int = 16, max_prompt_length: int = 640, max_new_tokens: int = 128,
+                exclude_bad: bool = False, max_examples: int | None = None,
+                stop_token_ids: list[int] | None = None) -> dict[str, dict]:
+    """Per split present: generations and rewards (``<split>_eval_results.jsonl``, the original's
+    layout) and a summary row; then ``hh_eval_results.{json,csv,md}`` and ``hh_reward_distribution.png``.
+    ``stop_token_ids`` besides EOS: default '###' when it is one token (:func:`stop_ids`)."""
+    test_dir, output_dir = Path(test_dir), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    excluded = bad_indices(test_dir) if exclude_bad else {}
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=1, repetition_penalty=1.0,
+                                  stop_token_ids=stop_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
+    summaries, distributions = {}, {}
+    for split in TEST_SPLITS:
+        path = test_dir / f"{split}.json"
+        if not path.is_file():
+            continue
+        rows = [r for i, r in enumerate(read_pro_file(path)) if i not in excluded.get(split, set())][:max_examples]
+        records = pro_records(rows, how=how, name=split)
+        tokenized = Tokenizer(tokenizer, False, max_prompt_length, max_new_tokens)(records)
+        raw = generate(model, tokenizer, tokenized, settings, batch_size, desc=f"{split}: generate")
+        completions = [postprocess(text, anthropic=how == "anthropic") for text in raw]
+        rewards = reward_fn(prompts=[r.prompt for r in records], completions=completions,
+                            turns=[r.meta["turns"] for r in records])
+        write_jsonl(output_dir / f"{split}_eval_results.jsonl",
+                    [{"prefix": r.prompt, "suffix": c, "reward": s} for r, c, s in zip(records, completions, rewards)])
+        summaries[split] = {"reward": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+                            "distinct_1": distinct_n(completions, 1), "distinct_2": distinct_n(completions, 2),
+                            "avg_response_len": mean_length(completions), "n": len(records)}
+        distributions[split] = rewards
+        logger.info("%s: mean test reward %.4f over %d prompts", split, summaries[split]["reward"], len(records))
+    if not summaries:
+        raise FileNotFoundError(f"no HH test split ({', '.join(TEST_SPLITS)}) in {test_dir}")
+    write_results_table(output_dir, "hh_eval_results", summaries)
+    plot_reward_distributions(distributions, None, output_dir / "hh_reward_distribution.png",
+                              title="HH test: reward of the generated responses per split")
+    return summaries
+
+
+
+def run_test_evaluation(args, adapter_path: str | None = None, tokenizer_name: str | None = None,
+                        **evaluate_kwargs) -> int:
+    """The evaluation scripts' body: load the tokenizer, the model (plus adapter) and the test reward
+    model named by ``args``, run :func:`evaluate_hh`, print the table; user errors print one line
+    and return 2."""
+    from lolrl.engine.evaluation import format_markdown_table
+    from lolrl.engine.modeling import load_tokenizer
+    from lolrl.tasks.hh.reward_model import HHRewardModel
+
+    try:
+        tokenizer = load_tokenizer(args.model_name_or_path, tokenizer_name)
+        model = load_model_for_eval(args.model_name_or_path, adapter_path)
+        reward = HHRewardModel(args.reward_model, batch_size=args.rm_batch_size)
+        summaries = evaluate_hh(model, tokenizer, reward, args.test_dir, args.output_dir,
+                                batch_size=args.per_device_eval_batch_size, exclude_bad=args.exclude_bad_indices,
+                                max_examples=args.max_examples, **evaluate_kwargs)
+    except (UserError, FileNotFoundError, OSError) as exc:
+        return report_user_error(exc)
+    print(format_markdown_table(summaries))
+    print(f"results in {args.output_dir}")
+    return 0

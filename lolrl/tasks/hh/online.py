@@ -1,0 +1,162 @@
+"""Online RL on Helpful-and-Harmless: the command line and run of ``ppo_qlora_llama_hh.py`` (PPO on
+:mod:`lolrl.online.ppo`; GRPO / RLOO through TRL), with the HH data, reward and validation."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from lolrl.engine.losses import PPO_KL_PENALTIES
+from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.rewards import RewardSpecError
+from lolrl.tasks.hh.cli import add_common_arguments
+from lolrl.tasks.hh.data import pro_records
+from lolrl.tasks.hh.train import (
+    adapter_of,
+    generation_settings,
+    hh_postprocess,
+    precision,
+    read_hh_files,
+    validation_records,
+    validation_reward,
+)
+from lolrl.utils.errors import UserError, report_user_error
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--total_steps", dest="max_steps", type=int, help="PPO steps (default 1000; = --max_steps)")
+    p.add_argument("--ppo_rollout_batch_size", type=int, default=16, help="rollouts per PPO step")
+    p.add_argument("--ppo_epochs", type=int, default=4)
+    p.add_argument("--kl_beta", type=float, default=0.2, help="initial KL coefficient (TRL's init_kl_coef)")
+    p.add_argument("--adap_kl_ctrl", action=argparse.BooleanOptionalAction, default=True,
+                   help="adapt the KL coefficient toward --kl_target (--no-adap_kl_ctrl: fixed --kl_beta)")
+    p.add_argument("--kl_target", type=float, default=6.0)
+    p.add_argument("--kl_horizon", type=float, default=10000.0)
+    p.add_argument("--kl_penalty", choices=PPO_KL_PENALTIES, default="kl")
+    p.add_argument("--ppo_clip", type=float, default=0.2, help="clip range of the probability ratio")
+    p.add_argument("--cliprange_value", type=float, default=0.2)
+    p.add_argument("--vf_coef", type=float, default=0.1)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=0.95)
+    p.add_argument("--use_score_scaling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--use_score_norm", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--early_stopping", action="store_true",
+                   help="end a step's PPO epochs once the policy KL exceeds 1.5 x --target_kl")
+    p.add_argument("--target_kl", type=float, default=0.1)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--trainer", choices=("ppo", "grpo", "rloo"), default="ppo",
+                   help="ppo (lolrl.online.ppo); grpo or rloo: TRL's trainers with the same reward and validation")
+    p.add_argument("--num_generations", type=int, default=4, help="grpo/rloo: samples per prompt (group size)")
+    p.add_argument("--report_to", default=None, help="tensorboard, wandb, ... (comma-separated)")
+    p.add_argument("--save_steps", type=int, default=0,
+                   help="checkpoint every N steps (0: at every validation, -1: never)")
+    p.add_argument("--no_resume", action="store_true", help="start over even if OUTPUT/checkpoints exists")
+    add_common_arguments(p, batch_size=4, accumulation=4, learning_rate=2e-5, max_steps=1000, eval_steps=100)
+    p.set_defaults(max_steps=1000, max_grad_norm=0.0, output_dir="checkpoints/ppo_qlora_llama")
+    return p
+
+
+def ppo_config(args):
+    from lolrl.online.ppo import PPOConfig
+
+    greedy = generation_settings(args.model_name_or_path)
+    greedy.max_new_tokens = args.max_new_tokens
+    sampling = dataclasses.replace(greedy, do_sample=True, top_p=args.top_p, temperature=args.temperature)
+    return PPOConfig(
+        model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
+        save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), **precision(),
+        total_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.ppo_rollout_batch_size,
+        mini_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        ppo_epochs=args.ppo_epochs, max_grad_norm=args.max_grad_norm or None, lr_scheduler=args.lr_scheduler_type,
+        init_kl_coef=args.kl_beta, adap_kl_ctrl=args.adap_kl_ctrl, kl_target=args.kl_target,
+        kl_horizon=args.kl_horizon, kl_penalty=args.kl_penalty, cliprange=args.ppo_clip,
+        cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
+        use_score_scaling=args.use_score_scaling, use_score_norm=args.use_score_norm,
+        early_stopping=args.early_stopping, target_kl=args.target_kl, max_prompt_length=args.max_prompt_length,
+        rollout=sampling, validation=greedy, generation_batch_size=args.per_device_eval_batch_size,
+        eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
+        report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
+        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing)
+
+
+def run_trl(args, train, val, reward) -> dict:
+    """TRL's GRPO or RLOO on the same model, reward (on post-processed text) and validation callback."""
+    import torch
+    from datasets import Dataset
+
+    from lolrl.engine.modeling import load_model, load_tokenizer
+    from lolrl.engine.validation import RewardValidationCallback, reward_columns
+
+    if args.trainer == "grpo":
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as TRLTrainer
+    else:
+        from trl import RLOOConfig as TRLConfig
+        from trl import RLOOTrainer as TRLTrainer
+    columns = reward_columns(train)
+    dataset = Dataset.from_dict({"prompt": [r.prompt for r in train], **columns})
+    clean = hh_postprocess(args)
+
+    def hh_reward(prompts, completions, **kwargs):
+        mine = {k: kwargs[k] for k in columns if k in kwargs}
+        return reward(prompts=prompts, completions=[clean(c) for c in completions], show_progress=False,
+                      **mine)["final_reward"]
+
+    hardware = precision()
+    model = load_model(args.model_name_or_path, dtype=hardware["dtype"], adapter_path=adapter_of(args),
+                       load_in_4bit=hardware["load_in_4bit"],
+                       lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    config = TRLConfig(
+        output_dir=args.output_dir, learning_rate=args.learning_rate, max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        beta=args.kl_beta, epsilon=args.ppo_clip, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        logging_steps=1, save_strategy="no", report_to=args.report_to or "none", bf16=torch.cuda.is_available(),
+        lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.gradient_checkpointing)
+    trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=config, train_dataset=dataset,
+                         processing_class=tokenizer)
+    greedy = generation_settings(args.model_name_or_path)
+    greedy.max_new_tokens = args.max_new_tokens
+    from lolrl.engine.collation import Tokenizer
+
+    rows = Tokenizer(tokenizer, False, args.max_prompt_length, args.max_new_tokens)(val)
+    RewardValidationCallback(val, rows, tokenizer, reward, greedy, args.per_device_eval_batch_size, args.eval_steps,
+                             args.output_dir, Path(args.output_dir) / "best_adapter", postprocess=clean,
+                             adapter_name="default").attach(trainer)
+    trainer.train()
+    best = Path(args.output_dir) / "best_adapter" / "best.json"
+    return json.loads(best.read_text()) if best.exists() else {}
+
+
+def main(argv=None, description: str | None = None) -> int:
+    args = build_parser(description).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        train_rows, dev_rows = read_hh_files(args)
+        config = ppo_config(args)
+        reward = validation_reward(args)  # --reward SPEC, else the OpenAssistant-style --reward_model
+        if reward is None:
+            raise RewardSpecError("online PPO scores its rollouts: --reward none is not possible here")
+        train, val = pro_records(train_rows, args.prompt_format, "sft", "train"), validation_records(args, dev_rows)
+        if args.trainer != "ppo":
+            val = val[: args.max_val_examples] if args.max_val_examples else val
+            best = run_trl(args, train, val, reward)
+        else:
+            from lolrl.online.ppo import PPOTrainer
+
+            best = PPOTrainer(config, train, val, reward, postprocess=hh_postprocess(args)).run()
+    except UserError as exc:
+        return report_user_error(exc)
+    if best:
+        print(f"best validation reward {best.get('measure', float('nan')):.4f} at step {best.get('step')}; "
+              f"adapter in {config.save_dir}")
+    return 0
+

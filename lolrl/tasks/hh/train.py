@@ -1,0 +1,88 @@
+"""What the HH trainers share: data, validation reward, generation and model settings, the engine config.
+
+``lolrl_qlora_llama_hh.py`` (the A-LoL family and baselines), ``pro_qlora_llama_hh.py`` (PRO,
+on the same engine with groups of candidates) and ``dpo_qlora_llama_hh.py`` (TRL's DPO trainer)
+are thin front ends over this module and :mod:`lolrl.tasks.hh.cli`, so a flag means the same thing in each.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lolrl.engine.config import OfflineRLConfig
+from lolrl.engine.data import TaskData
+from lolrl.engine.generation import GenerationSettings
+from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.rewards import RewardFunction
+from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file
+
+MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH = 640, 128  # the original's limits (prompt left-truncated)
+
+
+def adapter_of(args) -> str | None:
+    return None if args.adapter_path in (None, "", "none", "None") else args.adapter_path
+
+
+def read_hh_files(args) -> tuple[list[dict], list[dict]]:
+    """The PRO-format training records (``cleaner_train.json``) and the validation records."""
+    train = read_pro_file(Path(args.train_file_path) / "cleaner_train.json")
+    return train[: args.max_train_examples] if args.max_train_examples else train, read_pro_file(args.eval_file_path)
+
+
+def validation_records(args, dev_rows: list[dict], candidates: str = "sft"):
+    return pro_records(dev_rows, args.prompt_format, candidates, "dev")
+
+
+def hh_postprocess(args):
+    anthropic = args.prompt_format == "anthropic"
+    return lambda text: postprocess(text, anthropic)
+
+
+def generation_settings(model_name: str) -> GenerationSettings:
+    """Greedy, 128 new tokens, stop at EOS and at '###' (when it is one token), as the original validates."""
+    from lolrl.engine.modeling import load_tokenizer
+    from lolrl.tasks.hh.evaluate import stop_ids
+
+    return GenerationSettings(max_new_tokens=MAX_RESPONSE_LENGTH, num_beams=1, repetition_penalty=1.0,
+                              stop_token_ids=stop_ids(load_tokenizer(model_name)))
+
+
+def validation_reward(args) -> RewardFunction | None:
+    """``--reward`` (a spec, or none), else the OpenAssistant-style ``--reward_model``."""
+    from lolrl.engine.rewards import load_reward
+    from lolrl.tasks.hh.reward_model import TRAINING_RM, HHRewardModel
+
+    if args.reward is not None:
+        return None if args.reward.lower() == "none" else load_reward(args.reward)
+    return RewardFunction.from_callables(
+        {"reward": HHRewardModel(args.reward_model or TRAINING_RM, batch_size=args.per_device_eval_batch_size)})
+
+
+def precision() -> dict:
+    """QLoRA (NF4 base, bf16 compute) on CUDA; plain LoRA in fp32 elsewhere, and the log says so."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        logging.getLogger(__name__).warning("no CUDA device: plain LoRA on an fp32 base instead of 4-bit QLoRA")
+    return {"dtype": "bf16" if cuda else "fp32", "load_in_4bit": cuda}
+
+
+def offline_config(args, **settings) -> OfflineRLConfig:
+    """The engine's configuration for an HH script: common flags plus the script's ``settings``."""
+    return OfflineRLConfig(
+        model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
+        save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir, task_name="hh",
+        max_prompt_length=args.max_prompt_length, max_resp_length=MAX_RESPONSE_LENGTH, n_epochs=0,
+        max_steps=args.max_steps, eval_steps=args.eval_steps, batch_size=args.per_device_train_batch_size,
+        accumulation_steps=args.gradient_accumulation_steps, val_batch_size=args.per_device_eval_batch_size,
+        learning_rate=args.learning_rate, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
+        lr_scheduler=args.lr_scheduler_type, seed=args.seed, max_val_examples=args.max_val_examples,
+        generation=generation_settings(args.model_name_or_path), eval_in_beginning=True,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_test=False,
+        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing, **precision(),
+        **settings)
+
+
+def task_data(train, val) -> TaskData:
+    return TaskData(train=train, val=val, test=None)

@@ -1,0 +1,1 @@
+"""The paper's small-model tasks: Reddit, knowledge-grounded dialogue (WoW / FaithDial), COMET."""

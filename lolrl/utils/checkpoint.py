@@ -1,0 +1,146 @@
+"""Training checkpoints that survive a crash: safe formats only, written whole or not at all.
+
+A checkpoint folder ``OUTPUT/checkpoints/step_000120`` holds
+
+* ``trainable.safetensors``: the trainable parameters (all weights, or only the LoRA adapter);
+* ``optimizer.safetensors`` + ``state.json``: the optimizer's tensors and everything else as JSON
+  (optimizer hyper-parameters, scheduler state, the step, the sampler position, the best
+  validation measure, Python/NumPy RNG states);
+* ``rng.safetensors``: the torch RNG state of every process (dropout);
+* ``best.safetensors``: the trainable parameters of the best validation so far, if any.
+
+Nothing is pickled. The folder is written under a temporary name and renamed when complete, so
+a run killed while saving leaves the previous checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lolrl.utils.io import atomic_write_json
+
+PREFIX = "step_"
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                    progress: dict, best: dict[str, torch.Tensor] | None, keep: int = 2,
+                    torch_rng_states: list[torch.Tensor] | None = None) -> Path:
+    """Write ``directory/step_{step}`` atomically and keep only the ``keep`` newest checkpoints.
+    ``torch_rng_states``: one per process (each process's dropout stream), default this process's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{PREFIX}{step:06d}"
+    tmp = directory / f".tmp_{PREFIX}{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    save_file(tensors or {"__empty__": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+    states = torch_rng_states or [torch.get_rng_state()]
+    save_file({f"torch_{i}": state for i, state in enumerate(states)}, str(tmp / "rng.safetensors"))
+    if best is not None:
+        save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
+    numpy_state = np.random.get_state()
+    atomic_write_json(tmp / "state.json", {
+        "step": step, "progress": progress, "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(),
+        "python_rng": random.getstate(), "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    })
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint (temporary folders of an interrupted save are ignored)."""
+    done = [p for p in sorted(directory.glob(f"{PREFIX}*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int = 0
+                    ) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Restore parameters, optimizer, scheduler and RNGs; returns (state, best parameters or None)."""
+    state = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)
+    tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
+    optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng.get(f"torch_{process_index}", rng["torch_0"]))
+    random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    best_path = path / "best.safetensors"
+    return state, (load_file(str(best_path)) if best_path.is_file() else None)
+
+
+# Settings that only say when to stop, what to log or where: a run resumed with other values is the same run.
+NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to", "logging_steps",
+                  "use_cache", "do_test")
+
+
+def run_key(settings: dict, train_digest: str) -> str:
+    """What a checkpoint must agree with to be resumed: the run's settings and its training data."""
+    from lolrl.utils.cache import hash_json
+
+    kept = {k: v for k, v in settings.items() if k not in NOT_IN_RUN_KEY}
+    return hash_json({"settings": kept, "train": train_digest})
+
+
+def find_resumable(directory: Path, mode: str, key: str) -> Path | None:
+    """The checkpoint to resume (``mode``: auto, must, never), refusing one written by another run."""
+    from lolrl.utils.errors import ConfigError
+
+    found = None if mode == "never" else latest_checkpoint(directory)
+    if mode == "must" and found is None:
+        raise ConfigError(f"--resume: no checkpoint in {directory}")
+    if found is not None and json.loads((found / "state.json").read_text())["progress"].get("run_key") != key:
+        raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
+                          "resume with the same flags, or pass --no_resume (or another output folder)")
+    return found
+
+
+def process_rng_states(accelerator) -> list[torch.Tensor]:
+    """Every process's torch RNG state, gathered (a collective: every process calls it)."""
+    states = [torch.get_rng_state()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        states = gather_object(states)
+    return states
+
+
+def drop_log_tail(output_dir: Path, step: int, names=("train_log.jsonl", "validation_stats.jsonl")) -> None:
+    """Remove the log lines of steps after ``step`` (what a crashed run logged past its checkpoint)."""
+    from lolrl.utils.io import read_jsonl, write_jsonl
+
+    for name in names:
+        path = output_dir / name
+        if path.exists():
+            write_jsonl(path, [e for e in read_jsonl(path) if e.get("step", 0) <= step])
