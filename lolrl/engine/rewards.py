@@ -18,6 +18,8 @@ Spec grammar (:func:`load_reward`)::
     SOURCE    := MODULE ":" FUNCTION           importable callable ("pkg.mod:fn", "pkg.mod:Cls.fn")
                | PATH ".py" ":" FUNCTION       callable defined in a python file
                | "hf:" MODEL [ "#" OPTIONS ]   sequence-classification model (local dir or hub id)
+               | "text:" NAME                  a component from a well-kept package, scored on the completion
+                                               (non_offensive, readability, sentiment: lolrl.engine.text_rewards)
     OPTIONS   := [ TRANSFORM ] ( "," KEY "=" VALUE )*
     TRANSFORM := [ "1-" ] ( "sigmoid" | "softmax" | "logit" ) [ "[" INDEX "]" ]
     KEY       := input       completion (default) | prompt_completion | pair
@@ -109,6 +111,7 @@ class RewardComponent:
     weight: float
     fn: Callable[..., Sequence[float]]
     source: str  # the spec text it came from, quoted in error messages and cache keys
+    version: str | None = None  # what else its scores depend on (a package's version), for cache keys
 
 
 class RewardFunction:
@@ -192,7 +195,8 @@ class RewardFunction:
         """JSON-able description (same layout as a ``.json`` spec file); used for cache keys."""
         return {
             "components": [
-                {"name": c.name, "weight": float(c.weight), "source": c.source}
+                {"name": c.name, "weight": float(c.weight), "source": c.source,
+                 **({"version": c.version} if c.version else {})}
                 for c in self.components
             ]
         }
@@ -319,6 +323,11 @@ def _build_component(
 ) -> RewardComponent:
     if source.startswith("hf:"):
         fn, default_name = _load_classifier(source, device, base_dir)
+    elif source.startswith("text:"):
+        from lolrl.engine.text_rewards import text_reward
+
+        fn = text_reward(source[len("text:"):].strip())
+        return RewardComponent(name or fn.name, float(weight), fn, source, fn.version)
     else:
         fn = _load_callable(source, base_dir)
         default_name = _callable_name(fn)
