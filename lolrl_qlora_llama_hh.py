@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl_beta", type=float, default=0.0,
                    help="> 0 with --algorithm a_lol and --ppo_clip 0 is A-LoL KL (the original's spelling)")
     p.add_argument("--a2c_n_value_head_epochs", type=int, default=10)
+    p.add_argument("--value_samples", type=int, default=1,
+                   help="V(x) targets: 1 = reward of the greedy validation output (the original); K > 1 = mean "
+                        "reward of K sampled outputs per validation prompt")
     p.add_argument("--value_source", choices=("generations", "data"), default="generations",
                    help="V(x) fits the reward of the starting policy's generations on the dev prompts (the paper), "
                         "or the dev file's stored rewards of all its suffixes (no reward model at training time)")
@@ -53,7 +56,8 @@ def build(args, train_rows, dev_rows):
         sampling_strategy="good_priority" if candidates == "all" else args.sampling_strategy,
         # the original rescales the step budget by the positive-advantage share (A-LoL family only)
         step_scale_rows=len(train_rows) if algorithm.startswith("a_lol") else None,
-        value_epochs=args.a2c_n_value_head_epochs, value_source=args.value_source)
+        value_epochs=args.a2c_n_value_head_epochs, value_source=args.value_source,
+        value_samples=args.value_samples)
     data = task_data(pro_records(train_rows, args.prompt_format, candidates, "train"),
                      validation_records(args, dev_rows, "all" if args.value_source == "data" else "sft"))
     return config, data

@@ -65,6 +65,10 @@ class OfflineRLConfig:
     # generations: V(x) fits the reward of pi_ref's generations on the validation prompts (the paper);
     # data: V(x) fits the stored rewards of the validation records' own responses (no reward model needed)
     value_source: str = "generations"
+    # generations per validation prompt for V(x)'s targets: 1 = pi_ref's output with the validation decoding
+    # (the original: one beam-search output); K > 1 = K sampled outputs (temperature 1 unless the decoding
+    # samples), V(x) fit to their mean reward, an estimate of E_{pi_ref}[R | x]
+    value_samples: int = 1
 
     # validation, generation and evaluation
     val_batch_size: int = 64
@@ -134,6 +138,10 @@ class OfflineRLConfig:
             raise ConfigError(f"resume must be auto, must or never, got '{self.resume}'")
         if self.packing not in ("auto", "on", "off"):
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
+        if self.value_samples < 1:
+            raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
+        if self.value_samples > 1 and self.value_source == "data":
+            raise ConfigError("--value_samples > 1 samples pi_ref's generations: not with --value_source data")
         if self.value_source not in ("generations", "data"):
             raise ConfigError(f"--value_source must be generations or data, got '{self.value_source}'")
         if self.n_epochs < 0:

@@ -15,6 +15,7 @@ The same code runs on a CPU, one GPU or several processes under ``accelerate lau
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -37,6 +38,7 @@ from lolrl.engine.evaluation import (
     summarize_generations,
     write_results_table,
 )
+from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
 from lolrl.engine.modeling import (
@@ -52,7 +54,7 @@ from lolrl.engine.runtime import flat_config, make_accelerator
 from lolrl.engine.sampling import EpochSampler, sampling_weights
 from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import BestModelKeeper, generate_and_score, gold_texts, score_on_main
-from lolrl.engine.value import ValueFitSettings, ValueHead, fit_value_head
+from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, ValueHead, fit_value_head
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import (
     drop_log_tail,
@@ -207,6 +209,44 @@ class OfflineRLTrainer:
         self.cache.save("reference_val_generations", key, {"completions": completions, "rewards": rewards})
         return completions, rewards
 
+    def value_targets(self, val_rows: list[TokenizedRow]) -> list[float]:
+        """What V(x) is fit to on each validation prompt: the stored reward (``value_source="data"``),
+        the reward of pi_ref's validation-decoding output (``value_samples=1``, the original), or the mean
+        reward of ``value_samples`` sampled outputs (cached)."""
+        config = self.config
+        val = self._val_records()
+        if config.value_source == "data":
+            return [r.reward for r in val]
+        if config.value_samples == 1:
+            return self._reference_generations(val_rows)[1]["final_reward"]
+        k, n = config.value_samples, len(val)
+        sampling = self.value_sampling_settings()
+        key = cache_lib.hash_json({"stage": "value_samples", **self._model_key(), "val": cache_lib.records_digest(val),
+                                   "reward": self.reward.to_spec(), "generation": sampling.as_dict(), "k": k,
+                                   "seed": config.seed})
+        hit = self.cache.load("value_samples", key)
+        if hit is not None:
+            return hit[0]["targets"]
+        rows = [dataclasses.replace(row, index=j * n + i) for j in range(k) for i, row in enumerate(val_rows)]
+        completions = generate(self.model, self.tokenizer, rows, sampling, config.val_batch_size, self.accelerator,
+                               desc=f"reference on val: {k} samples")
+        if self.postprocess is not None:
+            completions = [self.postprocess(c) for c in completions]
+        rewards = self._score(val * k, completions, "reference samples: reward")["final_reward"]
+        per_prompt = np.array(rewards, dtype=np.float64).reshape(k, n)
+        targets = per_prompt.mean(axis=0).tolist()
+        logger.info("value targets: mean reward of %d samples per prompt (mean within-prompt std %.4f, "
+                    "std of the prompt means %.4f)", k, float(per_prompt.std(axis=0).mean()), float(np.std(targets)))
+        self.cache.save("value_samples", key, {"targets": targets, "completions": completions, "rewards": rewards})
+        return targets
+
+    def value_sampling_settings(self) -> GenerationSettings:
+        """The validation decoding, sampled: temperature 1 / top-p 1 unless it already samples."""
+        settings = self.config.generation
+        if settings.do_sample:
+            return dataclasses.replace(settings, num_beams=1)
+        return dataclasses.replace(settings, do_sample=True, num_beams=1, temperature=1.0, top_p=1.0)
+
     def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[ValueHead, dict]:
         config = self.config
         settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
@@ -225,8 +265,14 @@ class OfflineRLTrainer:
         head = ValueHead(states[0].shape[-1])
         head.load_state_dict(state)
         head.eval()
-        logger.info("value head: held-out MSE %.4f vs %.4f for a constant (R^2 %.3f), best epoch %d",
-                    report["heldout_mse"], report["constant_mse"], report["heldout_r2"], report["best_epoch"])
+        logger.info("value head: held-out MSE %.4f vs %.4f for a constant (R^2 %.3f, rank correlation %.3f), "
+                    "best epoch %d", report["heldout_mse"], report["constant_mse"], report["heldout_r2"],
+                    report["heldout_spearman"], report["best_epoch"])
+        if not report["informative"]:
+            logger.warning("V(x) is no better than a constant on %d held-out validation prompts (R^2 %.3f < %.2f): "
+                           "the advantage then only keeps rows whose reward is above the mean; try --value_samples 4 "
+                           "(or more), more validation prompts, or more value-head epochs", report["n_heldout"],
+                           report["heldout_r2"], INFORMATIVE_R2)
         return head, report
 
     def check_reward_agreement(self, sample_size: int = 64) -> dict:
@@ -268,13 +314,14 @@ class OfflineRLTrainer:
                                    "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
                                        "source": config.value_source, "reward": self.reward and self.reward.to_spec(),
-                                       "generation": config.generation.as_dict(),
+                                       "generation": config.generation.as_dict(), "samples": config.value_samples,
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
                                        "heldout": config.value_heldout_fraction, "seed": config.seed}})
         hit = self.cache.load("reference_pass", key)
         if hit is not None:
             payload, tensors = hit
-            self._write_reports(payload.get("reports", {}))
+            reports = payload.get("reports", {})
+            self._write_reports(reports)
             offsets = payload["offsets"]
             flat = tensors["logprobs"]
             ref_logprobs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(train))]
@@ -284,10 +331,7 @@ class OfflineRLTrainer:
             if config.uses_advantage:
                 if config.value_source == "generations":
                     reports["reward_check"] = self.check_reward_agreement()
-                    targets = self._reference_generations(val_rows)[1]["final_reward"]
-                else:  # the stored rewards of the data's own responses to the validation prompts
-                    targets = [r.reward for r in self._val_records()]
-                head, reports["value_fit"] = self._fit_value(val_rows, targets)
+                head, reports["value_fit"] = self._fit_value(val_rows, self.value_targets(val_rows))
                 self._write_reports(reports)
             outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
                                      self.accelerator, desc="reference pass (train)")
@@ -302,6 +346,8 @@ class OfflineRLTrainer:
         if config.uses_advantage:
             advantages = rewards - values
             stats = advantage_statistics(advantages)
+            fit = reports.get("value_fit", {})
+            stats["value_fit"] = {k: fit.get(k) for k in ("heldout_r2", "heldout_spearman", "informative")}
             if self.is_main:
                 atomic_write_json(self.output_dir / "advantage_stats.json", stats)
             logger.info("training advantages: mean %.4f, median %.4f; %.1f%% negative (dropped by A-LoL)",

@@ -64,19 +64,54 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+# Below this held-out R^2, V(x) is taken as no better than a constant: the run warns and records it.
+INFORMATIVE_R2 = 0.05
+
+
+def r_squared(predictions: np.ndarray, targets: np.ndarray, constant: float) -> float:
+    r""":math:`1 - \sum (t - p)^2 / \sum (t - c)^2`: the share of the squared error of the constant
+    predictor ``c`` (the training part's mean) that the predictions remove; NaN when the targets equal ``c``."""
+    predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
+    baseline = float(np.sum((targets - constant) ** 2))
+    return 1.0 - float(np.sum((targets - predictions) ** 2)) / baseline if baseline > 0 else float("nan")
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    for value in np.unique(values):  # ties share their mean rank
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson's of the average ranks); NaN when either side is constant."""
+    ra, rb = _average_ranks(np.asarray(a, np.float64)), _average_ranks(np.asarray(b, np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = math.sqrt(float(np.sum(ra ** 2) * np.sum(rb ** 2)))
+    return float(np.sum(ra * rb)) / denominator if denominator > 0 else float("nan")
+
+
 @dataclass
 class ValueFitReport:
     best_epoch: int
     heldout_mse: float
     constant_mse: float  # MSE of predicting the training-part mean on the held-out part
     heldout_r2: float
+    heldout_spearman: float  # rank correlation of V(x) with the realised rewards on held-out prompts
     n_train: int
     n_heldout: int
     target_mean: float
     target_std: float
 
+    @property
+    def informative(self) -> bool:
+        return math.isfinite(self.heldout_r2) and self.heldout_r2 >= INFORMATIVE_R2
+
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "informative": self.informative}
 
 
 @dataclass
@@ -141,8 +176,10 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     head.load_state_dict(best_state)
     head.eval()
     constant = float(np.mean((held_targets - float(mean)) ** 2))
+    held_predictions = predict(head, held_states)
     report = ValueFitReport(best_epoch=best_epoch, heldout_mse=best_mse, constant_mse=constant,
-                            heldout_r2=1.0 - best_mse / constant if constant > 0 else float("nan"),
+                            heldout_r2=r_squared(held_predictions, held_targets, float(mean)),
+                            heldout_spearman=spearman(held_predictions, held_targets),
                             n_train=len(train_idx), n_heldout=len(held_idx),
                             target_mean=float(mean), target_std=float(std))
     return head, report

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--value_learning_rate", type=float, default=1e-3)
     g.add_argument("--value_heldout_fraction", type=float, default=0.2,
                    help="share of validation prompts held out to select the value head")
+    g.add_argument("--value_samples", type=int, default=1,
+                   help="V(x) targets: 1 = reward of pi_ref's output with the validation decoding (the original); "
+                        "K > 1 = mean reward of K sampled outputs per validation prompt")
     g.add_argument("--value_source", choices=("generations", "data"), default="generations",
                    help="V(x) fits rewards of pi_ref's generations on val (the paper) or the val data's stored rewards")
     g.add_argument("-r", "--reward_function", default=None, help=argparse.SUPPRESS)  # unused by the original
@@ -181,7 +184,8 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
         ppo_clip=args.ppo_clip if clip_given else 0.9, ppo_clip_given=clip_given, kl_beta=args.kl_beta,
         kl_estimator=args.kl_estimator, gold_floor=args.gold_floor, sampling_strategy=sampling,
         value_epochs=args.a2c_n_value_head_epochs, value_learning_rate=args.value_learning_rate,
-        value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source, val_batch_size=args.val_batch_size,
+        value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source, value_samples=args.value_samples,
+        val_batch_size=args.val_batch_size,
         val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
