@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ATOMIC-10x and ATOMIC-2020 -> rewarded records for COMET.
 
-See the README section of the task for the commands; the pipeline is in lolrl/paper_preprocess.py.
+See the README section of the task for the commands; the pipeline is in lolrl/tasks/paper/preprocess.py.
 """
 import sys
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reddit upvoted / downvoted comments (Kaggle CSVs) -> rewarded records for reddit_pos and reddit_neg.
 
-See the README section of the task for the commands; the pipeline is in lolrl/paper_preprocess.py.
+See the README section of the task for the commands; the pipeline is in lolrl/tasks/paper/preprocess.py.
 """
 import sys
 

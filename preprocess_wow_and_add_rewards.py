@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Wizard of Wikipedia / FaithDial -> rewarded records for wow, faithdial or faithdial_wow (-i).
 
-See the README section of the task for the commands; the pipeline is in lolrl/paper_preprocess.py.
+See the README section of the task for the commands; the pipeline is in lolrl/tasks/paper/preprocess.py.
 """
 import sys
 

@@ -7,7 +7,7 @@ Each training item is one prompt with its first ``--training_stage`` candidate r
 loss (``lolrl.engine.losses.pro_loss``) ranks them by their raw stored reward-model logits, using the
 length-normalised log-probability of each, plus ``--sft_weight`` x the summed NLL of the
 ``sft_index`` response. Same engine, validation, best adapter and checkpoints as
-``lolrl_qlora_llama_hh.py``. Differences from the original (documented in the README): the
+``lolrl_qlora_llama_hh.py``. Differences from the original (documented in docs/hh.md): the
 candidates are ranked by reward inside the loss (the original flipped the preference when a file
 was not sorted) and the score counts exactly the response tokens (the original's mask was off by
 one).

@@ -1,7 +1,7 @@
 """The Python API of the README: a config, a trainer, records and a reward built in Python."""
 import math
 
-from lolrl import OfflineRLConfig, OfflineRLTrainer, load_reward, load_task_dir
+from lolrl import OfflineRLConfig, OfflineRLTrainer, TaskInfo, load_reward, load_task_dir
 from lolrl.demo.task import fluency, safety
 from lolrl.engine.rewards import RewardFunction
 
@@ -11,8 +11,10 @@ def test_readme_api_example(tmp_path, tiny_models, toy_dir, toy_reward_spec):
     reward = load_reward(toy_reward_spec)
     config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / "run"), algorithm="a_lol",
                              n_epochs=1, batch_size=16, max_resp_length=8, max_steps=2, val_log_frequency=1)
-    results = OfflineRLTrainer(config, data, reward).run()
+    trainer = OfflineRLTrainer(config, data, reward, task=TaskInfo("demo", val_metric="safety"))
+    results = trainer.run()
     assert math.isfinite(results["test/generated"]["final_reward"])
+    assert trainer.keeper.metric == "safety"  # the task's description chose the validation measure
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 

@@ -37,7 +37,7 @@ def test_two_processes_train_a_lol(tmp_path, tiny_models, toy_dir, toy_reward_sp
 
 @pytest.mark.parametrize("algo", [a for a in ALGORITHMS if a != "a_lol"])
 def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy_reward_spec, algo):
-    """`accelerate launch --multi_gpu` starts two gloo processes on a CPU-only machine (see the README)."""
+    """`accelerate launch --multi_gpu` starts two gloo processes on a CPU-only machine (see docs/distributed.md)."""
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -1,6 +1,6 @@
 """Collect every run of a task into one CSV (the paper's columns) and a markdown table beside it.
 
-Layout read (the README's commands write it): ``RESULTS/<task>/<prefix>/[train_log/]`` is the
+Layout read (the commands in docs/reddit.md, dialogue.md and comet.md write it): ``RESULTS/<task>/<prefix>/[train_log/]`` is the
 reference run (``-algo nll``) and ``RESULTS/<task>/<prefix>_<algorithm>/[train_log/]`` each offline
 RL run started from it. ``-bmps`` maps each prefix to a bool: ``True`` expects every algorithm,
 ``False`` only the reward-based ones (wbc, r_gold, r_lol). Other ``<prefix>_*`` folders found there
