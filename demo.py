@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from lolrl.demo.pipeline import DemoSettings, run_demo
+from lolrl.demo.pipeline import DemoSettings, parse_variant, run_demo
 from lolrl.engine.losses import ALGORITHMS
 
 
@@ -19,7 +19,8 @@ def main() -> int:
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--algorithms", default="a_lol,wbc",
-                        help=f"comma-separated, from {','.join(a for a in ALGORITHMS if a != 'nll')}")
+                        help=f"comma-separated, from {','.join(a for a in ALGORITHMS if a != 'nll')}; NAME+kK fits "
+                             "V(x) to the mean reward of K samples per validation prompt (e.g. a_lol+k4)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--n_train", type=int, default=None, help="training rows (default per model)")
     parser.add_argument("--max_steps", type=int, default=None, help="cap optimizer steps per run (quick runs)")
@@ -32,7 +33,7 @@ def main() -> int:
     if args.max_steps:
         settings.max_steps = args.max_steps
     algorithms = [a for a in args.algorithms.split(",") if a]
-    unknown = [a for a in algorithms if a not in ALGORITHMS or a == "nll"]
+    unknown = [a for a in algorithms if parse_variant(a)[0] not in ALGORITHMS or a == "nll"]
     if unknown:
         parser.error(f"unknown algorithm(s) {unknown}; choose from {[a for a in ALGORITHMS if a != 'nll']}")
     run_demo(args.output_dir, algorithms, [int(s) for s in args.seeds.split(",")], settings)

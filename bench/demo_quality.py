@@ -5,7 +5,9 @@
 
 Prints mean +/- std (over seeds) of the test final_reward and of each component per algorithm,
 the NLL reference's, and each algorithm's gain as a share of the headroom
-(max reward - reference reward). Target: every A-LoL variant >= 25% of the headroom.
+(max reward - reference reward), and V(x)'s held-out R^2 for the A-LoL variants; ``a_lol+k4`` is a_lol
+with V(x) fit to the mean reward of 4 sampled outputs per validation prompt (``--value_samples 4``)
+instead of one. Target: every A-LoL variant >= 25% of the headroom.
 """
 import argparse
 import os
@@ -25,7 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/bench_quality")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--algorithms", default=",".join(a for a in ALGORITHMS if a != "nll"))
+    parser.add_argument("--algorithms", default=",".join([*(a for a in ALGORITHMS if a != "nll"), "a_lol+k4"]))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = run_demo(args.output_dir, args.algorithms.split(","), [int(s) for s in args.seeds.split(",")],
@@ -36,13 +38,14 @@ def main() -> int:
     components = list(demo_task.COMPONENTS)
     print()
     print(f"NLL reference: test final_reward {reference:.3f} (max {demo_task.MAX_REWARD:.1f}, headroom {headroom:.3f})")
-    print("| algorithm | final_reward | " + " | ".join(components) + " | share of headroom |")
-    print("|---|---:|" + "---:|" * len(components) + "---:|")
+    print("| algorithm | final_reward | " + " | ".join(components) + " | share of headroom | V(x) R^2 |")
+    print("|---|---:|" + "---:|" * len(components) + "---:|---:|")
     missed = []
     for algorithm, entry in summary.items():
         share = (entry["final_reward"] - reference) / headroom if headroom > 0 else float("nan")
         cells = [f"{entry[c]:.3f} ± {entry[c + '_std']:.3f}" for c in ["final_reward", *components]]
-        print(f"| {algorithm} | " + " | ".join(cells) + f" | {100 * share:.0f}% |")
+        r2 = f"{entry['value_r2']:.3f} ± {entry['value_r2_std']:.3f}" if "value_r2" in entry else "-"
+        print(f"| {algorithm} | " + " | ".join(cells) + f" | {100 * share:.0f}% | {r2} |")
         if algorithm.startswith("a_lol") and not share >= TARGET:
             missed.append(algorithm)
     print()

@@ -66,6 +66,17 @@ def test_tiny_demo_run_writes_results(tmp_path):
     assert summary["a_lol"]["seeds"] == 2
 
 
+def test_pipeline_with_the_starting_model_and_a_k_samples_variant(tmp_path):
+    settings = DemoSettings(n_train=48, n_val=12, n_test=8, nll_epochs=1, rl_epochs=1, batch_size=16,
+                            max_resp_length=6, tiny_width=32, evaluate_start=True)
+    rows = run_demo(tmp_path, algorithms=("a_lol+k2",), seeds=(0,), settings=settings)
+    assert [r["algorithm"] for r in rows] == ["start", "nll (reference)", "a_lol+k2"]
+    assert -1.0 <= rows[2]["value_r2"] or rows[2]["value_r2"] != rows[2]["value_r2"]  # a number (NaN allowed)
+    config = json.loads((tmp_path / "runs" / "a_lol+k2_seed0" / "args.json").read_text())
+    assert config["algorithm"] == "a_lol" and config["value_samples"] == 2
+    assert not (tmp_path / "runs" / "start" / "model").exists()  # evaluated, never trained or saved
+
+
 def test_demo_script_rejects_unknown_algorithm(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--output_dir", str(tmp_path), "--algorithms", "ppo"],
                           capture_output=True, text=True, timeout=120)

@@ -11,8 +11,15 @@ from lolrl.engine.data import load_task_dir
 from lolrl.engine.reference import prompt_states, reference_pass
 from lolrl.engine.rewards import RewardFunction
 from lolrl.engine.trainer import OfflineRLTrainer
-from lolrl.engine.value import (INFORMATIVE_R2, ValueFitReport, ValueFitSettings, fit_value_head, predict, r_squared,
-                                spearman)
+from lolrl.engine.value import (
+    INFORMATIVE_R2,
+    ValueFitReport,
+    ValueFitSettings,
+    fit_value_head,
+    predict,
+    r_squared,
+    spearman,
+)
 from lolrl.utils.errors import ConfigError
 
 

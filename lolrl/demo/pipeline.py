@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,35 @@ from lolrl.engine.rewards import load_reward
 from lolrl.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineTask:
+    """What the pipeline needs of a task: a writer of its data folder (``train/val/test.jsonl``), the
+    reward spec and its components (each in [0, 1] here), and text to train a scratch tokenizer on."""
+
+    name: str
+    write: Callable[[Path, "DemoSettings"], Path]  # (folder, settings) -> the data folder
+    reward_spec: str
+    components: tuple[str, ...]
+    max_reward: float
+    corpus: Callable[[], Sequence[str]]
+
+
+def _write_demo_task(directory: Path, settings: "DemoSettings") -> Path:
+    return demo_task.write_task(directory, settings.n_train, settings.n_val, settings.n_test, settings.bad_share,
+                                chat=settings.chat_prompts)
+
+
+DEMO_TASK = PipelineTask("demo", _write_demo_task, demo_task.REWARD_SPEC, tuple(demo_task.COMPONENTS),
+                         demo_task.MAX_REWARD, demo_task.corpus)
+VARIANT_SEPARATOR = "+k"  # "a_lol+k4": a_lol with V(x) fit to the mean reward of 4 samples per prompt
+
+
+def parse_variant(name: str) -> tuple[str, int]:
+    """``"a_lol+k4"`` -> ``("a_lol", 4)``; a plain name -> ``(name, 1)``."""
+    algorithm, sep, k = name.partition(VARIANT_SEPARATOR)
+    return algorithm, int(k) if sep else 1
 
 
 @dataclass
@@ -49,6 +79,7 @@ class DemoSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     tiny_layers: int = 2
     tiny_width: int = 128
+    evaluate_start: bool = False  # also evaluate the starting model itself (useful for a pretrained one)
 
     @classmethod
     def smollm2(cls) -> "DemoSettings":
@@ -58,7 +89,7 @@ class DemoSettings:
                    max_prompt_length=128, max_steps=24, lora=LoraSettings(r=8, alpha=16, dropout=0.0))
 
 
-def build_base_model(output_dir: Path, settings: DemoSettings) -> Path:
+def build_base_model(output_dir: Path, settings: DemoSettings, task: PipelineTask = DEMO_TASK) -> Path:
     """The starting model: a tiny Llama and tokenizer trained from scratch, or SmolLM2 materialised."""
     if settings.model == "smollm2":
         from lolrl.demo.smollm2 import materialise
@@ -67,13 +98,13 @@ def build_base_model(output_dir: Path, settings: DemoSettings) -> Path:
     from lolrl.demo.tiny import build_llama_lm, train_tokenizer
 
     directory = output_dir / "scratch_model"
-    tokenizer = train_tokenizer(demo_task.corpus(), directory, vocab_size=600, with_pad=False)
+    tokenizer = train_tokenizer(task.corpus(), directory, vocab_size=600, with_pad=False)
     build_llama_lm(tokenizer, directory, n_layer=settings.tiny_layers, hidden=settings.tiny_width, heads=4,
                    max_positions=128)
     return directory
 
 
-def _config(settings: DemoSettings, **overrides) -> OfflineRLConfig:
+def _config(settings: DemoSettings, task: PipelineTask, **overrides) -> OfflineRLConfig:
     base = dict(batch_size=settings.batch_size, val_batch_size=64, max_resp_length=settings.max_resp_length,
                 max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps, val_log_frequency=2,
                 lora=settings.lora,
@@ -81,7 +112,7 @@ def _config(settings: DemoSettings, **overrides) -> OfflineRLConfig:
                 # (NLL reproduces the data's share of poor responses), and V(x) fits E_pi_ref[R].
                 generation=GenerationSettings(max_new_tokens=settings.max_resp_length, num_beams=1,
                                               repetition_penalty=1.0, do_sample=True),
-                task_name="demo", reward=demo_task.REWARD_SPEC, logging_steps=10)
+                task_name=task.name, reward=task.reward_spec, logging_steps=10)
     base.update(overrides)
     return OfflineRLConfig(**base)
 
@@ -93,37 +124,46 @@ def _train(config: OfflineRLConfig, data, reward) -> dict:
 
 
 def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds=(0,),
-             settings: DemoSettings | None = None) -> list[dict]:
-    """Run the pipeline; returns one result row per (algorithm, seed) plus the NLL reference."""
+             settings: DemoSettings | None = None, task: PipelineTask = DEMO_TASK) -> list[dict]:
+    """Run the pipeline; returns one result row per (algorithm, seed) plus the NLL reference (and the
+    starting model with ``settings.evaluate_start``). An algorithm ``NAME+kK`` is NAME with
+    ``value_samples=K``."""
     settings = settings or DemoSettings()
     out = Path(output_dir)
     started = time.time()
-    data_dir = demo_task.write_task(out / "data", settings.n_train, settings.n_val, settings.n_test,
-                                    settings.bad_share, chat=settings.chat_prompts)
-    data, reward = load_task_dir(data_dir), load_reward(demo_task.REWARD_SPEC)
-    share_bad = np.mean([r.meta["kind"] != "good" for r in data.train])
-    print(f"[demo] task: {len(data.train)} train rows, {100 * share_bad:.0f}% poor responses -> {data_dir}")
-    base = build_base_model(out, settings)
+    data_dir = task.write(out / "data", settings)
+    data, reward = load_task_dir(data_dir), load_reward(task.reward_spec)
+    if all("kind" in r.meta for r in data.train):
+        share_bad = np.mean([r.meta["kind"] != "good" for r in data.train])
+        print(f"[demo] task: {len(data.train)} train rows, {100 * share_bad:.0f}% poor responses -> {data_dir}")
+    base = build_base_model(out, settings, task)
+    rows = []
+    if settings.evaluate_start:
+        print("[demo] the starting model, untrained")
+        start = _train(_config(settings, task, model_name=str(base), output_dir=str(out / "runs" / "start"),
+                               algorithm="nll", do_train=False, lora=LoraSettings(r=0)), data, reward)
+        rows.append(_result_row("start", 0, start, task))
 
     print("[demo] stage 1: NLL on all training rows -> the reference policy pi_ref")
     nll_dir = out / "runs" / "nll"
-    nll_results = _train(_config(settings, model_name=str(base), output_dir=str(nll_dir), algorithm="nll",
+    nll_results = _train(_config(settings, task, model_name=str(base), output_dir=str(nll_dir), algorithm="nll",
                                  n_epochs=settings.nll_epochs, learning_rate=settings.nll_learning_rate,
                                  seed=0), data, reward)
     reference = nll_dir / "model"
-    rows = [_result_row("nll (reference)", 0, nll_results)]
+    rows.append(_result_row("nll (reference)", 0, nll_results, task))
 
-    for algorithm in algorithms:
+    for name in algorithms:
+        algorithm, samples = parse_variant(name)
         for seed in seeds:
-            print(f"[demo] stage 2: {algorithm}, seed {seed}, from pi_ref")
-            run_dir = out / "runs" / f"{algorithm}_seed{seed}"
-            results = _train(_config(settings, model_name=str(reference), output_dir=str(run_dir),
+            print(f"[demo] stage 2: {name}, seed {seed}, from pi_ref")
+            run_dir = out / "runs" / f"{name}_seed{seed}"
+            results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
                                      algorithm=algorithm, n_epochs=settings.rl_epochs,
-                                     learning_rate=settings.rl_learning_rate, seed=seed,
+                                     learning_rate=settings.rl_learning_rate, seed=seed, value_samples=samples,
                                      cache_dir=str(out / "cache"), eval_in_beginning=True), data, reward)
             _print_advantages(run_dir)
-            rows.append(_result_row(algorithm, seed, results))
-    write_results(out, rows)
+            rows.append({**_result_row(name, seed, results, task), **_value_quality(run_dir)})
+    write_results(out, rows, task)
     print(f"[demo] done in {time.time() - started:.0f} s: {out / 'results.csv'}, {out / 'rewards.png'}, "
           f"runs in {out / 'runs'}")
     return rows
@@ -137,21 +177,33 @@ def _print_advantages(run_dir: Path) -> None:
               f"(left out), {100 * (1 - stats['share_non_positive']):.0f}% positive (the leftover lunch)")
 
 
-def _result_row(algorithm: str, seed: int, results: dict) -> dict:
+def _result_row(algorithm: str, seed: int, results: dict, task: PipelineTask = DEMO_TASK) -> dict:
     test = results.get("test/generated", {})
     row = {"algorithm": algorithm, "seed": seed, "final_reward": test.get("final_reward")}
-    row.update({name: test.get(name) for name in demo_task.COMPONENTS})
+    row.update({name: test.get(name) for name in task.components})
     row.update({k: test.get(k) for k in ("distinct_1", "distinct_2", "avg_response_len")})
     return row
 
 
-def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean and std over seeds per algorithm, in first-seen order."""
+def _value_quality(run_dir: Path) -> dict:
+    """V(x)'s held-out R^2 and rank correlation, and the share of training rows it leaves out."""
+    fit = run_dir / "value_fit.json"
+    if not fit.exists():
+        return {}
+    report = json.loads(fit.read_text())
+    stats = json.loads((run_dir / "advantage_stats.json").read_text())
+    return {"value_r2": report["heldout_r2"], "value_spearman": report["heldout_spearman"],
+            "share_negative": stats["share_negative"]}
+
+
+def summarise(rows: list[dict], task: PipelineTask = DEMO_TASK) -> dict[str, dict[str, float]]:
+    """Mean and std over seeds per algorithm, in first-seen order (V(x)'s R^2 too, where fit)."""
     table: dict[str, dict[str, float]] = {}
     for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
         group = [r for r in rows if r["algorithm"] == algorithm]
         entry: dict[str, float] = {"seeds": len(group)}
-        for key in ["final_reward", *demo_task.COMPONENTS]:
+        extra = ["value_r2"] if all(r.get("value_r2") is not None for r in group) else []
+        for key in ["final_reward", *task.components, *extra]:
             values = np.array([r[key] for r in group], dtype=float)
             entry[key] = float(values.mean())
             entry[f"{key}_std"] = float(values.std())
@@ -159,11 +211,11 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
     return table
 
 
-def write_results(out: Path, rows: list[dict]) -> None:
+def write_results(out: Path, rows: list[dict], task: PipelineTask = DEMO_TASK) -> None:
     atomic_write_text(out / "results.csv", _rows_csv(rows))
-    summary = summarise(rows)
+    summary = summarise(rows, task)
     print(format_markdown_table(summary, first_column="algorithm"))
-    plot_rewards(summary, out / "rewards.png")
+    plot_rewards(summary, out / "rewards.png", task)
 
 
 def _rows_csv(rows: list[dict]) -> str:
@@ -171,26 +223,27 @@ def _rows_csv(rows: list[dict]) -> str:
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
 
 
-def plot_rewards(summary: dict[str, dict[str, float]], path: Path) -> None:
+def plot_rewards(summary: dict[str, dict[str, float]], path: Path, task: PipelineTask = DEMO_TASK) -> None:
     """Stacked mean reward components per algorithm, with the std of final_reward over seeds."""
     plt = pyplot()
 
     names = list(summary)
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
     bottom = np.zeros(len(names))
-    for component in demo_task.COMPONENTS:
+    for component in task.components:
         values = np.array([summary[n][component] for n in names])
         ax.bar(names, values, bottom=bottom, label=component)
         bottom += values
     ax.errorbar(names, bottom, yerr=[summary[n]["final_reward_std"] for n in names], fmt="none", color="black",
                 capsize=4)
-    ax.axhline(demo_task.MAX_REWARD, color="grey", linestyle="--", linewidth=1, label="maximum")
+    ax.axhline(task.max_reward, color="grey", linestyle="--", linewidth=1, label="maximum")
     ax.set_ylabel("mean test reward")
     ax.set_title("Test reward per algorithm (stacked components, error bar = std over seeds)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
