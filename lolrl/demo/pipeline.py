@@ -123,11 +123,11 @@ def _train(config: OfflineRLConfig, data, reward) -> dict:
     return OfflineRLTrainer(config, data, reward).run()
 
 
-def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds=(0,),
+def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequence[int] | dict = (0,),
              settings: DemoSettings | None = None, task: PipelineTask = DEMO_TASK) -> list[dict]:
     """Run the pipeline; returns one result row per (algorithm, seed) plus the NLL reference (and the
     starting model with ``settings.evaluate_start``). An algorithm ``NAME+kK`` is NAME with
-    ``value_samples=K``."""
+    ``value_samples=K``; ``seeds`` is one list for all, or ``{algorithm: seeds}``."""
     settings = settings or DemoSettings()
     out = Path(output_dir)
     started = time.time()
@@ -154,7 +154,7 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds=(0,),
 
     for name in algorithms:
         algorithm, samples = parse_variant(name)
-        for seed in seeds:
+        for seed in seeds[name] if isinstance(seeds, dict) else seeds:
             print(f"[demo] stage 2: {name}, seed {seed}, from pi_ref")
             run_dir = out / "runs" / f"{name}_seed{seed}"
             results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
@@ -162,7 +162,7 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds=(0,),
                                      learning_rate=settings.rl_learning_rate, seed=seed, value_samples=samples,
                                      cache_dir=str(out / "cache"), eval_in_beginning=True), data, reward)
             _print_advantages(run_dir)
-            rows.append({**_result_row(name, seed, results, task), **_value_quality(run_dir)})
+            rows.append({**_result_row(name, seed, results, task), **_run_facts(run_dir)})
     write_results(out, rows, task)
     print(f"[demo] done in {time.time() - started:.0f} s: {out / 'results.csv'}, {out / 'rewards.png'}, "
           f"runs in {out / 'runs'}")
@@ -185,14 +185,17 @@ def _result_row(algorithm: str, seed: int, results: dict, task: PipelineTask = D
     return row
 
 
-def _value_quality(run_dir: Path) -> dict:
-    """V(x)'s held-out R^2 and rank correlation, and the share of training rows it leaves out."""
+def _run_facts(run_dir: Path) -> dict:
+    """The step of the kept (best-validated) model (0: the starting one won); V(x)'s held-out R^2 and
+    rank correlation, and the share of training rows it leaves out."""
+    best = run_dir / "model" / "best.json"
+    facts = {"best_step": json.loads(best.read_text())["step"]} if best.exists() else {}
     fit = run_dir / "value_fit.json"
     if not fit.exists():
-        return {}
+        return facts
     report = json.loads(fit.read_text())
     stats = json.loads((run_dir / "advantage_stats.json").read_text())
-    return {"value_r2": report["heldout_r2"], "value_spearman": report["heldout_spearman"],
+    return {**facts, "value_r2": report["heldout_r2"], "value_spearman": report["heldout_spearman"],
             "share_negative": stats["share_negative"]}
 
 
