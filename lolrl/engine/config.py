@@ -82,6 +82,7 @@ class OfflineRLConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto: continue from OUTPUT/checkpoints when one exists; must; never
     stop_after_steps: int = -1  # stop (checkpointed) after this many optimizer steps; the next run resumes
+    max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before the run stops
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     adapter_path: str | None = None
@@ -136,6 +137,10 @@ class OfflineRLConfig:
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
         if self.value_source not in ("generations", "data"):
             raise ConfigError(f"--value_source must be generations or data, got '{self.value_source}'")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.n_epochs < 0:
             raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")
 

@@ -60,8 +60,25 @@ def _first_present(row: dict, names: Sequence[str]) -> tuple[str | None, Any]:
     return None, None
 
 
+# |reward| above this is refused when read: its products with log-prob sums and importance weights
+# would overflow float32 (max ~3.4e38) during training.
+REWARD_LIMIT = 1e30
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _usable_reward(value: Any) -> bool:
+    return _finite_number(value) and abs(value) <= REWARD_LIMIT
+
+
+def check_reward_scale(values, ids, what: str) -> None:
+    """Refuse rewards or advantages that are non-finite or beyond :data:`REWARD_LIMIT`, naming the row."""
+    for value, rid in zip(values, ids):
+        if not _usable_reward(float(value)):
+            raise DataError(what, None, None, f"row id {rid!r}: value {float(value)!r} is not finite or beyond "
+                                              f"+-{REWARD_LIMIT:g} (training on it would overflow)")
 
 
 def _check_chat(messages: list, err) -> None:
@@ -103,12 +120,13 @@ def parse_record(row: Any, source: str, line: int, require_reward: bool) -> Reco
     if not isinstance(components, dict):
         raise DataError(source, line, "reward_components", "expected an object of name -> number")
     for name, value in components.items():
-        if not _finite_number(value):
-            raise DataError(source, line, f"reward_components.{name}", f"expected a finite number, got {value!r}")
+        if not _usable_reward(value):
+            raise DataError(source, line, f"reward_components.{name}",
+                            f"expected a finite number within +-{REWARD_LIMIT:g}, got {value!r}")
 
     reward = row.get("reward")
-    if reward is not None and not _finite_number(reward):
-        raise DataError(source, line, "reward", f"expected a finite number, got {reward!r}")
+    if reward is not None and not _usable_reward(reward):
+        raise DataError(source, line, "reward", f"expected a finite number within +-{REWARD_LIMIT:g}, got {reward!r}")
     if reward is None and "final_reward" in components:
         reward = components["final_reward"]
     if components and "final_reward" not in components and reward is None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer, check_prompts_renderable
 from lolrl.engine.config import ConfigError, OfflineRLConfig
-from lolrl.engine.data import Record, TaskData, reward_matrix
+from lolrl.engine.data import Record, TaskData, check_reward_scale, reward_matrix
 from lolrl.engine.evaluation import (
     plot_loss_curves,
     plot_reward_distributions,
@@ -62,6 +62,7 @@ from lolrl.utils.checkpoint import (
     run_key,
     save_checkpoint,
 )
+from lolrl.utils.finite import StepGuard, check_finite_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -258,6 +259,8 @@ class OfflineRLTrainer:
         config = self.config
         train = self.data.train
         rewards = np.array([r.reward for r in train], dtype=np.float64) if config.algorithm != "nll" else None
+        if rewards is not None:
+            check_reward_scale(rewards, [r.id for r in train], "training rewards")
         if config.group_size > 1:
             return TrainingSignal(rewards, None, None, None, self._sft_rows(train))
         if not (config.uses_reference or config.uses_advantage):
@@ -301,6 +304,7 @@ class OfflineRLTrainer:
         advantages = None
         if config.uses_advantage:
             advantages = rewards - values
+            check_reward_scale(advantages, [r.id for r in train], "training advantages (R - V(x))")
             stats = advantage_statistics(advantages)
             if self.is_main:
                 atomic_write_json(self.output_dir / "advantage_stats.json", stats)
@@ -355,13 +359,16 @@ class OfflineRLTrainer:
 
     def _save_best(self) -> None:
         state = self._full_state()
-        self.best_state = self._trainable_state(state)
+        best = self._trainable_state(state)
+        check_finite_state(best, f"the best model (for {self.config.save_dir})")
+        self.best_state = best
         self.save_model(self.config.save_dir, state)
 
     def save_model(self, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
         """The model (or only its adapter) and tokenizer, ready for ``from_pretrained``; main process writes."""
         state = self._full_state() if state is None else state
         if self.is_main:
+            check_finite_state(state, f"the model for {directory}")
             model = self.accelerator.unwrap_model(self.model)
             model.save_pretrained(directory, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
@@ -488,6 +495,7 @@ class OfflineRLTrainer:
         start_epoch, start_group = self._resume(checkpoint, optimizer, scheduler) if checkpoint else (0, 0)
         progress.update(self.global_step)
         window: dict[str, list[float]] = {}
+        guard, losses = StepGuard(config.max_nonfinite_steps, acc, "training"), []
         started = time.time()
         self.model.train()
         for epoch in range(start_epoch, epochs):
@@ -503,13 +511,16 @@ class OfflineRLTrainer:
                         with acc.autocast():
                             loss, stats = self._loss(self._batch_tensors(indices, train_rows, signal))
                         acc.backward(loss / len(group))
+                    losses.append(float(loss.detach()))
                     for name, value in stats.items():
                         window.setdefault(name, []).extend(value.float().cpu().tolist())
-                if config.max_grad_norm:
-                    acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                if guard.allow_step(losses, self.model, self.global_step + 1):
+                    if config.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
+                losses = []
                 self.global_step += 1
                 progress.update(1)
                 step_in_epoch = group_start // config.accumulation_steps + 1

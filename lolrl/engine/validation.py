@@ -15,6 +15,7 @@ from lolrl.engine.collation import TokenizedRow
 from lolrl.engine.data import Record
 from lolrl.engine.evaluation import summarize_generations
 from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.utils.finite import check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class RewardValidationCallback:
 
         def save():
             if accelerator.is_main_process:
+                check_finite_model(accelerator.unwrap_model(model), f"the model for {self.save_dir}")
                 kwargs = {"selected_adapters": [self.adapter_name]} if self.adapter_name else {}
                 accelerator.unwrap_model(model).save_pretrained(self.save_dir, safe_serialization=True, **kwargs)
                 self.tokenizer.save_pretrained(self.save_dir)

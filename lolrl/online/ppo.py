@@ -67,6 +67,7 @@ from lolrl.utils.checkpoint import (
     run_key,
     save_checkpoint,
 )
+from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class PPOConfig:
     resume: str = "auto"  # auto | never | must
     stop_after_steps: int = -1
     use_cache: bool = True
+    max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before the run stops
 
     def __post_init__(self) -> None:
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "best_adapter")
@@ -166,6 +168,10 @@ class PPOConfig:
             raise ConfigError("init_kl_coef must be >= 0; the adaptive controller needs kl_target and kl_horizon > 0")
         if self.resume not in ("auto", "never", "must"):
             raise ConfigError("resume must be auto, never or must")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if not self.rollout.do_sample:
             logger.warning("PPO rollouts without sampling: every rollout of a prompt is the same")
 
@@ -264,6 +270,7 @@ class PPOTrainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.model = self.ref_model = None
         self.ref_adapter = False
+        self.guard = StepGuard(config.max_nonfinite_steps, self.accelerator, "PPO")
 
     # ----------------------------------------------------------------------------------- set-up
     def _load(self) -> None:
@@ -461,10 +468,12 @@ class PPOTrainer:
                 if stop:
                     optimizer.zero_grad()
                     break
-                if config.max_grad_norm:
-                    acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                losses = stats["loss"][-len(minis):]
+                if self.guard.allow_step(losses, self.model, self.global_step + 1):
+                    if config.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
             if stop:
                 logger.info("early stopping: policy KL above 1.5 x target_kl (%.3g)", config.target_kl)
@@ -548,6 +557,7 @@ class PPOTrainer:
     def save_model(self, directory: str) -> None:
         """The adapter (or the whole model), the value head and the tokenizer; the main process writes."""
         if self.is_main:
+            check_finite_model(self._unwrapped(), f"the model for {directory}")
             from safetensors.torch import save_file
 
             policy = self._policy()

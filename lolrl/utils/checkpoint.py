@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lolrl.utils.finite import check_finite_state
 from lolrl.utils.io import atomic_write_json
 
 PREFIX = "step_"
@@ -53,6 +54,7 @@ def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tenso
                     torch_rng_states: list[torch.Tensor] | None = None) -> Path:
     """Write ``directory/step_{step}`` atomically and keep only the ``keep`` newest checkpoints.
     ``torch_rng_states``: one per process (each process's dropout stream), default this process's."""
+    check_finite_state(trainable, f"checkpoint step {step}")
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:06d}"
     tmp = directory / f".tmp_{PREFIX}{step:06d}"
@@ -102,7 +104,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int 
 
 # Settings that only say when to stop, what to log or where: a run resumed with other values is the same run.
 NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to", "logging_steps",
-                  "use_cache", "do_test")
+                  "use_cache", "do_test", "max_nonfinite_steps")
 
 
 def run_key(settings: dict, train_digest: str) -> str:

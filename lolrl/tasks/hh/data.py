@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lolrl.engine.data import DataError, Record, json_lines
+from lolrl.engine.data import REWARD_LIMIT, DataError, Record, json_lines
 
 PROMPTER, ASSISTANT = "<|prompter|>", "<|assistant|>"
 SYSTEM_PREFIX = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -89,8 +89,9 @@ def _check_pro_row(row, source: str, line: int) -> None:
         raise DataError(source, line, "prefix", "expected turns ending with the bare '<|assistant|>' slot")
     if any(not isinstance(t, str) or not t.startswith((PROMPTER, ASSISTANT)) for t in turns):
         raise DataError(source, line, "prefix", "every turn must start with <|prompter|> or <|assistant|>")
-    if any(not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) for r in row["reward"]):
-        raise DataError(source, line, "reward", "expected finite numbers")
+    if any(not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or abs(r) > REWARD_LIMIT
+           for r in row["reward"]):
+        raise DataError(source, line, "reward", f"expected finite numbers within +-{REWARD_LIMIT:g}")
     if not 0 <= row.get("sft_index", 0) < len(row["suffix"]):
         raise DataError(source, line, "sft_index", "out of range")
 

@@ -1,0 +1,76 @@
+"""Trustworthy runs (issue 13): non-finite numbers never pass, everything read back is verified,
+results do not depend on cache state, caches are keyed by all they read, no two runs share a folder,
+and every user error is one line."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lolrl.tasks.paper.cli import main
+from lolrl.utils.checkpoint import latest_checkpoint
+from lolrl.utils.errors import UserError
+from lolrl.utils.finite import NonFiniteError, StepGuard, check_finite_state
+
+
+def argv(toy_dir, model, out, reward, *extra, algo="wbc"):
+    return ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", algo,
+            "-t", "-e", "1", "-bs", "8", "-as", "1", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1",
+            "-lr", "1e-3", "--save_steps", "2", "--no_test", *extra]
+
+
+def one_line_errors(stderr: str) -> list[str]:
+    """The ``error: ...`` lines of a script's stderr (a progress bar may share the line before it)."""
+    return ["error: " + line.split("error: ", 1)[1] for line in stderr.splitlines() if "error: " in line]
+
+
+def trainable(out: Path) -> dict:
+    return load_file(str(latest_checkpoint(out / "checkpoints") / "trainable.safetensors"))
+
+
+# ------------------------------------------------------------------------------------ 1. non-finite
+def test_step_guard_skips_then_stops():
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    guard = StepGuard(max_in_a_row=2)
+    assert guard.allow_step([1.0], model, 1)
+    assert not guard.allow_step([math.nan], model, 2)  # a NaN loss: skipped
+    assert guard.allow_step([1.0], model, 3)  # a good step resets the count
+    model.weight.grad[0, 0] = math.inf
+    assert not guard.allow_step([1.0], model, 4)  # an inf gradient: skipped
+    with pytest.raises(NonFiniteError, match="2 steps in a row"):
+        guard.allow_step([1.0], model, 5)
+    assert issubclass(NonFiniteError, UserError)
+
+
+def test_non_finite_state_is_never_saved():
+    check_finite_state({"w": torch.ones(2)}, "x")
+    with pytest.raises(NonFiniteError, match="'w' is not finite"):
+        check_finite_state({"ok": torch.ones(1), "w": torch.tensor([1.0, math.nan])}, "the best model")
+
+
+def test_diverging_run_stops_with_one_line(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys):
+    out = tmp_path / "o"
+    code = main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "-lr", "1e30", "--save_steps", "1"))
+    errors = one_line_errors(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1 and "non-finite" in errors[0], errors
+    for path in (out / "checkpoints").glob("step_*/trainable.safetensors"):  # whatever was saved is finite
+        assert all(torch.isfinite(t).all() for t in load_file(str(path)).values())
+
+
+def test_overflowing_reward_is_refused_with_its_row(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys):
+    bad = tmp_path / "task"
+    bad.mkdir()
+    for split in ("train", "val", "test"):
+        (bad / f"{split}.jsonl").write_text((Path(toy_dir) / f"{split}.jsonl").read_text())
+    lines = (bad / "train.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    row["reward"] = 1e308
+    row.pop("reward_components", None)
+    lines[2] = json.dumps(row)
+    (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(argv(bad, tiny_models["causal"], tmp_path / "o", toy_reward_spec)) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:3" in err and "reward" in err and "1e+308" in err
