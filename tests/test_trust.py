@@ -74,3 +74,66 @@ def test_overflowing_reward_is_refused_with_its_row(tmp_path, tiny_models, toy_d
     assert main(argv(bad, tiny_models["causal"], tmp_path / "o", toy_reward_spec)) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:3" in err and "reward" in err and "1e+308" in err
+
+
+# ------------------------------------------------------------------------------------- 2. integrity
+def flip_byte(path: Path, offset: int = -20) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_cache_with_flipped_bytes_or_wrong_shape_is_recomputed(tmp_path, caplog):
+    from lolrl.utils.cache import Cache, hash_json
+
+    cache, key = Cache(tmp_path), hash_json("k")
+    cache.save("entry", key, {"offsets": [0, 3]}, {"x": torch.arange(3.0)})
+    assert cache.load("entry", key) is not None
+    flip_byte(tmp_path / "entry.safetensors")  # a flipped bit inside a tensor: still a valid file
+    with caplog.at_level("WARNING"):
+        assert cache.load("entry", key) is None
+    assert "damaged" in caplog.text
+    cache.save("entry", key, {"offsets": [0, 3]}, {"x": torch.arange(3.0)})
+    meta = json.loads((tmp_path / "entry.json").read_text())
+    meta["payload"]["offsets"] = [0, 4]  # an edited payload: valid JSON, wrong digest
+    (tmp_path / "entry.json").write_text(json.dumps(meta))
+    assert cache.load("entry", key) is None
+    (tmp_path / "entry.json").write_text("[1, 2]")  # JSON of the wrong type: damaged, not a traceback
+    assert cache.load("entry", key) is None
+
+    def check(payload, tensors):
+        assert tensors["x"].shape == (4,)
+
+    cache.save("entry", key, {"offsets": [0, 3]}, {"x": torch.arange(3.0)})
+    assert cache.load("entry", key, check) is None  # intact but not of the expected shape
+
+
+def test_flipped_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_models, toy_dir, toy_reward_spec,
+                                                           caplog, capsys):
+    out = tmp_path / "o"
+    run = argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "--save_steps", "1")
+    assert main(run + ["--stop_after_steps", "3"]) == 0
+    newest = out / "checkpoints" / "step_000003"
+    flip_byte(newest / "trainable.safetensors")
+    with caplog.at_level("INFO"):
+        assert main(run + ["--stop_after_steps", "4"]) == 0
+    assert "step_000003 is damaged" in caplog.text and "resuming from" in caplog.text
+    assert "step_000002" in caplog.text.split("resuming from", 1)[1].splitlines()[0]
+    # every checkpoint damaged: refused with one line, nothing overwritten
+    for path in (out / "checkpoints").glob("step_*/state.json"):
+        path.write_text('{"step": "three"}')
+    assert main(run) == 2
+    assert "no intact checkpoint" in one_line_errors(capsys.readouterr().err)[0]
+
+
+def test_strict_load_refuses_foreign_parameters():
+    from lolrl.utils.checkpoint import load_trainable
+    from lolrl.utils.manifest import IntegrityError
+
+    model = torch.nn.Linear(2, 2)
+    load_trainable(model, {"weight": torch.zeros(2, 2), "bias": torch.ones(2)}, "x")
+    assert torch.equal(model.bias, torch.ones(2))
+    with pytest.raises(IntegrityError, match="missing"):
+        load_trainable(model, {"weight": torch.zeros(2, 2)}, "x")
+    with pytest.raises(IntegrityError, match="the model's"):
+        load_trainable(model, {"weight": torch.zeros(3, 2), "bias": torch.ones(2)}, "x")

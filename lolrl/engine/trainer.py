@@ -51,13 +51,20 @@ from lolrl.engine.reference import prompt_states, reference_pass
 from lolrl.engine.runtime import flat_config, make_accelerator
 from lolrl.engine.sampling import EpochSampler, sampling_weights
 from lolrl.engine.task import TaskInfo
-from lolrl.engine.validation import BestModelKeeper, generate_and_score, gold_texts, score_on_main
+from lolrl.engine.validation import (
+    BestModelKeeper,
+    generate_and_score,
+    gold_texts,
+    score_on_main,
+    scored_generations_check,
+)
 from lolrl.engine.value import ValueFitSettings, ValueHead, fit_value_head
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import (
     drop_log_tail,
     find_resumable,
     load_checkpoint,
+    load_trainable,
     process_rng_states,
     run_key,
     save_checkpoint,
@@ -77,6 +84,20 @@ def advantage_statistics(advantages: np.ndarray) -> dict:
         "share_negative": float(np.mean(advantages < 0)),
         "share_non_positive": float(np.mean(advantages <= 0)),
     }
+
+
+def _check_reference_cache(rows: int, with_values: bool, payload: dict, tensors: dict) -> None:
+    """The reference-pass cache holds ``rows`` log-prob runs (offsets into one flat tensor) and values."""
+    offsets, flat = payload["offsets"], tensors["logprobs"]
+    if not (isinstance(offsets, list) and len(offsets) == rows + 1 and offsets[0] == 0
+            and all(isinstance(o, int) and a <= o for a, o in zip(offsets, offsets[1:]))):
+        raise ValueError(f"expected {rows + 1} increasing offsets")
+    if flat.ndim != 1 or not flat.is_floating_point() or flat.shape[0] != offsets[-1]:
+        raise ValueError(f"log-probs of shape {tuple(flat.shape)} for offsets ending at {offsets[-1]}")
+    if with_values and ("values" not in tensors or tuple(tensors["values"].shape) != (rows,)):
+        raise ValueError(f"expected {rows} values")
+    if not isinstance(payload.get("reports", {}), dict):
+        raise TypeError("reports is not an object")
 
 
 @dataclass
@@ -201,7 +222,7 @@ class OfflineRLTrainer:
         key = cache_lib.hash_json({"stage": "reference_generations", **self._model_key(),
                                    "val": cache_lib.records_digest(val), "reward": self.reward.to_spec(),
                                    "generation": self.config.generation.as_dict()})
-        hit = self.cache.load("reference_val_generations", key)
+        hit = self.cache.load("reference_val_generations", key, scored_generations_check(len(val)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
         completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
@@ -274,7 +295,8 @@ class OfflineRLTrainer:
                                        "generation": config.generation.as_dict(),
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
                                        "heldout": config.value_heldout_fraction, "seed": config.seed}})
-        hit = self.cache.load("reference_pass", key)
+        hit = self.cache.load("reference_pass", key, functools.partial(_check_reference_cache, len(train),
+                                                                      config.uses_advantage))
         if hit is not None:
             payload, tensors = hit
             self._write_reports(payload.get("reports", {}))
@@ -585,8 +607,7 @@ class OfflineRLTrainer:
     def _restore_best(self) -> None:
         if self.best_state is None:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        model.load_state_dict(self.best_state, strict=False)
+        load_trainable(self.accelerator.unwrap_model(self.model), self.best_state, "the best model's parameters")
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, dict]:

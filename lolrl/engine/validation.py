@@ -60,6 +60,22 @@ def score_on_main(reward, records: list[Record], completions: list[str], batch_s
     return result[0]
 
 
+def scored_generations_check(n: int):
+    """A cache check for ``{"completions": [n strings], "rewards": {name: [n numbers]}}`` (see Cache.load)."""
+    def check(payload: dict, tensors: dict) -> None:
+        completions, rewards = payload["completions"], payload["rewards"]
+        if not (isinstance(completions, list) and len(completions) == n and all(isinstance(c, str) for c in completions)):
+            raise TypeError(f"expected {n} completions (strings)")
+        if not isinstance(rewards, dict) or "final_reward" not in rewards:
+            raise TypeError("expected rewards by name, with final_reward")
+        for name, values in rewards.items():
+            if not (isinstance(values, list) and len(values) == n and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+                raise TypeError(f"expected {n} finite rewards for {name!r}")
+
+    return check
+
+
 def generate_and_score(model, tokenizer, records: list[Record], rows: list[TokenizedRow],
                        settings: GenerationSettings, batch_size: int, accelerator, reward=None, postprocess=None,
                        desc: str = "validation") -> tuple[list[str], dict[str, list[float]]]:

@@ -57,7 +57,13 @@ from lolrl.engine.losses import (
 )
 from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer
 from lolrl.engine.runtime import flat_config, make_accelerator
-from lolrl.engine.validation import BestModelKeeper, generate_and_score, gold_texts, reward_columns
+from lolrl.engine.validation import (
+    BestModelKeeper,
+    generate_and_score,
+    gold_texts,
+    reward_columns,
+    scored_generations_check,
+)
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import (
     drop_log_tail,
@@ -526,7 +532,7 @@ class PPOTrainer:
             "reward": self.reward.to_spec(), "generation": config.validation.as_dict(),
             "max_prompt_length": config.max_prompt_length, "dtype": config.dtype, "4bit": config.load_in_4bit,
             "fresh_lora": config.adapter_path is None and config.lora.enabled})
-        hit = self.cache.load("ppo_initial_validation", key)
+        hit = self.cache.load("ppo_initial_validation", key, scored_generations_check(len(self.val_records)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
         completions, rewards = self._generate_and_score("validation (start)")
