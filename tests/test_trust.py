@@ -137,3 +137,19 @@ def test_strict_load_refuses_foreign_parameters():
         load_trainable(model, {"weight": torch.zeros(2, 2)}, "x")
     with pytest.raises(IntegrityError, match="the model's"):
         load_trainable(model, {"weight": torch.zeros(3, 2), "bias": torch.ones(2)}, "x")
+
+
+# ---------------------------------------------------------------------------------- 3. cache state
+def test_same_parameters_with_a_cold_and_a_warm_cache(tmp_path, tiny_models, toy_dir, toy_reward_spec):
+    """a_lol with dropout on: the reference pass, value fit and pi_ref's generations come from the cache
+    in the second run; the training RNG stream must not notice."""
+    cache = tmp_path / "cache"
+    common = ["--cache_dir", str(cache), "--keep_dropout", "--eval_in_beginning"]
+    cold, warm = tmp_path / "cold", tmp_path / "warm"
+    assert main(argv(toy_dir, tiny_models["causal"], cold, toy_reward_spec, *common, algo="a_lol")) == 0
+    assert (cache / "reference_pass.json").exists()
+    assert main(argv(toy_dir, tiny_models["causal"], warm, toy_reward_spec, *common, algo="a_lol")) == 0
+    a, b = trainable(cold), trainable(warm)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key

@@ -71,6 +71,7 @@ from lolrl.utils.checkpoint import (
 )
 from lolrl.utils.finite import StepGuard, check_finite_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
+from lolrl.utils.seeding import seed_stage, stage_rng
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,8 @@ class OfflineRLTrainer:
         hit = self.cache.load("reference_val_generations", key, scored_generations_check(len(val)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
-        completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
+        with stage_rng(self.config.seed, "reference_generations"):
+            completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
         self.cache.save("reference_val_generations", key, {"completions": completions, "rewards": rewards})
         return completions, rewards
 
@@ -237,7 +239,8 @@ class OfflineRLTrainer:
                                self.accelerator, desc="value features")
         payload = [None]
         if self.is_main:
-            head, report = fit_value_head(states, targets, settings)
+            with stage_rng(config.seed, "value_fit"):
+                head, report = fit_value_head(states, targets, settings)
             payload = [({k: v.cpu() for k, v in head.state_dict().items()}, report.as_dict())]
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -358,7 +361,8 @@ class OfflineRLTrainer:
         if self.reward is None:
             summary = {"neg_nll_per_token": -self.gold_nll_per_token(val_rows)}
         else:
-            completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
+            with stage_rng(self.config.seed, f"validation_{step}"):
+                completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
             summary = summarize_generations(completions, rewards, golds=self._gold_texts(val))
         measure = summary[self.keeper.metric]
         return self.keeper.record(step, epoch, summary, measure, self._save_best, self.accelerator)
@@ -514,6 +518,8 @@ class OfflineRLTrainer:
         if config.report_to not in (None, "none"):
             acc.init_trackers("lolrl", config=flat_config(config.to_dict()))
         progress = tqdm(total=total, desc=f"train {config.algorithm}", disable=not acc.is_local_main_process)
+        if checkpoint is None:  # training's own stream, whatever the stages before it did (or a cache skipped)
+            seed_stage(config.seed, "train")
         start_epoch, start_group = self._resume(checkpoint, optimizer, scheduler) if checkpoint else (0, 0)
         progress.update(self.global_step)
         window: dict[str, list[float]] = {}

@@ -75,6 +75,7 @@ from lolrl.utils.checkpoint import (
 )
 from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
+from lolrl.utils.seeding import seed_stage, stage_rng
 
 logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "reference"
@@ -535,13 +536,15 @@ class PPOTrainer:
         hit = self.cache.load("ppo_initial_validation", key, scored_generations_check(len(self.val_records)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
-        completions, rewards = self._generate_and_score("validation (start)")
+        with stage_rng(config.seed, "validation_0"):
+            completions, rewards = self._generate_and_score("validation (start)")
         self.cache.save("ppo_initial_validation", key, {"completions": completions, "rewards": rewards})
         return completions, rewards
 
     def validate(self, step: int, generations=None) -> float:
         """Mean validation reward; a new best is saved to ``save_dir``."""
-        completions, rewards = generations or self._generate_and_score("validation")
+        with stage_rng(self.config.seed, f"validation_{step}"):
+            completions, rewards = generations or self._generate_and_score("validation")
         summary = summarize_generations(completions, rewards,
                                         golds=gold_texts(self.val_records, (self.tokenizer.eos_token,)))
         if self.is_main:
@@ -631,8 +634,10 @@ class PPOTrainer:
         checkpoint = self.find_checkpoint()
         if checkpoint is not None:
             self._resume(checkpoint, optimizer, scheduler)
-        elif config.eval_in_beginning and self.val_records:
-            self.validate(0, self._initial_generations())
+        else:
+            if config.eval_in_beginning and self.val_records:
+                self.validate(0, self._initial_generations())
+            seed_stage(config.seed, "train")  # the rollouts' stream, whether the validation above was cached or not
         logger.info("PPO: %d steps of %d rollouts (x%d processes), %d epochs of mini-batches of %d, reference: %s",
                     config.total_steps, config.batch_size, acc.num_processes, config.ppo_epochs,
                     config.mini_batch_size, "frozen copy" if self.ref_model is not None else
