@@ -153,3 +153,20 @@ def test_same_parameters_with_a_cold_and_a_warm_cache(tmp_path, tiny_models, toy
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
+
+
+# ------------------------------------------------------------------------------------ 4. cache keys
+def test_cache_keys_cover_reward_columns_and_reward_source(tmp_path):
+    from lolrl.engine.data import Record
+    from lolrl.engine.rewards import load_reward
+    from lolrl.utils.cache import records_digest
+
+    rows = [Record("a", "p", "r", 1.0, meta={"gold": "x"})]
+    assert records_digest(rows) != records_digest([Record("a", "p", "r", 1.0, meta={"gold": "y"})])
+    source = tmp_path / "my_reward.py"
+    source.write_text("def score(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+    before = load_reward(f"{source}:score").cache_key()
+    source.write_text("def score(prompts, completions, **kw):\n    return [2.0 for _ in completions]\n")
+    after = load_reward(f"{source}:score").cache_key()
+    assert before["components"][0]["source"] == after["components"][0]["source"]
+    assert before != after  # the same spec text, an edited file: another cache key

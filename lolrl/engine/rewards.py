@@ -189,13 +189,22 @@ class RewardFunction:
         return totals
 
     def to_spec(self) -> dict:
-        """JSON-able description (same layout as a ``.json`` spec file); used for cache keys."""
+        """JSON-able description (same layout as a ``.json`` spec file)."""
         return {
             "components": [
                 {"name": c.name, "weight": float(c.weight), "source": c.source}
                 for c in self.components
             ]
         }
+
+    def cache_key(self) -> dict:
+        """What cached scores depend on: the spec and, for a Python component, the SHA-256 of its source
+        file (the same spec text over an edited reward file is another reward)."""
+        spec = self.to_spec()
+        for entry, comp in zip(spec["components"], self.components):
+            if not comp.source.startswith("hf:"):
+                entry["code_sha256"] = _code_digest(comp.fn)
+        return spec
 
     def __repr__(self) -> str:
         terms = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in self.components)
@@ -357,6 +366,17 @@ def _load_json_spec(path: Path, device) -> RewardFunction:
 def _callable_name(fn: Callable) -> str:
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def _code_digest(fn: Callable) -> str | None:
+    """SHA-256 of the file that defines ``fn`` (None for built-ins and code without a file)."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    module = sys.modules.get(getattr(fn, "__module__", None) or getattr(type(fn), "__module__", ""))
+    path = getattr(module, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def _callable_source(fn: Callable) -> str:

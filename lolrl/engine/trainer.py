@@ -221,7 +221,7 @@ class OfflineRLTrainer:
         """pi_ref's generations on the validation prompts and their rewards (cached)."""
         val = self._val_records()
         key = cache_lib.hash_json({"stage": "reference_generations", **self._model_key(),
-                                   "val": cache_lib.records_digest(val), "reward": self.reward.to_spec(),
+                                   "val": cache_lib.records_digest(val), "reward": self.reward.cache_key(),
                                    "generation": self.config.generation.as_dict()})
         hit = self.cache.load("reference_val_generations", key, scored_generations_check(len(val)))
         if hit is not None:
@@ -294,7 +294,7 @@ class OfflineRLTrainer:
         key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(),
                                    "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
-                                       "source": config.value_source, "reward": self.reward and self.reward.to_spec(),
+                                       "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
                                        "generation": config.generation.as_dict(),
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
                                        "heldout": config.value_heldout_fraction, "seed": config.seed}})

@@ -530,7 +530,7 @@ class PPOTrainer:
             "stage": "ppo_initial_validation", "model": cache_lib.model_identity(config.model_name),
             "adapter": config.adapter_path and cache_lib.model_identity(config.adapter_path),
             "tokenizer": config.tokenizer_name, "val": cache_lib.records_digest(self.val_records),
-            "reward": self.reward.to_spec(), "generation": config.validation.as_dict(),
+            "reward": self.reward.cache_key(), "generation": config.validation.as_dict(),
             "max_prompt_length": config.max_prompt_length, "dtype": config.dtype, "4bit": config.load_in_4bit,
             "fresh_lora": config.adapter_path is None and config.lora.enabled})
         hit = self.cache.load("ppo_initial_validation", key, scored_generations_check(len(self.val_records)))

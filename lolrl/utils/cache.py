@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True, default=repr).encode()).hexdigest()[:24]
 
 
 file_digest = sha256_file
@@ -42,8 +42,9 @@ def model_identity(name: str) -> dict:
 
 
 def records_digest(records: list) -> str:
-    """Digest of the records as parsed (so a file re-ordered or edited changes it)."""
-    return hash_json([[r.id, r.prompt, r.response, r.reward, r.reward_components] for r in records])
+    """Digest of the records as parsed, every field included (so a file re-ordered or edited changes it,
+    and so do the extra fields that travel to reward functions as columns)."""
+    return hash_json([[r.id, r.prompt, r.response, r.reward, r.reward_components, r.meta] for r in records])
 
 
 class Cache:
