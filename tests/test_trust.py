@@ -170,3 +170,43 @@ def test_cache_keys_cover_reward_columns_and_reward_source(tmp_path):
     after = load_reward(f"{source}:score").cache_key()
     assert before["components"][0]["source"] == after["components"][0]["source"]
     assert before != after  # the same spec text, an edited file: another cache key
+
+
+# -------------------------------------------------------------------------------- 5. no clobbering
+def test_a_second_run_on_a_held_folder_is_refused(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys, caplog):
+    import socket
+    import subprocess
+    import sys
+
+    from lolrl.utils.lock import LOCK_NAME
+
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "now"}))
+        assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec)) == 2
+        error = one_line_errors(capsys.readouterr().err)[0]
+        assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in error
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale, taken over with a message; released at the end
+    with caplog.at_level("WARNING"):
+        assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "-e", "0")) == 0
+    assert "taking over the lock" in caplog.text and not (out / LOCK_NAME).exists()
+
+
+def test_save_folder_inside_the_starting_model_and_output_file_refused(tmp_path, tiny_models, toy_dir,
+                                                                       toy_reward_spec, capsys):
+    model = tiny_models["causal"]
+    before = sorted(p.name for p in Path(model).iterdir())
+    assert main(argv(toy_dir, model, tmp_path / "o", toy_reward_spec, "--save_dir", str(Path(model) / "best"))) == 2
+    assert "inside the starting model" in one_line_errors(capsys.readouterr().err)[0]
+    assert main(argv(toy_dir, model, model, toy_reward_spec)) == 2  # -o the model folder: saves into it
+    assert "inside the starting model" in one_line_errors(capsys.readouterr().err)[0]
+    assert sorted(p.name for p in Path(model).iterdir()) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(argv(toy_dir, model, afile, toy_reward_spec)) == 2
+    assert "is a file, not a folder" in one_line_errors(capsys.readouterr().err)[0]

@@ -9,6 +9,7 @@ from lolrl.engine.losses import GROUPED_ALGORITHMS, KL_ESTIMATORS, TABLE, Algori
 from lolrl.engine.modeling import DTYPES, LoraSettings
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.errors import ConfigError
+from lolrl.utils.lock import check_output_paths
 
 __all__ = ["ConfigError", "OfflineRLConfig"]
 
@@ -141,6 +142,8 @@ class OfflineRLConfig:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir}, self.save_dir,
+                           {"starting model": self.model_name, "adapter": self.adapter_path})
         if self.n_epochs < 0:
             raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")
 

@@ -71,6 +71,7 @@ from lolrl.utils.checkpoint import (
 )
 from lolrl.utils.finite import StepGuard, check_finite_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
+from lolrl.utils.lock import ensure_folder, hold_folders
 from lolrl.utils.seeding import seed_stage, stage_rng
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,7 @@ class OfflineRLTrainer:
         if config.do_train and data.train and any(r.reward is None for r in data.train) and config.algorithm != "nll":
             raise ConfigError(f"{config.algorithm} needs a reward on every training row")
         self.accelerator = accelerator or self._make_accelerator()
-        self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir = ensure_folder(config.output_dir, "output folder")
         self.is_main = self.accelerator.is_main_process
         self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, is_main_process=self.is_main)
         self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
@@ -617,7 +617,12 @@ class OfflineRLTrainer:
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, dict]:
-        """The whole pipeline: reference signal, training with validation, final evaluation."""
+        """The whole pipeline: reference signal, training with validation, final evaluation. The output
+        and save folders are locked for the run (a second run on either is refused)."""
+        with hold_folders({"output folder": self.output_dir, "save folder": self.config.save_dir}, self.is_main):
+            return self._run()
+
+    def _run(self) -> dict[str, dict]:
         config = self.config
         if self.is_main:
             atomic_write_json(self.output_dir / "args.json", config.to_dict())

@@ -75,6 +75,7 @@ from lolrl.utils.checkpoint import (
 )
 from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
+from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
 from lolrl.utils.seeding import seed_stage, stage_rng
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ class PPOConfig:
             raise ConfigError("resume must be auto, never or must")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir}, self.save_dir,
+                           {"starting model": self.model_name, "adapter": self.adapter_path})
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if not self.rollout.do_sample:
@@ -263,8 +266,7 @@ class PPOTrainer:
         self.postprocess = postprocess  # applied to every generation before scoring (e.g. the HH stop rule)
         self.accelerator = accelerator or make_accelerator(config)
         self.is_main = self.accelerator.is_main_process
-        self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir = ensure_folder(config.output_dir, "output folder")
         self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, is_main_process=self.is_main)
         self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
         self.row_tokenizer = Tokenizer(self.tokenizer, False, config.max_prompt_length, config.rollout.max_new_tokens)
@@ -621,7 +623,12 @@ class PPOTrainer:
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        """Train for ``total_steps`` PPO steps with validation; returns the best validation summary."""
+        """Train for ``total_steps`` PPO steps with validation; returns the best validation summary.
+        The output and save folders are locked for the run (a second run on them is refused)."""
+        with hold_folders({"output folder": self.output_dir, "save folder": self.config.save_dir}, self.is_main):
+            return self._run()
+
+    def _run(self) -> dict:
         config, acc = self.config, self.accelerator
         if self.is_main:
             atomic_write_json(self.output_dir / "args.json", config.to_dict())
