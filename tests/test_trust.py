@@ -210,3 +210,99 @@ def test_save_folder_inside_the_starting_model_and_output_file_refused(tmp_path,
     afile.write_text("x")
     assert main(argv(toy_dir, model, afile, toy_reward_spec)) == 2
     assert "is a file, not a folder" in one_line_errors(capsys.readouterr().err)[0]
+
+
+# ------------------------------------------------------------------------------ 6. one-line errors
+ROWS = [{"id": "a", "prompt": "p", "response": "r é", "reward": 1.0}, {"id": "b", "prompt": "q", "response": "s",
+                                                                       "reward": 0.5}]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-8-sig"])
+def test_utf16_and_bom_files_are_decoded(tmp_path, encoding):
+    from lolrl.engine.data import load_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS).encode(encoding))
+    records = load_jsonl(path)
+    assert [r.response for r in records] == ["r é", "s"]
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    import os
+
+    from lolrl.engine.data import DataError, load_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"id": "a", "prompt": "p", "response": "r", "reward": 1}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:2: not valid utf-8 text \(byte 0xe9\)"):
+        load_jsonl(path)
+    with pytest.raises(DataError, match="is a directory, expected a file"):
+        load_jsonl(tmp_path)
+    if os.geteuid() != 0:  # root reads anything
+        path.chmod(0)
+        with pytest.raises(DataError, match="permission denied"):
+            load_jsonl(path)
+
+
+def test_reward_that_raises_or_collides_is_named():
+    from lolrl.engine.data import DataError, Record
+    from lolrl.engine.rewards import RewardOutputError, load_reward
+    from lolrl.engine.validation import reward_columns
+
+    reward = load_reward(f"{Path(__file__).parent / 'bad_rewards.py'}:raises")
+    with pytest.raises(RewardOutputError, match=r"'raises' .* raised KeyError: 'score' on batch 0 \(rows 0..1\)"):
+        reward(prompts=["a"] * 4, completions=["b"] * 4, batch_size=2)
+    with pytest.raises(DataError, match="column named 'desc' collides"):
+        reward_columns([Record("x", "p", "r", meta={"desc": "free text"})])
+
+
+def test_model_folder_without_tokenizer_is_detected(tmp_path, tiny_models):
+    import shutil
+
+    from lolrl.engine.modeling import load_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_models["causal"]) / name, bare / name)
+    with pytest.raises(UserError, match="no tokenizer files"):
+        load_tokenizer(str(bare))
+
+
+def test_non_positive_learning_rate_refused(tmp_path):
+    from lolrl.engine.config import OfflineRLConfig
+    from lolrl.utils.errors import ConfigError
+
+    for lr in (0.0, -1e-5):
+        with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+            OfflineRLConfig(model_name="m", output_dir=str(tmp_path), learning_rate=lr)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("suffix", ["good", 3], "suffix\\[1\\]': expected a string"),
+    ("suffix", ["good", "  "], "suffix\\[1\\]': is empty"),
+    ("sft_index", "0", "sft_index': expected an integer"),
+    ("sft_index", 1.0, "sft_index': expected an integer"),
+    ("sft_index", 2, "sft_index': 2 is out of range"),
+    ("reward", [1e308, 0.0], "reward': expected finite numbers"),
+])
+def test_pro_fields_of_the_wrong_type(tmp_path, field, value, message):
+    from lolrl.engine.data import DataError
+    from lolrl.tasks.hh.data import read_pro_file
+
+    row = {"prefix": [["<|prompter|>hi", "<|assistant|>"]] * 2, "suffix": ["good", "bad"], "reward": [1.0, 0.0],
+           "sft_index": 0}
+    path = tmp_path / "pro.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, field: value}) + "\n")
+    with pytest.raises(DataError, match=f"pro.jsonl:2: field '{message}"):
+        read_pro_file(path)
+
+
+@pytest.mark.parametrize("text", ['{"../../etc": true}', '{"/abs": true}', '{"a/b/c": true}',
+                                  "[" * 50 + "]" * 50, "[" + '"x",' * 5000 + "]"])
+def test_aggregation_prefixes_stay_inside_and_flat(text, tmp_path, capsys):
+    from lolrl.tasks.paper.aggregate import main as aggregate_main
+
+    code = aggregate_main(["-bmps", text, "-tn", "toy", "-o", str(tmp_path / "t"),
+                            "--results_dir", str(tmp_path)])
+    assert code == 2 and len(one_line_errors(capsys.readouterr().err)) == 1

@@ -167,20 +167,52 @@ def parse_rows(rows: Iterable[tuple[int, Any]], source: str, require_reward: boo
     return records
 
 
+def read_text(path: str | Path) -> str:
+    """A user's text file, decoded: UTF-8 (with or without BOM) or UTF-16 (with a BOM, or without one
+    when its NUL bytes show it); a missing file, a folder, a file we may not read, or another encoding
+    raises :class:`DataError` naming the file (and, for a bad byte, the line)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), None, None, "is a directory, expected a file")
+    if not path.exists():
+        raise DataError(str(path), None, None, "file not found")
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise DataError(str(path), None, None, "permission denied (cannot read this file)") from None
+    except OSError as exc:
+        raise DataError(str(path), None, None, f"cannot read this file ({exc.strerror or exc})") from None
+    encoding = _encoding_of(data)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(str(path), line, None, f"not valid {encoding} text (byte 0x{data[exc.start]:02x}): "
+                                               "save the file as UTF-8") from None
+
+
+def _encoding_of(data: bytes) -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        return "utf-8-sig"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    head = data[:200]
+    if len(head) >= 4 and head.count(0) * 4 >= len(head):  # no BOM, but every other byte NUL: UTF-16
+        return "utf-16-le" if head[1::2].count(0) > head[0::2].count(0) else "utf-16-be"
+    return "utf-8"
+
+
 def json_lines(path: str | Path) -> Iterable[tuple[int, Any]]:
     """``(line number, decoded value)`` of every non-blank line of a JSON Lines file; a missing file
     or a line that is not JSON raises :class:`DataError` naming the file (and line)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "file not found")
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, text in enumerate(read_text(path).split("\n"), start=1):  # not splitlines: U+2028 is text
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def load_jsonl(path: str | Path, require_reward: bool = False) -> list[Record]:

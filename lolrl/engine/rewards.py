@@ -171,11 +171,8 @@ class RewardFunction:
                 stop = min(start + batch_size, n)
                 batch_cols = {k: list(v[start:stop]) for k, v in columns.items()}
                 for comp in self.components:
-                    out = comp.fn(
-                        prompts=list(prompts[start:stop]),
-                        completions=list(completions[start:stop]),
-                        **batch_cols,
-                    )
+                    out = _call_component(comp, start, stop, batch_size, prompts=list(prompts[start:stop]),
+                                          completions=list(completions[start:stop]), **batch_cols)
                     scores[comp.name].extend(_validate_output(comp, out, start, stop))
                 bar.update(stop - start)
         scores[FINAL_KEY] = self._weighted_sum(scores, n)
@@ -222,6 +219,21 @@ def _check_lengths(prompts: Sequence, completions: Sequence, columns: dict) -> i
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values for {n} prompts")
     return n
+
+
+# The keywords of a reward call: a data column of one of these names would take its place.
+RESERVED_COLUMNS = ("prompts", "completions", "batch_size", "show_progress", "desc", "ids", "references")
+
+
+def _call_component(comp: RewardComponent, start: int, stop: int, batch_size: int, **kwargs) -> Any:
+    """Call a user's reward function; anything it raises becomes one line naming it and the batch."""
+    try:
+        return comp.fn(**kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # user code: any failure is reported as the reward's, with where it happened
+        raise RewardOutputError(f"reward component {comp.name!r} ({comp.source}) raised {_first_line(exc)} "
+                                f"on batch {start // batch_size} (rows {start}..{stop - 1})") from None
 
 
 def _validate_output(comp: RewardComponent, out: Any, start: int, stop: int) -> list[float]:

@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 
 from lolrl.engine.collation import TokenizedRow
-from lolrl.engine.data import Record
+from lolrl.engine.data import DataError, Record
 from lolrl.engine.evaluation import summarize_generations
 from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.rewards import RESERVED_COLUMNS
 from lolrl.utils.finite import check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json
 
@@ -26,6 +27,10 @@ def reward_columns(records: list[Record]) -> dict[str, list]:
     keys: list[str] = []
     for record in records:
         keys += [k for k in record.meta if k not in keys]
+        clash = next((k for k in record.meta if k in RESERVED_COLUMNS), None)
+        if clash is not None:
+            raise DataError("records", None, clash, f"record {record.id!r}: a data column named '{clash}' collides with "
+                            f"a keyword of the reward call ({', '.join(RESERVED_COLUMNS)}): rename it")
     columns = {k: [r.meta.get(k) for r in records] for k in keys}
     columns["ids"] = [r.id for r in records]
     columns["references"] = [r.response for r in records]

@@ -92,8 +92,16 @@ def _check_pro_row(row, source: str, line: int) -> None:
     if any(not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or abs(r) > REWARD_LIMIT
            for r in row["reward"]):
         raise DataError(source, line, "reward", f"expected finite numbers within +-{REWARD_LIMIT:g}")
-    if not 0 <= row.get("sft_index", 0) < len(row["suffix"]):
-        raise DataError(source, line, "sft_index", "out of range")
+    for k, suffix in enumerate(row["suffix"]):
+        if not isinstance(suffix, str):
+            raise DataError(source, line, f"suffix[{k}]", f"expected a string, got {type(suffix).__name__}")
+        if not suffix.strip():
+            raise DataError(source, line, f"suffix[{k}]", "is empty")
+    sft_index = row.get("sft_index", 0)
+    if not isinstance(sft_index, int) or isinstance(sft_index, bool):
+        raise DataError(source, line, "sft_index", f"expected an integer, got {sft_index!r}")
+    if not 0 <= sft_index < len(row["suffix"]):
+        raise DataError(source, line, "sft_index", f"{sft_index} is out of range for {len(row['suffix'])} suffixes")
 
 
 def pro_records(rows: list[dict], how: str = "llama", candidates: str = "sft", name: str = "hh",
