@@ -306,3 +306,36 @@ def test_aggregation_prefixes_stay_inside_and_flat(text, tmp_path, capsys):
     code = aggregate_main(["-bmps", text, "-tn", "toy", "-o", str(tmp_path / "t"),
                             "--results_dir", str(tmp_path)])
     assert code == 2 and len(one_line_errors(capsys.readouterr().err)) == 1
+
+
+# -------------------------------------------------------------------------------- 7. fault injection
+def run_killed(args: list[str], fault: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LOLRL_FAULT": fault, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    code = "import sys; from lolrl.tasks.paper.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("fault", [
+    "after_checkpoint_save:2",
+    pytest.param("before_checkpoint_rename:3", marks=pytest.mark.slow),
+    pytest.param("before_manifest:2", marks=pytest.mark.slow),
+])
+def test_a_run_killed_at_a_named_point_resumes_to_the_same_parameters(tmp_path, tiny_models, toy_dir,
+                                                                      toy_reward_spec, fault):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    extra = ("--save_steps", "1")
+    assert main(argv(toy_dir, tiny_models["causal"], whole, toy_reward_spec, *extra)) == 0
+    result = run_killed(argv(toy_dir, tiny_models["causal"], killed, toy_reward_spec, *extra), fault)
+    assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL: no clean-up ran
+    assert (killed / ".lolrl.lock").exists()  # left behind by the killed run: stale
+    assert latest_checkpoint(killed / "checkpoints") is not None  # the rerun resumes, it does not start over
+    assert main(argv(toy_dir, tiny_models["causal"], killed, toy_reward_spec, *extra)) == 0
+    a, b = trainable(whole), trainable(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+    assert (killed / "eval_results.json").exists() and not (killed / ".lolrl.lock").exists()

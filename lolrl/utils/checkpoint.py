@@ -40,10 +40,18 @@ PREFIX = "step_"
 FAULT_ENV = "LOLRL_FAULT"  # test hook: kill the process at a named point (see inject_fault)
 
 
+_FAULT_COUNTS: dict[str, int] = {}
+
+
 def inject_fault(point: str) -> None:
     """Kill this process (SIGKILL, as a cluster scheduler or the OOM killer does) when the environment
-    variable ``LOLRL_FAULT`` names ``point``; for the fault-injection tests."""
-    if os.environ.get(FAULT_ENV) == point:
+    variable ``LOLRL_FAULT`` is ``point`` (the first time it is reached) or ``point:N`` (the N-th time);
+    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted or wanted.split(":")[0] != point:
+        return
+    _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
+    if _FAULT_COUNTS[point] == int(wanted.split(":")[1] if ":" in wanted else 1):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
