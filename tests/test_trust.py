@@ -140,6 +140,7 @@ def test_strict_load_refuses_foreign_parameters():
 
 
 # ---------------------------------------------------------------------------------- 3. cache state
+@pytest.mark.slow
 def test_same_parameters_with_a_cold_and_a_warm_cache(tmp_path, tiny_models, toy_dir, toy_reward_spec):
     """a_lol with dropout on: the reference pass, value fit and pi_ref's generations come from the cache
     in the second run; the training RNG stream must not notice."""
@@ -206,6 +207,9 @@ def test_save_folder_inside_the_starting_model_and_output_file_refused(tmp_path,
     assert main(argv(toy_dir, model, model, toy_reward_spec)) == 2  # -o the model folder: saves into it
     assert "inside the starting model" in one_line_errors(capsys.readouterr().err)[0]
     assert sorted(p.name for p in Path(model).iterdir()) == before
+    # evaluating a saved model (no -t) saves nothing: its folder may be the starting model
+    evaluate = [a for a in argv(toy_dir, model, tmp_path / "e", toy_reward_spec, "-s", model) if a != "-t"]
+    assert main(evaluate) == 0 and sorted(p.name for p in Path(model).iterdir()) == before
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(argv(toy_dir, model, afile, toy_reward_spec)) == 2

@@ -142,7 +142,8 @@ class OfflineRLConfig:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir}, self.save_dir,
+        check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir},
+                           self.save_dir if self.do_train else None,  # evaluating only: nothing is saved
                            {"starting model": self.model_name, "adapter": self.adapter_path})
         if self.n_epochs < 0:
             raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")

@@ -619,7 +619,9 @@ class OfflineRLTrainer:
     def run(self) -> dict[str, dict]:
         """The whole pipeline: reference signal, training with validation, final evaluation. The output
         and save folders are locked for the run (a second run on either is refused)."""
-        with hold_folders({"output folder": self.output_dir, "save folder": self.config.save_dir}, self.is_main):
+        folders = {"output folder": self.output_dir, **({"save folder": self.config.save_dir}
+                                                          if self.config.do_train else {})}
+        with hold_folders(folders, self.is_main):
             return self._run()
 
     def _run(self) -> dict[str, dict]:
