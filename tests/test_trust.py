@@ -343,3 +343,36 @@ def test_a_run_killed_at_a_named_point_resumes_to_the_same_parameters(tmp_path, 
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
     assert (killed / "eval_results.json").exists() and not (killed / ".lolrl.lock").exists()
+
+
+# -------------------------------------------------------------------------------------- PPO as well
+def test_ppo_stops_on_non_finite_steps_and_respects_the_lock(tmp_path):
+    import os
+    import socket
+
+    from test_ppo import MAX_NEW, WORDS, _word_model, target_word_share
+
+    from lolrl.engine.data import Record
+    from lolrl.engine.generation import GenerationSettings
+    from lolrl.engine.rewards import RewardFunction
+    from lolrl.online.ppo import PPOConfig, PPOTrainer
+    from lolrl.utils.lock import LOCK_NAME, FolderInUseError
+
+    _word_model(tmp_path / "lm")
+    train = [Record(id=str(i), prompt=" ".join(WORDS[i:i + 3]), response="") for i in range(8)]
+    reward = RewardFunction.from_callables(target_word_share)
+
+    def config(out, lr):
+        return PPOConfig(model_name=str(tmp_path / "lm"), output_dir=str(out), total_steps=4, learning_rate=lr,
+                         batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=2,
+                         eval_steps=0, eval_in_beginning=False, save_steps=-1, max_nonfinite_steps=2,
+                         rollout=GenerationSettings(max_new_tokens=MAX_NEW, num_beams=1, do_sample=True))
+
+    with pytest.raises(NonFiniteError, match="PPO: non-finite loss or gradient at 2 steps in a row"):
+        PPOTrainer(config(tmp_path / "nan", 1e30), train, [], reward).run()
+    assert not (tmp_path / "nan" / "final_adapter").exists()
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "x"}))
+    with pytest.raises(FolderInUseError, match=f"in use by pid {os.getppid()}"):
+        PPOTrainer(config(held, 1e-3), train, [], reward).run()
