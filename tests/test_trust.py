@@ -320,7 +320,8 @@ def run_killed(args: list[str], fault: str):
 
     env = {**os.environ, "LOLRL_FAULT": fault, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     code = "import sys; from lolrl.tasks.paper.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 @pytest.mark.parametrize("fault", [

@@ -27,7 +27,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer, check_prompts_renderable
+from lolrl.engine.collation import (
+    Collator,
+    TokenizedRow,
+    Tokenizer,
+    check_prompts_renderable,
+)
 from lolrl.engine.config import ConfigError, OfflineRLConfig
 from lolrl.engine.data import Record, TaskData, check_reward_scale, reward_matrix
 from lolrl.engine.evaluation import (

@@ -43,7 +43,11 @@ from tqdm.auto import tqdm
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
-from lolrl.engine.evaluation import plot_loss_curves, plot_validation_curve, summarize_generations
+from lolrl.engine.evaluation import (
+    plot_loss_curves,
+    plot_validation_curve,
+    summarize_generations,
+)
 from lolrl.engine.generation import GenerationSettings, generate_token_ids
 from lolrl.engine.losses import (
     PPO_KL_PENALTIES,

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 
 from lolrl.utils.io import atomic_write_bytes, atomic_write_json, to_jsonable
-from lolrl.utils.manifest import IntegrityError, describe_files, sha256_file, verify_files
+from lolrl.utils.manifest import (
+    IntegrityError,
+    describe_files,
+    sha256_file,
+    verify_files,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,12 @@ from safetensors.torch import load_file, save_file
 
 from lolrl.utils.finite import check_finite_state
 from lolrl.utils.io import atomic_write_json
-from lolrl.utils.manifest import MANIFEST, IntegrityError, verify_manifest, write_manifest
+from lolrl.utils.manifest import (
+    MANIFEST,
+    IntegrityError,
+    verify_manifest,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 

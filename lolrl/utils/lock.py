@@ -92,7 +92,7 @@ class FolderLock:
                 self.path.unlink()
         self.held = False
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self):
         self.acquire()
         return self
 
