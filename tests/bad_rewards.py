@@ -11,3 +11,7 @@ def not_finite(prompts, completions, **columns):
 
 def constant_one(prompts, completions, **columns):
     return [1.0] * len(completions)
+
+
+def raises(prompts, completions, **columns):
+    raise KeyError("score")

@@ -23,7 +23,7 @@ def test_damaged_entries_are_never_read(tmp_path, caplog):
     tensor_file.write_bytes(tensor_file.read_bytes()[:100])  # a write cut short
     with caplog.at_level("WARNING"):
         assert cache.load("entry", key) is None
-    assert "unreadable" in caplog.text
+    assert "damaged" in caplog.text
     (tmp_path / "entry.json").write_text('{"key": "')  # half-written JSON
     assert cache.load("entry", key) is None
     # a JSON and a tensor file from two different runs never mix

@@ -9,6 +9,7 @@ from lolrl.engine.losses import GROUPED_ALGORITHMS, KL_ESTIMATORS, TABLE, Algori
 from lolrl.engine.modeling import DTYPES, LoraSettings
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.errors import ConfigError
+from lolrl.utils.lock import check_output_paths
 
 __all__ = ["ConfigError", "OfflineRLConfig"]
 
@@ -86,6 +87,7 @@ class OfflineRLConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto: continue from OUTPUT/checkpoints when one exists; must; never
     stop_after_steps: int = -1  # stop (checkpointed) after this many optimizer steps; the next run resumes
+    max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before the run stops
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     adapter_path: str | None = None
@@ -144,6 +146,13 @@ class OfflineRLConfig:
             raise ConfigError("--value_samples > 1 samples pi_ref's generations: not with --value_source data")
         if self.value_source not in ("generations", "data"):
             raise ConfigError(f"--value_source must be generations or data, got '{self.value_source}'")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir},
+                           self.save_dir if self.do_train else None,  # evaluating only: nothing is saved
+                           {"starting model": self.model_name, "adapter": self.adapter_path})
         if self.n_epochs < 0:
             raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")
 

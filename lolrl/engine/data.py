@@ -60,8 +60,25 @@ def _first_present(row: dict, names: Sequence[str]) -> tuple[str | None, Any]:
     return None, None
 
 
+# |reward| above this is refused when read: its products with log-prob sums and importance weights
+# would overflow float32 (max ~3.4e38) during training.
+REWARD_LIMIT = 1e30
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _usable_reward(value: Any) -> bool:
+    return _finite_number(value) and abs(value) <= REWARD_LIMIT
+
+
+def check_reward_scale(values, ids, what: str) -> None:
+    """Refuse rewards or advantages that are non-finite or beyond :data:`REWARD_LIMIT`, naming the row."""
+    for value, rid in zip(values, ids):
+        if not _usable_reward(float(value)):
+            raise DataError(what, None, None, f"row id {rid!r}: value {float(value)!r} is not finite or beyond "
+                                              f"+-{REWARD_LIMIT:g} (training on it would overflow)")
 
 
 def _check_chat(messages: list, err) -> None:
@@ -103,12 +120,13 @@ def parse_record(row: Any, source: str, line: int, require_reward: bool) -> Reco
     if not isinstance(components, dict):
         raise DataError(source, line, "reward_components", "expected an object of name -> number")
     for name, value in components.items():
-        if not _finite_number(value):
-            raise DataError(source, line, f"reward_components.{name}", f"expected a finite number, got {value!r}")
+        if not _usable_reward(value):
+            raise DataError(source, line, f"reward_components.{name}",
+                            f"expected a finite number within +-{REWARD_LIMIT:g}, got {value!r}")
 
     reward = row.get("reward")
-    if reward is not None and not _finite_number(reward):
-        raise DataError(source, line, "reward", f"expected a finite number, got {reward!r}")
+    if reward is not None and not _usable_reward(reward):
+        raise DataError(source, line, "reward", f"expected a finite number within +-{REWARD_LIMIT:g}, got {reward!r}")
     if reward is None and "final_reward" in components:
         reward = components["final_reward"]
     if components and "final_reward" not in components and reward is None:
@@ -149,20 +167,52 @@ def parse_rows(rows: Iterable[tuple[int, Any]], source: str, require_reward: boo
     return records
 
 
+def read_text(path: str | Path) -> str:
+    """A user's text file, decoded: UTF-8 (with or without BOM) or UTF-16 (with a BOM, or without one
+    when its NUL bytes show it); a missing file, a folder, a file we may not read, or another encoding
+    raises :class:`DataError` naming the file (and, for a bad byte, the line)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), None, None, "is a directory, expected a file")
+    if not path.exists():
+        raise DataError(str(path), None, None, "file not found")
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise DataError(str(path), None, None, "permission denied (cannot read this file)") from None
+    except OSError as exc:
+        raise DataError(str(path), None, None, f"cannot read this file ({exc.strerror or exc})") from None
+    encoding = _encoding_of(data)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(str(path), line, None, f"not valid {encoding} text (byte 0x{data[exc.start]:02x}): "
+                                               "save the file as UTF-8") from None
+
+
+def _encoding_of(data: bytes) -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        return "utf-8-sig"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    head = data[:200]
+    if len(head) >= 4 and head.count(0) * 4 >= len(head):  # no BOM, but every other byte NUL: UTF-16
+        return "utf-16-le" if head[1::2].count(0) > head[0::2].count(0) else "utf-16-be"
+    return "utf-8"
+
+
 def json_lines(path: str | Path) -> Iterable[tuple[int, Any]]:
     """``(line number, decoded value)`` of every non-blank line of a JSON Lines file; a missing file
     or a line that is not JSON raises :class:`DataError` naming the file (and line)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "file not found")
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, text in enumerate(read_text(path).split("\n"), start=1):  # not splitlines: U+2028 is text
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def load_jsonl(path: str | Path, require_reward: bool = False) -> list[Record]:

@@ -79,6 +79,9 @@ def load_tokenizer(name: str, tokenizer_name: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load tokenizer from '{source}': {str(exc).splitlines()[0]}") from None
+    if len(tokenizer) == 0 or not tokenizer("a b c").input_ids:  # transformers' answer to a folder without one
+        raise ModelLoadError(f"'{source}' has no tokenizer files (an empty tokenizer loaded): copy them there "
+                             "or name the tokenizer (--model_tokenizer / tokenizer_name)")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"tokenizer '{source}' has neither a pad nor an eos token")

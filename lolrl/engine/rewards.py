@@ -174,11 +174,8 @@ class RewardFunction:
                 stop = min(start + batch_size, n)
                 batch_cols = {k: list(v[start:stop]) for k, v in columns.items()}
                 for comp in self.components:
-                    out = comp.fn(
-                        prompts=list(prompts[start:stop]),
-                        completions=list(completions[start:stop]),
-                        **batch_cols,
-                    )
+                    out = _call_component(comp, start, stop, batch_size, prompts=list(prompts[start:stop]),
+                                          completions=list(completions[start:stop]), **batch_cols)
                     scores[comp.name].extend(_validate_output(comp, out, start, stop))
                 bar.update(stop - start)
         scores[FINAL_KEY] = self._weighted_sum(scores, n)
@@ -192,7 +189,7 @@ class RewardFunction:
         return totals
 
     def to_spec(self) -> dict:
-        """JSON-able description (same layout as a ``.json`` spec file); used for cache keys."""
+        """JSON-able description (same layout as a ``.json`` spec file)."""
         return {
             "components": [
                 {"name": c.name, "weight": float(c.weight), "source": c.source,
@@ -200,6 +197,15 @@ class RewardFunction:
                 for c in self.components
             ]
         }
+
+    def cache_key(self) -> dict:
+        """What cached scores depend on: the spec and, for a Python component, the SHA-256 of its source
+        file (the same spec text over an edited reward file is another reward)."""
+        spec = self.to_spec()
+        for entry, comp in zip(spec["components"], self.components):
+            if not comp.source.startswith("hf:"):
+                entry["code_sha256"] = _code_digest(comp.fn)
+        return spec
 
     def __repr__(self) -> str:
         terms = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in self.components)
@@ -217,6 +223,21 @@ def _check_lengths(prompts: Sequence, completions: Sequence, columns: dict) -> i
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values for {n} prompts")
     return n
+
+
+# The keywords of a reward call: a data column of one of these names would take its place.
+RESERVED_COLUMNS = ("prompts", "completions", "batch_size", "show_progress", "desc", "ids", "references")
+
+
+def _call_component(comp: RewardComponent, start: int, stop: int, batch_size: int, **kwargs) -> Any:
+    """Call a user's reward function; anything it raises becomes one line naming it and the batch."""
+    try:
+        return comp.fn(**kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # user code: any failure is reported as the reward's, with where it happened
+        raise RewardOutputError(f"reward component {comp.name!r} ({comp.source}) raised {_first_line(exc)} "
+                                f"on batch {start // batch_size} (rows {start}..{stop - 1})") from None
 
 
 def _validate_output(comp: RewardComponent, out: Any, start: int, stop: int) -> list[float]:
@@ -366,6 +387,17 @@ def _load_json_spec(path: Path, device) -> RewardFunction:
 def _callable_name(fn: Callable) -> str:
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def _code_digest(fn: Callable) -> str | None:
+    """SHA-256 of the file that defines ``fn`` (None for built-ins and code without a file)."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    module = sys.modules.get(getattr(fn, "__module__", None) or getattr(type(fn), "__module__", ""))
+    path = getattr(module, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def _callable_source(fn: Callable) -> str:

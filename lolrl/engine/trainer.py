@@ -28,9 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer, check_prompts_renderable
+from lolrl.engine.collation import (
+    Collator,
+    TokenizedRow,
+    Tokenizer,
+    check_prompts_renderable,
+)
 from lolrl.engine.config import ConfigError, OfflineRLConfig
-from lolrl.engine.data import Record, TaskData, reward_matrix
+from lolrl.engine.data import Record, TaskData, check_reward_scale, reward_matrix
 from lolrl.engine.evaluation import (
     plot_loss_curves,
     plot_reward_distributions,
@@ -53,18 +58,28 @@ from lolrl.engine.reference import prompt_states, reference_pass
 from lolrl.engine.runtime import flat_config, make_accelerator
 from lolrl.engine.sampling import EpochSampler, sampling_weights
 from lolrl.engine.task import TaskInfo
-from lolrl.engine.validation import BestModelKeeper, generate_and_score, gold_texts, score_on_main
+from lolrl.engine.validation import (
+    BestModelKeeper,
+    generate_and_score,
+    gold_texts,
+    score_on_main,
+    scored_generations_check,
+)
 from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, ValueHead, fit_value_head
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import (
     drop_log_tail,
     find_resumable,
     load_checkpoint,
+    load_trainable,
     process_rng_states,
     run_key,
     save_checkpoint,
 )
+from lolrl.utils.finite import StepGuard, check_finite_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
+from lolrl.utils.lock import ensure_folder, hold_folders
+from lolrl.utils.seeding import seed_stage, stage_rng
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +93,20 @@ def advantage_statistics(advantages: np.ndarray) -> dict:
         "share_negative": float(np.mean(advantages < 0)),
         "share_non_positive": float(np.mean(advantages <= 0)),
     }
+
+
+def _check_reference_cache(rows: int, with_values: bool, payload: dict, tensors: dict) -> None:
+    """The reference-pass cache holds ``rows`` log-prob runs (offsets into one flat tensor) and values."""
+    offsets, flat = payload["offsets"], tensors["logprobs"]
+    if not (isinstance(offsets, list) and len(offsets) == rows + 1 and offsets[0] == 0
+            and all(isinstance(o, int) and a <= o for a, o in zip(offsets, offsets[1:]))):
+        raise ValueError(f"expected {rows + 1} increasing offsets")
+    if flat.ndim != 1 or not flat.is_floating_point() or flat.shape[0] != offsets[-1]:
+        raise ValueError(f"log-probs of shape {tuple(flat.shape)} for offsets ending at {offsets[-1]}")
+    if with_values and ("values" not in tensors or tuple(tensors["values"].shape) != (rows,)):
+        raise ValueError(f"expected {rows} values")
+    if not isinstance(payload.get("reports", {}), dict):
+        raise TypeError("reports is not an object")
 
 
 @dataclass
@@ -118,8 +147,7 @@ class OfflineRLTrainer:
         if config.do_train and data.train and any(r.reward is None for r in data.train) and config.algorithm != "nll":
             raise ConfigError(f"{config.algorithm} needs a reward on every training row")
         self.accelerator = accelerator or self._make_accelerator()
-        self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir = ensure_folder(config.output_dir, "output folder")
         self.is_main = self.accelerator.is_main_process
         self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, is_main_process=self.is_main)
         self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
@@ -200,12 +228,13 @@ class OfflineRLTrainer:
         """pi_ref's generations on the validation prompts and their rewards (cached)."""
         val = self._val_records()
         key = cache_lib.hash_json({"stage": "reference_generations", **self._model_key(),
-                                   "val": cache_lib.records_digest(val), "reward": self.reward.to_spec(),
+                                   "val": cache_lib.records_digest(val), "reward": self.reward.cache_key(),
                                    "generation": self.config.generation.as_dict()})
-        hit = self.cache.load("reference_val_generations", key)
+        hit = self.cache.load("reference_val_generations", key, scored_generations_check(len(val)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
-        completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
+        with stage_rng(self.config.seed, "reference_generations"):
+            completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
         self.cache.save("reference_val_generations", key, {"completions": completions, "rewards": rewards})
         return completions, rewards
 
@@ -222,22 +251,25 @@ class OfflineRLTrainer:
         k, n = config.value_samples, len(val)
         sampling = self.value_sampling_settings()
         key = cache_lib.hash_json({"stage": "value_samples", **self._model_key(), "val": cache_lib.records_digest(val),
-                                   "reward": self.reward.to_spec(), "generation": sampling.as_dict(), "k": k,
+                                   "reward": self.reward.cache_key(), "generation": sampling.as_dict(), "k": k,
                                    "seed": config.seed})
-        hit = self.cache.load("value_samples", key)
+        hit = self.cache.load("value_samples", key, scored_generations_check(k * n))
         if hit is not None:
-            return hit[0]["targets"]
-        rows = [dataclasses.replace(row, index=j * n + i) for j in range(k) for i, row in enumerate(val_rows)]
-        completions = generate(self.model, self.tokenizer, rows, sampling, config.val_batch_size, self.accelerator,
-                               desc=f"reference on val: {k} samples")
-        if self.postprocess is not None:
-            completions = [self.postprocess(c) for c in completions]
-        rewards = self._score(val * k, completions, "reference samples: reward")["final_reward"]
+            rewards = hit[0]["rewards"]["final_reward"]
+        else:
+            rows = [dataclasses.replace(row, index=j * n + i) for j in range(k) for i, row in enumerate(val_rows)]
+            with stage_rng(config.seed, "value_samples"):
+                completions = generate(self.model, self.tokenizer, rows, sampling, config.val_batch_size,
+                                       self.accelerator, desc=f"reference on val: {k} samples")
+            if self.postprocess is not None:
+                completions = [self.postprocess(c) for c in completions]
+            scores = self._score(val * k, completions, "reference samples: reward")
+            self.cache.save("value_samples", key, {"completions": completions, "rewards": scores})
+            rewards = scores["final_reward"]
         per_prompt = np.array(rewards, dtype=np.float64).reshape(k, n)
         targets = per_prompt.mean(axis=0).tolist()
         logger.info("value targets: mean reward of %d samples per prompt (mean within-prompt std %.4f, "
                     "std of the prompt means %.4f)", k, float(per_prompt.std(axis=0).mean()), float(np.std(targets)))
-        self.cache.save("value_samples", key, {"targets": targets, "completions": completions, "rewards": rewards})
         return targets
 
     def value_sampling_settings(self) -> GenerationSettings:
@@ -255,7 +287,8 @@ class OfflineRLTrainer:
                                self.accelerator, desc="value features")
         payload = [None]
         if self.is_main:
-            head, report = fit_value_head(states, targets, settings)
+            with stage_rng(config.seed, "value_fit"):
+                head, report = fit_value_head(states, targets, settings)
             payload = [({k: v.cpu() for k, v in head.state_dict().items()}, report.as_dict())]
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -304,6 +337,8 @@ class OfflineRLTrainer:
         config = self.config
         train = self.data.train
         rewards = np.array([r.reward for r in train], dtype=np.float64) if config.algorithm != "nll" else None
+        if rewards is not None:
+            check_reward_scale(rewards, [r.id for r in train], "training rewards")
         if config.group_size > 1:
             return TrainingSignal(rewards, None, None, None, self._sft_rows(train))
         if not (config.uses_reference or config.uses_advantage):
@@ -313,11 +348,12 @@ class OfflineRLTrainer:
         key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(),
                                    "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
-                                       "source": config.value_source, "reward": self.reward and self.reward.to_spec(),
+                                       "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
                                        "generation": config.generation.as_dict(), "samples": config.value_samples,
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
                                        "heldout": config.value_heldout_fraction, "seed": config.seed}})
-        hit = self.cache.load("reference_pass", key)
+        hit = self.cache.load("reference_pass", key, functools.partial(_check_reference_cache, len(train),
+                                                                      config.uses_advantage))
         if hit is not None:
             payload, tensors = hit
             reports = payload.get("reports", {})
@@ -345,6 +381,7 @@ class OfflineRLTrainer:
         advantages = None
         if config.uses_advantage:
             advantages = rewards - values
+            check_reward_scale(advantages, [r.id for r in train], "training advantages (R - V(x))")
             stats = advantage_statistics(advantages)
             fit = reports.get("value_fit", {})
             stats["value_fit"] = {k: fit.get(k) for k in ("heldout_r2", "heldout_spearman", "informative")}
@@ -378,7 +415,8 @@ class OfflineRLTrainer:
         if self.reward is None:
             summary = {"neg_nll_per_token": -self.gold_nll_per_token(val_rows)}
         else:
-            completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
+            with stage_rng(self.config.seed, f"validation_{step}"):
+                completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
             summary = summarize_generations(completions, rewards, golds=self._gold_texts(val))
         measure = summary[self.keeper.metric]
         return self.keeper.record(step, epoch, summary, measure, self._save_best, self.accelerator)
@@ -401,13 +439,16 @@ class OfflineRLTrainer:
 
     def _save_best(self) -> None:
         state = self._full_state()
-        self.best_state = self._trainable_state(state)
+        best = self._trainable_state(state)
+        check_finite_state(best, f"the best model (for {self.config.save_dir})")
+        self.best_state = best
         self.save_model(self.config.save_dir, state)
 
     def save_model(self, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
         """The model (or only its adapter) and tokenizer, ready for ``from_pretrained``; main process writes."""
         state = self._full_state() if state is None else state
         if self.is_main:
+            check_finite_state(state, f"the model for {directory}")
             model = self.accelerator.unwrap_model(self.model)
             model.save_pretrained(directory, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
@@ -531,9 +572,12 @@ class OfflineRLTrainer:
         if config.report_to not in (None, "none"):
             acc.init_trackers("lolrl", config=flat_config(config.to_dict()))
         progress = tqdm(total=total, desc=f"train {config.algorithm}", disable=not acc.is_local_main_process)
+        if checkpoint is None:  # training's own stream, whatever the stages before it did (or a cache skipped)
+            seed_stage(config.seed, "train")
         start_epoch, start_group = self._resume(checkpoint, optimizer, scheduler) if checkpoint else (0, 0)
         progress.update(self.global_step)
         window: dict[str, list[float]] = {}
+        guard, losses = StepGuard(config.max_nonfinite_steps, acc, "training"), []
         started = time.time()
         self.model.train()
         for epoch in range(start_epoch, epochs):
@@ -549,13 +593,16 @@ class OfflineRLTrainer:
                         with acc.autocast():
                             loss, stats = self._loss(self._batch_tensors(indices, train_rows, signal))
                         acc.backward(loss / len(group))
+                    losses.append(float(loss.detach()))
                     for name, value in stats.items():
                         window.setdefault(name, []).extend(value.float().cpu().tolist())
-                if config.max_grad_norm:
-                    acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                if guard.allow_step(losses, self.model, self.global_step + 1):
+                    if config.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
+                losses = []
                 self.global_step += 1
                 progress.update(1)
                 step_in_epoch = group_start // config.accumulation_steps + 1
@@ -620,12 +667,18 @@ class OfflineRLTrainer:
     def _restore_best(self) -> None:
         if self.best_state is None:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        model.load_state_dict(self.best_state, strict=False)
+        load_trainable(self.accelerator.unwrap_model(self.model), self.best_state, "the best model's parameters")
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, dict]:
-        """The whole pipeline: reference signal, training with validation, final evaluation."""
+        """The whole pipeline: reference signal, training with validation, final evaluation. The output
+        and save folders are locked for the run (a second run on either is refused)."""
+        folders = {"output folder": self.output_dir, **({"save folder": self.config.save_dir}
+                                                          if self.config.do_train else {})}
+        with hold_folders(folders, self.is_main):
+            return self._run()
+
+    def _run(self) -> dict[str, dict]:
         config = self.config
         if self.is_main:
             atomic_write_json(self.output_dir / "args.json", config.to_dict())

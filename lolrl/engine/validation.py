@@ -12,9 +12,11 @@ import math
 from pathlib import Path
 
 from lolrl.engine.collation import TokenizedRow
-from lolrl.engine.data import Record
+from lolrl.engine.data import DataError, Record
 from lolrl.engine.evaluation import summarize_generations
 from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.rewards import RESERVED_COLUMNS
+from lolrl.utils.finite import check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,10 @@ def reward_columns(records: list[Record]) -> dict[str, list]:
     keys: list[str] = []
     for record in records:
         keys += [k for k in record.meta if k not in keys]
+        clash = next((k for k in record.meta if k in RESERVED_COLUMNS), None)
+        if clash is not None:
+            raise DataError("records", None, clash, f"record {record.id!r}: a data column named '{clash}' collides with "
+                            f"a keyword of the reward call ({', '.join(RESERVED_COLUMNS)}): rename it")
     columns = {k: [r.meta.get(k) for r in records] for k in keys}
     columns["ids"] = [r.id for r in records]
     columns["references"] = [r.response for r in records]
@@ -57,6 +63,22 @@ def score_on_main(reward, records: list[Record], completions: list[str], batch_s
 
         broadcast_object_list(result)
     return result[0]
+
+
+def scored_generations_check(n: int):
+    """A cache check for ``{"completions": [n strings], "rewards": {name: [n numbers]}}`` (see Cache.load)."""
+    def check(payload: dict, tensors: dict) -> None:
+        completions, rewards = payload["completions"], payload["rewards"]
+        if not (isinstance(completions, list) and len(completions) == n and all(isinstance(c, str) for c in completions)):
+            raise TypeError(f"expected {n} completions (strings)")
+        if not isinstance(rewards, dict) or "final_reward" not in rewards:
+            raise TypeError("expected rewards by name, with final_reward")
+        for name, values in rewards.items():
+            if not (isinstance(values, list) and len(values) == n and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+                raise TypeError(f"expected {n} finite rewards for {name!r}")
+
+    return check
 
 
 def generate_and_score(model, tokenizer, records: list[Record], rows: list[TokenizedRow],
@@ -148,6 +170,7 @@ class RewardValidationCallback:
 
         def save():
             if accelerator.is_main_process:
+                check_finite_model(accelerator.unwrap_model(model), f"the model for {self.save_dir}")
                 kwargs = {"selected_adapters": [self.adapter_name]} if self.adapter_name else {}
                 accelerator.unwrap_model(model).save_pretrained(self.save_dir, safe_serialization=True, **kwargs)
                 self.tokenizer.save_pretrained(self.save_dir)

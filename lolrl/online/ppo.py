@@ -43,7 +43,11 @@ from tqdm.auto import tqdm
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
-from lolrl.engine.evaluation import plot_loss_curves, plot_validation_curve, summarize_generations
+from lolrl.engine.evaluation import (
+    plot_loss_curves,
+    plot_validation_curve,
+    summarize_generations,
+)
 from lolrl.engine.generation import GenerationSettings, generate_token_ids
 from lolrl.engine.losses import (
     PPO_KL_PENALTIES,
@@ -57,7 +61,13 @@ from lolrl.engine.losses import (
 )
 from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer
 from lolrl.engine.runtime import flat_config, make_accelerator
-from lolrl.engine.validation import BestModelKeeper, generate_and_score, gold_texts, reward_columns
+from lolrl.engine.validation import (
+    BestModelKeeper,
+    generate_and_score,
+    gold_texts,
+    reward_columns,
+    scored_generations_check,
+)
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import (
     drop_log_tail,
@@ -67,7 +77,10 @@ from lolrl.utils.checkpoint import (
     run_key,
     save_checkpoint,
 )
+from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
+from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
+from lolrl.utils.seeding import seed_stage, stage_rng
 
 logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "reference"
@@ -144,6 +157,7 @@ class PPOConfig:
     resume: str = "auto"  # auto | never | must
     stop_after_steps: int = -1
     use_cache: bool = True
+    max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before the run stops
 
     def __post_init__(self) -> None:
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "best_adapter")
@@ -166,6 +180,12 @@ class PPOConfig:
             raise ConfigError("init_kl_coef must be >= 0; the adaptive controller needs kl_target and kl_horizon > 0")
         if self.resume not in ("auto", "never", "must"):
             raise ConfigError("resume must be auto, never or must")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir}, self.save_dir,
+                           {"starting model": self.model_name, "adapter": self.adapter_path})
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if not self.rollout.do_sample:
             logger.warning("PPO rollouts without sampling: every rollout of a prompt is the same")
 
@@ -250,8 +270,7 @@ class PPOTrainer:
         self.postprocess = postprocess  # applied to every generation before scoring (e.g. the HH stop rule)
         self.accelerator = accelerator or make_accelerator(config)
         self.is_main = self.accelerator.is_main_process
-        self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir = ensure_folder(config.output_dir, "output folder")
         self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, is_main_process=self.is_main)
         self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
         self.row_tokenizer = Tokenizer(self.tokenizer, False, config.max_prompt_length, config.rollout.max_new_tokens)
@@ -264,6 +283,7 @@ class PPOTrainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.model = self.ref_model = None
         self.ref_adapter = False
+        self.guard = StepGuard(config.max_nonfinite_steps, self.accelerator, "PPO")
 
     # ----------------------------------------------------------------------------------- set-up
     def _load(self) -> None:
@@ -461,10 +481,12 @@ class PPOTrainer:
                 if stop:
                     optimizer.zero_grad()
                     break
-                if config.max_grad_norm:
-                    acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                losses = stats["loss"][-len(minis):]
+                if self.guard.allow_step(losses, self.model, self.global_step + 1):
+                    if config.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
             if stop:
                 logger.info("early stopping: policy KL above 1.5 x target_kl (%.3g)", config.target_kl)
@@ -514,19 +536,21 @@ class PPOTrainer:
             "stage": "ppo_initial_validation", "model": cache_lib.model_identity(config.model_name),
             "adapter": config.adapter_path and cache_lib.model_identity(config.adapter_path),
             "tokenizer": config.tokenizer_name, "val": cache_lib.records_digest(self.val_records),
-            "reward": self.reward.to_spec(), "generation": config.validation.as_dict(),
+            "reward": self.reward.cache_key(), "generation": config.validation.as_dict(),
             "max_prompt_length": config.max_prompt_length, "dtype": config.dtype, "4bit": config.load_in_4bit,
             "fresh_lora": config.adapter_path is None and config.lora.enabled})
-        hit = self.cache.load("ppo_initial_validation", key)
+        hit = self.cache.load("ppo_initial_validation", key, scored_generations_check(len(self.val_records)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
-        completions, rewards = self._generate_and_score("validation (start)")
+        with stage_rng(config.seed, "validation_0"):
+            completions, rewards = self._generate_and_score("validation (start)")
         self.cache.save("ppo_initial_validation", key, {"completions": completions, "rewards": rewards})
         return completions, rewards
 
     def validate(self, step: int, generations=None) -> float:
         """Mean validation reward; a new best is saved to ``save_dir``."""
-        completions, rewards = generations or self._generate_and_score("validation")
+        with stage_rng(self.config.seed, f"validation_{step}"):
+            completions, rewards = generations or self._generate_and_score("validation")
         summary = summarize_generations(completions, rewards,
                                         golds=gold_texts(self.val_records, (self.tokenizer.eos_token,)))
         if self.is_main:
@@ -548,6 +572,7 @@ class PPOTrainer:
     def save_model(self, directory: str) -> None:
         """The adapter (or the whole model), the value head and the tokenizer; the main process writes."""
         if self.is_main:
+            check_finite_model(self._unwrapped(), f"the model for {directory}")
             from safetensors.torch import save_file
 
             policy = self._policy()
@@ -602,7 +627,12 @@ class PPOTrainer:
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        """Train for ``total_steps`` PPO steps with validation; returns the best validation summary."""
+        """Train for ``total_steps`` PPO steps with validation; returns the best validation summary.
+        The output and save folders are locked for the run (a second run on them is refused)."""
+        with hold_folders({"output folder": self.output_dir, "save folder": self.config.save_dir}, self.is_main):
+            return self._run()
+
+    def _run(self) -> dict:
         config, acc = self.config, self.accelerator
         if self.is_main:
             atomic_write_json(self.output_dir / "args.json", config.to_dict())
@@ -615,8 +645,10 @@ class PPOTrainer:
         checkpoint = self.find_checkpoint()
         if checkpoint is not None:
             self._resume(checkpoint, optimizer, scheduler)
-        elif config.eval_in_beginning and self.val_records:
-            self.validate(0, self._initial_generations())
+        else:
+            if config.eval_in_beginning and self.val_records:
+                self.validate(0, self._initial_generations())
+            seed_stage(config.seed, "train")  # the rollouts' stream, whether the validation above was cached or not
         logger.info("PPO: %d steps of %d rollouts (x%d processes), %d epochs of mini-batches of %d, reference: %s",
                     config.total_steps, config.batch_size, acc.num_processes, config.ppo_epochs,
                     config.mini_batch_size, "frozen copy" if self.ref_model is not None else

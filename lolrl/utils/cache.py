@@ -3,7 +3,9 @@
 A cache entry is ``NAME.json`` (its key and small payload) and, for tensors, ``NAME.safetensors``.
 The key is a hash of everything the result depends on (data file contents, model identity,
 tokenizer, reward spec, flags). A mismatching key is recomputed with a message; a file that a
-killed run left half-written is never read because files are renamed into place only when complete.
+killed run left half-written is never read because files are renamed into place only when complete;
+a damaged entry (its digests, tensor layout or payload types differ from what it promises) is
+recomputed with a message.
 """
 from __future__ import annotations
 
@@ -17,20 +19,21 @@ from typing import Any
 import torch
 
 from lolrl.utils.io import atomic_write_bytes, atomic_write_json, to_jsonable
+from lolrl.utils.manifest import (
+    IntegrityError,
+    describe_files,
+    sha256_file,
+    verify_files,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True, default=repr).encode()).hexdigest()[:24]
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+file_digest = sha256_file
 
 
 def model_identity(name: str) -> dict:
@@ -44,11 +47,16 @@ def model_identity(name: str) -> dict:
 
 
 def records_digest(records: list) -> str:
-    """Digest of the records as parsed (so a file re-ordered or edited changes it)."""
-    return hash_json([[r.id, r.prompt, r.response, r.reward, r.reward_components] for r in records])
+    """Digest of the records as parsed, every field included (so a file re-ordered or edited changes it,
+    and so do the extra fields that travel to reward functions as columns)."""
+    return hash_json([[r.id, r.prompt, r.response, r.reward, r.reward_components, r.meta] for r in records])
 
 
 class Cache:
+    """``load(name, key, check)`` / ``save(name, key, payload, tensors)``. Every entry carries a manifest
+    (the digest of its payload and the size, digest and tensor layout of its tensor file); an entry
+    that fails it, or that ``check`` rejects (wrong type or shape), is damaged: recomputed with a message."""
+
     def __init__(self, directory: str | os.PathLike, enabled: bool = True, is_main_process: bool = True):
         self.directory = Path(directory)
         self.enabled = enabled
@@ -57,42 +65,56 @@ class Cache:
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.directory / f"{name}.json", self.directory / f"{name}.safetensors"
 
-    def load(self, name: str, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
-        """``(payload, tensors)`` when a complete entry with this key exists, else None."""
+    def load(self, name: str, key: str, check=None) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """``(payload, tensors)`` when a complete, intact entry with this key exists, else None.
+        ``check(payload, tensors)`` may raise (KeyError, TypeError, ValueError, IndexError,
+        AssertionError) when the entry's contents do not have the expected types and shapes."""
         meta_path, tensor_path = self._paths(name)
         if not self.enabled or not meta_path.exists():
             return None
         try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            logger.warning("cache %s is unreadable: recomputing", meta_path)
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise IntegrityError(f"{meta_path.name} is not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError, IntegrityError) as exc:
+            logger.warning("cache %s is unreadable (%s): recomputing", meta_path, exc)
             return None
         if meta.get("key") != key:
             logger.warning("cache %s was computed from other inputs (key %s, now %s): recomputing",
                            meta_path.name, meta.get("key"), key)
             return None
+        try:
+            return self._verified(meta, tensor_path, check)
+        except (IntegrityError, KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
+            logger.warning("cache %s is damaged (%s): recomputing", meta_path, exc)
+            return None
+
+    def _verified(self, meta: dict, tensor_path: Path, check) -> tuple[dict, dict[str, torch.Tensor]]:
+        payload = meta.get("payload")
+        if not isinstance(payload, dict) or meta.get("payload_digest") != hash_json(payload):
+            raise IntegrityError("its payload differs from its digest")
+        files = meta.get("files")
+        if not isinstance(files, dict) or set(files) - {tensor_path.name}:
+            raise IntegrityError("no manifest (written by an older lolrl?)")
+        verify_files(self.directory, files)
         tensors = {}
-        if meta.get("has_tensors"):
+        if files:
             from safetensors.torch import load_file
 
-            if not tensor_path.exists():
-                return None
-            try:
-                tensors = load_file(str(tensor_path))
-            except Exception as exc:  # truncated or corrupt file (safetensors raises its own error type)
-                logger.warning("cache %s is unreadable (%s): recomputing", tensor_path.name, exc)
-                return None
-            if tensors.get("__key__") is None or bytes(tensors.pop("__key__").tolist()).decode() != key:
-                logger.warning("cache %s tensors do not match their key: recomputing", tensor_path.name)
-                return None
-        logger.info("reusing cache %s", meta_path)
-        return meta.get("payload", {}), tensors
+            tensors = load_file(str(tensor_path))
+            if tensors.get("__key__") is None or bytes(tensors.pop("__key__").tolist()).decode() != meta["key"]:
+                raise IntegrityError("its tensors were written for another key")
+        if check is not None:
+            check(payload, tensors)
+        logger.info("reusing cache %s", self._paths(tensor_path.stem)[0])
+        return payload, tensors
 
     def save(self, name: str, key: str, payload: dict | None = None,
              tensors: dict[str, torch.Tensor] | None = None) -> None:
         if not self.enabled or not self.is_main_process:
             return
         meta_path, tensor_path = self._paths(name)
+        files = {}
         if tensors:
             from safetensors.torch import save
 
@@ -100,4 +122,7 @@ class Cache:
             blob = {k: v.contiguous().cpu() for k, v in tensors.items()}
             blob["__key__"] = torch.tensor(list(key.encode()), dtype=torch.uint8)
             atomic_write_bytes(tensor_path, save(blob))
-        atomic_write_json(meta_path, {"key": key, "has_tensors": bool(tensors), "payload": payload or {}})
+            files = describe_files(self.directory, [tensor_path.name])
+        payload = to_jsonable(payload or {})
+        atomic_write_json(meta_path, {"key": key, "payload": payload, "payload_digest": hash_json(payload),
+                                      "files": files})

@@ -9,12 +9,19 @@ A checkpoint folder ``OUTPUT/checkpoints/step_000120`` holds
 * ``rng.safetensors``: the torch RNG state of every process (dropout);
 * ``best.safetensors``: the trainable parameters of the best validation so far, if any.
 
+* ``manifest.json``: the size, SHA-256 and tensor layout of every other file (written last).
+
 Nothing is pickled. The folder is written under a temporary name and renamed when complete, so
-a run killed while saving leaves the previous checkpoint as the latest one.
+a run killed while saving leaves the previous checkpoint as the latest one. On resume every file
+is verified against the manifest and the parameters are loaded strictly (the same names, shapes
+and dtypes as the model's trainable parameters); a damaged checkpoint is skipped with a message
+for the previous complete one, and with none intact the run refuses to start.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -23,9 +30,36 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lolrl.utils.finite import check_finite_state
 from lolrl.utils.io import atomic_write_json
+from lolrl.utils.manifest import (
+    MANIFEST,
+    IntegrityError,
+    verify_manifest,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "step_"
+FAULT_ENV = "LOLRL_FAULT"  # test hook: kill the process at a named point (see inject_fault)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def inject_fault(point: str) -> None:
+    """Kill this process (SIGKILL, as a cluster scheduler or the OOM killer does) when the environment
+    variable ``LOLRL_FAULT`` is ``point`` (the first time it is reached) or ``point:N`` (the N-th time);
+    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted or wanted.split(":")[0] != point:
+        return
+    _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
+    if _FAULT_COUNTS[point] == int(wanted.split(":")[1] if ":" in wanted else 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -53,6 +87,7 @@ def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tenso
                     torch_rng_states: list[torch.Tensor] | None = None) -> Path:
     """Write ``directory/step_{step}`` atomically and keep only the ``keep`` newest checkpoints.
     ``torch_rng_states``: one per process (each process's dropout stream), default this process's."""
+    check_finite_state(trainable, f"checkpoint step {step}")
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:06d}"
     tmp = directory / f".tmp_{PREFIX}{step:06d}"
@@ -70,27 +105,76 @@ def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tenso
         "step": step, "progress": progress, "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(),
         "python_rng": random.getstate(), "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
     })
+    inject_fault("before_manifest")
+    write_manifest(tmp)
+    inject_fault("before_checkpoint_rename")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    inject_fault("after_checkpoint_save")
     for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (temporary folders of an interrupted save are ignored)."""
+    return [p for p in sorted(directory.glob(f"{PREFIX}*")) if p.is_dir()]
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint (temporary folders of an interrupted save are ignored)."""
-    done = [p for p in sorted(directory.glob(f"{PREFIX}*")) if (p / "state.json").is_file()]
+    """The newest checkpoint with a manifest (it is verified when resumed, see :func:`find_resumable`)."""
+    done = [p for p in checkpoints(directory) if (p / MANIFEST).is_file()]
     return done[-1] if done else None
+
+
+def _read_state(path: Path) -> dict:
+    """``state.json``, checked for the fields and types a resume reads (else :class:`IntegrityError`)."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"{path / 'state.json'}: unreadable") from None
+    expected = {"step": int, "progress": dict, "optimizer": dict, "scheduler": dict, "python_rng": list,
+                "numpy_rng": list}
+    for name, kind in expected.items():
+        if not isinstance(state, dict) or not isinstance(state.get(name), kind):
+            raise IntegrityError(f"{path / 'state.json'}: field '{name}' is missing or not a {kind.__name__}")
+    if not isinstance(state["optimizer"].get("param_groups"), list) or \
+            not isinstance(state["optimizer"].get("scalars"), dict):
+        raise IntegrityError(f"{path / 'state.json'}: the optimizer state is malformed")
+    return state
+
+
+def load_trainable(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into the model's trainable parameters strictly: exactly the same names, shapes
+    and dtypes (the frozen weights come from the starting model), or :class:`IntegrityError`."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise IntegrityError(f"{source}: does not match the model's trainable parameters "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, param in params.items():
+        value = tensors[name]
+        if value.shape != param.shape or value.dtype != param.dtype:
+            raise IntegrityError(f"{source}: '{name}' is {value.dtype} {tuple(value.shape)}, the model's "
+                                 f"{param.dtype} {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int = 0
                     ) -> tuple[dict, dict[str, torch.Tensor] | None]:
-    """Restore parameters, optimizer, scheduler and RNGs; returns (state, best parameters or None)."""
-    state = json.loads((path / "state.json").read_text())
-    model.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)
+    """Restore parameters, optimizer, scheduler and RNGs; returns (state, best parameters or None).
+    The folder is verified against its manifest first; anything that does not fit raises IntegrityError."""
+    verify_manifest(path)
+    state = _read_state(path)
+    load_trainable(model, load_file(str(path / "trainable.safetensors")), str(path / "trainable.safetensors"))
     tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
-    optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{path}: its optimizer or scheduler state does not fit this run ({exc})") from None
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng.get(f"torch_{process_index}", rng["torch_0"]))
     random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
@@ -102,7 +186,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int 
 
 # Settings that only say when to stop, what to log or where: a run resumed with other values is the same run.
 NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to", "logging_steps",
-                  "use_cache", "do_test")
+                  "use_cache", "do_test", "max_nonfinite_steps")
 
 
 def run_key(settings: dict, train_digest: str) -> str:
@@ -114,16 +198,29 @@ def run_key(settings: dict, train_digest: str) -> str:
 
 
 def find_resumable(directory: Path, mode: str, key: str) -> Path | None:
-    """The checkpoint to resume (``mode``: auto, must, never), refusing one written by another run."""
+    """The checkpoint to resume (``mode``: auto, must, never): the newest that verifies against its
+    manifest (a damaged one is skipped with a message), refusing one written by another run, and
+    refusing to start when checkpoints exist but none is intact."""
     from lolrl.utils.errors import ConfigError
 
-    found = None if mode == "never" else latest_checkpoint(directory)
-    if mode == "must" and found is None:
+    candidates = [] if mode == "never" else checkpoints(directory)
+    if mode == "must" and not candidates:
         raise ConfigError(f"--resume: no checkpoint in {directory}")
-    if found is not None and json.loads((found / "state.json").read_text())["progress"].get("run_key") != key:
-        raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
-                          "resume with the same flags, or pass --no_resume (or another output folder)")
-    return found
+    for found in reversed(candidates):
+        try:
+            verify_manifest(found)
+            state = _read_state(found)
+        except IntegrityError as exc:
+            logger.warning("checkpoint %s is damaged (%s): trying the previous one", found.name, exc)
+            continue
+        if state["progress"].get("run_key") != key:
+            raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
+                              "resume with the same flags, or pass --no_resume (or another output folder)")
+        return found
+    if candidates:
+        raise IntegrityError(f"no intact checkpoint in {directory} ({len(candidates)} damaged or incomplete): "
+                             "pass --no_resume to start over (or another output folder)")
+    return None
 
 
 def process_rng_states(accelerator) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lolrl.engine.data import DataError, Record, json_lines
+from lolrl.engine.data import REWARD_LIMIT, DataError, Record, json_lines
 
 PROMPTER, ASSISTANT = "<|prompter|>", "<|assistant|>"
 SYSTEM_PREFIX = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -89,10 +89,19 @@ def _check_pro_row(row, source: str, line: int) -> None:
         raise DataError(source, line, "prefix", "expected turns ending with the bare '<|assistant|>' slot")
     if any(not isinstance(t, str) or not t.startswith((PROMPTER, ASSISTANT)) for t in turns):
         raise DataError(source, line, "prefix", "every turn must start with <|prompter|> or <|assistant|>")
-    if any(not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) for r in row["reward"]):
-        raise DataError(source, line, "reward", "expected finite numbers")
-    if not 0 <= row.get("sft_index", 0) < len(row["suffix"]):
-        raise DataError(source, line, "sft_index", "out of range")
+    if any(not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or abs(r) > REWARD_LIMIT
+           for r in row["reward"]):
+        raise DataError(source, line, "reward", f"expected finite numbers within +-{REWARD_LIMIT:g}")
+    for k, suffix in enumerate(row["suffix"]):
+        if not isinstance(suffix, str):
+            raise DataError(source, line, f"suffix[{k}]", f"expected a string, got {type(suffix).__name__}")
+        if not suffix.strip():
+            raise DataError(source, line, f"suffix[{k}]", "is empty")
+    sft_index = row.get("sft_index", 0)
+    if not isinstance(sft_index, int) or isinstance(sft_index, bool):
+        raise DataError(source, line, "sft_index", f"expected an integer, got {sft_index!r}")
+    if not 0 <= sft_index < len(row["suffix"]):
+        raise DataError(source, line, "sft_index", f"{sft_index} is out of range for {len(row['suffix'])} suffixes")
 
 
 def pro_records(rows: list[dict], how: str = "llama", candidates: str = "sft", name: str = "hh",

@@ -93,7 +93,25 @@ def _stop_after(steps: int):
 
 def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
     """Train with TRL's DPO on the HH pairs, validating by reward every ``eval_steps`` steps;
-    the best adapter goes to ``OUTPUT/best_adapter``. ``args`` are the script's flags."""
+    the best adapter goes to ``OUTPUT/best_adapter``. ``args`` are the script's flags. The output
+    folder is locked for the run (a second run on it is refused)."""
+    from lolrl.tasks.hh.train import adapter_of
+    from lolrl.utils.lock import check_output_paths, hold_folders
+
+    check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
+                       {"starting model": args.model_name_or_path, "adapter": adapter_of(args)})
+    with hold_folders({"output folder": args.output_dir}, _is_main_process()):
+        return _train_dpo(args, train_rows, val_records, reward, postprocess, generation)
+
+
+def _is_main_process() -> bool:
+    """Before TRL's trainer exists: the launcher's rank (torchrun / accelerate set RANK)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
     from datasets import Dataset
     from trl import DPOConfig
 

@@ -50,7 +50,12 @@ class AggregateError(UserError):
 
 
 def parse_prefixes(text: str) -> dict[str, bool]:
-    """``-bmps``: JSON or a Python literal (never executed): a dict prefix -> bool, or a list of prefixes."""
+    """``-bmps``: JSON or a Python literal (never executed): a dict prefix -> bool, or a list of prefixes.
+    Its nesting and length are bounded before parsing, and every prefix must name a folder inside the
+    results folder (a relative path without '..', at most MAX_PREFIX_DEPTH levels)."""
+    if len(text) > MAX_PREFIXES_TEXT or _nesting(text) > 2:
+        raise AggregateError(f"-bmps: expected a flat dict or list of prefixes (at most {MAX_PREFIXES_TEXT} "
+                             "characters, no nested brackets)")
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -64,7 +69,28 @@ def parse_prefixes(text: str) -> dict[str, bool]:
     if not isinstance(value, dict) or not value or not all(isinstance(k, str) and isinstance(v, bool)
                                                             for k, v in value.items()):
         raise AggregateError(f"-bmps {text!r}: expected a non-empty dict of prefix -> True/False")
+    for prefix in value:
+        parts = Path(prefix).parts
+        if not prefix or Path(prefix).is_absolute() or ".." in parts or len(parts) > MAX_PREFIX_DEPTH:
+            raise AggregateError(f"-bmps prefix {prefix!r}: expected a folder name inside the results folder "
+                                 f"(relative, no '..', at most {MAX_PREFIX_DEPTH} levels)")
     return value
+
+
+MAX_PREFIXES_TEXT = 10_000
+MAX_PREFIX_DEPTH = 2
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting of ``text`` (quoted strings included: a bound, not a parser)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]})":
+            depth -= 1
+    return deepest
 
 
 @dataclass

@@ -132,7 +132,9 @@ def convert(keras_weights: str | Path, output_dir: str | Path, config_name: str,
     model = RobertaModel(config, add_pooling_layer=True)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     encoder, head, report = convert_weights(load_keras_weights(keras_weights), shapes)
-    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in encoder.items()}, strict=False)
+    # convert_weights matched every parameter by name and shape; buffers keep the model's own values
+    model.load_state_dict({**model.state_dict(), **{k: torch.from_numpy(v.astype(np.float32))
+                                                     for k, v in encoder.items()}})
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir), safe_serialization=True)

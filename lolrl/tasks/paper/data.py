@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import random
 import re
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lolrl.engine.data import DataError, json_lines
+from lolrl.engine.data import DataError, json_lines, read_text
 from lolrl.tasks.paper.rewards import COMET_RELATION_PHRASES, EOS
 
 RANDOM_SEED = 901
@@ -72,7 +73,7 @@ def read_reddit_csv(path: str | Path) -> list[dict]:
         raise DataError(source, None, None, "file not found")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     rows = []
-    with open(path, encoding="utf-8", newline="") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:  # decoded, or a one-line DataError
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
@@ -144,7 +145,7 @@ def _load_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(str(path), None, None, "file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(str(path), exc.lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
 
@@ -345,7 +346,7 @@ def read_atomic2020_test(path: str | Path) -> list[tuple[str, str, str]]:
     if not path.is_file():
         raise DataError(str(path), None, None, "file not found")
     triples = []
-    with open(path, encoding="utf-8", newline="") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:  # decoded, or a one-line DataError
         reader = csv.reader(handle, delimiter="\t")
         line = 1
         for values in reader:
