@@ -54,14 +54,8 @@ from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import BestModelKeeper, generate_and_score, gold_texts, score_on_main
 from lolrl.engine.value import ValueFitSettings, ValueHead, fit_value_head
 from lolrl.utils import cache as cache_lib
-from lolrl.utils.checkpoint import (
-    drop_log_tail,
-    find_resumable,
-    load_checkpoint,
-    process_rng_states,
-    run_key,
-    save_checkpoint,
-)
+from lolrl.utils.sharded import trainable_state
+from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -349,9 +343,7 @@ class OfflineRLTrainer:
         return self.accelerator.get_state_dict(self.model)
 
     def _trainable_state(self, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
-        full_state = self._full_state() if full_state is None else full_state
-        return {k: v.detach().cpu().clone() for k, v in full_state.items() if k in names}
+        return trainable_state(self.accelerator, self.model, full_state)
 
     def _save_best(self) -> None:
         state = self._full_state()
@@ -424,20 +416,14 @@ class OfflineRLTrainer:
         return found
 
     def _save_checkpoint(self, optimizer, scheduler, epoch: int, next_group: int) -> None:
-        self.accelerator.wait_for_everyone()
-        rng_states = process_rng_states(self.accelerator)
         trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
-        if self.is_main:
-            best = self.keeper.best if math.isfinite(self.keeper.best) else None
-            progress = {"epoch": epoch, "next_group": next_group, "best_measure": best,
-                        "run_key": self._run_key}
-            save_checkpoint(self.checkpoint_dir, self.global_step, trainable, optimizer, scheduler,
-                            progress, self.best_state, keep=self.config.keep_checkpoints, torch_rng_states=rng_states)
-        self.accelerator.wait_for_everyone()
+        best = self.keeper.best if math.isfinite(self.keeper.best) else None
+        progress = {"epoch": epoch, "next_group": next_group, "best_measure": best, "run_key": self._run_key}
+        save_training_state(self.accelerator, self.checkpoint_dir, self.global_step, trainable, self.model, optimizer,
+                            scheduler, progress, self.best_state, self.config.keep_checkpoints)
 
     def _resume(self, checkpoint: Path, optimizer, scheduler) -> tuple[int, int]:
-        state, best = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.model), optimizer, scheduler,
-                                      self.accelerator.process_index)
+        state, best = resume_training_state(self.accelerator, checkpoint, self.model, optimizer, scheduler)
         self.global_step = state["step"]
         measure = state["progress"]["best_measure"]
         self.keeper.best = -math.inf if measure is None else measure
