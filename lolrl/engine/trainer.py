@@ -153,17 +153,20 @@ class OfflineRLTrainer:
         self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
                                  getattr(model.config, "decoder_start_token_id", None), pack=self._use_packing())
 
-    def _use_packing(self) -> bool:
-        """Packed rows (no padding) with a variable-length attention kernel; else length-grouped padding."""
+    def _use_packing(self) -> str | bool:
+        """Packed rows (no padding) with a variable-length attention kernel; else length-grouped padding.
+        The probe runs as training does (under autocast: flash kernels take bf16/fp16 only)."""
         mode = self.config.packing
         if mode == "on" and self.encoder_decoder:
             raise ConfigError("--packing on is for decoder-only models")
         probe = self.row_tokenizer((self.data.train or self.data.val)[:4])
-        pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode)
+        with self.accelerator.autocast():
+            pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode,
+                                  tolerance=1e-4 if self.config.dtype == "fp32" else 1e-3)
         if mode == "on" and not pack:
             raise ConfigError(f"--packing on: '{self.config.model_name}' does not give the same log-probs packed "
                               "as padded (its attention ignores position-id packing); use --packing auto or off")
-        logger.info("batches: %s", "packed without padding (verified exact on this model)" if pack
+        logger.info("batches: %s", f"packed without padding ({pack}; verified exact on this model)" if pack
                     else "padded, grouped by length")
         return pack
 
