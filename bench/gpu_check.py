@@ -254,22 +254,24 @@ def main(argv=None) -> int:
     if selected("qlora_paged"):
         guarded("qlora_paged", check_qlora_paged, models, cuda)
     if not cuda and selected("resume_plain"):
-        guarded("resume_plain", check_resume, "resume_plain", ["--cpu", "--mixed_precision", "no"], models, task, work, limit, None)
+        guarded("resume_plain", check_resume, "resume_plain", ["--cpu", "--mixed_precision", "no"], models, task,
+                work, limit, None)
     if selected("resume_fsdp"):
         if not cuda:
             report("resume_fsdp", "SKIP", "Accelerate runs FSDP only on GPUs (on the CPU it falls back to DDP)")
         else:
-            guarded("resume_fsdp", check_resume, "resume_fsdp", ["--use_fsdp", "--fsdp_version", "2", "--mixed_precision", "bf16",
-                                         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"],
-                         models, task, work, limit, "fsdp")
+            fsdp = ["--use_fsdp", "--fsdp_version", "2", "--mixed_precision", "bf16",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+            guarded("resume_fsdp", check_resume, "resume_fsdp", fsdp, models, task, work, limit, "fsdp")
     if selected("resume_zero3"):
         if not cuda:
             report("resume_zero3", "SKIP", "DeepSpeed ZeRO-3 needs CUDA")
         elif not have("deepspeed"):
             report("resume_zero3", "SKIP", "no deepspeed wheel in the wheel folder")
         else:
-            guarded("resume_zero3", check_resume, "resume_zero3", ["--use_deepspeed", "--zero_stage", "3", "--mixed_precision", "bf16",
-                                          "--zero3_save_16bit_model", "true"], models, task, work, limit, "deepspeed")
+            zero3 = ["--use_deepspeed", "--zero_stage", "3", "--mixed_precision", "bf16",
+                     "--zero3_save_16bit_model", "true"]
+            guarded("resume_zero3", check_resume, "resume_zero3", zero3, models, task, work, limit, "deepspeed")
     if selected("packing_varlen"):
         guarded("packing_varlen", check_packing_varlen, models, cuda)
     counts = {s: sum(r[1] == s for r in RESULTS) for s in ("PASS", "FAIL", "SKIP")}

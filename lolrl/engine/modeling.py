@@ -233,7 +233,8 @@ def has_varlen_attention(model) -> bool:
     return impl in VARLEN_ATTENTION or "flash" in impl.split("|")[-1]  # "paged|flash_attention_2", hub kernels
 
 
-def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto", tolerance: float = 1e-4) -> str | bool:
+def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto",
+                   tolerance: float = 1e-4) -> str | bool:
     """Pack a batch's rows into one sequence, or pad them (grouped by length)? Returns the
     :class:`~lolrl.engine.collation.Collator` layout: ``"varlen"``, ``"positions"`` or ``False``.
 
@@ -253,4 +254,5 @@ def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto", tol
 
 
 __all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
-           "response_logprobs", "packing_is_exact", "choose_packing", "has_varlen_attention", "set_dropout", "add_lora", "DTYPES"]
+           "response_logprobs", "packing_is_exact", "choose_packing",
+           "has_varlen_attention", "set_dropout", "add_lora", "DTYPES"]

@@ -54,7 +54,7 @@ from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import BestModelKeeper, generate_and_score, gold_texts, score_on_main
 from lolrl.engine.value import ValueFitSettings, ValueHead, fit_value_head
 from lolrl.utils import cache as cache_lib
-from lolrl.utils.sharded import trainable_state
+from lolrl.utils.sharded import load_trainable, trainable_state
 from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 
@@ -563,8 +563,10 @@ class OfflineRLTrainer:
     def _restore_best(self) -> None:
         if self.best_state is None:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        model.load_state_dict(self.best_state, strict=False)
+        if not load_trainable(self.accelerator, self.model, self.best_state):
+            logger.warning("the final evaluation uses the last weights, not the best validation's: restoring them "
+                           "into FSDP1 / DeepSpeed shards is not implemented (the best model is in %s)",
+                           self.config.save_dir)
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, dict]:

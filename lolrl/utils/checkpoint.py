@@ -133,7 +133,8 @@ def save_training_state(accelerator, directory: Path, step: int, trainable: dict
         if accelerator.is_main_process:
             temporary_folder(directory, step)
         accelerator.wait_for_everyone()
-        sharded.save_shards(accelerator, model, optimizer, temporary_folder(directory, step, fresh=False) / sharded.SHARDS)
+        shards = temporary_folder(directory, step, fresh=False) / sharded.SHARDS
+        sharded.save_shards(accelerator, model, optimizer, shards)
     if accelerator.is_main_process:
         save_checkpoint(directory, step, trainable, optimizer, scheduler, progress, best, keep=keep,
                         rng_states=rng_states, sharded_by=engine)

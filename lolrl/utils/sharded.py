@@ -90,3 +90,20 @@ def trainable_state(accelerator, model, full_state: dict[str, torch.Tensor] | No
     names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
     full_state = accelerator.get_state_dict(model) if full_state is None else full_state
     return {k: v.detach().cpu().clone() for k, v in full_state.items() if k in names}
+
+
+def load_trainable(accelerator, model, state: dict[str, torch.Tensor]) -> bool:
+    """Put whole trainable parameters (as :func:`trainable_state` gave them; under FSDP only the main
+    process's copy is full) back into the prepared model. Returns False where that is not done
+    (FSDP1, DeepSpeed): the caller says so."""
+    engine = sharding_engine(accelerator)
+    if engine == "fsdp" and getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                     strict=False))
+        return True
+    if engine is not None:
+        return False
+    accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+    return True
