@@ -119,3 +119,49 @@ def test_auto_packing_only_with_a_varlen_attention_kernel(tiny_models):
     assert not choose_packing(model, rows, tokenizer.pad_token_id, "auto")
     assert choose_packing(model, rows, tokenizer.pad_token_id, "on")
     assert not choose_packing(model, rows, tokenizer.pad_token_id, "off")
+
+
+def test_varlen_packing_carries_the_row_boundaries_as_transformers_flattening_does():
+    """cu_seq_lens_q/k and max_length_q/k of a hand-built batch, and the same as transformers'
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives for the same sequences."""
+    from transformers import DataCollatorWithFlattening
+
+    from lolrl.engine.collation import TokenizedRow
+    from lolrl.engine.modeling import _model_inputs
+
+    rows = [TokenizedRow(0, [1, 2, 3], [4, 5]), TokenizedRow(1, [6], [7, 8, 9]), TokenizedRow(2, [10, 11], [12])]
+    batch = Collator(0, False, pack="varlen")(rows)
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 5, 9, 12]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert int(batch["max_length_q"]) == int(batch["max_length_k"]) == 5
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
+    assert "attention_mask" not in batch
+    reference = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)(
+        [{"input_ids": r.prompt_ids + r.response_ids} for r in rows])
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert torch.equal(batch["position_ids"], reference["position_ids"])
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert torch.equal(batch[key], reference[key]) and batch[key].dtype == reference[key].dtype
+    inputs = _model_inputs(batch)  # what the model is called with: max lengths as Python ints
+    assert inputs["max_length_q"] == reference["max_length_q"] and isinstance(inputs["max_length_k"], int)
+    # the position-id layout has no boundaries; an unknown layout is refused
+    assert "cu_seq_lens_q" not in Collator(0, False, pack=True)(rows)
+    with pytest.raises(ValueError):
+        Collator(0, False, pack="flash")
+
+
+def test_varlen_attention_is_recognised_and_packs_in_the_varlen_layout(tiny_models, monkeypatch):
+    from lolrl.engine.modeling import choose_packing, has_varlen_attention
+
+    tokenizer = load_tokenizer(tiny_models["llama"])
+    model = load_model(tiny_models["llama"]).eval()
+    rows = Tokenizer(tokenizer, False, 64, 32)(RECORDS)
+    assert not has_varlen_attention(model) and choose_packing(model, rows, tokenizer.pad_token_id, "on") == "positions"
+    for impl in ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2", "paged|flash_attention_2"):
+        monkeypatch.setattr(model.config, "_attn_implementation", impl, raising=False)
+        assert has_varlen_attention(model), impl
+    seen = []
+    import lolrl.engine.modeling as modeling
+
+    monkeypatch.setattr(modeling, "packing_is_exact", lambda m, r, p, tol, layout: seen.append(layout) or True)
+    assert choose_packing(model, rows, tokenizer.pad_token_id, "auto") == "varlen" and seen == ["varlen"]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lolrl.engine.losses import ALGORITHMS
 
@@ -50,6 +51,41 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "training_plan.json").read_text())["global_batch"] == 8
     assert [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()] == [2]
+
+
+def _launch_resumable(out, tiny_models, toy_dir, toy_reward_spec, port, *extra):
+    """Two gloo CPU processes, wbc (dropout on: every process's RNG must be restored), 4 steps."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
+           "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", "wbc", "-t",
+           "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "6", "--num_beams", "1", "-vf", "1", "--max_steps", "4",
+           "-lr", "1e-3", "--save_steps", "1", "--no_test", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_process_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, tiny_models, toy_dir,
+                                                                          toy_reward_spec):
+    from safetensors.torch import load_file
+
+    from lolrl.utils.checkpoint import latest_checkpoint
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _launch_resumable(whole, tiny_models, toy_dir, toy_reward_spec, 29521)
+    _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, 29522, "--stop_after_steps", "2")
+    stopped = latest_checkpoint(split / "checkpoints")
+    assert stopped.name == "step_000002"
+    rng = load_file(str(stopped / "rng.safetensors"))
+    assert {"torch_0", "torch_1"} <= rng.keys() and not torch.equal(rng["torch_0"], rng["torch_1"])
+    assert json.loads((stopped / "state.json").read_text())["sharded_by"] is None  # DDP: the safetensors format
+    assert "resuming from" in _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, 29523).stderr
+    a = load_file(str(latest_checkpoint(whole / "checkpoints") / "trainable.safetensors"))
+    b = load_file(str(latest_checkpoint(split / "checkpoints") / "trainable.safetensors"))
+    assert a.keys() == b.keys() and latest_checkpoint(split / "checkpoints").name == "step_000004"
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
 
 
 def test_sharded_weights_generate_the_same_number_of_times_on_every_process(tiny_models):

@@ -85,9 +85,14 @@ class Collator:
     """Turns a list of :class:`TokenizedRow` into model inputs, in one of two layouts.
 
     * padded (default): one row per sequence, ``[prompt | response | pad ...]``, right padding only;
-    * packed (``pack=True``, causal LMs whose attention honours it): every row back to back in one
-      sequence with no padding at all, ``position_ids`` restarting at 0 for each row and no
-      attention mask, so transformers builds a block-diagonal causal mask.
+    * packed (``pack=True`` or ``"positions"``, causal LMs whose attention honours it): every row back
+      to back in one sequence with no padding at all, ``position_ids`` restarting at 0 for each row
+      and no attention mask, so transformers builds a block-diagonal causal mask;
+    * packed for a varlen kernel (``pack="varlen"``: flash attention, transformers' kernels): the same,
+      plus the row boundaries as transformers' ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
+      gives them: ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32 ``[0, l1, l1+l2, ...]``) and
+      ``max_length_q`` = ``max_length_k`` (the longest row; a 0-d tensor here, so that a batch moves
+      to the device in one go, made a Python int at the model call).
 
     Keys: ``input_ids``, ``attention_mask`` (padded only), ``position_ids`` (packed only),
     ``target_ids`` / ``target_mask`` (the scored tokens, aligned so that ``logits[:, t]`` predicts
@@ -100,6 +105,8 @@ class Collator:
                  pack: bool = False):
         if pack and encoder_decoder:
             raise ValueError("packing is for decoder-only models")
+        if pack not in PACKING_LAYOUTS:
+            raise ValueError(f"pack: one of {PACKING_LAYOUTS}, not {pack!r}")
         self.pad = pad_token_id
         self.encoder_decoder = encoder_decoder
         self.decoder_start = decoder_start_token_id if decoder_start_token_id is not None else pad_token_id
@@ -141,9 +148,12 @@ class Collator:
             # a row's last token would "predict" the next row's first token: never scored
             target_flags += self._target_flags(r) + [0]
         input_ids = torch.tensor([ids], dtype=torch.long)
-        return {"input_ids": input_ids, "position_ids": torch.tensor([positions], dtype=torch.long),
-                "prompt_mask": torch.tensor([prompt_flags], dtype=torch.long), "target_ids": input_ids[:, 1:],
-                "target_mask": torch.tensor([target_flags[:-1]], dtype=torch.long)}
+        batch = {"input_ids": input_ids, "position_ids": torch.tensor([positions], dtype=torch.long),
+                 "prompt_mask": torch.tensor([prompt_flags], dtype=torch.long), "target_ids": input_ids[:, 1:],
+                 "target_mask": torch.tensor([target_flags[:-1]], dtype=torch.long)}
+        if self.pack == "varlen":
+            batch |= varlen_kwargs([r.length for r in rows])
+        return batch
 
     def _seq2seq(self, rows: list[TokenizedRow]) -> dict[str, torch.Tensor]:
         input_ids = self._pad([r.prompt_ids for r in rows], self.pad)
@@ -154,6 +164,17 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention, "target_ids": targets,
                 "target_mask": target_mask, "decoder_input_ids": decoder_input_ids,
                 "decoder_attention_mask": target_mask.clone()}
+
+
+PACKING_LAYOUTS = (False, True, "positions", "varlen")  # True is "positions"
+
+
+def varlen_kwargs(lengths: list[int]) -> dict[str, torch.Tensor]:
+    """The row boundaries of a packed sequence, as varlen attention kernels take them."""
+    cu_seq_lens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    longest = torch.tensor(max(lengths), dtype=torch.long)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens.clone(),
+            "max_length_q": longest, "max_length_k": longest.clone()}
 
 
 def pad_prompts(rows: list[TokenizedRow], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,9 +160,13 @@ def model_is_encoder_decoder(model) -> bool:
 
 
 def _model_inputs(batch: dict) -> dict:
-    """The keys the model takes; a packed batch has position ids and no attention mask."""
-    keys = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids", "decoder_attention_mask")
-    return {k: batch[k] for k in keys if k in batch}
+    """The keys the model takes; a packed batch has position ids and no attention mask, and for a
+    varlen kernel the row boundaries (``max_length_q/k`` as Python ints, as flash attention takes them)."""
+    keys = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids", "decoder_attention_mask",
+            "cu_seq_lens_q", "cu_seq_lens_k")
+    inputs = {k: batch[k] for k in keys if k in batch}
+    inputs.update({k: int(batch[k]) for k in ("max_length_q", "max_length_k") if k in batch})
+    return inputs
 
 
 def response_logprobs(model, batch: dict, return_prompt_states: bool = False):
@@ -196,10 +200,11 @@ def response_logprobs(model, batch: dict, return_prompt_states: bool = False):
 
 
 @torch.no_grad()
-def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4) -> bool:
-    """Whether this model honours packed sequences (position ids restarting per row, no mask):
-    the log-probs of ``rows`` packed must equal their padded log-probs. Checked on the real model,
-    so a model whose attention ignores the packing silently gets padded batches instead."""
+def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4, layout: str = "positions") -> bool:
+    """Whether this model honours packed sequences (``layout``: ``positions``, position ids restarting
+    per row and no mask; ``varlen``, plus ``cu_seq_lens_q/k`` and ``max_length_q/k``): the log-probs of
+    ``rows`` packed must equal their padded log-probs. Checked on the real model, so a model whose
+    attention ignores the packing silently gets padded batches instead."""
     from lolrl.engine.collation import Collator
 
     if getattr(model.config, "is_encoder_decoder", False) or len(rows) < 2:
@@ -209,7 +214,7 @@ def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4) ->
     device = next(model.parameters()).device
     try:
         batches = [{k: v.to(device) for k, v in Collator(pad_token_id, False, pack=pack)(rows).items()}
-                   for pack in (False, True)]
+                   for pack in (False, layout)]
         (padded, mask, _), (packed, _, _) = (response_logprobs(model, b) for b in batches)
         exact = bool(((padded - packed).abs() * mask).max() <= tolerance)
     except (RuntimeError, ValueError, TypeError):  # a model that rejects position_ids without a mask
@@ -219,24 +224,38 @@ def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4) ->
     return exact
 
 
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
-                    "kernels-community/vllm-flash-attn3")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "kernels-community/flash-attn",
+                    "kernels-community/flash-attn2", "kernels-community/flash-attn3",
+                    "kernels-community/vllm-flash-attn3", "kernels-community/flash-attn4")
 
 
-def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto") -> bool:
-    """Pack a batch's rows into one sequence, or pad them (grouped by length)?
+def has_varlen_attention(model) -> bool:
+    """Whether the model's attention is a variable-length kernel (flash attention 2/3/4, or one of
+    transformers' kernels integration): it takes ``cu_seq_lens_q/k`` and never sees a pad."""
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    return impl in VARLEN_ATTENTION or "flash" in impl.split("|")[-1]  # "paged|flash_attention_2", hub kernels
+
+
+def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto",
+                   tolerance: float = 1e-4) -> str | bool:
+    """Pack a batch's rows into one sequence, or pad them (grouped by length)? Returns the
+    :class:`~lolrl.engine.collation.Collator` layout: ``"varlen"``, ``"positions"`` or ``False``.
 
     Packing removes every pad token, but the attention then costs O(total tokens^2) unless the
     kernel handles variable-length rows (flash attention); with eager/SDPA attention a packed
     batch is slower than a length-grouped one (measured: bench/throughput.py). ``auto`` packs only
-    with such a kernel, and only when packed log-probs provably equal padded ones on this model;
-    ``on`` packs whenever they are equal; ``off`` never packs."""
+    with such a kernel (``varlen``: the rows' boundaries passed as ``cu_seq_lens``), and only when
+    packed log-probs provably equal padded ones on this model; ``on`` packs whenever they are
+    equal; ``off`` never packs."""
     if mode == "off" or getattr(model.config, "is_encoder_decoder", False):
         return False
-    if mode == "auto" and getattr(model.config, "_attn_implementation", None) not in VARLEN_ATTENTION:
+    varlen = has_varlen_attention(model)
+    if mode == "auto" and not varlen:
         return False
-    return packing_is_exact(model, probe_rows, pad_token_id)
+    layout = "varlen" if varlen else "positions"
+    return layout if packing_is_exact(model, probe_rows, pad_token_id, tolerance, layout) else False
 
 
 __all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
-           "response_logprobs", "packing_is_exact", "choose_packing", "set_dropout", "add_lora", "DTYPES"]
+           "response_logprobs", "packing_is_exact", "choose_packing",
+           "has_varlen_attention", "set_dropout", "add_lora", "DTYPES"]

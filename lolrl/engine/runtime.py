@@ -1,7 +1,12 @@
 """The run's Accelerate set-up, shared by the offline trainer and PPO."""
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:
@@ -26,5 +31,9 @@ def make_accelerator(config):
     has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
                               project_dir=config.output_dir)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != "FSDP":
+        # Accelerate (1.15) selects FSDP only on accelerator devices; CPU processes then run plain DDP.
+        logger.warning("FSDP was asked for but Accelerate runs %s here (FSDP needs GPUs): weights and optimizer "
+                       "are replicated, not sharded", accelerator.distributed_type)
     set_seed(config.seed)
     return accelerator

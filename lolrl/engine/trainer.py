@@ -67,19 +67,12 @@ from lolrl.engine.validation import (
 )
 from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, ValueHead, fit_value_head
 from lolrl.utils import cache as cache_lib
-from lolrl.utils.checkpoint import (
-    drop_log_tail,
-    find_resumable,
-    load_checkpoint,
-    load_trainable,
-    process_rng_states,
-    run_key,
-    save_checkpoint,
-)
+from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.finite import StepGuard, check_finite_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import ensure_folder, hold_folders
 from lolrl.utils.seeding import seed_stage, stage_rng
+from lolrl.utils.sharded import restore_trainable, trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -189,17 +182,20 @@ class OfflineRLTrainer:
         self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
                                  getattr(model.config, "decoder_start_token_id", None), pack=self._use_packing())
 
-    def _use_packing(self) -> bool:
-        """Packed rows (no padding) with a variable-length attention kernel; else length-grouped padding."""
+    def _use_packing(self) -> str | bool:
+        """Packed rows (no padding) with a variable-length attention kernel; else length-grouped padding.
+        The probe runs as training does (under autocast: flash kernels take bf16/fp16 only)."""
         mode = self.config.packing
         if mode == "on" and self.encoder_decoder:
             raise ConfigError("--packing on is for decoder-only models")
         probe = self.row_tokenizer((self.data.train or self.data.val)[:4])
-        pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode)
+        with self.accelerator.autocast():
+            pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode,
+                                  tolerance=1e-4 if self.config.dtype == "fp32" else 1e-3)
         if mode == "on" and not pack:
             raise ConfigError(f"--packing on: '{self.config.model_name}' does not give the same log-probs packed "
                               "as padded (its attention ignores position-id packing); use --packing auto or off")
-        logger.info("batches: %s", "packed without padding (verified exact on this model)" if pack
+        logger.info("batches: %s", f"packed without padding ({pack}; verified exact on this model)" if pack
                     else "padded, grouped by length")
         return pack
 
@@ -433,9 +429,7 @@ class OfflineRLTrainer:
         return self.accelerator.get_state_dict(self.model)
 
     def _trainable_state(self, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
-        full_state = self._full_state() if full_state is None else full_state
-        return {k: v.detach().cpu().clone() for k, v in full_state.items() if k in names}
+        return trainable_state(self.accelerator, self.model, full_state)
 
     def _save_best(self) -> None:
         state = self._full_state()
@@ -511,20 +505,14 @@ class OfflineRLTrainer:
         return found
 
     def _save_checkpoint(self, optimizer, scheduler, epoch: int, next_group: int) -> None:
-        self.accelerator.wait_for_everyone()
-        rng_states = process_rng_states(self.accelerator)
         trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
-        if self.is_main:
-            best = self.keeper.best if math.isfinite(self.keeper.best) else None
-            progress = {"epoch": epoch, "next_group": next_group, "best_measure": best,
-                        "run_key": self._run_key}
-            save_checkpoint(self.checkpoint_dir, self.global_step, trainable, optimizer, scheduler,
-                            progress, self.best_state, keep=self.config.keep_checkpoints, torch_rng_states=rng_states)
-        self.accelerator.wait_for_everyone()
+        best = self.keeper.best if math.isfinite(self.keeper.best) else None
+        progress = {"epoch": epoch, "next_group": next_group, "best_measure": best, "run_key": self._run_key}
+        save_training_state(self.accelerator, self.checkpoint_dir, self.global_step, trainable, self.model, optimizer,
+                            scheduler, progress, self.best_state, self.config.keep_checkpoints)
 
     def _resume(self, checkpoint: Path, optimizer, scheduler) -> tuple[int, int]:
-        state, best = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.model), optimizer, scheduler,
-                                      self.accelerator.process_index)
+        state, best = resume_training_state(self.accelerator, checkpoint, self.model, optimizer, scheduler)
         self.global_step = state["step"]
         measure = state["progress"]["best_measure"]
         self.keeper.best = -math.inf if measure is None else measure
@@ -667,7 +655,10 @@ class OfflineRLTrainer:
     def _restore_best(self) -> None:
         if self.best_state is None:
             return
-        load_trainable(self.accelerator.unwrap_model(self.model), self.best_state, "the best model's parameters")
+        if not restore_trainable(self.accelerator, self.model, self.best_state):
+            logger.warning("the final evaluation uses the last weights, not the best validation's: restoring them "
+                           "into FSDP1 / DeepSpeed shards is not implemented (the best model is in %s)",
+                           self.config.save_dir)
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, dict]:

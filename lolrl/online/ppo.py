@@ -69,18 +69,12 @@ from lolrl.engine.validation import (
     scored_generations_check,
 )
 from lolrl.utils import cache as cache_lib
-from lolrl.utils.checkpoint import (
-    drop_log_tail,
-    find_resumable,
-    load_checkpoint,
-    process_rng_states,
-    run_key,
-    save_checkpoint,
-)
+from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
 from lolrl.utils.seeding import seed_stage, stage_rng
+from lolrl.utils.sharded import trainable_state
 
 logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "reference"
@@ -566,8 +560,7 @@ class PPOTrainer:
         self.save_model(self.config.save_dir)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        model = self._unwrapped()
-        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return trainable_state(self.accelerator, self.model)
 
     def save_model(self, directory: str) -> None:
         """The adapter (or the whole model), the value head and the tokenizer; the main process writes."""
@@ -601,20 +594,15 @@ class PPOTrainer:
         return found
 
     def _save_checkpoint(self, optimizer, scheduler) -> None:
-        self.accelerator.wait_for_everyone()
-        rng_states = process_rng_states(self.accelerator)
-        if self.is_main:
-            progress = {"prompt_epoch": self.prompt_epoch, "prompt_position": self.prompt_position,
-                        "best_measure": self.keeper.best if math.isfinite(self.keeper.best) else None,
-                        "kl_coef": self.kl_coef, "running": self.running.state(), "run_key": self._run_key}
-            save_checkpoint(self.checkpoint_dir, self.global_step, self._trainable_state(), optimizer, scheduler,
-                            progress, self.best_state, keep=self.config.keep_checkpoints,
-                            torch_rng_states=rng_states)
-        self.accelerator.wait_for_everyone()
+        trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
+        progress = {"prompt_epoch": self.prompt_epoch, "prompt_position": self.prompt_position,
+                    "best_measure": self.keeper.best if math.isfinite(self.keeper.best) else None,
+                    "kl_coef": self.kl_coef, "running": self.running.state(), "run_key": self._run_key}
+        save_training_state(self.accelerator, self.checkpoint_dir, self.global_step, trainable, self.model, optimizer,
+                            scheduler, progress, self.best_state, self.config.keep_checkpoints)
 
     def _resume(self, checkpoint: Path, optimizer, scheduler) -> None:
-        state, best = load_checkpoint(checkpoint, self._unwrapped(), optimizer, scheduler,
-                                      self.accelerator.process_index)
+        state, best = resume_training_state(self.accelerator, checkpoint, self.model, optimizer, scheduler)
         progress = state["progress"]
         self.global_step = state["step"]
         self.prompt_epoch, self.prompt_position = progress["prompt_epoch"], progress["prompt_position"]

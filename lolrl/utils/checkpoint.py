@@ -6,10 +6,15 @@ A checkpoint folder ``OUTPUT/checkpoints/step_000120`` holds
 * ``optimizer.safetensors`` + ``state.json``: the optimizer's tensors and everything else as JSON
   (optimizer hyper-parameters, scheduler state, the step, the sampler position, the best
   validation measure, Python/NumPy RNG states);
-* ``rng.safetensors``: the torch RNG state of every process (dropout);
+* ``rng.safetensors``: the torch (and CUDA, where there is one) RNG state of every process (dropout);
 * ``best.safetensors``: the trainable parameters of the best validation so far, if any.
 
 * ``manifest.json``: the size, SHA-256 and tensor layout of every other file (written last).
+
+Under FSDP and DeepSpeed the optimizer (and model) state is sharded across processes: there
+``optimizer.safetensors`` is replaced by ``shards/``, each process writing and reading its own
+shard (see :mod:`lolrl.utils.sharded`), and ``state.json`` says which engine wrote them.
+``trainable.safetensors`` is then the gathered copy, for reading, not what a resume loads.
 
 Nothing is pickled. The folder is written under a temporary name and renamed when complete, so
 a run killed while saving leaves the previous checkpoint as the latest one. On resume every file
@@ -82,28 +87,41 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def temporary_folder(directory: Path, step: int, fresh: bool = True) -> Path:
+    """Where ``step_{step}`` is written before it is renamed complete (``fresh``: emptied first)."""
+    tmp = directory / f".tmp_{PREFIX}{step:06d}"
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                     progress: dict, best: dict[str, torch.Tensor] | None, keep: int = 2,
-                    torch_rng_states: list[torch.Tensor] | None = None) -> Path:
+                    rng_states: list[dict[str, torch.Tensor]] | None = None, sharded_by: str | None = None) -> Path:
     """Write ``directory/step_{step}`` atomically and keep only the ``keep`` newest checkpoints.
-    ``torch_rng_states``: one per process (each process's dropout stream), default this process's."""
+    ``rng_states``: one per process (each process's dropout stream), default this process's.
+    ``sharded_by`` (fsdp, deepspeed): the optimizer's shards are already in the temporary folder
+    (:func:`lolrl.utils.sharded.save_shards`), so ``optimizer`` is not written here."""
     check_finite_state(trainable, f"checkpoint step {step}")
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:06d}"
-    tmp = directory / f".tmp_{PREFIX}{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temporary_folder(directory, step, fresh=sharded_by is None)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    tensors, optimizer_meta = _optimizer_tensors(optimizer)
-    save_file(tensors or {"__empty__": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
-    states = torch_rng_states or [torch.get_rng_state()]
-    save_file({f"torch_{i}": state for i, state in enumerate(states)}, str(tmp / "rng.safetensors"))
+    optimizer_meta = None
+    if sharded_by is None:
+        tensors, optimizer_meta = _optimizer_tensors(optimizer)
+        save_file(tensors or {"__empty__": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+    states = rng_states or [rng_state()]
+    save_file({f"{kind}_{i}": state for i, process in enumerate(states) for kind, state in process.items()},
+              str(tmp / "rng.safetensors"))
     if best is not None:
         save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
     numpy_state = np.random.get_state()
     atomic_write_json(tmp / "state.json", {
-        "step": step, "progress": progress, "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(),
-        "python_rng": random.getstate(), "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "step": step, "progress": progress, "optimizer": optimizer_meta, "sharded_by": sharded_by,
+        "scheduler": scheduler.state_dict(), "python_rng": random.getstate(),
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
     })
     inject_fault("before_manifest")
     write_manifest(tmp)
@@ -133,13 +151,18 @@ def _read_state(path: Path) -> dict:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         raise IntegrityError(f"{path / 'state.json'}: unreadable") from None
-    expected = {"step": int, "progress": dict, "optimizer": dict, "scheduler": dict, "python_rng": list,
-                "numpy_rng": list}
+    if not isinstance(state, dict):
+        raise IntegrityError(f"{path / 'state.json'}: not a JSON object")
+    sharded = state.get("sharded_by")  # fsdp / deepspeed: the optimizer lives in shards/, not here
+    if sharded not in (None, "fsdp", "deepspeed"):
+        raise IntegrityError(f"{path / 'state.json'}: field 'sharded_by' is {sharded!r}")
+    expected = {"step": int, "progress": dict, "scheduler": dict, "python_rng": list, "numpy_rng": list,
+                **({} if sharded else {"optimizer": dict})}
     for name, kind in expected.items():
-        if not isinstance(state, dict) or not isinstance(state.get(name), kind):
+        if not isinstance(state.get(name), kind):
             raise IntegrityError(f"{path / 'state.json'}: field '{name}' is missing or not a {kind.__name__}")
-    if not isinstance(state["optimizer"].get("param_groups"), list) or \
-            not isinstance(state["optimizer"].get("scalars"), dict):
+    if not sharded and (not isinstance(state["optimizer"].get("param_groups"), list) or
+                        not isinstance(state["optimizer"].get("scalars"), dict)):
         raise IntegrityError(f"{path / 'state.json'}: the optimizer state is malformed")
     return state
 
@@ -165,23 +188,61 @@ def load_trainable(model, tensors: dict[str, torch.Tensor], source: str) -> None
 def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int = 0
                     ) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """Restore parameters, optimizer, scheduler and RNGs; returns (state, best parameters or None).
-    The folder is verified against its manifest first; anything that does not fit raises IntegrityError."""
+    The folder is verified against its manifest first; anything that does not fit raises IntegrityError.
+    For a sharded checkpoint only scheduler and RNGs: the shards are read by every process
+    (:func:`lolrl.utils.sharded.load_shards`, see :func:`resume_training_state`)."""
     verify_manifest(path)
     state = _read_state(path)
-    load_trainable(model, load_file(str(path / "trainable.safetensors")), str(path / "trainable.safetensors"))
-    tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
     try:
-        optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+        if state.get("sharded_by") is None:
+            load_trainable(model, load_file(str(path / "trainable.safetensors")), str(path / "trainable.safetensors"))
+            tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
+            optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"{path}: its optimizer or scheduler state does not fit this run ({exc})") from None
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng.get(f"torch_{process_index}", rng["torch_0"]))
+    set_rng_state(load_file(str(path / "rng.safetensors")), process_index)
     random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
     kind, keys, *rest = state["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     best_path = path / "best.safetensors"
     return state, (load_file(str(best_path)) if best_path.is_file() else None)
+
+
+def save_training_state(accelerator, directory: Path, step: int, trainable: dict[str, torch.Tensor], model,
+                        optimizer, scheduler, progress: dict, best: dict[str, torch.Tensor] | None, keep: int) -> None:
+    """A checkpoint of a running trainer (a collective: every process calls it). ``trainable``:
+    the gathered trainable parameters (main process); ``model``/``optimizer``: as prepared."""
+    from lolrl.utils import sharded
+
+    accelerator.wait_for_everyone()
+    rng_states = process_rng_states(accelerator)
+    engine = sharded.sharding_engine(accelerator)
+    if engine is not None:
+        if accelerator.is_main_process:
+            temporary_folder(directory, step)
+        accelerator.wait_for_everyone()
+        shards = temporary_folder(directory, step, fresh=False) / sharded.SHARDS
+        sharded.save_shards(accelerator, model, optimizer, shards)
+    if accelerator.is_main_process:
+        save_checkpoint(directory, step, trainable, optimizer, scheduler, progress, best, keep=keep,
+                        rng_states=rng_states, sharded_by=engine)
+    accelerator.wait_for_everyone()
+
+
+def resume_training_state(accelerator, path: Path, model, optimizer, scheduler
+                          ) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Restore a running trainer from ``path`` (a collective); returns (state, best parameters or None)."""
+    from lolrl.utils import sharded
+
+    engine = _read_state(path).get("sharded_by")
+    if engine is not None:
+        sharded.load_shards(accelerator, model, optimizer, path / sharded.SHARDS, engine)
+    elif sharded.sharding_engine(accelerator) is not None:
+        from lolrl.utils.errors import ConfigError
+
+        raise ConfigError(f"the checkpoint {path} was written without sharding: resume it without FSDP/DeepSpeed")
+    return load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
 
 
 # Settings that only say when to stop, what to log or where: a run resumed with other values is the same run.
@@ -223,9 +284,26 @@ def find_resumable(directory: Path, mode: str, key: str) -> Path | None:
     return None
 
 
-def process_rng_states(accelerator) -> list[torch.Tensor]:
-    """Every process's torch RNG state, gathered (a collective: every process calls it)."""
-    states = [torch.get_rng_state()]
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG state, and its current CUDA device's where there is one."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(saved: dict[str, torch.Tensor], process_index: int) -> None:
+    """Restore this process's states from ``rng.safetensors`` (a process the run did not have
+    takes process 0's); a CUDA state is restored only where there is a CUDA device."""
+    index = process_index if f"torch_{process_index}" in saved else 0
+    torch.set_rng_state(saved[f"torch_{index}"])
+    if f"cuda_{index}" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved[f"cuda_{index}"])
+
+
+def process_rng_states(accelerator) -> list[dict[str, torch.Tensor]]:
+    """Every process's RNG states (:func:`rng_state`), gathered (a collective: every process calls it)."""
+    states = [rng_state()]
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
