@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling_strategy", type=canonical_strategy, choices=STRATEGIES, default="uniform",
                    help="uniform (the original's None, also accepted), good_priority, good_random, or all_priority: "
                         "both suffixes of every record, each with its own reward")
-    p.add_argument("--ppo_clip", type=float, default=0.9)
+    p.add_argument("--ppo_clip", type=lambda t: None if t.lower() in ("none", "null") else float(t), default=0.9,
+                   help="importance-weight clip epsilon: 0 gives weight 1, none leaves the weight unclipped")
     p.add_argument("--kl_beta", type=float, default=0.0,
                    help="> 0 with --algorithm a_lol and --ppo_clip 0 is A-LoL KL (the original's spelling)")
     p.add_argument("--a2c_n_value_head_epochs", type=int, default=10)

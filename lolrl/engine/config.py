@@ -51,7 +51,7 @@ class OfflineRLConfig:
     # objectives
     ppo_clip: float | None = 0.9
     kl_beta: float | None = None  # a_lol_kl only; None -> 0.1
-    kl_estimator: str = "k3"
+    kl_estimator: str = "k1"  # the paper's beta * (L_ref - L_theta); k3 an option
     gold_floor: float = 0.1
     # grouped algorithms (pro): each training item is `group_size` consecutive rows, candidates for one prompt
     group_size: int = 1

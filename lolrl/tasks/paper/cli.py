@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("algorithm")
     g.add_argument("-algo", "--learning_algorithm", choices=ALGORITHMS, default="nll")
     g.add_argument("-c", "--ppo_clip", type=_optional_float, default=argparse.SUPPRESS,
-                   help="clip importance weights to [1-c, 1+c]; default 0.9 (the paper's); 0 or 'none' disables")
+                   help="clip importance weights to [1-c, 1+c]; default 0.9 (the paper's); 0 gives weight 1, "
+                        "'none' leaves them unclipped")
     g.add_argument("-b", "--kl_beta", type=float, default=None, help="beta of a_lol_kl (default 0.1)")
-    g.add_argument("--kl_estimator", choices=KL_ESTIMATORS, default="k3",
-                   help="KL estimate of a_lol_kl; k1 is the original code's log-ratio")
+    g.add_argument("--kl_estimator", choices=KL_ESTIMATORS, default="k1",
+                   help="KL estimate of a_lol_kl; k1 is the paper's beta*(L_ref - L_theta), k3 Schulman's")
     g.add_argument("--gold_floor", type=float, default=0.1, help="R-GOLD lower bound on token probabilities")
     g.add_argument("-ts", "--train_sampling", action="store_true",
                    help="priority sampling (default on for A-LoL; turns it on for wbc/r_gold/r_lol)")
