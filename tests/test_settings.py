@@ -223,6 +223,18 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert "unknown setting 'learning_rat'" in capsys.readouterr().err
 
 
+def test_config_values_are_checked_like_flags(tmp_path, capsys):
+    for text, message in (("algorithm: ppo\n", "argument --algorithm: invalid choice: 'ppo'"),
+                          ("max_steps: ten\n", "max_steps: expected an integer, got 'ten'"),
+                          ("per_device_train_batch_size: 0\n", "expected a value >= 1, got 0")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            parse("lolrl_qlora_llama_hh.py", ["--config", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
 def test_config_supplies_required_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input_dir: d\ntask_name: wow\nmodel_name: m\noutput_dir: o\nlearning_algorithm: a_lol\n")

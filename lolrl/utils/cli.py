@@ -229,6 +229,11 @@ class DataclassParser:
             self.parser.set_defaults(**{k: self._field_default(k) for k in defaults})
         for name in self.fields:
             self._check(name, getattr(namespace, name))
+        for action in self.parser._actions:  # a --config value skips argparse's own choices check
+            value = getattr(namespace, action.dest, None)
+            if action.choices is not None and action.dest in defaults and value not in action.choices:
+                self._fail(f"argument {self.flags[action.dest]}: invalid choice: {value!r} (choose from "
+                           f"{', '.join(map(str, action.choices))})")
         return self.build(vars(namespace), given=self._given(argv) | set(defaults))
 
     def _given(self, argv: list[str]) -> set[str]:
