@@ -3,20 +3,26 @@
 
     python data_cleaning.py [--input data/hh_train_len2/train.json] [--output data/hh_train_len2/cleaner_train.json]
 """
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 from lolrl.engine.data import DataError
 from lolrl.tasks.hh.data import clean_training_rows, read_pro_file
+from lolrl.utils.cli import DataclassParser, setting
 from lolrl.utils.io import atomic_write_text
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default="data/hh_train_len2/train.json")
-    parser.add_argument("--output", default="data/hh_train_len2/cleaner_train.json")
-    args = parser.parse_args()
+@dataclass
+class CleaningArguments:
+    """The cleaning's input and output (the original had no flags: these are its fixed paths)."""
+
+    input: str = setting("data/hh_train_len2/train.json", "PRO-format training records")
+    output: str = setting("data/hh_train_len2/cleaner_train.json", "the records kept")
+
+
+def main(argv=None) -> int:
+    args = DataclassParser(CleaningArguments, description=__doc__).parse_one(argv)
     try:
         rows = read_pro_file(args.input)
     except DataError as exc:

@@ -5,26 +5,40 @@ Builds the embedded task (short dialogues, half of the training responses poor),
 trained from scratch (or SmolLM2-135M with --model smollm2), the NLL reference, then A-LoL and
 the baselines, and writes results.csv and rewards.png.
 """
-import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from lolrl.demo.pipeline import DemoSettings, parse_variant, run_demo
 from lolrl.engine.losses import ALGORITHMS
+from lolrl.utils.cli import DataclassParser, setting
+from lolrl.utils.errors import ConfigError, report_user_error
+
+RL_ALGORITHMS = [a for a in ALGORITHMS if a != "nll"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--algorithms", default="a_lol,wbc",
-                        help=f"comma-separated, from {','.join(a for a in ALGORITHMS if a != 'nll')}; NAME+kK fits "
-                             "V(x) to the mean reward of K samples per validation prompt (e.g. a_lol+k4)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--n_train", type=int, default=None, help="training rows (default per model)")
-    parser.add_argument("--max_steps", type=int, default=None, help="cap optimizer steps per run (quick runs)")
-    args = parser.parse_args()
+@dataclass
+class DemoArguments:
+    """The demo's settings."""
+
+    output_dir: str = setting("runs/demo", "where the runs, results.csv and rewards.png go")
+    model: str = setting("tiny", "a tiny model trained from scratch, or SmolLM2-135M", choices=("tiny", "smollm2"))
+    algorithms: str = setting("a_lol,wbc", f"comma-separated, from {','.join(RL_ALGORITHMS)}; NAME+kK fits V(x) to "
+                              "the mean reward of K samples per validation prompt (e.g. a_lol+k4)")
+    seeds: str = setting("0", "comma-separated seeds, e.g. 0,1,2")
+    n_train: int | None = setting(None, "training rows (default per model)", min=1)
+    max_steps: int | None = setting(None, "cap optimizer steps per run (quick runs)", min=1)
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.algorithms.split(",") if a and parse_variant(a)[0] not in RL_ALGORITHMS]
+        if unknown:
+            raise ConfigError(f"argument --algorithms: unknown algorithm(s) {', '.join(unknown)} "
+                              f"(expected some of {', '.join(RL_ALGORITHMS)})")
+
+
+def main(argv=None) -> int:
+    args = DataclassParser(DemoArguments, description=__doc__).parse_one(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = DemoSettings.smollm2() if args.model == "smollm2" else DemoSettings()
@@ -32,11 +46,11 @@ def main() -> int:
         settings.n_train = args.n_train
     if args.max_steps:
         settings.max_steps = args.max_steps
-    algorithms = [a for a in args.algorithms.split(",") if a]
-    unknown = [a for a in algorithms if parse_variant(a)[0] not in ALGORITHMS or a == "nll"]
-    if unknown:
-        parser.error(f"unknown algorithm(s) {unknown}; choose from {[a for a in ALGORITHMS if a != 'nll']}")
-    run_demo(args.output_dir, algorithms, [int(s) for s in args.seeds.split(",")], settings)
+    try:
+        run_demo(args.output_dir, [a for a in args.algorithms.split(",") if a],
+                 [int(s) for s in args.seeds.split(",")], settings)
+    except ConfigError as exc:
+        return report_user_error(exc)
     return 0
 
 

@@ -11,12 +11,11 @@ and defaults as the original: beta 0.1, batch 2 x 8 accumulation, lr 2e-4, 9000 
 every 900. QLoRA on CUDA, plain LoRA in fp32 without CUDA. Interrupted runs resume from
 ``OUTPUT/checkpoints``.
 """
-import argparse
 import logging
 import sys
 
-from lolrl.tasks.hh.cli import add_common_arguments
-from lolrl.tasks.hh.dpo import PAIR_ORDERS, train_dpo
+from lolrl.tasks.hh.cli import DPOHHArguments, parse_hh
+from lolrl.tasks.hh.dpo import train_dpo
 from lolrl.tasks.hh.train import (
     generation_settings,
     hh_postprocess,
@@ -27,23 +26,8 @@ from lolrl.tasks.hh.train import (
 from lolrl.utils.errors import UserError, report_user_error
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--reference_free", action="store_true", help="reference log-ratio 0 (no reference model)")
-    p.add_argument("--loss_type", default="sigmoid", help="any TRL DPO loss type (sigmoid = DPO, ipo, ...)")
-    p.add_argument("--pair_order", choices=PAIR_ORDERS, default="reward",
-                   help="chosen = the higher-reward suffix, or the first suffix as the original")
-    p.add_argument("--ref_every_step", action="store_true",
-                   help="run the reference adapter in every step instead of precomputing its log-probs")
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--report_to", default="none")
-    add_common_arguments(p, batch_size=2, accumulation=8)
-    return p
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_hh(DPOHHArguments, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         train_rows, dev_rows = read_hh_files(args)

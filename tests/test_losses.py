@@ -47,12 +47,12 @@ def make_batch(seed: int = 0, lengths=LENGTHS, width=T):
 # ---------------------------------------------------------------------------------------------
 
 def _clip(z: float, clip) -> float:
-    if not clip:
+    if clip is None:  # -c none: unclipped; -c 0 is the interval [1, 1]
         return z
     return min(max(z, 1.0 - clip), 1.0 + clip)
 
 
-def reference(algo, lp, ref, mask, rewards, advantages, clip=None, beta=0.1, est="k3", floor=0.1):
+def reference(algo, lp, ref, mask, rewards, advantages, clip=None, beta=0.1, est="k1", floor=0.1):
     """Returns (batch-mean loss, per-example losses, gradient d loss / d lp as nested lists)."""
     lp, ref, mask = lp.tolist(), ref.tolist(), mask.tolist()
     rewards, advantages = rewards.tolist(), advantages.tolist()
@@ -111,8 +111,8 @@ def run(algo, lp, ref, mask, rewards, advantages, **kw):
     return loss, stats, grad
 
 
-CASES = [(a, None, "k3") for a in ALGORITHMS if a != "a_lol_kl"]
-CASES += [(a, 0.2, "k3") for a in ("r_lol", "a_lol", "a_lol_seq")]
+CASES = [(a, None, "k1") for a in ALGORITHMS if a != "a_lol_kl"]
+CASES += [(a, clip, "k1") for a in ("r_lol", "a_lol", "a_lol_seq") for clip in (0.2, 0.0)]
 CASES += [("a_lol_kl", None, est) for est in ("k1", "k2", "k3")]
 
 
@@ -177,10 +177,24 @@ def test_sequence_weight_is_clamped(algo):
     torch.testing.assert_close(stats["raw_ratio"], raw)
     torch.testing.assert_close(stats["loss"], torch.tensor([1.2, 0.8, math.exp(0.05)]) * nll)
     torch.testing.assert_close(grad, -(torch.tensor([1.2, 0.8, math.exp(0.05)])[:, None] * mask) / 3)
-    for clip in (None, 0, 0.0):
-        _, stats, grad = run(algo, lp, ref, mask, ones, ones, clip=clip)
-        torch.testing.assert_close(stats["importance_weight"], raw)
-        torch.testing.assert_close(grad, -(raw[:, None] * mask) / 3)
+    _, stats, grad = run(algo, lp, ref, mask, ones, ones, clip=None)  # -c none: unclipped
+    torch.testing.assert_close(stats["importance_weight"], raw)
+    torch.testing.assert_close(stats["loss"], raw * nll)
+    torch.testing.assert_close(grad, -(raw[:, None] * mask) / 3)
+
+
+@pytest.mark.parametrize("algo", ["r_lol", "a_lol", "a_lol_seq"])
+@pytest.mark.parametrize("zero", [0, 0.0])
+def test_clip_zero_is_an_importance_weight_of_exactly_one(algo, zero):
+    """-c 0 is epsilon = 0, the interval [1, 1], as the paper's clip: the loss is the weight-1 loss
+    (A+ L or R L) and the gradient -coef * m_t / B, however far pi_theta is from pi_ref."""
+    lp, ref, mask = _ratio_rows()
+    coef = torch.tensor([0.5, 2.0, 1.5])
+    nll = torch.tensor([4.0, 3.0, 5.0])
+    _, stats, grad = run(algo, lp, ref, mask, coef, coef, clip=zero)
+    assert torch.all(stats["importance_weight"] == 1.0)
+    torch.testing.assert_close(stats["loss"], coef * nll)
+    torch.testing.assert_close(grad, -(coef[:, None] * mask) / 3)
 
 
 def test_token_weights_are_clamped_for_a_lol_seq():
@@ -308,6 +322,27 @@ def test_unknown_kl_estimator_raises():
         kl_penalty(lp, ref, mask.double(), "k7")
 
 
+def test_a_lol_kl_default_is_the_papers_k1_term():
+    """Hand-derived: two rows, log-probs lp, ref; L = -sum(lp), L_ref = -sum(ref).
+    Row 0: lp = (-1, -2), ref = (-1.5, -1.5): L = 3, L_ref = 3, A+ = 2 -> 2*3 + 0.5*(3 - 3) = 6.
+    Row 1: lp = (-0.5, pad), ref = (-2, pad): L = 0.5, L_ref = 2, A = -1 -> A+ = 0 -> 0.5*(2 - 0.5) = 0.75.
+    Batch mean 3.375; d/d lp = (-A+ + beta) * m / B: row 0 (-1.5, -1.5)/2, row 1 (0.5, 0)/2."""
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]]).requires_grad_()
+    ref = torch.tensor([[-1.5, -1.5], [-2.0, -3.0]])
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = compute_loss("a_lol_kl", lp, mask, advantages=adv, ref_logprobs=ref, kl_beta=0.5)
+    assert loss.item() == pytest.approx(3.375)
+    torch.testing.assert_close(stats["loss"], torch.tensor([6.0, 0.75]))
+    torch.testing.assert_close(stats["kl_penalty"], torch.tensor([0.0, 1.5]))  # L_ref - L_theta
+    (grad,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(grad, torch.tensor([[-0.75, -0.75], [0.25, 0.0]]))
+    # the default is k1: the same as asking for it, different from k3
+    k1, _ = compute_loss("a_lol_kl", lp, mask, advantages=adv, ref_logprobs=ref, kl_beta=0.5, kl_estimator="k1")
+    k3, _ = compute_loss("a_lol_kl", lp, mask, advantages=adv, ref_logprobs=ref, kl_beta=0.5, kl_estimator="k3")
+    assert k1.item() == loss.item() and k3.item() != pytest.approx(loss.item())
+
+
 def test_kl_estimators_signs_and_zero():
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
@@ -322,16 +357,16 @@ def test_kl_estimators_signs_and_zero():
         assert torch.all(kl_penalty(lp, lp.clone(), mask, "k1") == 0)
     # k1 can be negative (the original's term is not a true KL)
     assert kl_penalty(torch.tensor([[-2.0]]), torch.tensor([[-1.0]]), torch.ones(1, 1), "k1").item() == -1.0
-    # the default estimator is k3
+    # the default estimator is k1 (the paper's L_ref - L_theta): here (-0.5 + 1.5) + (-2.0 + 0.2) = -0.8
     lp = torch.tensor([[-0.5, -2.0]])
     ref = torch.tensor([[-1.5, -0.2]])
-    torch.testing.assert_close(kl_penalty(lp, ref, torch.ones(1, 2)), kl_penalty(lp, ref, torch.ones(1, 2), "k3"))
+    torch.testing.assert_close(kl_penalty(lp, ref, torch.ones(1, 2)), torch.tensor([-0.8]))
 
 
-def test_default_kl_is_k3_and_beta_point_one_in_compute_loss():
+def test_default_kl_is_k1_and_beta_point_one_in_compute_loss():
     lp, ref, mask, rewards, advantages = make_batch(9)
     loss, _, grad = run("a_lol_kl", lp, ref, mask, rewards, advantages)
-    want, _, want_grad = reference("a_lol_kl", lp, ref, mask, rewards, advantages, beta=0.1, est="k3")
+    want, _, want_grad = reference("a_lol_kl", lp, ref, mask, rewards, advantages, beta=0.1, est="k1")
     assert loss.item() == pytest.approx(want, rel=1e-9)
     torch.testing.assert_close(grad, torch.tensor(want_grad))
 

@@ -521,7 +521,7 @@ def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models
     assert _train(["-i", str(data), "-tn", "COMET", "-m", models["policy"], "-o", str(out), "-algo", "nll",
                    "-ccm", comet_critic["dir"]]) == 0
     assert "p_valid_model" in json.loads((out / "eval_results.json").read_text())["test/generated"]
-    args = cli.build_parser().parse_args(["-i", str(data), "-tn", "comet", "-m", models["policy"], "-o", str(out)])
+    args = cli.parse_args(["-i", str(data), "-tn", "comet", "-m", models["policy"], "-o", str(out)])
     config = OfflineRLConfig(model_name=models["policy"], output_dir=str(out), task_name="comet")
     val = load_jsonl(data / "val.jsonl")
     task_data = TaskData(train=[], val=val * 3000, test=None)

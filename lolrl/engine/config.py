@@ -40,6 +40,10 @@ class OfflineRLConfig:
     batch_size: int = 16
     accumulation_steps: int = 1
     learning_rate: float = 2e-5
+    optim: str = "adamw_torch"  # a transformers optimizer name (lolrl.engine.optim); the original generation script's
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8  # the original generation script's AdamW(eps=1e-8, weight_decay=0.01)
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     warmup_ratio: float = 0.0
@@ -52,7 +56,7 @@ class OfflineRLConfig:
     # objectives
     ppo_clip: float | None = 0.9
     kl_beta: float | None = None  # a_lol_kl only; None -> 0.1
-    kl_estimator: str = "k3"
+    kl_estimator: str = "k1"  # the paper's beta * (L_ref - L_theta); k3 an option
     gold_floor: float = 0.1
     # grouped algorithms (pro): each training item is `group_size` consecutive rows, candidates for one prompt
     group_size: int = 1
@@ -130,6 +134,11 @@ class OfflineRLConfig:
             raise ConfigError(f"unknown KL estimator '{self.kl_estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
         if self.ppo_clip is not None and not 0 <= self.ppo_clip < 1:
             raise ConfigError(f"--ppo_clip must be in [0, 1), got {self.ppo_clip}")
+        from lolrl.engine.optim import optimizer_names
+
+        if self.optim not in optimizer_names():
+            raise ConfigError(f"--optim: unknown optimizer '{self.optim}' (expected a transformers optimizer name, "
+                              "e.g. adamw_torch or paged_adamw_32bit)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{self.dtype}' (expected one of {', '.join(DTYPES)})")
         for name in ("batch_size", "accumulation_steps", "val_batch_size", "val_log_frequency", "max_resp_length",

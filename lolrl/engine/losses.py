@@ -33,8 +33,10 @@ def sequence_nll(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def clip_weight(weight: torch.Tensor, clip: float | None) -> torch.Tensor:
-    r""":math:`\mathrm{clip}_\varepsilon`; ``None`` or 0 leaves the weight unclipped."""
-    if not clip:
+    r""":math:`\mathrm{clip}_\varepsilon` with :math:`\varepsilon` = ``clip``, as the paper's clip:
+    ``clip=0`` gives a weight of exactly 1 (the interval :math:`[1, 1]`); only ``None`` leaves the
+    weight unclipped (``-c none``)."""
+    if clip is None:
         return weight
     return weight.clamp(min=1.0 - clip, max=1.0 + clip)
 
@@ -112,13 +114,13 @@ def a_lol_seq_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None 
                                 "importance_weight": mean_weight}
 
 
-def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k3") -> torch.Tensor:
+def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k1") -> torch.Tensor:
     r"""A per-row estimate of :math:`KL(\pi_\theta\,\|\,\pi_{ref})` on the data tokens, with
     :math:`d_t = \log\pi_\theta(y_t|\cdot) - \log\pi_{ref}(y_t|\cdot)` (gradient through :math:`\pi_\theta`):
 
-    * ``k1``: :math:`\sum_t m_t d_t`, the original code's term. It can be negative and its
-      gradient only shifts the advantage by :math:`-\beta`, so rows with :math:`A^+<\beta` are
-      pushed down without bound.
+    * ``k1`` (the default): :math:`\sum_t m_t d_t = L^{ref} - L^\theta`, the paper's term and the
+      original code's. It can be negative and its gradient only shifts the advantage by
+      :math:`-\beta`, so rows with :math:`A^+<\beta` are pushed down without bound.
     * ``k2``: :math:`\tfrac12\sum_t m_t d_t^2`, non-negative, pulls :math:`\pi_\theta` towards :math:`\pi_{ref}`.
     * ``k3``: :math:`\sum_t m_t (e^{-d_t} - 1 + d_t)` (Schulman's estimator), non-negative, minimum at :math:`d_t = 0`.
     """
@@ -132,9 +134,10 @@ def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k3") -> torch.Ten
     raise ValueError(f"unknown KL estimator '{estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
 
 
-def a_lol_kl_loss(logprobs, mask, advantages, ref_logprobs, kl_beta: float = 0.1, kl_estimator: str = "k3") -> tuple[torch.Tensor, Stats]:
+def a_lol_kl_loss(logprobs, mask, advantages, ref_logprobs, kl_beta: float = 0.1, kl_estimator: str = "k1") -> tuple[torch.Tensor, Stats]:
     r"""A-LoL KL: the importance weight is replaced by a KL penalty to the reference,
-    :math:`\mathcal L = A^+\cdot L^\theta + \beta\,\widehat{KL}(\pi_\theta\|\pi_{ref})` (see :func:`kl_penalty`)."""
+    :math:`\mathcal L = A^+\cdot L^\theta + \beta\,\widehat{KL}(\pi_\theta\|\pi_{ref})` (see :func:`kl_penalty`).
+    The default estimator ``k1`` is the paper's :math:`\beta\,(L^{ref} - L^\theta)`; ``k2``/``k3`` are options."""
     adv = advantages.clamp(min=0)
     nll = sequence_nll(logprobs, mask)
     kl = kl_penalty(logprobs, ref_logprobs, mask, kl_estimator)
@@ -238,7 +241,7 @@ def algorithm(name: str) -> Algorithm:
 
 
 def compute_loss(name: str, logprobs: torch.Tensor, mask: torch.Tensor, *, rewards=None, advantages=None,
-                 ref_logprobs=None, clip=None, kl_beta=0.1, kl_estimator="k3", gold_floor=0.1, group_size=1,
+                 ref_logprobs=None, clip=None, kl_beta=0.1, kl_estimator="k1", gold_floor=0.1, group_size=1,
                  sft_rows=None, sft_weight=0.05):
     """Dispatch by the algorithm's name: its loss gets exactly the arguments it takes (a batch
     tensor it needs but lacks is an error). Returns the batch-mean loss and per-example (per-group

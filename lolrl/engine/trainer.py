@@ -452,13 +452,11 @@ class OfflineRLTrainer:
     def _optimizer(self, total_steps: int):
         from transformers import get_scheduler
 
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 else decay).append(param)  # no decay on biases and norms
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=self.config.learning_rate, eps=1e-8)
+        from lolrl.engine.optim import build_optimizer
+
+        c = self.config
+        optimizer = build_optimizer(self.model, c.optim, c.learning_rate, (c.adam_beta1, c.adam_beta2), c.adam_epsilon,
+                                    c.weight_decay)
         scheduler = get_scheduler(self.config.lr_scheduler, optimizer,
                                   num_warmup_steps=int(self.config.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)

@@ -110,6 +110,9 @@ class PPOConfig:
     gradient_accumulation_steps: int = 4
     ppo_epochs: int = 4
     weight_decay: float = 0.0
+    optim: str = "adamw_torch"  # a transformers optimizer name (lolrl.engine.optim)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     adam_eps: float = 1e-6
     max_grad_norm: float | None = None  # TRL 0.7.1: no clipping
     lr_scheduler: str = "constant"  # over all optimizer steps (total_steps x ppo_epochs x batches per epoch)
@@ -339,14 +342,11 @@ class PPOTrainer:
     def _optimizer(self):
         from transformers import get_scheduler
 
-        decay, no_decay = [], []
-        for _, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 else decay).append(param)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=self.config.learning_rate, eps=self.config.adam_eps)
+        from lolrl.engine.optim import build_optimizer
+
         config = self.config
+        optimizer = build_optimizer(self.model, config.optim, config.learning_rate,
+                                    (config.adam_beta1, config.adam_beta2), config.adam_eps, config.weight_decay)
         steps = config.total_steps * config.ppo_epochs * (config.batch_size // config.backward_batch_size)
         return optimizer, get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=steps)
 

@@ -1,56 +1,242 @@
-"""The HH scripts' common command line and their run: flags every HH trainer has, with the original's
-defaults, and user errors as one line with exit status 2."""
+"""The HH scripts' settings: one dataclass per script, generated into its command line.
+
+:class:`HHArguments` holds every field of the original ``ScriptArguments`` that the HH scripts
+share (``lolrl_qlora_llama_hh.py``, ``dpo_``, ``pro_``, ``ppo_qlora_llama_hh.py`` and the two
+evaluation scripts), with the original's names, types and defaults; each script's subclass adds
+its own fields and restates only the defaults that differ in the original script. A field the
+original parsed but never read is accepted and labelled so in ``--help`` (:func:`ignored`).
+Parsing: :class:`lolrl.utils.cli.DataclassParser` (``--flag False``, ``--no_flag``,
+``--config FILE.yaml``, one-line errors with exit status 2).
+"""
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
+from lolrl.engine.losses import ALGORITHMS, PPO_KL_PENALTIES
+from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from lolrl.tasks.hh.data import RENDERINGS
+from lolrl.tasks.hh.preference import PAIR_ORDERS
+from lolrl.tasks.hh.reward_model import TEST_RM
 from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, hh_postprocess, read_hh_files, validation_reward
-from lolrl.utils.errors import UserError, report_user_error
+from lolrl.utils.cli import DataclassParser, ignored, setting
+from lolrl.utils.errors import ConfigError, UserError, report_user_error
+
+HH_STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
 
 
-def add_common_arguments(p: argparse.ArgumentParser, *, batch_size: int, accumulation: int,
-                         learning_rate: float = 2e-4, max_steps: int = 9000, eval_steps: int = 900) -> None:
-    """The flags every HH trainer has, with the original's defaults (per script where they differ)."""
-    p.add_argument("--model_name_or_path", default="huggyllama/llama-7b")
-    p.add_argument("--adapter_path", default="timdettmers/qlora-hh-rlhf-7b",
-                   help="starting (and reference) adapter; 'none' trains a new LoRA adapter")
-    p.add_argument("--learning_rate", type=float, default=learning_rate)
-    p.add_argument("--max_grad_norm", type=float, default=0.3)
-    p.add_argument("--lr_scheduler_type", default="constant")
-    p.add_argument("--per_device_train_batch_size", type=int, default=batch_size)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=accumulation)
-    p.add_argument("--per_device_eval_batch_size", type=int, default=16)
-    p.add_argument("--max_steps", type=int, default=max_steps)
-    p.add_argument("--eval_steps", type=int, default=eval_steps)
-    p.add_argument("--train_file_path", default="data/hh_train_len2", help="folder with cleaner_train.json")
-    p.add_argument("--eval_file_path", default="data/hh_dev/sampled_dev.json")
-    p.add_argument("--output_dir", default="./results")
-    p.add_argument("--cache_dir", default="cache/")
-    p.add_argument("--seed", type=int, default=901)
-    p.add_argument("--reward_model", default=None,
-                   help="validation reward model: OpenAssistant-style or any one-logit sequence classifier "
-                        "(default the 1.4B OpenAssistant RM)")
-    p.add_argument("--reward", default=None,
-                   help="instead of --reward_model: any lolrl reward spec (module:fn, file.py:fn, hf:...), or "
-                        "'none' to validate by the dev responses' NLL without generating")
-    p.add_argument("--prompt_format", choices=RENDERINGS, default="llama",
-                   help="llama: the original system line and ### turns; chat: the tokenizer's chat template")
-    p.add_argument("--max_prompt_length", type=int, default=MAX_PROMPT_LENGTH,
-                   help="prompt tokens kept (the last ones), 640 as the original")
-    p.add_argument("--lora_r", type=int, default=64)
-    p.add_argument("--lora_alpha", type=int, default=16)
-    p.add_argument("--lora_dropout", type=float, default=0.05)
-    p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="trade compute for memory (off, as in the original)")
-    p.add_argument("--max_train_examples", type=int, default=None, help="first N training records (quick runs)")
-    p.add_argument("--max_val_examples", type=int, default=None)
-    p.add_argument("--stop_after_steps", type=int, default=-1,
-                   help="stop (checkpointed) after N optimizer steps; the same command resumes")
+@dataclass
+class HHArguments:
+    """Settings every HH script shares (the original ScriptArguments' common fields)."""
+
+    model_name_or_path: str = setting("huggyllama/llama-7b", "base model: hub id or path")
+    adapter_path: str | None = setting("timdettmers/qlora-hh-rlhf-7b",
+                                       "starting (and reference) adapter; 'none' trains a new LoRA adapter")
+    # optimisation
+    optim: str = setting("paged_adamw_32bit", "a transformers optimizer name; the bitsandbytes ones need CUDA and "
+                                              "bitsandbytes (else adamw_torch, with a warning)")
+    adam_beta1: float = setting(0.9, "Adam beta1")
+    adam_beta2: float = setting(0.999, "Adam beta2")
+    adam_epsilon: float = setting(1e-6, "Adam epsilon")
+    weight_decay: float = setting(0.01, "decoupled weight decay; 0.01 is the original's effective value (its "
+                                        "--weight_decay 0.0 was never passed, bitsandbytes' default 0.01 applied)",
+                                  min=0.0)
+    learning_rate: float = setting(2e-4, "learning rate", min=0.0)
+    max_grad_norm: float = setting(0.3, "gradient-norm clip at each optimizer step (0: none)", min=0.0)
+    gradient_checkpointing: bool = setting(False, "trade compute for memory (the original's True was never read)")
+    lr_scheduler_type: str = setting("constant", "a transformers scheduler name")
+    warmup_steps: int = ignored(300, "the original's constant schedule ignores warmup")
+    per_device_train_batch_size: int = setting(4, "micro-batch size", min=1)
+    gradient_accumulation_steps: int = setting(4, "micro-batches per optimizer step", min=1)
+    per_device_eval_batch_size: int = setting(16, "batch size of validation generation and scoring", min=1)
+    # model loading (QLoRA: NF4 with double quantisation on CUDA, as the original)
+    double_quant: bool = ignored(True, "always on with 4-bit loading")
+    quant_type: str = ignored("nf4", "always nf4")
+    lora_alpha: float = setting(16.0, "LoRA alpha")
+    lora_dropout: float = setting(0.05, "LoRA dropout", min=0.0, max=1.0)
+    lora_r: int = setting(64, "LoRA rank (a new adapter with --adapter_path none)", min=1)
+    max_memory_MB: int = ignored(40000)
+    max_prompt_length: int = setting(MAX_PROMPT_LENGTH, "prompt tokens kept (the last ones), 640 as the original",
+                                     min=1)
+    max_length: int = ignored(768, "responses are cut at 128 tokens")
+    num_train_epochs: int = ignored(1, "--max_steps decides")
+    logging_steps: int = setting(10, "log every N optimizer steps", min=1)
+    save_steps: int = ignored(2500, "checkpoints follow --eval_steps")
+    max_steps: int = setting(9000, "optimizer steps", min=1)
+    eval_steps: int = setting(900, "validate every N optimizer steps", min=0)
+    output_dir: str = setting("./results", "outputs; the best adapter goes to OUTPUT/best_adapter")
+    log_freq: int = ignored(1)
+    sanity_check: bool = ignored(False)
+    report_to: str = setting("none", "trackers: tensorboard, wandb, ... or none (the original's wandb was never read)")
+    ignore_bias_buffers: bool = ignored(False)
+    block_size: int = ignored(512)
+    train_file_path: str = setting("data/hh_train_len2", "folder with cleaner_train.json")
+    eval_file_path: str = setting("data/hh_dev/sampled_dev.json", "validation records")
+    training_stage_num: int = ignored(2)
+    cache_dir: str = setting("cache/", "reference / value / advantage caches")
+    seed: int = setting(901, "random seed")
+    # lolrl's additions
+    reward_model: str | None = setting(None, "validation reward model: OpenAssistant-style or any one-logit sequence "
+                                             "classifier (default the 1.4B OpenAssistant RM)")
+    reward: str | None = setting(None, "instead of --reward_model: any lolrl reward spec (module:fn, file.py:fn, "
+                                       "hf:...), or 'none' to validate by the dev responses' NLL without generating")
+    prompt_format: str = setting("llama", "llama: the original system line and ### turns; chat: the tokenizer's "
+                                          "chat template", choices=RENDERINGS)
+    max_train_examples: int | None = setting(None, "first N training records (quick runs)", min=1)
+    max_val_examples: int | None = setting(None, "first N validation records", min=1)
+    stop_after_steps: int = setting(-1, "stop (checkpointed) after N optimizer steps; the same command resumes")
 
 
-def run_offline(args, build) -> int:
+@dataclass
+class ALoLHHArguments(HHArguments):
+    """lolrl_qlora_llama_hh.py: the A-LoL family and its baselines."""
+
+    a2c_n_value_head_epochs: int = setting(10, "value-head epochs", min=1)
+    algorithm: str = setting("nll", "objective", choices=ALGORITHMS)
+    ppo_clip: float | None = setting(0.9, "importance-weight clip epsilon: 0 gives weight 1, none leaves it "
+                                          "unclipped", min=0.0, max=1.0)
+    kl_beta: float = setting(0.0, "> 0 with --algorithm a_lol and --ppo_clip 0 is A-LoL KL (the original's "
+                                  "spelling; or --algorithm a_lol_kl)", min=0.0)
+    sampling_strategy: str | None = setting(None, "None/uniform (the original's None), good_priority, good_random, "
+                                                  "or all_priority: both suffixes of every record, each with its "
+                                                  "own reward", choices=(*HH_STRATEGIES, "None", "none"))
+    value_source: Literal["generations", "data"] = setting(
+        "generations", "V(x) fits the reward of the starting policy's generations on the dev prompts (the paper), "
+                       "or the dev file's stored rewards of all its suffixes")
+    value_samples: int = setting(1, "V(x) targets: 1 = reward of the greedy validation output (the original); "
+                                    "K > 1 = mean reward of K sampled outputs per validation prompt", min=1)
+
+
+@dataclass
+class DPOHHArguments(HHArguments):
+    """dpo_qlora_llama_hh.py: DPO through TRL's DPOTrainer."""
+
+    per_device_train_batch_size: int = setting(2, "micro-batch size (preference pairs)", min=1)
+    gradient_accumulation_steps: int = setting(8, "micro-batches per optimizer step", min=1)
+    beta: float = setting(0.1, "DPO beta", min=0.0)
+    reference_free: bool = setting(False, "reference log-ratio 0 (no reference model)")
+    loss_type: str = setting("sigmoid", "any TRL DPO loss type (sigmoid = DPO, ipo, ...)")
+    pair_order: str = setting("reward", "chosen = the higher-reward suffix, or the first suffix as the original",
+                              choices=PAIR_ORDERS)
+    ref_every_step: bool = setting(False, "run the reference adapter in every step instead of precomputing")
+
+
+@dataclass
+class PROHHArguments(HHArguments):
+    """pro_qlora_llama_hh.py: PRO, Preference Ranking Optimization."""
+
+    per_device_train_batch_size: int = setting(2, "micro-batch size (prompts)", min=1)
+    gradient_accumulation_steps: int = setting(8, "micro-batches per optimizer step", min=1)
+    max_prompt_length: int = setting(MAX_PROMPT_LENGTH, "prompt tokens kept (the last ones); the original's 512 "
+                                                        "was never read, its data loader kept 640", min=1)
+    max_length: int = ignored(1024)
+    training_stage_num: int = setting(2, "candidates per prompt", min=2, aliases=["--training_stage"])
+    a2c_n_value_head_epochs: int = ignored(10)
+    sampling_strategy: str | None = ignored(None)
+    sft_weight: float = setting(0.05, "weight of the SFT term, times (stages-1)^2", min=0.0)
+
+
+@dataclass
+class PPOHHArguments(HHArguments):
+    """ppo_qlora_llama_hh.py: online PPO (or TRL's GRPO / RLOO)."""
+
+    max_grad_norm: float = setting(0.0, "gradient-norm clip (0: none; the original's 0.3 was never passed, TRL "
+                                        "0.7.1 did not clip)", min=0.0)
+    output_dir: str = setting("checkpoints/ppo_qlora_llama", "outputs; the best adapter goes to OUTPUT/best_adapter")
+    a2c_n_value_head_epochs: int = ignored(10)
+    algorithm: str = ignored("nll")
+    ppo_clip: float = setting(0.2, "clip range of the probability ratio (the original's flag was not passed; "
+                                   "TRL's default 0.2 applied)", min=0.0)
+    kl_beta: float = setting(0.2, "initial KL coefficient (TRL's init_kl_coef)", min=0.0)
+    sampling_strategy: str | None = ignored(None)
+    target_kl: float = setting(0.1, "with --early_stopping: end a step's PPO epochs once the KL exceeds 1.5x this")
+    batched_gen: bool = ignored(False)
+    total_steps: int = setting(1000, "PPO steps (one rollout batch each)", min=1)
+    max_steps: int = setting(1000, "the same as --total_steps when given", min=1, hidden=True)
+    eval_steps: int = setting(100, "validate every N PPO steps", min=0)
+    learning_rate: float = setting(2e-5, "learning rate", min=0.0)
+    ppo_rollout_batch_size: int = setting(16, "rollouts per PPO step", min=1)
+    ppo_epochs: int = setting(4, "PPO epochs per rollout batch", min=1)
+    save_steps: int = setting(0, "checkpoint every N steps (0: at every validation, -1: never)")
+    # lolrl's additions (TRL 0.7.1's PPOConfig defaults)
+    adap_kl_ctrl: bool = setting(True, "adapt the KL coefficient toward --kl_target (--no_adap_kl_ctrl: fixed)")
+    kl_target: float = setting(6.0, "target KL of the adaptive controller")
+    kl_horizon: float = setting(10000.0, "horizon of the adaptive controller")
+    kl_penalty: str = setting("kl", "per-token KL estimate", choices=PPO_KL_PENALTIES)
+    cliprange_value: float = setting(0.2, "clip range of the value loss")
+    vf_coef: float = setting(0.1, "value-loss coefficient")
+    gamma: float = setting(1.0, "discount")
+    lam: float = setting(0.95, "GAE lambda")
+    use_score_scaling: bool = setting(True, "scale scores by their running std")
+    use_score_norm: bool = setting(True, "with scaling: also subtract their running mean")
+    early_stopping: bool = setting(False, "end a step's PPO epochs once the policy KL exceeds 1.5 x --target_kl")
+    top_p: float = setting(0.95, "rollout nucleus sampling", min=0.0, max=1.0)
+    temperature: float = setting(1.0, "rollout temperature", min=0.0)
+    max_new_tokens: int = setting(128, "rollout and validation length", min=1)
+    trainer: str = setting("ppo", "ppo (lolrl.online.ppo); grpo or rloo: TRL's trainers with the same reward "
+                                  "and validation", choices=("ppo", "grpo", "rloo"))
+    num_generations: int = setting(4, "grpo/rloo: samples per prompt (group size)", min=2)
+    no_resume: bool = setting(False, "start over even if OUTPUT/checkpoints exists")
+
+    def __post_init__(self) -> None:
+        self.max_steps = self.total_steps  # one setting, two spellings (the engine reads max_steps)
+
+
+@dataclass
+class HHEvalArguments(HHArguments):
+    """qlora_llama_hh_eval.py: a base model plus adapter on the HH test splits."""
+
+    max_prompt_length: int = setting(MAX_PROMPT_LENGTH, "prompt tokens kept (the original's 512 was never read)",
+                                     min=1)
+    max_length: int = ignored(1024)
+    max_steps: int = ignored(10000)
+    eval_steps: int = ignored(1000)
+    a2c_n_value_head_epochs: int = ignored(10)
+    algorithm: str = ignored("nll")
+    reward_model: str | None = setting(TEST_RM, "test reward model: OpenAssistant Pythia (path or hub id)")
+    test_dir: str = setting("data/hh_test", "folder with the test splits")
+    rm_batch_size: int = setting(4, "batch size of the test reward model", min=1)
+    exclude_bad_indices: bool = setting(False, "skip the records listed in bad_test_indices.json")
+    max_examples: int | None = setting(None, "per split, for quick checks", min=1)
+    tokenizer_name: str | None = setting(None, "default: the model's own")
+
+
+@dataclass
+class PPOEvalArguments(HHEvalArguments):
+    """ppo_hh_eval.py: a full (non-adapter) causal LM, e.g. a released PPO checkpoint, in the Anthropic format."""
+
+    model_name_or_path: str = setting("reciprocate/ppo_hh_pythia-6B", "a full causal LM (the original's "
+                                                                      "llama-7b default is no PPO model)")
+    adapter_path: str | None = ignored("timdettmers/qlora-hh-rlhf-7b", "a full model is evaluated")
+    tokenizer_name: str | None = setting(None, "default: the model's own (GPT-NeoX-20B's for "
+                                               "reciprocate/ppo_hh_neox-20B)")
+
+
+# Training fields the evaluation scripts accept (the original's dataclass) but do not read.
+EVAL_IGNORED = ("optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "learning_rate", "max_grad_norm",
+                "gradient_checkpointing", "lr_scheduler_type", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "lora_alpha", "lora_dropout", "lora_r", "logging_steps",
+                "train_file_path", "eval_file_path", "cache_dir", "seed", "report_to", "reward", "max_train_examples",
+                "max_val_examples", "stop_after_steps", "prompt_format")
+
+
+def parse_hh(cls: type, argv: list[str] | None, description: str | None):
+    """The script's settings from ``argv``; the evaluation scripts label the training fields ignored."""
+    ignore = EVAL_IGNORED if issubclass(cls, HHEvalArguments) else ()
+    return DataclassParser(cls, description=description, ignore=ignore).parse_one(argv)
+
+
+def check_kl_spelling(args: ALoLHHArguments) -> str:
+    """The algorithm to run: ``--kl_beta > 0`` is A-LoL KL, the original's spelling with ``--ppo_clip 0``."""
+    if args.kl_beta <= 0:
+        return args.algorithm
+    if args.algorithm not in ("a_lol", "a_lol_kl") or args.ppo_clip:
+        raise ConfigError("--kl_beta > 0 means A-LoL KL: use it with --algorithm a_lol(_kl) and --ppo_clip 0")
+    return "a_lol_kl"
+
+
+def run_offline(args: HHArguments, build) -> int:
     """Read the data, build ``(config, TaskData)`` with ``build(args, train_rows, dev_rows)``, train on the
     engine with the HH validation reward; user errors end in one line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

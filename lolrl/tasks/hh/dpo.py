@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lolrl.engine.collation import Tokenizer
+from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.tasks.hh.data import render
 from lolrl.tasks.hh.preference import PAIR_ORDERS, ordered_pair
 
@@ -93,7 +94,8 @@ def _stop_after(steps: int):
 
 def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
     """Train with TRL's DPO on the HH pairs, validating by reward every ``eval_steps`` steps;
-    the best adapter goes to ``OUTPUT/best_adapter``. ``args`` are the script's flags. The output
+    the best adapter goes to ``OUTPUT/best_adapter``. ``args``: the script's settings
+    (:class:`lolrl.tasks.hh.cli.DPOHHArguments`). The output
     folder is locked for the run (a second run on it is refused)."""
     from lolrl.tasks.hh.train import adapter_of
     from lolrl.utils.lock import check_output_paths, hold_folders
@@ -133,6 +135,8 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
         output_dir=str(output_dir / "checkpoints"), per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,
+        optim=resolve_optimizer(args.optim), adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay,
         beta=args.beta, loss_type=[args.loss_type], max_length=None, seed=args.seed, bf16=cuda,
         precompute_ref_log_probs=not args.reference_free and not args.ref_every_step,
         precompute_ref_batch_size=args.per_device_eval_batch_size, logging_steps=args.logging_steps,

@@ -2,16 +2,15 @@
 :mod:`lolrl.online.ppo`; GRPO / RLOO through TRL), with the HH data, reward and validation."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 from pathlib import Path
 
-from lolrl.engine.losses import PPO_KL_PENALTIES
 from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.rewards import RewardSpecError
-from lolrl.tasks.hh.cli import add_common_arguments
+from lolrl.tasks.hh.cli import PPOHHArguments, parse_hh
 from lolrl.tasks.hh.data import pro_records
 from lolrl.tasks.hh.train import (
     adapter_of,
@@ -25,43 +24,7 @@ from lolrl.tasks.hh.train import (
 from lolrl.utils.errors import UserError, report_user_error
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--total_steps", dest="max_steps", type=int, help="PPO steps (default 1000; = --max_steps)")
-    p.add_argument("--ppo_rollout_batch_size", type=int, default=16, help="rollouts per PPO step")
-    p.add_argument("--ppo_epochs", type=int, default=4)
-    p.add_argument("--kl_beta", type=float, default=0.2, help="initial KL coefficient (TRL's init_kl_coef)")
-    p.add_argument("--adap_kl_ctrl", action=argparse.BooleanOptionalAction, default=True,
-                   help="adapt the KL coefficient toward --kl_target (--no-adap_kl_ctrl: fixed --kl_beta)")
-    p.add_argument("--kl_target", type=float, default=6.0)
-    p.add_argument("--kl_horizon", type=float, default=10000.0)
-    p.add_argument("--kl_penalty", choices=PPO_KL_PENALTIES, default="kl")
-    p.add_argument("--ppo_clip", type=float, default=0.2, help="clip range of the probability ratio")
-    p.add_argument("--cliprange_value", type=float, default=0.2)
-    p.add_argument("--vf_coef", type=float, default=0.1)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--lam", type=float, default=0.95)
-    p.add_argument("--use_score_scaling", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--use_score_norm", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--early_stopping", action="store_true",
-                   help="end a step's PPO epochs once the policy KL exceeds 1.5 x --target_kl")
-    p.add_argument("--target_kl", type=float, default=0.1)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--trainer", choices=("ppo", "grpo", "rloo"), default="ppo",
-                   help="ppo (lolrl.online.ppo); grpo or rloo: TRL's trainers with the same reward and validation")
-    p.add_argument("--num_generations", type=int, default=4, help="grpo/rloo: samples per prompt (group size)")
-    p.add_argument("--report_to", default=None, help="tensorboard, wandb, ... (comma-separated)")
-    p.add_argument("--save_steps", type=int, default=0,
-                   help="checkpoint every N steps (0: at every validation, -1: never)")
-    p.add_argument("--no_resume", action="store_true", help="start over even if OUTPUT/checkpoints exists")
-    add_common_arguments(p, batch_size=4, accumulation=4, learning_rate=2e-5, max_steps=1000, eval_steps=100)
-    p.set_defaults(max_steps=1000, max_grad_norm=0.0, output_dir="checkpoints/ppo_qlora_llama")
-    return p
-
-
-def ppo_config(args):
+def ppo_config(args: PPOHHArguments):
     from lolrl.online.ppo import PPOConfig
 
     greedy = generation_settings(args.model_name_or_path)
@@ -74,6 +37,8 @@ def ppo_config(args):
         total_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.ppo_rollout_batch_size,
         mini_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         ppo_epochs=args.ppo_epochs, max_grad_norm=args.max_grad_norm or None, lr_scheduler=args.lr_scheduler_type,
+        optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
         init_kl_coef=args.kl_beta, adap_kl_ctrl=args.adap_kl_ctrl, kl_target=args.kl_target,
         kl_horizon=args.kl_horizon, kl_penalty=args.kl_penalty, cliprange=args.ppo_clip,
         cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
@@ -85,7 +50,7 @@ def ppo_config(args):
         stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing)
 
 
-def run_trl(args, train, val, reward) -> dict:
+def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
     """TRL's GRPO or RLOO on the same model, reward (on post-processed text) and validation callback."""
     import torch
     from datasets import Dataset
@@ -119,6 +84,8 @@ def run_trl(args, train, val, reward) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps, num_generations=args.num_generations,
         max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         beta=args.kl_beta, epsilon=args.ppo_clip, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        optim=resolve_optimizer(args.optim), adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay,
         logging_steps=1, save_strategy="no", report_to=args.report_to or "none", bf16=torch.cuda.is_available(),
         lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.gradient_checkpointing)
     trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=config, train_dataset=dataset,
@@ -137,7 +104,7 @@ def run_trl(args, train, val, reward) -> dict:
 
 
 def main(argv=None, description: str | None = None) -> int:
-    args = build_parser(description).parse_args(argv)
+    args = parse_hh(PPOHHArguments, argv, description or __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         train_rows, dev_rows = read_hh_files(args)

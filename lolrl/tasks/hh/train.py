@@ -1,4 +1,5 @@
-"""What the HH trainers share: data, validation reward, generation and model settings, the engine config.
+"""What the HH trainers share (each function takes the script's settings dataclass,
+:class:`lolrl.tasks.hh.cli.HHArguments` or a subclass): data, validation reward, generation and model settings, the engine config.
 
 ``lolrl_qlora_llama_hh.py`` (the A-LoL family and baselines), ``pro_qlora_llama_hh.py`` (PRO,
 on the same engine with groups of candidates) and ``dpo_qlora_llama_hh.py`` (TRL's DPO trainer)
@@ -69,14 +70,17 @@ def precision() -> dict:
 
 
 def offline_config(args, **settings) -> OfflineRLConfig:
-    """The engine's configuration for an HH script: common flags plus the script's ``settings``."""
+    """The engine's configuration for an HH script from its settings dataclass
+    (:class:`lolrl.tasks.hh.cli.HHArguments`) plus the script's own ``settings``."""
     return OfflineRLConfig(
         model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
         save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir, task_name="hh",
         max_prompt_length=args.max_prompt_length, max_resp_length=MAX_RESPONSE_LENGTH, n_epochs=0,
         max_steps=args.max_steps, eval_steps=args.eval_steps, batch_size=args.per_device_train_batch_size,
         accumulation_steps=args.gradient_accumulation_steps, val_batch_size=args.per_device_eval_batch_size,
-        learning_rate=args.learning_rate, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+        logging_steps=args.logging_steps, report_to=args.report_to,
         lr_scheduler=args.lr_scheduler_type, seed=args.seed, max_val_examples=args.max_val_examples,
         generation=generation_settings(args.model_name_or_path), eval_in_beginning=True,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_test=False,

@@ -18,7 +18,6 @@ rows, where the original read the top-level ``meteor`` of its final-eval file); 
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import io
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from lolrl.engine.losses import ADVANTAGE_ALGORITHMS, ALGORITHMS
 from lolrl.tasks.paper.tasks import is_paper_task, task_info
+from lolrl.utils.cli import DataclassParser, setting
 from lolrl.utils.errors import UserError, report_user_error
 from lolrl.utils.io import atomic_write_text
 
@@ -221,22 +221,26 @@ def aggregate(prefixes: dict[str, bool], task_name: str, output_file: str | Path
     return runs, output_file, md_file
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Collect the runs of a task into a CSV (and a markdown table beside it)")
-    p.add_argument("-bmps", "--baseline_model_prefixes", required=True,
-                   help="JSON or Python dict: run-folder prefix -> include the A-LoL (advantage) algorithms, "
-                        "e.g. \"{'dgpt_nll': True}\"")
-    p.add_argument("-tn", "--task_name", required=True, help="reddit_pos, reddit_neg, wow, faithdial, faithdial_wow, COMET")
-    p.add_argument("-o", "--output_file", required=True, help="CSV to write; the markdown table goes to the same name .md")
-    p.add_argument("--results_dir", default="final_results", help="folder holding <task>/<prefix>[_<algorithm>]/ runs")
-    p.add_argument("--metric", default=None,
-                   help="success metric of the best/worst and val_/test_ columns (default: the paper task's "
-                        "checkpoint-selection metric; meteor for other tasks, as the original)")
-    return p
+@dataclass
+class AggregateArguments:
+    """Collect the runs of a task into a CSV (and a markdown table beside it)."""
+
+    baseline_model_prefixes: str = setting(help="JSON or Python dict: run-folder prefix -> include the A-LoL "
+                                                "(advantage) algorithms, e.g. \"{'dgpt_nll': True}\"",
+                                           aliases=["-bmps"])
+    task_name: str = setting(help="reddit_pos, reddit_neg, wow, faithdial, faithdial_wow, COMET", aliases=["-tn"])
+    output_file: str = setting(help="CSV to write; the markdown table goes to the same name .md", aliases=["-o"])
+    results_dir: str = setting("final_results", "folder holding <task>/<prefix>[_<algorithm>]/ runs")
+    metric: str | None = setting(None, "success metric of the best/worst and val_/test_ columns (default: the paper "
+                                       "task's checkpoint-selection metric; meteor for other tasks, as the original)")
+
+
+def build_parser() -> DataclassParser:
+    return DataclassParser(AggregateArguments, description=AggregateArguments.__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_one(argv)
     try:
         prefixes = parse_prefixes(args.baseline_model_prefixes)
     except UserError as exc:

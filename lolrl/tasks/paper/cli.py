@@ -5,161 +5,179 @@ problem prints one line and exits with status 2.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lolrl.engine.config import ConfigError, OfflineRLConfig
 from lolrl.engine.data import load_task_dir
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import ALGORITHMS, KL_ESTIMATORS
-from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.modeling import DTYPES, LoraSettings
 from lolrl.engine.rewards import RewardSpecError, load_reward
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.tasks.paper.tasks import is_paper_task, task_info
+from lolrl.utils.cli import DataclassParser, default_of, ignored, setting
 from lolrl.utils.errors import UserError, report_user_error
 
 logger = logging.getLogger("lolrl")
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Flag errors as one line and status 2, like every other input error of the script."""
+_C = OfflineRLConfig  # defaults shared with the engine's config are read from it, never restated
+_G = GenerationSettings
+_L = LoraSettings
+TASK_HELP = ("task name; a paper task (reddit_pos, reddit_neg, wow, faithdial, faithdial_wow, COMET; any case), "
+             "scored by its built-in reward recipe unless --reward is given, or any name together with --reward")
 
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(
-        description="Offline policy-gradient training (A-LoL and baselines) of a language model on "
-                    "(prompt, response, reward) data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data and task")
-    g.add_argument("-i", "--input_dir", required=True, help="folder with train.jsonl, val.jsonl, test.jsonl")
-    g.add_argument("-tn", "--task_name", required=True,
-                   help="task name; a paper task (reddit_pos, reddit_neg, wow, faithdial, faithdial_wow, COMET; "
-                        "any case), scored by its built-in reward recipe unless --reward is given, or any name "
-                        "together with --reward")
-    g.add_argument("--reward", default=None,
-                   help="reward spec scoring generations: 'module:function', 'file.py:function', "
-                        "'hf:MODEL#softmax[1]', a weighted sum 'a=...+0.5*b=...', a .json file, or 'none' "
-                        "(then checkpoints are selected by the gold NLL)")
-    g.add_argument("--use_datasets", action="store_true", help="read the JSON Lines files through `datasets`")
-    g.add_argument("--max_val_examples", type=int, default=None, help="validate on the first N val rows only")
-    g = p.add_argument_group("model")
-    g.add_argument("-m", "--model_name", required=True, help="pi_ref: hub id or path (an NLL-trained model)")
-    g.add_argument("-mt", "--model_tokenizer", default=None, help="tokenizer, when not the model's")
-    g.add_argument("-s", "--save_dir", default=None, help="where the best model is saved (default OUTPUT/model)")
-    g.add_argument("-o", "--output_dir", required=True, help="logs, statistics, results and plots")
-    g.add_argument("-cd", "--cache_dir", default=None, help="reference/value/advantage caches (default OUTPUT/cache)")
-    g.add_argument("--no_cache", action="store_true", help="recompute every cached stage")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    g.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="same as --dtype bf16")
-    g.add_argument("--fp16", dest="dtype", action="store_const", const="fp16", help="same as --dtype fp16")
-    g.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains all weights")
-    g.add_argument("--lora_alpha", type=int, default=16)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
-    g.add_argument("--lora_target_modules", default=None, help="comma-separated module names")
-    g.add_argument("--adapter_path", default=None, help="start from (and train) this peft adapter")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--load_in_4bit", action="store_true",
-                   help="QLoRA: quantise the frozen base to 4-bit NF4 (CUDA + bitsandbytes; plain LoRA otherwise)")
-    g.add_argument("-ml", "--max_resp_length", type=int, default=128, help="response tokens (train and generation)")
-    g.add_argument("--max_prompt_length", type=int, default=512, help="prompt tokens kept (the last ones)")
-    g = p.add_argument_group("algorithm")
-    g.add_argument("-algo", "--learning_algorithm", choices=ALGORITHMS, default="nll")
-    g.add_argument("-c", "--ppo_clip", type=_optional_float, default=argparse.SUPPRESS,
-                   help="clip importance weights to [1-c, 1+c]; default 0.9 (the paper's); 0 or 'none' disables")
-    g.add_argument("-b", "--kl_beta", type=float, default=None, help="beta of a_lol_kl (default 0.1)")
-    g.add_argument("--kl_estimator", choices=KL_ESTIMATORS, default="k3",
-                   help="KL estimate of a_lol_kl; k1 is the original code's log-ratio")
-    g.add_argument("--gold_floor", type=float, default=0.1, help="R-GOLD lower bound on token probabilities")
-    g.add_argument("-ts", "--train_sampling", action="store_true",
-                   help="priority sampling (default on for A-LoL; turns it on for wbc/r_gold/r_lol)")
-    g.add_argument("--sampling_strategy", type=canonical_strategy, choices=STRATEGIES, default=None,
-                   help="default: good_priority for a_lol*, uniform otherwise (the original's None, also accepted)")
-    g.add_argument("-a2c_n", "--a2c_n_value_head_epochs", type=int, default=20, help="value-head epochs")
-    g.add_argument("--value_learning_rate", type=float, default=1e-3)
-    g.add_argument("--value_heldout_fraction", type=float, default=0.2,
-                   help="share of validation prompts held out to select the value head")
-    g.add_argument("--value_samples", type=int, default=1,
-                   help="V(x) targets: 1 = reward of pi_ref's output with the validation decoding (the original); "
-                        "K > 1 = mean reward of K sampled outputs per validation prompt")
-    g.add_argument("--value_source", choices=("generations", "data"), default="generations",
-                   help="V(x) fits rewards of pi_ref's generations on val (the paper) or the val data's stored rewards")
-    g.add_argument("-r", "--reward_function", default=None, help=argparse.SUPPRESS)  # unused by the original
-    g.add_argument("-but", "--baseline_update_threshold", type=float, default=None, help=argparse.SUPPRESS)
-    g = p.add_argument_group("training")
-    g.add_argument("-t", "--train", action="store_true", help="train; without it only evaluate the model at -s/-m")
-    g.add_argument("-e", "--n_epochs", type=int, default=4)
-    g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps")
-    g.add_argument("-bs", "--batch_size", type=int, default=16, help="per-process batch size")
-    g.add_argument("-as", "--accumulation_steps", type=int, default=1)
-    g.add_argument("-lr", "--learning_rate", type=float, default=2e-5)
-    g.add_argument("--weight_decay", type=float, default=0.01)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--warmup_ratio", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="linear")
-    dropout = g.add_mutually_exclusive_group()
-    dropout.add_argument("--disable_dropout", dest="disable_dropout", action="store_true", default=None)
-    dropout.add_argument("--keep_dropout", dest="disable_dropout", action="store_false",
-                         help="default: dropout off for the importance-weighted algorithms, on otherwise")
-    g.add_argument("--no_length_grouping", action="store_true", help="do not group training rows by length")
-    g.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
-                   help="pack a batch's rows into one sequence without padding; auto: only with a flash-attention "
-                        "kernel (else rows are padded, grouped by length), and only if exact on this model")
-    g.add_argument("-seed", "--seed", type=int, default=901)
-    g.add_argument("--save_steps", type=int, default=0,
-                   help="checkpoint (model/adapter, optimizer, scheduler, sampler, RNG) every N optimizer steps; "
-                        "0: at every validation; -1: never")
-    g.add_argument("--keep_checkpoints", type=int, default=2, help="how many checkpoints to keep")
-    resume = g.add_mutually_exclusive_group()
-    resume.add_argument("--resume", dest="resume", action="store_const", const="must", default="auto",
-                        help="continue from the latest checkpoint in OUTPUT/checkpoints (default: whenever one exists)")
-    resume.add_argument("--no_resume", dest="resume", action="store_const", const="never",
-                        help="start over even if a checkpoint exists")
-    g.add_argument("--stop_after_steps", type=int, default=-1,
-                   help="stop, checkpointed, after this many optimizer steps (e.g. to fit a batch job's time limit); "
-                        "the same command then resumes")
-    g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--report_to", default="none", help="trackers for accelerate: tensorboard, wandb, ... or none")
-    g = p.add_argument_group("validation and generation")
-    g.add_argument("-ev_b", "--eval_in_beginning", action="store_true",
-                   help="validate the starting model first; a checkpoint must then beat it")
-    g.add_argument("-v_bs", "--val_batch_size", type=int, default=64)
-    g.add_argument("-vf", "--val_log_frequency", type=int, default=2, help="validations per epoch")
-    g.add_argument("--num_beams", type=int, default=2)
-    g.add_argument("--repetition_penalty", type=float, default=2.5)
-    g.add_argument("--do_sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--no_test", action="store_true", help="skip the final test-set evaluation")
-    g = p.add_argument_group("paper reward models: the paper tasks' built-in reward recipes (used when --reward "
-                             "is not given) read their classifiers from these hub ids or folders")
+def _model_flag(short: str, key: str | None) -> Any:
     from lolrl.tasks.paper.rewards import DEFAULT_MODELS
 
-    for short, long, key in (("-cm", "--cola_classifier_model", "cola"), ("-esm", "--embedding_similarity_model", None),
-                             ("-scm", "--sentiment_classification_model", None), ("-dnlim", "--doc_nli_model", None),
-                             ("-ccm", "--comet_critic_model", "comet_critic"),
-                             ("-fcm", "--faithdial_critic_model", "faithcritic"),
-                             ("-dcm", "--depth_dialogRPT_model", "depth"), ("-ucm", "--updown_dialogRPT_model", "updown"),
-                             ("-om", "--offensive_model_dir", "offensive")):
-        g.add_argument(short, long, default=None,
-                       help=f"default {DEFAULT_MODELS[key]}" if key else "unused by these tasks (accepted)")
-    return p
+    return setting(None, f"default {DEFAULT_MODELS[key]}" if key else "unused by these tasks (accepted)",
+                   aliases=[short])
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "null") else float(text)
+@dataclass
+class GenerationTaskArguments:
+    """Offline policy-gradient training (A-LoL and baselines) of a language model on (prompt, response, reward) data."""
+
+    # data and task
+    input_dir: str = setting(help="folder with train.jsonl, val.jsonl, test.jsonl", aliases=["-i"])
+    task_name: str = setting(help=TASK_HELP, aliases=["-tn"])
+    model_name: str = setting(help="pi_ref: hub id or path (an NLL-trained model)", aliases=["-m"])
+    output_dir: str = setting(help="logs, statistics, results and plots", aliases=["-o"])
+    reward: str | None = setting(None, "reward spec scoring generations: 'module:function', 'file.py:function', "
+                                       "'hf:MODEL#softmax[1]', a weighted sum 'a=...+0.5*b=...', a .json file, or "
+                                       "'none' (then checkpoints are selected by the gold NLL)")
+    use_datasets: bool = setting(False, "read the JSON Lines files through `datasets`")
+    max_val_examples: int | None = setting(None, "validate on the first N val rows only", min=1)
+    # model
+    model_tokenizer: str | None = setting(None, "tokenizer, when not the model's", aliases=["-mt"])
+    save_dir: str | None = setting(None, "where the best model is saved (default OUTPUT/model)", aliases=["-s"])
+    cache_dir: str | None = setting(None, "reference/value/advantage caches (default OUTPUT/cache)", aliases=["-cd"])
+    no_cache: bool = setting(False, "recompute every cached stage")
+    dtype: str = setting(default_of(_C, "dtype"), "parameter dtype", choices=DTYPES)
+    bf16: bool = setting(False, "same as --dtype bf16")
+    fp16: bool = setting(False, "same as --dtype fp16")
+    lora_r: int = setting(default_of(_L, "r"), "LoRA rank; 0 trains all weights", min=0)
+    lora_alpha: float = setting(default_of(_L, "alpha"), "LoRA alpha")
+    lora_dropout: float = setting(default_of(_L, "dropout"), "LoRA dropout", min=0.0, max=1.0)
+    lora_target_modules: str | None = setting(None, "comma-separated module names")
+    adapter_path: str | None = setting(None, "start from (and train) this peft adapter")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory")
+    load_in_4bit: bool = setting(False, "QLoRA: quantise the frozen base to 4-bit NF4 (CUDA + bitsandbytes; "
+                                        "plain LoRA otherwise)")
+    max_resp_length: int = setting(default_of(_C, "max_resp_length"), "response tokens (train and generation)",
+                                   aliases=["-ml"], min=1)
+    max_prompt_length: int = setting(default_of(_C, "max_prompt_length"), "prompt tokens kept (the last ones)", min=1)
+    # algorithm
+    learning_algorithm: str = setting(default_of(_C, "algorithm"), "objective", aliases=["-algo"], choices=ALGORITHMS)
+    ppo_clip: float | None = setting(default_of(_C, "ppo_clip"), "clip importance weights to [1-c, 1+c] (the "
+                                     "paper's 0.9); 0 gives weight 1, 'none' leaves them unclipped",
+                                     aliases=["-c"], min=0.0)
+    kl_beta: float | None = setting(None, "beta of a_lol_kl (default 0.1)", aliases=["-b"], min=0.0)
+    kl_estimator: str = setting(default_of(_C, "kl_estimator"), "KL estimate of a_lol_kl; k1 is the paper's "
+                                "beta*(L_ref - L_theta), k3 Schulman's", choices=KL_ESTIMATORS)
+    gold_floor: float = setting(default_of(_C, "gold_floor"), "R-GOLD lower bound on token probabilities", min=0.0)
+    train_sampling: bool = setting(False, "priority sampling (default on for A-LoL; turns it on for wbc/r_gold/r_lol)",
+                                   aliases=["-ts"])
+    sampling_strategy: str | None = setting(None, "default: good_priority for a_lol*, uniform otherwise (the "
+                                                  "original's None, also accepted)",
+                                            choices=(*STRATEGIES, "None", "none"))
+    a2c_n_value_head_epochs: int = setting(default_of(_C, "value_epochs"), "value-head epochs", aliases=["-a2c_n"],
+                                           min=1)
+    value_learning_rate: float = setting(default_of(_C, "value_learning_rate"), "value-head learning rate", min=0.0)
+    value_heldout_fraction: float = setting(default_of(_C, "value_heldout_fraction"),
+                                            "share of validation prompts held out to select the value head",
+                                            min=0.0, max=1.0)
+    value_source: str = setting(default_of(_C, "value_source"), "V(x) fits rewards of pi_ref's generations on val "
+                                "(the paper) or the val data's stored rewards", choices=("generations", "data"))
+    value_samples: int = setting(default_of(_C, "value_samples"), "V(x) targets: 1 = reward of pi_ref's output with "
+                                 "the validation decoding (the original); K > 1 = mean reward of K sampled outputs "
+                                 "per validation prompt", min=1)
+    reward_function: str | None = ignored(None, "parsed, never read by the original", aliases=["-r"])
+    baseline_update_threshold: float | None = setting(None, "refused: the reference policy stays fixed, as in the "
+                                                            "paper's objective", aliases=["-but"])
+    # training
+    train: bool = setting(False, "train; without it only evaluate the model at -s/-m", aliases=["-t"])
+    n_epochs: int = setting(default_of(_C, "n_epochs"), "epochs", aliases=["-e"], min=0)
+    max_steps: int = setting(default_of(_C, "max_steps"), "stop after this many optimizer steps (-1: the epochs)")
+    batch_size: int = setting(default_of(_C, "batch_size"), "per-process batch size", aliases=["-bs"], min=1)
+    accumulation_steps: int = setting(default_of(_C, "accumulation_steps"), "batches per optimizer step",
+                                      aliases=["-as"], min=1)
+    learning_rate: float = setting(default_of(_C, "learning_rate"), "learning rate", aliases=["-lr"], min=0.0)
+    optim: str = setting(default_of(_C, "optim"), "a transformers optimizer name (the original: AdamW)")
+    adam_beta1: float = setting(default_of(_C, "adam_beta1"), "Adam beta1")
+    adam_beta2: float = setting(default_of(_C, "adam_beta2"), "Adam beta2")
+    adam_epsilon: float = setting(default_of(_C, "adam_epsilon"), "Adam epsilon (the original's 1e-8)")
+    weight_decay: float = setting(default_of(_C, "weight_decay"), "weight decay (not on biases and norms)", min=0.0)
+    max_grad_norm: float = setting(default_of(_C, "max_grad_norm"), "gradient-norm clip", min=0.0)
+    warmup_ratio: float = setting(default_of(_C, "warmup_ratio"), "share of steps warming up", min=0.0, max=1.0)
+    lr_scheduler: str = setting(default_of(_C, "lr_scheduler"), "a transformers scheduler name")
+    disable_dropout: bool | None = setting(None, "default: dropout off for the importance-weighted algorithms, on "
+                                                 "otherwise", no_aliases=["--keep_dropout"])
+    no_length_grouping: bool = setting(False, "batches in data order instead of grouped by length")
+    packing: str = setting(default_of(_C, "packing"), "pack a batch's rows into one sequence without padding; auto: "
+                           "only with a flash-attention kernel, and only if exact on this model",
+                           choices=("auto", "on", "off"))
+    seed: int = setting(default_of(_C, "seed"), "random seed", aliases=["-seed"])
+    save_steps: int = setting(default_of(_C, "save_steps"), "checkpoint (model/adapter, optimizer, scheduler, sampler, "
+                              "RNG) every N optimizer steps; 0: at every validation; -1: never")
+    keep_checkpoints: int = setting(default_of(_C, "keep_checkpoints"), "how many checkpoints to keep", min=1)
+    resume: str = setting(default_of(_C, "resume"), "continue from the latest checkpoint in OUTPUT/checkpoints: "
+                          "auto (whenever one exists), must (--resume alone) or never (--no_resume)",
+                          choices=("auto", "must", "never"), const="must", no_aliases=["--no_resume"],
+                          no_value="never")
+    stop_after_steps: int = setting(default_of(_C, "stop_after_steps"), "stop, checkpointed, after this many "
+                                    "optimizer steps (e.g. to fit a batch job's time limit); the same command resumes")
+    logging_steps: int = setting(default_of(_C, "logging_steps"), "log every N optimizer steps", min=1)
+    report_to: str = setting(default_of(_C, "report_to"), "trackers for accelerate: tensorboard, wandb, ... or none")
+    # validation and generation
+    eval_in_beginning: bool = setting(False, "validate the starting model first; a checkpoint must then beat it",
+                                      aliases=["-ev_b"])
+    val_batch_size: int = setting(default_of(_C, "val_batch_size"), "validation batch size", aliases=["-v_bs"], min=1)
+    val_log_frequency: int = setting(default_of(_C, "val_log_frequency"), "validations per epoch", aliases=["-vf"],
+                                     min=1)
+    num_beams: int = setting(default_of(_G, "num_beams"), "beams", min=1)
+    repetition_penalty: float = setting(default_of(_G, "repetition_penalty"), "repetition penalty")
+    do_sample: bool = setting(False, "sample instead of beam search")
+    temperature: float = setting(default_of(_G, "temperature"), "sampling temperature", min=0.0)
+    top_p: float = setting(default_of(_G, "top_p"), "nucleus sampling", min=0.0, max=1.0)
+    no_test: bool = setting(False, "skip the final test-set evaluation")
+    # paper reward models: the paper tasks' built-in reward recipes read their classifiers from these
+    cola_classifier_model: str | None = _model_flag("-cm", "cola")
+    embedding_similarity_model: str | None = _model_flag("-esm", None)
+    sentiment_classification_model: str | None = _model_flag("-scm", None)
+    doc_nli_model: str | None = _model_flag("-dnlim", None)
+    comet_critic_model: str | None = _model_flag("-ccm", "comet_critic")
+    faithdial_critic_model: str | None = _model_flag("-fcm", "faithcritic")
+    depth_dialogRPT_model: str | None = _model_flag("-dcm", "depth")
+    updown_dialogRPT_model: str | None = _model_flag("-ucm", "updown")
+    offensive_model_dir: str | None = _model_flag("-om", "offensive")
+
+    given_flags: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.dtype = "bf16" if self.bf16 else "fp16" if self.fp16 else self.dtype
+        self.bf16 = self.fp16 = False  # folded into dtype (a YAML dump of these settings reads back equal)
 
 
-def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
+def build_parser() -> DataclassParser:
+    return DataclassParser(GenerationTaskArguments, description=__doc__)
+
+
+def parse_args(argv: list[str] | None = None) -> GenerationTaskArguments:
+    return build_parser().parse_one(argv)
+
+
+def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
     if args.baseline_update_threshold is not None:
         raise ConfigError("--baseline_update_threshold is not supported: the reference policy stays fixed, "
                           "as in the paper's objective")
-    sampling = args.sampling_strategy
+    sampling = None if args.sampling_strategy is None else canonical_strategy(args.sampling_strategy)  # None: uniform
     if sampling is None and args.train_sampling:
         sampling = "good_priority"
     generation = GenerationSettings(max_new_tokens=args.max_resp_length, num_beams=args.num_beams,
@@ -167,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
                                     temperature=args.temperature, top_p=args.top_p)
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules)
-    clip_given = hasattr(args, "ppo_clip")  # absent unless given (default SUPPRESS)
+    clip_given = "ppo_clip" in args.given_flags
     model_name = args.model_name
     if not args.train and args.save_dir and Path(args.save_dir).is_dir():
         model_name = args.save_dir  # the original evaluates the saved model when -t is absent
@@ -179,14 +197,14 @@ def config_from_args(args: argparse.Namespace) -> OfflineRLConfig:
         max_prompt_length=args.max_prompt_length, max_resp_length=args.max_resp_length, n_epochs=args.n_epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler, dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing, disable_dropout=args.disable_dropout, seed=args.seed,
-        ppo_clip=args.ppo_clip if clip_given else 0.9, ppo_clip_given=clip_given, kl_beta=args.kl_beta,
+        ppo_clip=args.ppo_clip, ppo_clip_given=clip_given, kl_beta=args.kl_beta,
         kl_estimator=args.kl_estimator, gold_floor=args.gold_floor, sampling_strategy=sampling,
         value_epochs=args.a2c_n_value_head_epochs, value_learning_rate=args.value_learning_rate,
-        value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source, value_samples=args.value_samples,
-        val_batch_size=args.val_batch_size,
-        val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
+        value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source,
+        value_samples=args.value_samples, val_batch_size=args.val_batch_size, val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
         report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,
@@ -212,14 +230,14 @@ def _setup_logging(output_dir: str, is_main: bool) -> None:
     library.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
-def _check_reward_given(args: argparse.Namespace) -> None:
+def _check_reward_given(args: GenerationTaskArguments) -> None:
     if args.reward is not None or is_paper_task(args.task_name):
         return  # a paper task without --reward uses its built-in recipe
     raise ConfigError(f"task '{args.task_name}' is not a paper task: pass --reward SPEC "
                       "(or --reward none to select checkpoints by gold NLL)")
 
 
-def _paper_task_reward(args: argparse.Namespace, config: OfflineRLConfig):
+def _paper_task_reward(args: GenerationTaskArguments, config: OfflineRLConfig):
     """The paper task's recipe (lolrl.tasks.paper.rewards), classifiers from -cm -ucm -dcm -om -fcm -ccm and the
     TF-IDF weights from the input folder; ``config.reward`` records its components."""
     from lolrl.tasks.paper.rewards import TFIDF_FILE, PaperRewardModels, build_task_reward
@@ -235,7 +253,7 @@ def _paper_task_reward(args: argparse.Namespace, config: OfflineRLConfig):
     return reward
 
 
-def _apply_task_settings(args: argparse.Namespace, config: OfflineRLConfig, data) -> None:
+def _apply_task_settings(args: GenerationTaskArguments, config: OfflineRLConfig, data) -> None:
     """COMET, as the original: validate on a seeded sample of 10,000 val rows; stop generating at '.'."""
     task = task_info(args.task_name)
     if task.val_sample and args.max_val_examples is None and len(data.val) > task.val_sample:
@@ -251,7 +269,7 @@ def _apply_task_settings(args: argparse.Namespace, config: OfflineRLConfig, data
                 config.generation.stop_token_ids.append(ids[0])
 
 
-def run(args: argparse.Namespace) -> tuple[dict, OfflineRLConfig, bool]:
+def run(args: GenerationTaskArguments) -> tuple[dict, OfflineRLConfig, bool]:
     """Check everything cheap first (flags, reward spec, every data row), then load models and run."""
     config = config_from_args(args)
     _check_reward_given(args)
@@ -273,7 +291,7 @@ def run(args: argparse.Namespace) -> tuple[dict, OfflineRLConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         results, config, is_main = run(args)
     except UserError as exc:  # one line, status 2; anything else is a bug and keeps its traceback

@@ -7,9 +7,9 @@ original's flags and call :func:`preprocess_reddit`, :func:`preprocess_dialogue`
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lolrl.engine.evaluation import pyplot, save_figure
@@ -41,6 +41,7 @@ from lolrl.tasks.paper.rewards import (
     build_task_reward,
     task_reward_components,
 )
+from lolrl.utils.cli import DataclassParser, setting
 from lolrl.utils.errors import UserError, report_user_error
 from lolrl.utils.io import atomic_write_json, write_jsonl
 
@@ -132,7 +133,7 @@ def write_split(output_dir: Path, name: str, records: list[dict], plot_name: str
 
 
 # ----------------------------------------------------------------------------- Reddit
-def preprocess_reddit(args: argparse.Namespace) -> dict:
+def preprocess_reddit(args: RedditArguments) -> dict:
     """Kaggle CSVs -> test.jsonl, val.jsonl (joint positive + negative), pos_train.jsonl, neg_train.jsonl."""
     out = Path(args.output_dir)
     setup_logging(out)
@@ -189,7 +190,7 @@ def _plot_scores(scores: list[float], out_png: Path, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- WoW / FaithDial
-def preprocess_dialogue(args: argparse.Namespace) -> dict:
+def preprocess_dialogue(args: DialogueArguments) -> dict:
     """WoW / FaithDial -> train.jsonl, val.jsonl and test.jsonl (``faithdial_test.jsonl`` for wow)."""
     variant = args.input_task.lower()
     out = Path(args.output_dir)
@@ -220,7 +221,7 @@ def preprocess_dialogue(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- COMET
-def preprocess_comet(args: argparse.Namespace) -> dict:
+def preprocess_comet(args: CometArguments) -> dict:
     """ATOMIC-10x -> train / val / test_atomic10x (stored critic scores); ATOMIC-2020 test -> test.jsonl
     (every triple scored by the converted critic, the best tail per (head, relation) kept)."""
     out = Path(args.output_dir)
@@ -229,7 +230,7 @@ def preprocess_comet(args: argparse.Namespace) -> dict:
     models = PaperRewardModels.from_args(args, batch_size=args.batch_size)
     critic = CometCritic(models.comet_critic, device=models.device, batch_size=args.batch_size)
     atomic10x = read_atomic10x(Path(args.input_dir) / ATOMIC10X_FILE)
-    triples = read_atomic2020_test(Path(args.atomic2020_dir) / ATOMIC2020_TEST_FILE)
+    triples = read_atomic2020_test(Path(args.input_test_dir) / ATOMIC2020_TEST_FILE)
     counts = {f"atomic10x_{k}": len(v) for k, v in atomic10x.items()} | {"atomic2020_test_triples": len(triples)}
     logger.info("rows: %s", counts)
     records, skipped = atomic10x_records(atomic10x["test"])
@@ -253,24 +254,25 @@ def preprocess_comet(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- command lines
-def add_model_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...]) -> None:
-    """The original's classifier flags, defaulting (None) to the README's models."""
-    flags = {"cola": ("-cm", "--cola_classifier_model", "CoLA classifier (fluency)"),
-             "depth": ("-dcm", "--depth_dialogRPT_model", "DialogRPT-depth (depth)"),
-             "updown": ("-ucm", "--updown_dialogRPT_model", "DialogRPT-updown (updown)"),
-             "offensive": ("-om", "--offensive_model_dir", "ToxiChat offensive classifier folder (safe)"),
-             "faithcritic": ("-fcm", "--faithdial_critic_model", "FaithCritic (faithdial)"),
-             "comet_critic": ("-ccm", "--comet_critic_model", "converted COMET critic folder (p_valid_model)")}
+_MODEL_FLAGS = {"cola": ("-cm", "cola_classifier_model", "CoLA classifier (fluency)"),
+                "depth": ("-dcm", "depth_dialogRPT_model", "DialogRPT-depth (depth)"),
+                "updown": ("-ucm", "updown_dialogRPT_model", "DialogRPT-updown (updown)"),
+                "offensive": ("-om", "offensive_model_dir", "ToxiChat offensive classifier folder (safe)"),
+                "faithcritic": ("-fcm", "faithdial_critic_model", "FaithCritic (faithdial)"),
+                "comet_critic": ("-ccm", "comet_critic_model", "converted COMET critic folder (p_valid_model)")}
+
+
+def _model(key: str):
+    """One of the original's classifier flags, defaulting (None) to the README's model."""
     from lolrl.tasks.paper.rewards import DEFAULT_MODELS
 
-    for key in keys:
-        short, long, what = flags[key]
-        parser.add_argument(short, long, default=None, help=f"{what}: hub id or path (default {DEFAULT_MODELS[key]})")
+    short, _, what = _MODEL_FLAGS[key]
+    return setting(None, f"{what}: hub id or path (default {DEFAULT_MODELS[key]})", aliases=[short])
 
 
-def run_main(fn, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+def run_main(fn, parser: DataclassParser, argv: list[str] | None) -> int:
     """Parse, run, and turn input errors into one line on stderr with status 2."""
-    args = parser.parse_args(argv)
+    args = parser.parse_one(argv)
     try:
         summary = fn(args)
     except UserError as exc:
@@ -279,41 +281,67 @@ def run_main(fn, parser: argparse.ArgumentParser, argv: list[str] | None) -> int
     return 0
 
 
-def reddit_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Reddit comment scores (Kaggle) -> rewarded reddit_pos / reddit_neg records")
-    p.add_argument("-i", "--input_dir", required=True, help="folder with comments_positive.csv and comments_negative.csv")
-    p.add_argument("-o", "--output_dir", required=True, help="where the .jsonl files, tfidf.json, plots and log go")
-    p.add_argument("-pd", "--plot_violin_distribution", action="store_true", help="also plot the comment scores")
-    p.add_argument("-m", "--model_name", required=True, help="policy tokenizer for the 300-token filter (DialoGPT)")
-    add_model_flags(p, ("cola", "depth", "updown", "offensive"))
-    p.add_argument("-bs", "--batch_size", type=int, default=32, help="batch size of the reward models")
-    p.add_argument("--sample_size", type=int, default=REDDIT_SAMPLE_SIZE, help="rows sampled per file before filtering")
-    p.add_argument("--held_out", type=int, default=REDDIT_HELD_OUT,
-                   help="test rows (the first ones) and val rows (the next ones) per file; the rest is train")
-    return p
+@dataclass(kw_only=True)
+class _DialogueDataArguments:
+    """The flags the Reddit and the knowledge-grounded dialogue preprocessing share."""
+
+    output_dir: str = setting(help="where the .jsonl files, TF-IDF weights, plots and log go", aliases=["-o"])
+    model_name: str = setting(help="policy tokenizer for the history length filter (DialoGPT)", aliases=["-m"])
+    plot_violin_distribution: bool = setting(False, "also plot the score distributions (Reddit only)",
+                                             aliases=["-pd"])
+    cola_classifier_model: str | None = _model("cola")
+    depth_dialogRPT_model: str | None = _model("depth")
+    batch_size: int = setting(32, "batch size of the reward models", aliases=["-bs"], min=1)
 
 
-def dialogue_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Wizard of Wikipedia / FaithDial -> rewarded knowledge-grounded dialogue records")
-    p.add_argument("-i", "--input_task", required=True, type=str.lower, choices=["wow", "faithdial", "faithdial_wow"],
-                   help="which task to build")
-    p.add_argument("-o", "--output_dir", required=True)
-    p.add_argument("-m", "--model_name", required=True, help="policy tokenizer for the 400-token history limit")
-    add_model_flags(p, ("cola", "faithcritic", "depth"))
-    p.add_argument("-bs", "--batch_size", type=int, default=32)
-    p.add_argument("--wow_dir", default="data/wow",
-                   help="Wizard of Wikipedia folder (train.json, valid_topic_split.json); the original's fixed path")
-    p.add_argument("--faithdial_dir", default=None,
-                   help="FaithDial folder (train.json, valid.json, test.json); default: the McGill-NLP/FaithDial "
-                        "hub dataset, as the original")
-    return p
+@dataclass(kw_only=True)
+class RedditArguments(_DialogueDataArguments):
+    """Reddit comment scores (Kaggle) -> rewarded reddit_pos / reddit_neg records."""
+
+    input_dir: str = setting(help="folder with comments_positive.csv and comments_negative.csv", aliases=["-i"])
+    updown_dialogRPT_model: str | None = _model("updown")
+    offensive_model_dir: str | None = _model("offensive")
+    sample_size: int = setting(REDDIT_SAMPLE_SIZE, "rows sampled per file before filtering", min=1)
+    held_out: int = setting(REDDIT_HELD_OUT, "test rows (the first ones) and val rows (the next ones) per file; "
+                                             "the rest is train", min=1)
 
 
-def comet_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="ATOMIC-10x / ATOMIC-2020 -> rewarded COMET records")
-    p.add_argument("-i", "--input_dir", required=True, help="folder with ATOMIC10X.jsonl (the SKD release's downloaded/)")
-    p.add_argument("-it", "--atomic2020_dir", required=True, help="folder with ATOMIC-2020's test.tsv")
-    p.add_argument("-o", "--output_dir", required=True)
-    add_model_flags(p, ("comet_critic",))
-    p.add_argument("-bs", "--batch_size", type=int, default=32)
-    return p
+@dataclass(kw_only=True)
+class DialogueArguments(_DialogueDataArguments):
+    """Wizard of Wikipedia / FaithDial -> rewarded knowledge-grounded dialogue records."""
+
+    input_task: str = setting(help="which task to build: wow, faithdial or faithdial_wow (any case)", aliases=["-i"])
+    faithdial_critic_model: str | None = _model("faithcritic")
+    wow_dir: str = setting("data/wow", "Wizard of Wikipedia folder (train.json, valid_topic_split.json); the "
+                                       "original's fixed path")
+    faithdial_dir: str | None = setting(None, "FaithDial folder (train.json, valid.json, test.json); default: the "
+                                              "McGill-NLP/FaithDial hub dataset, as the original")
+
+    def __post_init__(self) -> None:
+        self.input_task = self.input_task.lower()
+        if self.input_task not in ("wow", "faithdial", "faithdial_wow"):
+            raise UserError(f"argument --input_task/-i: expected one of wow, faithdial, faithdial_wow, "
+                            f"got '{self.input_task}'")
+
+
+@dataclass
+class CometArguments:
+    """ATOMIC-10x / ATOMIC-2020 -> rewarded COMET records."""
+
+    input_dir: str = setting(help="folder with ATOMIC10X.jsonl (the SKD release's downloaded/)", aliases=["-i"])
+    input_test_dir: str = setting(help="folder with ATOMIC-2020's test.tsv", aliases=["-it", "--atomic2020_dir"])
+    output_dir: str = setting(help="where the records go", aliases=["-o"])
+    comet_critic_model: str | None = _model("comet_critic")
+    batch_size: int = setting(32, "batch size of the critic", aliases=["-bs"], min=1)
+
+
+def reddit_parser() -> DataclassParser:
+    return DataclassParser(RedditArguments, description=RedditArguments.__doc__)
+
+
+def dialogue_parser() -> DataclassParser:
+    return DataclassParser(DialogueArguments, description=DialogueArguments.__doc__)
+
+
+def comet_parser() -> DataclassParser:
+    return DataclassParser(CometArguments, description=CometArguments.__doc__)

@@ -1,0 +1,311 @@
+"""Settings: every command line is generated from dataclasses (lolrl.utils.cli); the original's
+commands and every original flag/field parse; errors are one line with exit 2; --config YAML round
+trip; the optimizer by transformers name with the CPU fallback; the presets under configs/ parse."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from lolrl.tasks.hh import cli as hh
+from lolrl.tasks.paper import aggregate, preprocess
+from lolrl.tasks.paper import cli as paper
+from lolrl.utils.cli import IGNORED, DataclassParser, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_FLAGS = json.loads((Path(__file__).parent / "original_flags.json").read_text())["scripts"]
+
+HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": hh.ALoLHHArguments, "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
+              "pro_qlora_llama_hh.py": hh.PROHHArguments, "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
+              "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}
+REQUIRED = {"train_generation_task_with_off_policy_PG.py": ["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o"],
+            "preprocess_reddit_comment_scores_and_add_rewards.py": ["-i", "d", "-o", "o", "-m", "m"],
+            "preprocess_wow_and_add_rewards.py": ["-i", "wow", "-o", "o", "-m", "m"],
+            "preprocess_comet_and_add_rewards.py": ["-i", "d", "-it", "t", "-o", "o"],
+            "aggregate_generation_task_results.py": ["-bmps", "{'dgpt_nll': True}", "-tn", "wow", "-o", "r.csv"]}
+
+
+def parse(script: str, argv: list[str]):
+    """The settings dataclass ``script`` builds from its required flags and ``argv``."""
+    return parse_exactly(script, REQUIRED.get(script, []) + argv)
+
+
+def parse_exactly(script: str, argv: list[str]):
+    """The settings dataclass ``script`` builds from ``argv`` (its own parser, as its main uses it)."""
+    if script in HH_SCRIPTS:
+        return hh.parse_hh(HH_SCRIPTS[script], argv, None)
+    if script == "train_generation_task_with_off_policy_PG.py":
+        return paper.parse_args(argv)
+    parser = {"aggregate_generation_task_results.py": aggregate.build_parser,
+              "preprocess_reddit_comment_scores_and_add_rewards.py": preprocess.reddit_parser,
+              "preprocess_wow_and_add_rewards.py": preprocess.dialogue_parser,
+              "preprocess_comet_and_add_rewards.py": preprocess.comet_parser}[script]()
+    return parser.parse_one(argv)
+
+
+# A value of the original's type for each flag (choices: one the original allowed).
+CHOICE_VALUES = {"--algorithm": "a_lol", "--learning_algorithm": "a_lol", "--sampling_strategy": "good_priority",
+                 "--optim": "adamw_torch", "--lr_scheduler_type": "linear", "--quant_type": "nf4",
+                 "--input_task": "faithdial", "--task_name": "faithdial", "--reward_function": "unit"}
+
+
+def value_for(flag: str, typ: str):
+    """(argv tokens, expected parsed value)."""
+    if typ == "'store_true'":
+        return [], True
+    if "bool" in typ:
+        return ["False"], False
+    if "float" in typ:
+        return ["0.5"], 0.5
+    if "int" in typ:
+        return ["3"], 3
+    text = CHOICE_VALUES.get(flag, "some_value")
+    return [text], text
+
+
+CASES = [(script, flags, typ) for script, rows in ORIGINAL_FLAGS.items() if script in {**HH_SCRIPTS, **REQUIRED}
+         for flags, typ in rows]
+
+
+def test_every_original_script_is_covered():
+    assert set(ORIGINAL_FLAGS) == set(HH_SCRIPTS) | set(REQUIRED)
+    assert len(CASES) > 250
+
+
+@pytest.mark.parametrize("script, flags, typ", CASES, ids=[f"{c[0]}:{c[1][-1]}" for c in CASES])
+def test_every_original_flag_parses_with_its_value(script, flags, typ):
+    """Each spelling (short and long) with a value of the original's type parses into the field."""
+    for flag in flags:
+        tokens, want = value_for(flags[-1], typ)
+        config = parse(script, [flag, *tokens])
+        name = flags[-1].lstrip("-")
+        got = getattr(config, name, None)
+        if name == "total_steps":  # the PPO script's one budget, also read as max_steps
+            assert config.max_steps == want
+        if name == "input_task":
+            want = want.lower()
+        assert got == want, (script, flag, got, want)
+
+
+def test_original_bool_syntax():
+    """`--flag False`, `--flag` alone and `--no_flag` (for fields on by default), as HfArgumentParser."""
+    assert parse("dpo_qlora_llama_hh.py", ["--reference_free", "True"]).reference_free is True
+    assert parse("dpo_qlora_llama_hh.py", ["--reference_free"]).reference_free is True
+    assert parse("dpo_qlora_llama_hh.py", []).reference_free is False
+    assert parse("lolrl_qlora_llama_hh.py", ["--gradient_checkpointing", "False"]).gradient_checkpointing is False
+    assert parse("lolrl_qlora_llama_hh.py", ["--double_quant", "False"]).double_quant is False
+    assert parse("lolrl_qlora_llama_hh.py", ["--no_double_quant"]).double_quant is False
+    assert parse("ppo_qlora_llama_hh.py", ["--no_adap_kl_ctrl"]).adap_kl_ctrl is False
+    assert parse("lolrl_qlora_llama_hh.py", ["--lora_alpha", "16.0"]).lora_alpha == 16.0
+
+
+ORIGINAL_COMMANDS = [  # the original README's command patterns
+    ("train_generation_task_with_off_policy_PG.py",
+     "-i data/reddit_comment_scores_kaggle/preprocessed -tn reddit_pos -m microsoft/DialoGPT-medium "
+     "-s saved_models/reddit_pos/dgpt_nll -o final_results/reddit_pos/dgpt_nll -algo nll -vf 2 -e 6 -t -bs 8 -as 2 "
+     "-v_bs 32"),
+    ("train_generation_task_with_off_policy_PG.py",
+     "-i data/reddit_comment_scores_kaggle/preprocessed -tn reddit_pos -m saved_models/reddit_pos/dgpt_nll "
+     "-s saved_models/reddit_pos/dgpt_a_lol -o final_results/reddit_pos/dgpt_a_lol -algo a_lol -vf 2 -e 3 -bs 8 "
+     "-as 2 -v_bs 32 -t -ev_b"),
+    ("train_generation_task_with_off_policy_PG.py",
+     "-i data/comet -tn COMET -m comet-distill -mt comet-distill-tokenizer -s saved_models/COMET/a_lol "
+     "-o final_results/COMET/a_lol -algo a_lol -ml 30 -vf 16 -e 1 -bs 16 -as 1 -v_bs 32 -t -ev_b"),
+    ("lolrl_qlora_llama_hh.py", "--algorithm a_lol --sampling_strategy good_priority --ppo_clip 0.9 "
+                                "--output_dir checkpoints/a_lol --cache_dir cache/a_lol"),
+    ("lolrl_qlora_llama_hh.py", "--algorithm a_lol --kl_beta 0.1 --ppo_clip 0.0 --output_dir checkpoints/a_lol_kl"),
+    ("lolrl_qlora_llama_hh.py", "--algorithm a_lol_seq --sampling_strategy None --output_dir checkpoints/a_lol_seq"),
+    ("dpo_qlora_llama_hh.py", "--output_dir checkpoints/dpo --reference_free False"),
+    ("pro_qlora_llama_hh.py", "--output_dir checkpoints/pro --sft_weight 0.05"),
+    ("ppo_qlora_llama_hh.py", "--output_dir checkpoints/ppo_qlora_llama --cache_dir cache/ppo --total_steps 6000"),
+    ("qlora_llama_hh_eval.py", "--adapter_path abaheti95/a_lol_good_prioirty_qlora_hh --output_dir outputs/a_lol"),
+    ("ppo_hh_eval.py", "--model_name_or_path reciprocate/ppo_hh_pythia-6B --output_dir outputs/ppo"),
+    ("preprocess_reddit_comment_scores_and_add_rewards.py", "-pd -bs 16"),
+    ("preprocess_wow_and_add_rewards.py", "-bs 16"),
+    ("preprocess_comet_and_add_rewards.py", "-bs 16"),
+]
+
+
+@pytest.mark.parametrize("script, command", ORIGINAL_COMMANDS)
+def test_original_commands_parse(script, command):
+    config = parse(script, command.split())
+    assert dataclasses.is_dataclass(config)
+
+
+def test_original_commands_mean_what_they_meant():
+    a_lol = parse(*ORIGINAL_COMMANDS[1][:1], ORIGINAL_COMMANDS[1][1].split())
+    assert (a_lol.learning_algorithm, a_lol.n_epochs, a_lol.batch_size, a_lol.accumulation_steps) == ("a_lol", 3, 8, 2)
+    assert a_lol.train and a_lol.eval_in_beginning and a_lol.val_batch_size == 32
+    kl = parse("lolrl_qlora_llama_hh.py", ORIGINAL_COMMANDS[4][1].split())
+    assert hh.check_kl_spelling(kl) == "a_lol_kl"
+    ppo = parse("ppo_qlora_llama_hh.py", ORIGINAL_COMMANDS[8][1].split())
+    assert ppo.max_steps == 6000
+
+
+@pytest.mark.parametrize("script", list(HH_SCRIPTS) + list(REQUIRED))
+def test_help_labels_the_ignored_fields(script, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(script, ["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    if script in HH_SCRIPTS:
+        assert "--max_memory_MB MAX_MEMORY_MB " + IGNORED in text
+        assert "--block_size BLOCK_SIZE " + IGNORED in text
+
+
+def test_eval_scripts_label_training_fields_ignored(capsys):
+    with pytest.raises(SystemExit):
+        parse("qlora_llama_hh_eval.py", ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--learning_rate LEARNING_RATE " + IGNORED in text
+    assert "--per_device_eval_batch_size PER_DEVICE_EVAL_BATCH_SIZE " + IGNORED not in text
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("lolrl_qlora_llama_hh.py", ["--max_steps", "ten"], "argument --max_steps: expected an integer, got 'ten'"),
+    ("lolrl_qlora_llama_hh.py", ["--learning_rate", "fast"], "argument --learning_rate: expected a number"),
+    ("lolrl_qlora_llama_hh.py", ["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+    ("lolrl_qlora_llama_hh.py", ["--per_device_train_batch_size", "0"],
+     "argument --per_device_train_batch_size: expected a value >= 1, got 0"),
+    ("lolrl_qlora_llama_hh.py", ["--algorithm", "ppo"], "argument --algorithm: invalid choice: 'ppo'"),
+    ("dpo_qlora_llama_hh.py", ["--reference_free", "maybe"], "expected a boolean"),
+    ("train_generation_task_with_off_policy_PG.py", ["-bs", "x"], "argument --batch_size/-bs: expected an integer"),
+    ("train_generation_task_with_off_policy_PG.py", ["-c", "-0.1"], "argument --ppo_clip/-c: expected a value >= 0"),
+    ("preprocess_wow_and_add_rewards.py", ["-i", "nope"], "argument --input_task/-i: expected one of"),
+])
+def test_bad_flags_are_one_line_and_exit_2(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(script, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_ppo_clip_zero_and_none():
+    assert parse("train_generation_task_with_off_policy_PG.py", ["-c", "0"]).ppo_clip == 0.0
+    assert parse("train_generation_task_with_off_policy_PG.py", ["-c", "none"]).ppo_clip is None
+    assert parse("train_generation_task_with_off_policy_PG.py", []).ppo_clip == 0.9
+    assert parse("lolrl_qlora_llama_hh.py", ["--ppo_clip", "none"]).ppo_clip is None
+    assert parse("lolrl_qlora_llama_hh.py", ["--reward", "none"]).reward == "none"  # text stays text
+
+
+# ------------------------------------------------------------------------------------------ --config
+@pytest.mark.parametrize("script, command", ORIGINAL_COMMANDS[:11])
+def test_config_round_trip(tmp_path, script, command):
+    """CLI -> config -> YAML -> config: equal."""
+    first = parse(script, command.split())
+    path = tmp_path / "run.yaml"
+    to_yaml(first, path=path)
+    again = parse_exactly(script, ["--config", str(path)])
+    assert again == first
+    if hasattr(first, "given_flags"):  # a default is not "given" by the YAML file either
+        assert "ppo_clip" not in again.given_flags and again.given_flags <= first.given_flags
+
+
+def test_command_line_wins_over_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-5\nalgorithm: a_lol\nmax_steps: 50\n")
+    config = parse("lolrl_qlora_llama_hh.py", ["--config", str(path), "--max_steps", "7"])
+    assert (config.learning_rate, config.algorithm, config.max_steps) == (1e-5, "a_lol", 7)
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rat: 1e-5\n")
+    with pytest.raises(SystemExit) as exit_:
+        parse("lolrl_qlora_llama_hh.py", ["--config", str(path)])
+    assert exit_.value.code == 2
+    assert "unknown setting 'learning_rat'" in capsys.readouterr().err
+
+
+def test_config_values_are_checked_like_flags(tmp_path, capsys):
+    for text, message in (("algorithm: ppo\n", "argument --algorithm: invalid choice: 'ppo'"),
+                          ("max_steps: ten\n", "max_steps: expected an integer, got 'ten'"),
+                          ("per_device_train_batch_size: 0\n", "expected a value >= 1, got 0")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            parse("lolrl_qlora_llama_hh.py", ["--config", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_config_supplies_required_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input_dir: d\ntask_name: wow\nmodel_name: m\noutput_dir: o\nlearning_algorithm: a_lol\n")
+    config = DataclassParser(paper.GenerationTaskArguments).parse_one(["--config", str(path), "-e", "2"])
+    assert (config.input_dir, config.learning_algorithm, config.n_epochs) == ("d", "a_lol", 2)
+    assert "learning_algorithm" in config.given_flags and "ppo_clip" not in config.given_flags
+
+
+PRESETS = sorted((ROOT / "configs").glob("**/*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.stem for p in PRESETS}
+    for task in ("reddit_pos", "reddit_neg", "wow", "faithdial", "faithdial_wow", "comet"):
+        assert {f"{task}_nll", f"{task}_a_lol"} <= names, task
+    assert {"hh_a_lol", "hh_dpo", "hh_pro", "hh_ppo", "demo"} <= names
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.parent.name in ("paper", "hh")], ids=lambda p: p.stem)
+def test_presets_parse(preset):
+    script = {"paper": "train_generation_task_with_off_policy_PG.py"}.get(preset.parent.name)
+    if script is None:
+        script = {"hh_a_lol": "lolrl_qlora_llama_hh.py", "hh_dpo": "dpo_qlora_llama_hh.py",
+                  "hh_pro": "pro_qlora_llama_hh.py", "hh_ppo": "ppo_qlora_llama_hh.py"}[preset.stem.split("-")[0]]
+        config = parse(script, ["--config", str(preset)])
+    else:
+        config = paper.parse_args(["--config", str(preset)])
+    assert dataclasses.is_dataclass(config)
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+def test_optimizer_falls_back_on_cpu_with_one_warning(caplog, monkeypatch):
+    from lolrl.engine import optim
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(optim, "_warned", set())
+    model = torch.nn.Linear(4, 3)
+    with caplog.at_level(logging.WARNING, logger="lolrl.engine.optim"):
+        first = optim.build_optimizer(model, "paged_adamw_32bit", 2e-4, (0.9, 0.999), 1e-6, 0.01)
+        optim.build_optimizer(model, "paged_adamw_32bit", 2e-4, (0.9, 0.999), 1e-6, 0.01)
+    assert type(first) is torch.optim.AdamW
+    assert first.defaults["eps"] == 1e-6 and first.defaults["betas"] == (0.9, 0.999) and first.defaults["lr"] == 2e-4
+    decay, no_decay = first.param_groups  # the weight matrix decays, the bias does not
+    assert decay["weight_decay"] == 0.01 and decay["params"][0] is model.weight
+    assert no_decay["weight_decay"] == 0.0 and no_decay["params"][0] is model.bias
+    warnings = [r for r in caplog.records if "paged_adamw_32bit" in r.getMessage()]
+    assert len(warnings) == 1 and "adamw_torch" in warnings[0].getMessage() and "paged" in warnings[0].getMessage()
+
+
+def test_optimizer_names_are_transformers_names():
+    from lolrl.engine.config import OfflineRLConfig
+    from lolrl.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--optim: unknown optimizer 'adamw_fast'"):
+        OfflineRLConfig(model_name="m", output_dir="o", optim="adamw_fast")
+    assert OfflineRLConfig(model_name="m", output_dir="o").optim == "adamw_torch"
+
+
+def test_hh_defaults_are_the_originals_effective_optimizer():
+    config = parse("lolrl_qlora_llama_hh.py", [])
+    assert (config.optim, config.adam_epsilon, config.adam_beta1, config.adam_beta2) == (
+        "paged_adamw_32bit", 1e-6, 0.9, 0.999)
+    assert config.weight_decay == 0.01  # bitsandbytes' default, which the original's optimizer got
+    paper_config = parse("train_generation_task_with_off_policy_PG.py", [])
+    assert (paper_config.optim, paper_config.adam_epsilon, paper_config.weight_decay) == ("adamw_torch", 1e-8, 0.01)
+
+
+def test_demo_preset_parses():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from demo import DemoArguments
+
+    config = DataclassParser(DemoArguments).parse_one(["--config", str(ROOT / "configs" / "demo.yaml")])
+    assert (config.model, config.algorithms) == ("tiny", "a_lol,wbc")
