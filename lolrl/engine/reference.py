@@ -57,6 +57,8 @@ def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_si
     was_training = model.training
     model.eval()
     device = _device(model, accelerator)
+    if value_head is not None:
+        value_head.to(device)
     local: dict[int, tuple[torch.Tensor, float | None]] = {}
     show = accelerator is None or accelerator.is_local_main_process
     for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size), desc=desc,
