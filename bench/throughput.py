@@ -449,10 +449,13 @@ def main() -> int:
     for method in methods:  # one at a time, so the one-time passes are timed on a quiet machine
         workers[method] = Worker(method, args, workdir)
         workers[method].read()
+        print(f"{method}: ready", flush=True)
     per_round: dict[str, list[dict]] = {m: [] for m in methods}
-    for _ in range(args.rounds):
+    for number in range(1, args.rounds + 1):
         for method in methods:
             per_round[method].append(workers[method].go())
+        print(f"round {number}: " + ", ".join(f"{m} {r[-1]['real_tokens'] / r[-1]['seconds']:.0f}"
+                                               for m, r in per_round.items()) + " real tokens/s", flush=True)
     finals = {}
     for method in methods:
         finals[method] = workers[method].read()["final"]
