@@ -358,7 +358,10 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
     trainer = Timed(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     started = time.perf_counter()
     trainer.train()
-    result = {"method": method, "layout": "padding-free" if method == "trl_sft_padding_free" else "padded",
+    layout = "padding-free" if method == "trl_sft_padding_free" else "padded"
+    if config.gradient_checkpointing:  # TRL's default: its memory is that of recomputed activations
+        layout += ", TRL's default gradient checkpointing"
+    result = {"method": method, "layout": layout,
               "train_s": time.perf_counter() - started, "params": sum(p.numel() for p in model.parameters()),
               "peak_memory_mb": peak_memory_mb(device), "device": torch.cuda.get_device_name() if cuda else "cpu"}
     return result
