@@ -1,29 +1,42 @@
 #!/usr/bin/env python
-"""Throughput benchmark: real (non-pad) tokens per second and peak memory of training steps.
+"""Throughput benchmark: lolrl's training steps against the original code's and TRL's, side by side.
 
-    python bench/throughput.py            # full: GPT-2 6x512 from a config, batch 8, HH-length rows
-    python bench/throughput.py --quick    # smaller model and fewer steps, within a minute on 2 cores
+    python bench/throughput.py                             # GPT-2 6x512 from a config, batch 8, HH-length rows
+    python bench/throughput.py --model smollm2 --lora_r 8  # SmolLM2-135M-Instruct with a LoRA adapter
+    python bench/throughput.py --quick                     # tiny model, 2 rounds: a smoke run
 
-Methods, each timed in its own process (so peak memory is its own) on the same rows:
-* ``nll``, ``a_lol``, ``a_lol_seq``: this library's step — policy forward/backward only, reference
-  log-probs and advantages read from a cache made once before (that one-time pass is timed too and
-  printed), rows batched without padding (packed when the model honours it, else length-grouped);
-* ``original_style``: the original code's step, built here for comparison only — prompts padded on
-  the left and responses on the right, and a reference-model forward (all hidden states) plus the
-  value head inside every step.
+Methods (each in its own process, so its peak memory is its own), on the same model, rows and batch:
+* ``nll``, ``a_lol`` (``a_lol_seq`` on request): this library's step (policy forward/backward; the
+  reference log-probs and advantages come from a pass made once before: that one-time pass is
+  timed, and so is the value stage, prompt states of a quarter as many rows plus the head's fit);
+* ``original_style``: the original code's step, built here for comparison only: prompts padded on
+  the left, responses on the right, a reference forward (all hidden states) and the value head in
+  every step, full-vocabulary logits;
+* ``trl_sft`` / ``trl_sft_padding_free``: TRL's SFTTrainer on prompt-completion rows (loss on the
+  completion only), length-grouped sampling / padding-free batches; ``trl_dpo``: TRL's DPOTrainer
+  with precomputed reference log-probs (chosen = the row's response, rejected = another one).
+  They run when TRL is installed.
 
-Data: the real HH dev/test files under ../shared/data/hh when present, else synthetic rows with
-HH's length distribution (prompt median ~110 tokens, p90 ~290; response median ~31, p90 ~95).
-The last lines printed are ``ratio a_lol/nll``, ``ratio a_lol/original_style``, ``padding`` and
-``peak_memory a_lol/nll``. On CUDA it runs in bf16 and also reports model FLOPs utilisation.
+Timing: each worker loads, warms up one step and waits; then the methods run ``--steps`` steps
+each in turn, round after round (A B C A B C ...), so machine drift hits all of them alike. Per
+method: min / median / max of real (non-pad) tokens per second over the rounds; per pair of
+methods: the median over rounds of the ratio within a round. TRL's steps are timed through
+``training_step`` (one call per optimizer step: no gradient accumulation).
+
+Data: the real HH files under ../shared/data/hh when present, else synthetic rows with HH's length
+distribution (prompt median ~110 tokens, p90 ~290; response median ~31, p90 ~95). The last lines
+printed are the ``ratio``, ``padding`` and ``peak_memory`` figures, then ``value_stage/reference_pass``.
+Peak memory: CUDA's max allocated bytes, else the process's peak RSS. On CUDA everything runs in bf16.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -32,13 +45,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 HH = ROOT.parent / "shared" / "data" / "hh"
-METHODS = ("nll", "a_lol", "a_lol_seq", "original_style")
+OURS = ("nll", "a_lol", "a_lol_seq", "original_style")
+PEERS = ("trl_sft", "trl_sft_padding_free", "trl_dpo")
+DEFAULT_METHODS = ("nll", "a_lol", "original_style") + PEERS
+QUICK_METHODS = ("nll", "a_lol", "original_style")  # TRL's start-up alone takes minutes on 2 shared cores
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+MESSAGE = "@@bench "  # prefix of the protocol lines on a worker's stdout (libraries print too)
+RATIOS = (("a_lol", "nll"), ("a_lol", "original_style"), ("nll", "trl_sft_padding_free"), ("a_lol", "trl_dpo"),
+          ("nll", "trl_sft"))
+MAX_PROMPT, MAX_RESPONSE = 512, 128
 
 
 # ------------------------------------------------------------------------------------------ data
-def hh_rows(limit: int) -> list[tuple[str, str]]:
-    """(prompt, response) from the PRO-format HH files: turns rendered as Human/Assistant lines."""
+def hh_rows(limit: int) -> list[tuple[str, str, str]]:
+    """(prompt, response, another response) from the PRO-format HH files; turns as Human/Assistant lines."""
     rows = []
     for path in sorted(HH.glob("hh_*/*.json")):
         if "bad_test" in path.name:
@@ -47,38 +67,48 @@ def hh_rows(limit: int) -> list[tuple[str, str]]:
             record = json.loads(line)
             turns = [t.replace("<|prompter|>", "Human: ").replace("<|assistant|>", "Assistant: ")
                      for t in record["prefix"][0]]
-            rows.append(("\n".join(turns), record["suffix"][record.get("sft_index", 0)]))
+            best = record.get("sft_index", 0)
+            other = next((s for i, s in enumerate(record["suffix"]) if i != best), record["suffix"][best])
+            rows.append(("\n".join(turns), record["suffix"][best], other))
     random.Random(0).shuffle(rows)
     return rows[:limit]
 
 
-def synthetic_rows(limit: int) -> list[tuple[str, str]]:
+def synthetic_rows(limit: int) -> list[tuple[str, str, str]]:
     """Lognormal word counts fitted to HH's token medians/p90s (about 1.3 tokens per word)."""
     rng = random.Random(0)
     words = "the a to of and you i it is that for in can be what how with this not are your do".split()
-
-    import math
 
     def lognormal(median: float, p90: float) -> str:
         sigma = math.log(p90 / median) / 1.2816
         n = max(2, int(median * math.exp(sigma * rng.gauss(0, 1)) / 1.3))
         return " ".join(rng.choice(words) for _ in range(n))
 
-    return [("Human: " + lognormal(110, 290) + "\nAssistant:", lognormal(31, 95)) for _ in range(limit)]
+    return [("Human: " + lognormal(110, 290) + "\nAssistant:", lognormal(31, 95), lognormal(31, 95))
+            for _ in range(limit)]
 
 
 # ------------------------------------------------------------------------------------------ setup
-def prepare(workdir: Path, quick: bool, n_rows: int) -> dict:
-    """Rows, a tokenizer trained on them and a GPT-2 built from a config, written to ``workdir``."""
-    from lolrl.demo.tiny import build_causal_lm, train_tokenizer
-
+def prepare(workdir: Path, args, n_rows: int) -> dict:
+    """Rows and the model folder (a GPT-2 built from a config with a tokenizer trained on the rows, or SmolLM2)."""
     source = "HH (../shared/data/hh)" if HH.is_dir() else "synthetic, HH-like lengths"
     rows = hh_rows(n_rows) if HH.is_dir() else synthetic_rows(n_rows)
-    tokenizer = train_tokenizer([p + " " + r for p, r in rows], workdir / "model", vocab_size=8000, with_pad=False)
-    layers, width = (2, 256) if quick else (6, 512)
-    build_causal_lm(tokenizer, workdir / "model", n_layer=layers, n_embd=width, n_head=8, n_positions=1024)
     (workdir / "rows.json").write_text(json.dumps(rows))
-    return {"source": source, "layers": layers, "width": width, "rows": len(rows)}
+    if args.model == "smollm2":
+        from lolrl.demo.smollm2 import materialise
+
+        model_dir = materialise(workdir.parent / "smollm2")
+        name = "SmolLM2-135M-Instruct"
+    else:
+        from lolrl.demo.tiny import build_causal_lm, train_tokenizer
+
+        model_dir = workdir / "model"
+        tokenizer = train_tokenizer([p + " " + r for p, r, _ in rows], model_dir, vocab_size=8000, with_pad=False)
+        layers, width = (2, 128) if args.quick else (6, 512)
+        build_causal_lm(tokenizer, model_dir, n_layer=layers, n_embd=width, n_head=8, n_positions=1024)
+        name = f"GPT-2 {layers}x{width} from a config"
+    lora = f", LoRA r={args.lora_r}" if args.lora_r else ""
+    return {"source": source, "model": name + lora, "model_dir": str(model_dir), "rows": len(rows)}
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -88,6 +118,68 @@ def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def say(payload: dict) -> None:
+    print(MESSAGE + json.dumps(payload), flush=True)
+
+
+class Rounds:
+    """Drives a worker's steps: step 0 warms up; then ``rounds`` rounds of ``steps`` timed steps, each
+    started by a ``go`` line on stdin; ``before_step`` is called before every step with its token counts.
+    A final untimed step closes the last round (TRL's loop cannot be stopped between steps otherwise)."""
+
+    def __init__(self, steps: int, rounds: int, cuda: bool):
+        self.steps, self.rounds, self.cuda = steps, rounds, cuda
+        self.calls = self.done = 0
+        self.started = None
+        self.real = self.fed = 0
+
+    @property
+    def total_steps(self) -> int:
+        return 2 + self.rounds * self.steps
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def before_step(self, real: int, fed: int) -> None:
+        index, self.calls = self.calls, self.calls + 1
+        if index >= 1 and (index - 1) % self.steps == 0:
+            if self.started is not None:
+                self._sync()
+                say({"seconds": time.perf_counter() - self.started, "real_tokens": self.real, "fed_tokens": self.fed})
+                self.started, self.done = None, self.done + 1
+            if self.done < self.rounds:
+                if index == 1:
+                    say({"ready": True})
+                if sys.stdin.readline().strip() != "go":
+                    raise SystemExit("worker: expected 'go'")
+                self._sync()
+                self.real = self.fed = 0
+                self.started = time.perf_counter()
+        if self.started is not None:
+            self.real, self.fed = self.real + real, self.fed + fed
+
+
+def load_policy(args, device):
+    from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model_dir)
+    lora = LoraSettings(r=args.lora_r, dropout=0.0) if args.lora_r else None
+    model = load_model(args.model_dir, lora=lora).to(device)
+    model.config.use_cache = False
+    return tokenizer, model
+
+
+def token_rows(tokenizer, pairs):
+    from lolrl.engine.collation import Tokenizer
+    from lolrl.engine.data import Record
+
+    records = [Record(str(i), p, r, 1.0) for i, (p, r, _) in enumerate(pairs)]
+    return Tokenizer(tokenizer, False, max_prompt_length=MAX_PROMPT, max_resp_length=MAX_RESPONSE)(records)
 
 
 def original_batch(rows, pad_id: int):
@@ -105,14 +197,29 @@ def original_batch(rows, pad_id: int):
     return (torch.tensor(ids), torch.tensor(mask), torch.tensor(resp), torch.tensor(resp_mask).float(), lq)
 
 
-def run_worker(method: str, workdir: Path, steps: int, batch_size: int) -> dict:
+def value_stage(model, rows, pad_id: int, batch_size: int, result: dict) -> None:
+    """The value stage as the trainer runs it: prompt states, then the head's fit (targets: random here)."""
+    import torch
+
+    from lolrl.engine.reference import prompt_states
+    from lolrl.engine.value import ValueFitSettings, fit_value_head
+
+    started = time.perf_counter()
+    states = prompt_states(model, rows, pad_id, batch_size)
+    result["prompt_states_s"] = time.perf_counter() - started
+    targets = torch.rand(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    _, report = fit_value_head(states, targets, ValueFitSettings(), device=next(model.parameters()).device)
+    result["value_fit_s"] = report.fit_seconds
+    result["value_stage_s"] = result["prompt_states_s"] + report.fit_seconds
+
+
+def run_ours(method: str, args, rounds: Rounds) -> dict:
     import numpy as np
     import torch
 
-    from lolrl.engine.collation import Collator, Tokenizer, group_by_length, padding_ratio
-    from lolrl.engine.data import Record
+    from lolrl.engine.collation import Collator, group_by_length, padding_ratio
     from lolrl.engine.losses import compute_loss
-    from lolrl.engine.modeling import choose_packing, load_model, load_tokenizer, response_logprobs
+    from lolrl.engine.modeling import choose_packing, load_model, response_logprobs
     from lolrl.engine.reference import reference_pass
     from lolrl.engine.value import ValueHead
 
@@ -120,32 +227,29 @@ def run_worker(method: str, workdir: Path, steps: int, batch_size: int) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    tokenizer = load_tokenizer(str(workdir / "model"))
-    model = load_model(str(workdir / "model")).to(device)
-    model.config.use_cache = False
-    pairs = json.loads((workdir / "rows.json").read_text())
-    records = [Record(str(i), p, r, 1.0) for i, (p, r) in enumerate(pairs)]
-    rows = Tokenizer(tokenizer, False, max_prompt_length=512, max_resp_length=128)(records)
-    # As in training: one window of 50 batches is drawn, grouped by length and shuffled by batch;
-    # the timed steps are the first of those batches.
-    n = steps * batch_size
+    tokenizer, model = load_policy(args, device)
+    rows = token_rows(tokenizer, json.loads((Path(args.workdir) / "rows.json").read_text()))
+    n = rounds.total_steps * args.batch_size
     pool = list(range(len(rows)))
     random.Random(1).shuffle(pool)
-    pool = pool[:50 * batch_size]
-    order = pool[:n]
     lengths = [r.length for r in rows]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     advantages = torch.rand(len(rows), generator=torch.Generator().manual_seed(0)) + 0.1
     result = {"method": method}
+    # As in training: a window of (up to) 50 batches is grouped by length and shuffled by batch; the rows
+    # are the first of the shuffled pool, the same rows the TRL workers get.
+    order = group_by_length(pool[:n], lengths, args.batch_size, window=50, seed=0)
+    batches = [[rows[i] for i in order[s:s + args.batch_size]] for s in range(0, n, args.batch_size)]
 
     if method == "original_style":
-        reference = load_model(str(workdir / "model")).to(device).eval()
+        reference = load_model(args.model_dir).to(device).eval()
         head = ValueHead(model.config.hidden_size).to(device)
-        batches = [[rows[i] for i in order[s:s + batch_size]] for s in range(0, n, batch_size)]
+        result["layout"] = "left/right padded"
 
         def step(batch_rows):
             ids, mask, resp, resp_mask, lq = (t.to(device) if hasattr(t, "to") else t
                                               for t in original_batch(batch_rows, tokenizer.pad_token_id))
+            rounds.before_step(int(mask.sum()), int(ids.numel()))
             with torch.autocast(device.type, dtype=dtype, enabled=cuda):
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, lq - 1:-1].float()
                 logprobs = logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1) * resp_mask
@@ -158,27 +262,26 @@ def run_worker(method: str, workdir: Path, steps: int, batch_size: int) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            return int(mask.sum()), int(ids.numel())
     else:
-        probe = [rows[i] for i in order[:4]]
-        pack = choose_packing(model, probe, tokenizer.pad_token_id, os.environ.get("LOLRL_PACKING", "auto"))
+        pack = choose_packing(model, batches[0][:4], tokenizer.pad_token_id, os.environ.get("LOLRL_PACKING", "auto"))
         collator = Collator(tokenizer.pad_token_id, False, pack=pack)
         result["layout"] = "packed" if pack else "length-grouped"
-        grouped = group_by_length(pool, lengths, batch_size, window=50, seed=0)[:n]
-        order = grouped
-        batches = [[rows[i] for i in grouped[s:s + batch_size]] for s in range(0, n, batch_size)]
-        grouped_ratio = [padding_ratio(Collator(tokenizer.pad_token_id, False)(b)) for b in batches]
-        result["padding_grouped"] = float(np.mean(grouped_ratio))
+        result["padding_grouped"] = float(np.mean([padding_ratio(Collator(tokenizer.pad_token_id, False)(b))
+                                                   for b in batches]))
         cache = None
         if method != "nll":
             started = time.perf_counter()
             cache = reference_pass(model, [rows[i] for i in order], collator, 16).logprobs
-            cache = {i: lp for i, lp in zip(order, cache)}
+            cache = dict(zip(order, cache))
             result["reference_pass_s"] = time.perf_counter() - started
+            result["reference_rows"] = len(order)
+            value_stage(model, [rows[i] for i in order[: len(order) // 4]], tokenizer.pad_token_id, 16, result)
         model.train()
 
         def step(batch_rows):
             batch = {k: v.to(device) for k, v in collator(batch_rows).items()}
+            rounds.before_step(int((batch["prompt_lengths"] + batch["response_lengths"]).sum()),
+                               int(batch["input_ids"].numel()))
             idx = batch["index"].tolist()
             with torch.autocast(device.type, dtype=dtype, enabled=cuda):
                 logprobs, mask, _ = response_logprobs(model, batch)
@@ -191,74 +294,209 @@ def run_worker(method: str, workdir: Path, steps: int, batch_size: int) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            real = int((batch["prompt_lengths"] + batch["response_lengths"]).sum())
-            return real, int(batch["input_ids"].numel())
 
-    step(batches[0])  # warm-up, not timed
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    real = fed = 0
-    started = time.perf_counter()
-    for batch_rows in batches[1:]:
-        r, f = step(batch_rows)
-        real, fed = real + r, fed + f
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    params = sum(p.numel() for p in model.parameters())
-    result.update(real_tokens=real, fed_tokens=fed, seconds=seconds, tokens_per_s=real / seconds,
-                  padding=fed / real, peak_memory_mb=peak_memory_mb(device), params=params,
+    for batch_rows in batches:
+        step(batch_rows)
+    result.update(params=sum(p.numel() for p in model.parameters()), peak_memory_mb=peak_memory_mb(device),
                   device=torch.cuda.get_device_name() if cuda else "cpu")
-    # training FLOPs ~ 6 N per real token; the original's reference forward adds 2 N per fed token
-    flops = 6 * params * real + (2 * params * fed if method == "original_style" else 0)
-    result["achieved_tflops"] = flops / seconds / 1e12
     return result
 
 
+def truncated(tokenizer, pairs):
+    """The rows as lolrl truncates them (prompt: last 512 tokens; responses: first 128), back in text, so
+    TRL's trainers see the same tokens (TRL's max_length cuts the whole sequence instead)."""
+    def cut(text, keep_last):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[-MAX_PROMPT:] if keep_last else ids[:MAX_RESPONSE - 1])
+
+    return [(cut(p, True), cut(r, False), cut(o, False)) for p, r, o in pairs]
+
+
+def run_trl(method: str, args, rounds: Rounds) -> dict:
+    """TRL's trainer on the same model, rows (the same shuffled pool) and batch size."""
+    import torch
+    from datasets import Dataset
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    tokenizer, model = load_policy(args, device)
+    pairs = json.loads((Path(args.workdir) / "rows.json").read_text())
+    pool = list(range(len(pairs)))
+    random.Random(1).shuffle(pool)
+    pool = pool[: rounds.total_steps * args.batch_size]  # the rows lolrl's workers train on
+    pairs = truncated(tokenizer, pairs)
+    common = dict(output_dir=str(Path(args.workdir) / method), per_device_train_batch_size=args.batch_size,
+                  max_steps=rounds.total_steps, learning_rate=1e-5, lr_scheduler_type="constant",
+                  logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+                  dataloader_num_workers=0, use_cpu=not cuda, bf16=cuda, max_length=None)
+
+    def count(inputs) -> tuple[int, int]:
+        ids = inputs["input_ids"]
+        real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+        return real, ids.numel()
+
+    if method == "trl_dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        base, config = DPOTrainer, DPOConfig(precompute_ref_log_probs=True, **common)
+        data = Dataset.from_list([{"prompt": pairs[i][0], "chosen": " " + pairs[i][1], "rejected": " " + pairs[i][2]}
+                                  for i in pool])
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        padding_free = method == "trl_sft_padding_free"
+        base = SFTTrainer
+        config = SFTConfig(completion_only_loss=True, padding_free=padding_free,
+                           train_sampling_strategy="random" if padding_free else "group_by_length", **common)
+        data = Dataset.from_list([{"prompt": pairs[i][0], "completion": " " + pairs[i][1]} for i in pool])
+
+    class Timed(base):
+        def training_step(self, model, inputs, *rest, **kwargs):
+            rounds.before_step(*count(inputs))
+            return super().training_step(model, inputs, *rest, **kwargs)
+
+    trainer = Timed(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train()
+    layout = "padding-free" if method == "trl_sft_padding_free" else "padded"
+    if config.gradient_checkpointing:  # TRL's default: its memory is that of recomputed activations
+        layout += ", TRL's default gradient checkpointing"
+    result = {"method": method, "layout": layout,
+              "train_s": time.perf_counter() - started, "params": sum(p.numel() for p in model.parameters()),
+              "peak_memory_mb": peak_memory_mb(device), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return result
+
+
+def worker(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = Rounds(args.steps, args.rounds, torch.cuda.is_available())
+    result = (run_trl if args.worker in PEERS else run_ours)(args.worker, args, rounds)
+    if rounds.done != args.rounds:
+        raise SystemExit(f"worker {args.worker}: {rounds.done} of {args.rounds} rounds ran")
+    say({"final": result})
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- main
+class Worker:
+    def __init__(self, method: str, args, workdir: Path):
+        cmd = [sys.executable, __file__, "--worker", method, "--workdir", str(workdir), "--model_dir", args.model_dir,
+               "--steps", str(args.steps), "--rounds", str(args.rounds), "--batch_size", str(args.batch_size),
+               "--lora_r", str(args.lora_r), "--threads", str(args.threads)]
+        self.method, self.log = method, workdir / f"{method}.log"
+        # idle workers wait on stdin: their OpenMP threads must sleep, not spin, while another method runs
+        env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=open(self.log, "w"), text=True, env=env)
+
+    def read(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(MESSAGE):
+                return json.loads(line[len(MESSAGE):])
+        raise RuntimeError(f"worker {self.method} stopped (exit {self.process.wait()}); see {self.log}")
+
+    def go(self) -> dict:
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        return self.read()
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def summary(values: list[float]) -> str:
+    return f"min {min(values):9.1f}  median {statistics.median(values):9.1f}  max {max(values):9.1f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny GPT-2, 2 rounds of 2 steps: a smoke run")
+    parser.add_argument("--model", choices=("gpt2", "smollm2"), default="gpt2")
+    parser.add_argument("--lora_r", type=int, default=0, help="train a LoRA adapter of this rank (0: full model)")
     parser.add_argument("--workdir", default="runs/bench_throughput")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method per round")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--methods", default=None, help=f"comma-separated, of {', '.join(OURS + PEERS)} (default: "
+                        f"{', '.join(DEFAULT_METHODS)}; with --quick: {', '.join(QUICK_METHODS)})")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--worker", choices=OURS + PEERS, help=argparse.SUPPRESS)
+    parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    workdir = Path(args.workdir)
-    steps = args.steps or (4 if args.quick else 12)
+    args.steps = args.steps or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     if args.worker:
-        print(json.dumps(run_worker(args.worker, workdir, steps, args.batch_size)))
-        return 0
+        return worker(args)
+    chosen = args.methods or ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    methods = [m.strip() for m in chosen.split(",") if m.strip()]
+    if unknown := [m for m in methods if m not in OURS + PEERS]:
+        parser.error(f"unknown methods: {', '.join(unknown)}")
+    if not trl_available():
+        print("TRL is not installed: its trainers are left out")
+        methods = [m for m in methods if m not in PEERS]
+    workdir = Path(args.workdir) / (args.model + (f"_lora{args.lora_r}" if args.lora_r else ""))
     workdir.mkdir(parents=True, exist_ok=True)
-    info = prepare(workdir, args.quick, n_rows=50 * args.batch_size)
-    print(f"data: {info['rows']} rows, {info['source']}; model: GPT-2 {info['layers']}x{info['width']} "
-          f"from a config; batch {args.batch_size}, {steps - 1} timed steps per method")
-    results = {}
-    for method in METHODS:
-        cmd = [sys.executable, __file__, "--worker", method, "--workdir", str(workdir), "--steps", str(steps),
-               "--batch_size", str(args.batch_size)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
-    cuda = results["nll"]["device"] != "cpu"
-    print(f"device: {results['nll']['device']}; {results['nll']['params'] / 1e6:.1f} M parameters")
-    for method, r in results.items():
-        extra = f", one-time reference pass {r['reference_pass_s']:.1f} s" if "reference_pass_s" in r else ""
-        layout = r.get("layout", "left/right padded")
-        line = (f"{method:15s} {r['tokens_per_s']:9.1f} real tokens/s  padding {r['padding']:.2f} ({layout})  "
-                f"peak memory {r['peak_memory_mb']:.0f} MB{extra}")
-        if cuda:
-            name = next((k for k in PEAK_BF16_TFLOPS if k in r["device"]), None)
-            mfu = f"{100 * r['achieved_tflops'] / PEAK_BF16_TFLOPS[name]:.1f}%" if name else "n/a"
-            line += f"  {r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu}"
-        print(line)
-    print(f"padding if only length-grouped (no packing): {results['a_lol']['padding_grouped']:.2f}")
-    print(f"ratio a_lol/nll = {results['a_lol']['tokens_per_s'] / results['nll']['tokens_per_s']:.3f}")
-    print(f"ratio a_lol/original_style = "
-          f"{results['a_lol']['tokens_per_s'] / results['original_style']['tokens_per_s']:.3f}")
-    print(f"padding = {results['a_lol']['padding']:.3f}")
-    print(f"peak_memory a_lol/nll = {results['a_lol']['peak_memory_mb'] / results['nll']['peak_memory_mb']:.3f}")
+    info = prepare(workdir, args, n_rows=max(20 if args.quick else 50, 2 + args.rounds * args.steps) * args.batch_size)
+    args.model_dir = info["model_dir"]
+    print(f"data: {info['rows']} rows, {info['source']}; model: {info['model']}; batch {args.batch_size}; "
+          f"{args.rounds} rounds of {args.steps} timed steps per method, methods in turn: {', '.join(methods)}",
+          flush=True)
+    workers = {}
+    for method in methods:  # one at a time, so the one-time passes are timed on a quiet machine
+        workers[method] = Worker(method, args, workdir)
+        workers[method].read()
+        print(f"{method}: ready", flush=True)
+    per_round: dict[str, list[dict]] = {m: [] for m in methods}
+    for number in range(1, args.rounds + 1):
+        for method in methods:
+            per_round[method].append(workers[method].go())
+        print(f"round {number}: " + ", ".join(f"{m} {r[-1]['real_tokens'] / r[-1]['seconds']:.0f}"
+                                               for m, r in per_round.items()) + " real tokens/s", flush=True)
+    finals = {}
+    for method in methods:
+        finals[method] = workers[method].read()["final"]
+        workers[method].process.wait()
+    return report(methods, per_round, finals)
+
+
+def report(methods, per_round, finals) -> int:
+    speed = {m: [r["real_tokens"] / r["seconds"] for r in per_round[m]] for m in methods}
+    padding = {m: sum(r["fed_tokens"] for r in per_round[m]) / sum(r["real_tokens"] for r in per_round[m])
+               for m in methods}
+    first = finals[methods[0]]
+    print(f"device: {first['device']}; {first['params'] / 1e6:.1f} M parameters")
+    for m in methods:
+        f = finals[m]
+        extra = ""
+        if "reference_pass_s" in f:
+            extra = (f"; one-time reference pass {f['reference_pass_s']:.1f} s ({f['reference_rows']} rows), value stage "
+                     f"{f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s + fit {f['value_fit_s']:.1f} s)")
+        print(f"{m:21s} real tokens/s {summary(speed[m])}  padding {padding[m]:.2f} ({f['layout']})  "
+              f"peak memory {f['peak_memory_mb']:.0f} MB{extra}")
+    if "padding_grouped" in finals.get("a_lol", {}):
+        print(f"padding if only length-grouped (no packing): {finals['a_lol']['padding_grouped']:.2f}")
+    for a, b in RATIOS:
+        if a in methods and b in methods:
+            ratios = [x / y for x, y in zip(speed[a], speed[b])]
+            print(f"ratio {a}/{b} = {statistics.median(ratios):.3f}  (per round: "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    if "a_lol" in methods:
+        print(f"padding = {padding['a_lol']:.3f}")
+    for other in ("nll", "trl_sft_padding_free"):
+        if "a_lol" in methods and other in methods:
+            print(f"peak_memory a_lol/{other} = "
+                  f"{finals['a_lol']['peak_memory_mb'] / finals[other]['peak_memory_mb']:.3f}")
+    if "a_lol" in finals:
+        f = finals["a_lol"]
+        print(f"value_stage/reference_pass = {f['value_stage_s'] / f['reference_pass_s']:.3f}  "
+              f"(value stage on {f['reference_rows'] // 4} rows, reference pass on {f['reference_rows']})")
     return 0
 
 

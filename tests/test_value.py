@@ -181,3 +181,34 @@ def test_negative_targets_are_represented():
 def test_too_few_prompts_raise():
     with pytest.raises(ValueError, match="at least 2"):
         fit_value_head([torch.randn(3, H)], [1.0], ValueFitSettings(epochs=1))
+
+
+def _attention_pool(head: ValueHead, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The head's pooling as it was computed before the single-query reassociation: nn.MultiheadAttention."""
+    query = head.query.expand(states.shape[0], 1, -1)
+    pooled, _ = head.attention(query, states, states, key_padding_mask=~mask.bool(), need_weights=False)
+    return pooled
+
+
+def test_single_query_pooling_equals_multihead_attention():
+    torch.manual_seed(3)
+    head = ValueHead(H).eval()
+    for p in head.attention.parameters():  # non-zero biases, so their terms are exercised
+        torch.nn.init.normal_(p, std=0.3)
+    padded, mask = pad_states(_states(9, seed=4))
+    torch.testing.assert_close(head.pool(padded, mask), _attention_pool(head, padded, mask), atol=1e-5, rtol=0)
+
+
+def test_fit_equals_the_multihead_attention_fit(monkeypatch):
+    """The value stage's speed-ups keep its results: the same fit (same dropout draws, same epochs)
+    as with nn.MultiheadAttention pooling, to 1e-4 on every prediction."""
+    states = _states(120, seed=5)
+    targets = [_target(s) for s in states]
+    settings = ValueFitSettings(epochs=6, learning_rate=3e-3, batch_size=16, dropout=0.1)
+    fast_head, fast = fit_value_head(states, targets, settings)
+    monkeypatch.setattr(ValueHead, "pool", _attention_pool)
+    slow_head, slow = fit_value_head(states, targets, settings)
+    assert fast.best_epoch == slow.best_epoch > 0
+    assert fast.heldout_mse == pytest.approx(slow.heldout_mse, rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(predict(fast_head, states), predict(slow_head, states), atol=1e-4)
+    assert fast.fit_seconds > 0

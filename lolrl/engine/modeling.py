@@ -169,34 +169,180 @@ def _model_inputs(batch: dict) -> dict:
     return inputs
 
 
-def response_logprobs(model, batch: dict, return_prompt_states: bool = False):
+# ------------------------------------------------------------------ log-probs without full logits
+LOGPROB_CHUNK_TOKENS = 1024  # scored tokens per pass of the output layer: one [chunk, vocab] block at a time
+
+
+def logit_transform(config):
+    """What the model's forward applies to ``lm_head``'s output before returning logits (Gemma's
+    soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``); None when nothing."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None) if config.model_type.startswith("cohere") else None
+    divide = getattr(config, "logits_scaling", None) if config.model_type.startswith("granite") else None
+    if not (softcap or scale or divide):
+        return None
+
+    def transform(logits):
+        if scale:
+            logits = logits * scale
+        if divide:
+            logits = logits / divide
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def unwrap(model):
+    """The transformers model inside a DDP / torch.compile wrapper (whose forward the caller still uses)."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+class _OutputLayerInput:
+    """Context manager: the model's output layer (``lm_head``) sees a zero-length sequence, so the
+    forward computes no [tokens, vocab] logits; the hidden states it would have seen (after the final
+    norm, and T5's rescaling) are kept in ``hidden``. The output layer itself stays in place (LoRA on
+    it, quantised weights, DDP hooks all keep working) and is applied later, chunk by chunk."""
+
+    def __init__(self, model):
+        self.layer = unwrap(model).get_output_embeddings()
+        if self.layer is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+        self.hidden = None
+
+    def _hook(self, module, args):
+        self.hidden = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    def __enter__(self):
+        self._handle = self.layer.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def _chunk_statistics(layer, transform, hidden, targets, with_entropy: bool):
+    logits = layer(hidden)
+    if transform is not None:
+        logits = transform(logits)
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs, None
+    return logprobs, lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+def head_logprobs(layer, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = LOGPROB_CHUNK_TOKENS,
+                  transform=None, with_entropy: bool = False):
+    """log-softmax(layer(hidden))[targets] for ``hidden`` [N, H], ``chunk_size`` rows at a time.
+
+    With gradients, each chunk runs under activation checkpointing: the forward keeps only the
+    chunk's input, the backward recomputes that chunk's logits, so no [tokens, vocab] tensor larger
+    than one chunk lives at once in either pass. Returns ``(logprobs [N], entropy [N] or None)``."""
+    if chunk_size <= 0:
+        chunk_size = max(1, hidden.shape[0])
+    checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or any(
+        p.requires_grad for p in layer.parameters()))
+    logprobs, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (layer, transform, hidden[start:start + chunk_size], targets[start:start + chunk_size], with_entropy)
+        if checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            lp, ent = checkpoint(_chunk_statistics, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_statistics(*args)
+        logprobs.append(lp)
+        entropies.append(ent)
+    if not logprobs:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    return torch.cat(logprobs), (torch.cat(entropies) if with_entropy else None)
+
+
+@dataclass
+class ResponseOutputs:
+    """Per-row outputs of :func:`response_outputs`, each ``[rows, longest response]`` (0 past a row's end)."""
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    prompt_states: list[torch.Tensor] | None = None  # each row's [prompt length, hidden]
+    entropy: torch.Tensor | None = None  # of the policy's distribution at each response token
+    scored_hidden: torch.Tensor | None = None  # last-layer states predicting each response token
+
+
+def pad_rows(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Split a flat per-token tensor into rows of ``lengths`` and right-pad them with 0."""
+    return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
+
+
+def response_outputs(model, batch: dict, prompt_states: bool = False, entropy: bool = False,
+                     scored_hidden: bool = False, chunk_size: int = LOGPROB_CHUNK_TOKENS) -> ResponseOutputs:
     """log pi(y_t | x, y_<t) of every response token, per row, whatever the batch layout.
 
     ``batch`` comes from :class:`lolrl.engine.collation.Collator`: padded rows or one packed sequence.
-    Returns ``(logprobs, mask, states)``: ``logprobs`` and ``mask`` are ``[rows, longest response]``
-    (0 past each row's end); ``states`` is, when asked, the list of each row's last-layer prompt
-    states ``[prompt length, hidden]`` (decoder-only: the prompt positions; seq2seq: the encoder).
-    Only the scored positions go through log-softmax: memory is O(response tokens x vocab).
-    """
-    out = model(**_model_inputs(batch), output_hidden_states=return_prompt_states, use_cache=False)
-    logits = out.logits
-    if "decoder_input_ids" not in batch:
-        logits = logits[:, :-1]  # position t predicts token t+1
+    The output layer runs only on the scored positions (each response token's predecessor), in
+    chunks of ``chunk_size`` tokens (:func:`head_logprobs`); ``chunk_size=0`` is the plain path that
+    computes the model's full [batch, length, vocab] logits (kept as the reference in the tests).
+    ``prompt_states`` adds each row's last-layer prompt states (decoder-only: the prompt positions;
+    seq2seq: the encoder output); ``scored_hidden`` the last-layer states at the scored positions."""
+    encoder_decoder = "decoder_input_ids" in batch
     target_mask = batch["target_mask"].bool()
-    selected = logits[target_mask].float()
     target = batch["target_ids"][target_mask]
-    flat = selected.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
     lengths = batch["response_lengths"].tolist()
-    logprobs = torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
-    mask = (torch.arange(logprobs.shape[1], device=flat.device)[None, :] < batch["response_lengths"][:, None])
-    if not return_prompt_states:
-        return logprobs, mask.to(logprobs.dtype), None
-    if "decoder_input_ids" in batch:
-        hidden, state_mask = out.encoder_last_hidden_state, batch["attention_mask"]
+    if chunk_size > 0:
+        with _OutputLayerInput(model) as captured:
+            out = model(**_model_inputs(batch), use_cache=False)
+        hidden = captured.hidden if encoder_decoder else captured.hidden[:, :-1]  # t predicts t+1
+        transform = logit_transform(unwrap(model).config)
+        flat, flat_entropy = head_logprobs(captured.layer, hidden[target_mask], target, chunk_size, transform, entropy)
+        last = captured.hidden
     else:
-        hidden, state_mask = out.hidden_states[-1], batch["prompt_mask"]
-    states = list(torch.split(hidden[state_mask.bool()], batch["prompt_lengths"].tolist()))
-    return logprobs, mask.to(logprobs.dtype), states
+        out = model(**_model_inputs(batch), use_cache=False, output_hidden_states=True)
+        logits = out.logits if encoder_decoder else out.logits[:, :-1]
+        selected = logits[target_mask].float()
+        lse = torch.logsumexp(selected, dim=-1)
+        flat = selected.gather(-1, target[:, None]).squeeze(-1) - lse
+        flat_entropy = lse - (torch.softmax(selected, dim=-1) * selected).sum(dim=-1) if entropy else None
+        last = out.decoder_hidden_states[-1] if encoder_decoder else out.hidden_states[-1]
+    logprobs = pad_rows(flat, lengths)
+    mask = (torch.arange(logprobs.shape[1], device=flat.device)[None, :] < batch["response_lengths"][:, None])
+    result = ResponseOutputs(logprobs, mask.to(logprobs.dtype))
+    if entropy:
+        result.entropy = pad_rows(flat_entropy, lengths)
+    if scored_hidden:
+        result.scored_hidden = (last if encoder_decoder else last[:, :-1])[target_mask]
+    if prompt_states:
+        if encoder_decoder:
+            states, state_mask = out.encoder_last_hidden_state, batch["attention_mask"]
+        else:
+            states, state_mask = last, batch["prompt_mask"]
+        result.prompt_states = list(torch.split(states[state_mask.bool()], batch["prompt_lengths"].tolist()))
+    return result
+
+
+def response_logprobs(model, batch: dict, return_prompt_states: bool = False,
+                      chunk_size: int = LOGPROB_CHUNK_TOKENS):
+    """``(logprobs, mask, prompt states or None)`` of :func:`response_outputs`: the training loss's view.
+    Memory is O(chunk x vocab) for the output layer, never O(batch x length x vocab)."""
+    out = response_outputs(model, batch, prompt_states=return_prompt_states, chunk_size=chunk_size)
+    return out.logprobs, out.mask, out.prompt_states
+
+
+@torch.no_grad()
+def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The last-layer states ([B, L, H]) of a decoder-only model or of a seq2seq model's encoder,
+    without the output layer (no logits are computed)."""
+    if getattr(unwrap(model).config, "is_encoder_decoder", False):
+        return unwrap(model).get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    with _OutputLayerInput(model) as captured:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return captured.hidden
 
 
 @torch.no_grad()
@@ -257,5 +403,6 @@ def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto",
 
 
 __all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
-           "response_logprobs", "packing_is_exact", "choose_packing",
-           "has_varlen_attention", "set_dropout", "add_lora", "DTYPES"]
+           "response_logprobs", "response_outputs", "ResponseOutputs", "head_logprobs", "last_hidden_states",
+           "pad_rows", "LOGPROB_CHUNK_TOKENS", "packing_is_exact", "choose_packing", "has_varlen_attention",
+           "set_dropout", "add_lora", "DTYPES"]

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lolrl.engine.collation import Collator, TokenizedRow, length_grouped_batches, pad_prompts
-from lolrl.engine.modeling import response_logprobs
+from lolrl.engine.modeling import last_hidden_states, response_logprobs
 from lolrl.engine.value import pad_states
 
 
@@ -57,6 +57,8 @@ def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_si
     was_training = model.training
     model.eval()
     device = _device(model, accelerator)
+    if value_head is not None:
+        value_head.to(device)
     local: dict[int, tuple[torch.Tensor, float | None]] = {}
     show = accelerator is None or accelerator.is_local_main_process
     for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size), desc=desc,
@@ -80,20 +82,17 @@ def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_si
 @torch.no_grad()
 def prompt_states(model, rows: list[TokenizedRow], pad_token_id: int, batch_size: int, accelerator=None,
                   desc: str = "prompt states") -> list[torch.Tensor]:
-    """Last-layer states of each prompt ([L_i, H], on CPU): decoder-only output or encoder output."""
+    """Last-layer states of each prompt ([L_i, H], on CPU): decoder-only output or encoder output,
+    from the model without its output layer (no [tokens, vocab] logits are computed)."""
     was_training = model.training
     model.eval()
     device = _device(model, accelerator)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     local: dict[int, torch.Tensor] = {}
     show = accelerator is None or accelerator.is_local_main_process
     for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size), desc=desc,
                            disable=not show, leave=False):
         ids, mask = (t.to(device) for t in pad_prompts(batch_rows, pad_token_id))
-        if encoder_decoder:
-            states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        else:
-            states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        states = last_hidden_states(model, ids, mask)  # no output layer: no logits
         for i, row in enumerate(batch_rows):
             local[row.index] = states[i, : len(row.prompt_ids)].float().cpu()
     model.train(was_training)

@@ -279,13 +279,16 @@ class OfflineRLTrainer:
         config = self.config
         settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
                                     heldout_fraction=config.value_heldout_fraction, seed=config.seed)
+        started = time.perf_counter()
         states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
                                self.accelerator, desc="value features")
+        states_seconds = time.perf_counter() - started
         payload = [None]
         if self.is_main:
             with stage_rng(config.seed, "value_fit"):
-                head, report = fit_value_head(states, targets, settings)
-            payload = [({k: v.cpu() for k, v in head.state_dict().items()}, report.as_dict())]
+                head, report = fit_value_head(states, targets, settings, device=self.accelerator.device)
+            payload = [({k: v.cpu() for k, v in head.state_dict().items()},
+                        report.as_dict() | {"prompt_states_seconds": states_seconds})]
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -295,8 +298,9 @@ class OfflineRLTrainer:
         head.load_state_dict(state)
         head.eval()
         logger.info("value head: held-out MSE %.4f vs %.4f for a constant (R^2 %.3f, rank correlation %.3f), "
-                    "best epoch %d", report["heldout_mse"], report["constant_mse"], report["heldout_r2"],
-                    report["heldout_spearman"], report["best_epoch"])
+                    "best epoch %d; prompt states %.1f s, fit %.1f s", report["heldout_mse"], report["constant_mse"],
+                    report["heldout_r2"], report["heldout_spearman"], report["best_epoch"],
+                    report["prompt_states_seconds"], report["fit_seconds"])
         if not report["informative"]:
             logger.warning("V(x) is no better than a constant on %d held-out validation prompts (R^2 %.3f < %.2f): "
                            "the advantage then only keeps rows whose reward is above the mean; try --value_samples 4 "
@@ -365,8 +369,10 @@ class OfflineRLTrainer:
                     reports["reward_check"] = self.check_reward_agreement()
                 head, reports["value_fit"] = self._fit_value(val_rows, self.value_targets(val_rows))
                 self._write_reports(reports)
+            started = time.perf_counter()
             outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
                                      self.accelerator, desc="reference pass (train)")
+            logger.info("reference pass over %d training rows: %.1f s", len(train_rows), time.perf_counter() - started)
             ref_logprobs, values = outputs.logprobs, outputs.values
             offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
             tensors = {"logprobs": torch.cat(ref_logprobs)}

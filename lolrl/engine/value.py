@@ -12,9 +12,9 @@ A = R(x, y) - V(x). Compared with the original code:
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,20 +47,35 @@ class ValueHead(nn.Module):
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B]."""
         states = self.dropout(states.to(self.query.dtype))
-        query = self.query.expand(states.shape[0], 1, -1)
-        pooled, _ = self.attention(query, states, states, key_padding_mask=~mask.bool(), need_weights=False)
+        pooled = self.pool(states, mask)
         score = self.out(self.dropout(pooled))[:, 0, 0]
         return self.target_mean + self.target_std * score
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``self.attention(q, states, states, key_padding_mask=~mask)`` with its own weights, reassociated
+        for a single query: the query is pushed through the key projection once (q W_k, [heads, H]) and
+        the values are projected after pooling (sum_l a_l S_l) W_v, so the cost per prompt token is
+        O(heads x H) instead of the O(H^2) of projecting every state to keys and values. [B, 1, H]."""
+        attention = self.attention
+        batch, _, width = states.shape
+        heads = attention.num_heads
+        dim = width // heads
+        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+        query = ((self.query @ w_q.T + b_q) / math.sqrt(dim)).view(heads, dim)
+        key_direction = torch.einsum("hd,hde->he", query, w_k.view(heads, dim, width))
+        scores = torch.einsum("ble,he->bhl", states, key_direction) + (query * b_k.view(heads, dim)).sum(-1)[:, None]
+        weights = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(dim=-1)
+        mixed = torch.einsum("bhl,ble->bhe", weights, states)
+        values = torch.einsum("bhe,hde->bhd", mixed, w_v.view(heads, dim, width)) + b_v.view(heads, dim)
+        return attention.out_proj(values.reshape(batch, 1, width))
 
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad variable-length [L_i, H] prompt states into [B, L, H] plus a mask."""
-    width = max(s.shape[0] for s in states)
-    out = states[0].new_zeros((len(states), width, states[0].shape[1]))
-    mask = torch.zeros((len(states), width), dtype=torch.bool)
-    for i, s in enumerate(states):
-        out[i, : s.shape[0]] = s
-        mask[i, : s.shape[0]] = True
+    out = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+    lengths = torch.tensor([s.shape[0] for s in states], device=out.device)
+    mask = torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
     return out, mask
 
 
@@ -105,6 +120,7 @@ class ValueFitReport:
     n_heldout: int
     target_mean: float
     target_std: float
+    fit_seconds: float = 0.0
 
     @property
     def informative(self) -> bool:
@@ -132,19 +148,31 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return order[n_heldout:], order[:n_heldout]
 
 
+def _batches(states: list[torch.Tensor], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [pad_states(states[start:start + batch_size]) for start in range(0, len(states), batch_size)]
+
+
 @torch.no_grad()
-def predict(head: ValueHead, states: list[torch.Tensor], batch_size: int = 64) -> np.ndarray:
+def _predict_padded(head: ValueHead, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
     head.eval()
-    values = []
-    for start in range(0, len(states), batch_size):
-        padded, mask = pad_states(states[start:start + batch_size])
-        values.append(head(padded, mask).float().cpu())
+    values = [head(padded, mask).float().cpu() for padded, mask in batches]
     return torch.cat(values).numpy() if values else np.zeros(0)
 
 
+def predict(head: ValueHead, states: list[torch.Tensor], batch_size: int = 64) -> np.ndarray:
+    return _predict_padded(head, _batches(states, batch_size))
+
+
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
-                   settings: ValueFitSettings = ValueFitSettings()) -> tuple[ValueHead, ValueFitReport]:
-    """Fit V on (prompt states, reward of pi_ref's generation); keep the best held-out epoch."""
+                   settings: ValueFitSettings = ValueFitSettings(),
+                   device: torch.device | str | None = None) -> tuple[ValueHead, ValueFitReport]:
+    """Fit V on (prompt states, reward of pi_ref's generation); keep the best held-out epoch.
+
+    The fit runs on ``device`` (default: where the states are); the held-out batches are padded
+    once, and the head's attention costs O(heads x hidden) per prompt token (:meth:`ValueHead.pool`)."""
+    started = time.perf_counter()
+    device = torch.device(device) if device is not None else states[0].device
+    states = [s.to(device) for s in states]
     targets_t = torch.tensor(targets, dtype=torch.float32)
     train_idx, held_idx = _split(len(states), settings.heldout_fraction, settings.seed)
     torch.manual_seed(settings.seed)
@@ -152,34 +180,40 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     mean, std = targets_t[train_idx].mean(), targets_t[train_idx].std(unbiased=False).clamp(min=1e-6)
     head.target_mean.fill_(mean)
     head.target_std.fill_(std)
+    head.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    held_states, held_targets = [states[i] for i in held_idx], targets_t[held_idx].numpy()
+    held_batches, held_targets = _batches([states[i] for i in held_idx], 64), targets_t[held_idx].numpy()
+    targets_d = targets_t.to(device)
     rng = np.random.default_rng(settings.seed)
 
     def heldout_mse() -> float:
-        return float(np.mean((predict(head, held_states) - held_targets) ** 2))
+        return float(np.mean((_predict_padded(head, held_batches) - held_targets) ** 2))
 
-    best_mse, best_epoch, best_state = heldout_mse(), 0, copy.deepcopy(head.state_dict())
+    def snapshot() -> dict:
+        return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+
+    best_mse, best_epoch, best_state = heldout_mse(), 0, snapshot()
     for epoch in tqdm(range(1, settings.epochs + 1), desc="value head", leave=False):
         head.train()
         order = rng.permutation(train_idx)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             padded, mask = pad_states([states[i] for i in batch])
-            loss = torch.nn.functional.mse_loss(head(padded, mask), targets_t[batch])
+            loss = torch.nn.functional.mse_loss(head(padded, mask), targets_d[torch.as_tensor(batch, device=device)])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         mse = heldout_mse()
         if mse < best_mse:
-            best_mse, best_epoch, best_state = mse, epoch, copy.deepcopy(head.state_dict())
+            best_mse, best_epoch, best_state = mse, epoch, snapshot()
     head.load_state_dict(best_state)
-    head.eval()
+    held_predictions = _predict_padded(head, held_batches)
+    head.cpu().eval()
     constant = float(np.mean((held_targets - float(mean)) ** 2))
-    held_predictions = predict(head, held_states)
     report = ValueFitReport(best_epoch=best_epoch, heldout_mse=best_mse, constant_mse=constant,
                             heldout_r2=r_squared(held_predictions, held_targets, float(mean)),
                             heldout_spearman=spearman(held_predictions, held_targets),
                             n_train=len(train_idx), n_heldout=len(held_idx),
-                            target_mean=float(mean), target_std=float(std))
+                            target_mean=float(mean), target_std=float(std),
+                            fit_seconds=time.perf_counter() - started)
     return head, report

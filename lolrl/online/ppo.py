@@ -59,7 +59,7 @@ from lolrl.engine.losses import (
     ppo_token_rewards,
     ppo_value_loss,
 )
-from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer
+from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer, pad_rows, response_outputs
 from lolrl.engine.runtime import flat_config, make_accelerator
 from lolrl.engine.validation import (
     BestModelKeeper,
@@ -200,31 +200,22 @@ class ValueHeadModel(nn.Module):
         config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
         self.value_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(config.hidden_size, 1))
 
-    def forward(self, input_ids, attention_mask=None):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                          use_cache=False)
-        hidden = out.hidden_states[-1].to(self.value_head[1].weight.dtype)
-        return out.logits, self.value_head(hidden).squeeze(-1)
+    def forward(self, batch: dict):
+        """Per response token: log-prob, entropy and value of the state before it (:func:`token_outputs`)."""
+        return token_outputs(self.policy, batch, self.value_head)
 
 
-def token_outputs(logits: torch.Tensor, batch: dict, values: torch.Tensor | None = None):
+def token_outputs(model, batch: dict, value_head=None):
     """Per response token of a padded causal batch (:class:`lolrl.engine.collation.Collator`): log-prob,
-    entropy of the policy's distribution, and value of the state before the token. Each is
-    ``[rows, longest response]``, 0 past a row's end; also returns that mask."""
-    target_mask = batch["target_mask"].bool()
-    selected = logits[:, :-1][target_mask].float()
-    lse = torch.logsumexp(selected, dim=-1)
-    logprobs = selected.gather(-1, batch["target_ids"][target_mask][:, None]).squeeze(-1) - lse
-    entropy = lse - (torch.softmax(selected, dim=-1) * selected).sum(dim=-1)
-    lengths = batch["response_lengths"].tolist()
-
-    def pad(flat):
-        return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
-
-    mask = (torch.arange(max(lengths), device=logits.device)[None, :]
-            < batch["response_lengths"].to(logits.device)[:, None]).float()
-    value = pad(values[:, :-1][target_mask].float()) if values is not None else None
-    return pad(logprobs), pad(entropy), value, mask
+    entropy of the policy's distribution, and (with ``value_head``) value of the state before the token.
+    Each is ``[rows, longest response]``, 0 past a row's end; also returns that mask. The output layer
+    runs only on the response positions, in chunks (:func:`lolrl.engine.modeling.response_outputs`)."""
+    out = response_outputs(model, batch, entropy=True, scored_hidden=value_head is not None)
+    value = None
+    if value_head is not None:
+        hidden = out.scored_hidden.to(value_head[1].weight.dtype)
+        value = pad_rows(value_head(hidden).squeeze(-1).float(), batch["response_lengths"].tolist())
+    return out.logprobs, out.entropy, value, out.mask
 
 
 class RunningMoments:
@@ -402,12 +393,9 @@ class PPOTrainer:
         for start in range(0, len(rows), config.mini_batch_size):
             batch = self._collate(rows[start:start + config.mini_batch_size])
             with acc.autocast():
-                logits, value = self._unwrapped()(batch["input_ids"], batch["attention_mask"])
-                lp, _, v, _ = token_outputs(logits, batch, value)
+                lp, _, v, _ = self._unwrapped()(batch)
                 with self._reference() as reference:
-                    ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                           use_cache=False).logits
-                ref_lp, _, _, _ = token_outputs(ref_logits, batch)
+                    ref_lp = response_outputs(reference, batch).logprobs
             old_logprobs += list(lp)
             values += list(v)
             ref_logprobs += list(ref_lp)
@@ -447,8 +435,7 @@ class PPOTrainer:
                     with contextlib.nullcontext() if syncing else acc.no_sync(self.model):
                         with acc.autocast():
                             batch = self._collate([data["rows"][i] for i in idx])
-                            logits, vpred = self.model(batch["input_ids"], batch["attention_mask"])
-                            logprobs, entropy, vpred, mask = token_outputs(logits, batch, vpred)
+                            logprobs, entropy, vpred, mask = self.model(batch)
                             width = mask.shape[1]
 
                             def take(key, idx=idx, width=width):

@@ -1,0 +1,119 @@
+"""The chunked output layer: the same log-probs and gradients as full logits, in bounded memory."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lolrl.engine.collation import Collator, Tokenizer
+from lolrl.engine.data import Record
+from lolrl.engine.modeling import (
+    LoraSettings,
+    head_logprobs,
+    last_hidden_states,
+    load_model,
+    load_tokenizer,
+    response_outputs,
+)
+
+RECORDS = [
+    Record("a", "user: tell me about cats\nbot:", "sure i am glad to help with cats", 1.0),
+    Record("b", "user: tell me about a very long and winding river of stars and trains\nbot:", "no", 0.0),
+    Record("c", "hi", "please enjoy music you are welcome kind regards and thanks", 0.5),
+]
+CHUNK = 4
+
+
+def _setup(tiny_models, kind, lora):
+    tokenizer = load_tokenizer(tiny_models[kind])
+    settings = LoraSettings(r=4, dropout=0.0, target_modules="q,v" if kind == "seq2seq" else None) if lora else None
+    if lora and kind == "llama":
+        settings.target_modules = "q_proj,v_proj"
+    model = load_model(tiny_models[kind], lora=settings).eval()  # eval: no dropout, gradients still on
+    if lora:  # a non-zero adapter, so its gradients are not trivially equal
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+    encdec = kind == "seq2seq"
+    rows = Tokenizer(tokenizer, encdec, 64, 32)(RECORDS)
+    collator = Collator(tokenizer.pad_token_id, encdec, model.config.decoder_start_token_id if encdec else None)
+    return model, collator(rows)
+
+
+def _logprobs_and_grads(model, batch, chunk_size):
+    model.zero_grad(set_to_none=True)
+    out = response_outputs(model, batch, chunk_size=chunk_size)
+    weights = torch.linspace(0.5, 1.5, out.logprobs.numel()).view_as(out.logprobs)
+    (out.logprobs * out.mask * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logprobs.detach(), grads
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("kind", ["causal", "llama", "seq2seq"])
+def test_chunked_logprobs_and_gradients_equal_full_logits(tiny_models, kind, lora):
+    model, batch = _setup(tiny_models, kind, lora)
+    full, full_grads = _logprobs_and_grads(model, batch, chunk_size=0)
+    chunked, chunked_grads = _logprobs_and_grads(model, batch, chunk_size=CHUNK)
+    assert int(batch["target_mask"].sum()) > 3 * CHUNK  # several chunks
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
+    assert full_grads and full_grads.keys() == chunked_grads.keys()
+    assert all("lora" in n for n in full_grads) == lora
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["causal", "llama"])
+def test_entropy_states_and_scored_hidden_equal_full_logits(tiny_models, kind):
+    model, batch = _setup(tiny_models, kind, False)
+    with torch.no_grad():
+        full = response_outputs(model, batch, True, True, True, chunk_size=0)
+        chunked = response_outputs(model, batch, True, True, True, chunk_size=CHUNK)
+        states = last_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(chunked.entropy, full.entropy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.scored_hidden, full.scored_hidden, atol=1e-6, rtol=0)
+    for a, b in zip(chunked.prompt_states, full.prompt_states):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(states, reference, atol=1e-6, rtol=0)
+
+
+def test_head_logprobs_matches_log_softmax():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 50)
+    hidden, targets = torch.randn(11, 8), torch.randint(0, 50, (11,))
+    expected = layer(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    logprobs, _ = head_logprobs(layer, hidden, targets, chunk_size=3)
+    torch.testing.assert_close(logprobs, expected, atol=1e-6, rtol=0)
+
+
+class _VocabTensors(TorchDispatchMode):
+    """Records the largest tensor with a vocabulary-sized dimension that any op creates."""
+
+    def __init__(self, vocab, exclude):
+        super().__init__()
+        self.vocab, self.exclude, self.largest = vocab, exclude, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and self.vocab in t.shape and tuple(t.shape) not in self.exclude:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_no_tensor_larger_than_one_chunk_of_logits(tiny_models, kind):
+    """Forward and backward: the chunked path never creates a [tokens, vocab] tensor above one chunk;
+    the full-logits path does (so the probe can fail)."""
+    model, batch = _setup(tiny_models, kind, False)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    weight_shapes = {(vocab, hidden), (hidden, vocab)}  # the embedding / output weight and their gradients
+    sizes = {}
+    for chunk_size in (0, CHUNK):
+        model.zero_grad(set_to_none=True)
+        with _VocabTensors(vocab, weight_shapes) as probe:
+            out = response_outputs(model, batch, chunk_size=chunk_size)
+            (out.logprobs * out.mask).sum().backward()
+        sizes[chunk_size] = probe.largest
+    assert 0 < sizes[CHUNK] <= CHUNK * vocab
+    assert sizes[0] >= batch["input_ids"].shape[0] * 8 * vocab  # full logits: batch x length x vocab
