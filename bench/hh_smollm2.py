@@ -35,13 +35,15 @@ RUNS = {
 
 
 def prepare_data(hh_dir: Path, work: Path, n_train: int, n_dev: int, n_eval: int) -> tuple[Path, Path, list[dict]]:
-    source = read_pro_file(hh_dir / "hh_test" / "harmless_base.json")
+    source = [r for r in read_pro_file(hh_dir / "hh_test" / "harmless_base.json", allow_empty_suffix=True)
+              if all(s.strip() for s in r["suffix"])]  # a few real records have an empty response
     train, report = clean_training_rows(source[:n_train])
     print(f"training records: {report}")
     (work / "data" / "train").mkdir(parents=True, exist_ok=True)
     write_jsonl(work / "data" / "train" / "cleaner_train.json", train)
     write_jsonl(work / "data" / "dev.json", source[n_train:n_train + n_dev])
-    held_out = read_pro_file(hh_dir / "hh_test" / "helpful_base.json")[:n_eval]
+    held_out = [r for r in read_pro_file(hh_dir / "hh_test" / "helpful_base.json", allow_empty_suffix=True)
+                if all(s.strip() for s in r["suffix"])][:n_eval]
     return work / "data" / "train", work / "data" / "dev.json", held_out
 
 

@@ -40,7 +40,9 @@ def hh_rows(hh_dir: Path, n_train: int, n_val: int, n_test: int) -> dict[str, li
     """Disjoint PRO-format records per split, half from each test file."""
     parts = {"train": [], "val": [], "test": []}
     for name in SPLITS:
-        rows = read_pro_file(hh_dir / "hh_test" / name)
+        # a few real records have an empty response: left out (both responses of a prompt are rows here)
+        rows = [r for r in read_pro_file(hh_dir / "hh_test" / name, allow_empty_suffix=True)
+                if all(s.strip() for s in r["suffix"])]
         bounds = {"train": (0, n_train // 2), "val": (n_train // 2, n_train // 2 + n_val // 2)}
         bounds["test"] = (bounds["val"][1], bounds["val"][1] + n_test // 2)
         for split, (start, stop) in bounds.items():

@@ -65,18 +65,22 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def read_pro_file(path: str | Path) -> list[dict]:
-    """Read and check a PRO-format JSON Lines file; errors name the file, line and field."""
+def read_pro_file(path: str | Path, allow_empty_suffix: bool = False) -> list[dict]:
+    """Read and check a PRO-format JSON Lines file; errors name the file, line and field.
+
+    An empty suffix is an error in a file trained on; the real HH dev and test files hold a few
+    (hh_dev 1, harmless_base 4, helpful_base 4, helpful_online 3), so evaluation and validation read
+    them with ``allow_empty_suffix=True`` (their prompts are what is used)."""
     rows = []
     for number, row in json_lines(path):
-        _check_pro_row(row, str(path), number)
+        _check_pro_row(row, str(path), number, allow_empty_suffix)
         rows.append(row)
     if not rows:
         raise DataError(str(path), None, None, "has no records")
     return rows
 
 
-def _check_pro_row(row, source: str, line: int) -> None:
+def _check_pro_row(row, source: str, line: int, allow_empty_suffix: bool = False) -> None:
     if not isinstance(row, dict):
         raise DataError(source, line, None, "expected a JSON object")
     for name in ("prefix", "suffix", "reward"):
@@ -95,8 +99,8 @@ def _check_pro_row(row, source: str, line: int) -> None:
     for k, suffix in enumerate(row["suffix"]):
         if not isinstance(suffix, str):
             raise DataError(source, line, f"suffix[{k}]", f"expected a string, got {type(suffix).__name__}")
-        if not suffix.strip():
-            raise DataError(source, line, f"suffix[{k}]", "is empty")
+        if not suffix.strip() and not allow_empty_suffix:
+            raise DataError(source, line, f"suffix[{k}]", "is empty (a response to train on)")
     sft_index = row.get("sft_index", 0)
     if not isinstance(sft_index, int) or isinstance(sft_index, bool):
         raise DataError(source, line, "sft_index", f"expected an integer, got {sft_index!r}")

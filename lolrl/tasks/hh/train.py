@@ -29,7 +29,7 @@ def adapter_of(args) -> str | None:
 def read_hh_files(args) -> tuple[list[dict], list[dict]]:
     """The PRO-format training records (``cleaner_train.json``) and the validation records."""
     train = read_pro_file(Path(args.train_file_path) / "cleaner_train.json")
-    return train[: args.max_train_examples] if args.max_train_examples else train, read_pro_file(args.eval_file_path)
+    return train[: args.max_train_examples] if args.max_train_examples else train, read_pro_file(args.eval_file_path, allow_empty_suffix=True)
 
 
 def validation_records(args, dev_rows: list[dict], candidates: str = "sft"):
