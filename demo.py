@@ -25,13 +25,17 @@ class DemoArguments:
     output_dir: str = setting("runs/demo", "where the runs, results.csv and rewards.png go")
     model: str = setting("tiny", "a tiny model trained from scratch, or SmolLM2-135M", choices=("tiny", "smollm2"))
     algorithms: str = setting("a_lol,wbc", f"comma-separated, from {','.join(RL_ALGORITHMS)}; NAME+kK fits V(x) to "
-                              "the mean reward of K samples per validation prompt (e.g. a_lol+k4)")
+                              "the mean reward of K samples per validation prompt (e.g. a_lol+k4), NAME+ridge "
+                              "uses the ridge value head")
     seeds: str = setting("0", "comma-separated seeds, e.g. 0,1,2")
     n_train: int | None = setting(None, "training rows (default per model)", min=1)
     max_steps: int | None = setting(None, "cap optimizer steps per run (quick runs)", min=1)
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.algorithms.split(",") if a and parse_variant(a)[0] not in RL_ALGORITHMS]
+        try:
+            unknown = [a for a in self.algorithms.split(",") if a and parse_variant(a)[0] not in RL_ALGORITHMS]
+        except ValueError as exc:
+            raise ConfigError(f"argument --algorithms: {exc}") from None
         if unknown:
             raise ConfigError(f"argument --algorithms: unknown algorithm(s) {', '.join(unknown)} "
                               f"(expected some of {', '.join(RL_ALGORITHMS)})")

@@ -28,7 +28,7 @@ def build(args: ALoLHHArguments, train_rows, dev_rows):
         # the original rescales the step budget by the positive-advantage share (A-LoL family only)
         step_scale_rows=len(train_rows) if algorithm.startswith("a_lol") else None,
         value_epochs=args.a2c_n_value_head_epochs, value_source=args.value_source,
-        value_samples=args.value_samples)
+        value_samples=args.value_samples, value_head=args.value_head)
     data = task_data(pro_records(train_rows, args.prompt_format, candidates, "train"),
                      validation_records(args, dev_rows, "all" if args.value_source == "data" else "sft"))
     return config, data

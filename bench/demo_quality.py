@@ -7,7 +7,8 @@ Prints mean +/- std (over seeds) of the test final_reward and of each component 
 the NLL reference's, and each algorithm's gain as a share of the headroom
 (max reward - reference reward), and V(x)'s held-out R^2 for the A-LoL variants; ``a_lol+k4`` is a_lol
 with V(x) fit to the mean reward of 4 sampled outputs per validation prompt (``--value_samples 4``)
-instead of one. Target: every A-LoL variant >= 25% of the headroom.
+instead of one, ``a_lol+ridge`` a_lol with the ridge value head (``--value_head ridge``).
+Target: every A-LoL variant >= 25% of the headroom.
 """
 import argparse
 import os
@@ -27,7 +28,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/bench_quality")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--algorithms", default=",".join([*(a for a in ALGORITHMS if a != "nll"), "a_lol+k4"]))
+    parser.add_argument("--algorithms",
+                        default=",".join([*(a for a in ALGORITHMS if a != "nll"), "a_lol+k4", "a_lol+ridge"]))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = run_demo(args.output_dir, args.algorithms.split(","), [int(s) for s in args.seeds.split(",")],

@@ -92,8 +92,11 @@ def build_models(root: Path, cuda: bool) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- checks
-def check_throughput(quick: bool, timeout: int) -> None:
+def check_throughput(quick: bool, timeout: int, model_path: str | None = None) -> None:
+    """``model_path``: the ~1.1B Llama on CUDA (the default GPT-2 6x512 is too small to load a GPU)."""
     cmd = [sys.executable, "bench/throughput.py"] + (["--quick", "--steps", "2", "--batch_size", "2"] if quick else [])
+    if model_path:
+        cmd += ["--model_path", model_path]
     try:
         proc = run(cmd, timeout)
     except subprocess.TimeoutExpired:
@@ -250,7 +253,8 @@ def main(argv=None) -> int:
     task = demo_task.write_task(work / "task", n_train=48, n_val=8, n_test=4)
     limit = 150 if cuda else 120
     if selected("throughput"):
-        guarded("throughput", check_throughput, quick=not cuda, timeout=240 if cuda else 180)
+        guarded("throughput", check_throughput, quick=not cuda, timeout=240 if cuda else 180,
+                model_path=models["big"] if cuda else None)
     if selected("qlora_paged"):
         guarded("qlora_paged", check_qlora_paged, models, cuda)
     if not cuda and selected("resume_plain"):

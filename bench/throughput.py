@@ -4,6 +4,7 @@
     python bench/throughput.py                             # GPT-2 6x512 from a config, batch 8, HH-length rows
     python bench/throughput.py --model smollm2 --lora_r 8  # SmolLM2-135M-Instruct with a LoRA adapter
     python bench/throughput.py --quick                     # tiny model, 2 rounds: a smoke run
+    python bench/throughput.py --model_path DIR            # any saved causal LM (e.g. a ~1B Llama on a GPU)
 
 Methods (each in its own process, so its peak memory is its own), on the same model, rows and batch:
 * ``nll``, ``a_lol`` (``a_lol_seq`` on request): this library's step (policy forward/backward; the
@@ -94,7 +95,9 @@ def prepare(workdir: Path, args, n_rows: int) -> dict:
     source = "HH (../shared/data/hh)" if HH.is_dir() else "synthetic, HH-like lengths"
     rows = hh_rows(n_rows) if HH.is_dir() else synthetic_rows(n_rows)
     (workdir / "rows.json").write_text(json.dumps(rows))
-    if args.model == "smollm2":
+    if args.model_path:
+        model_dir, name = args.model_path, f"{Path(args.model_path).name} (a saved causal LM)"
+    elif args.model == "smollm2":
         from lolrl.demo.smollm2 import materialise
 
         model_dir = materialise(workdir.parent / "smollm2")
@@ -171,7 +174,15 @@ def load_policy(args, device):
     lora = LoraSettings(r=args.lora_r, dropout=0.0) if args.lora_r else None
     model = load_model(args.model_dir, lora=lora).to(device)
     model.config.use_cache = False
+    if checkpointing(args, ours=True):
+        model.gradient_checkpointing_enable()
     return tokenizer, model
+
+
+def checkpointing(args, ours: bool) -> bool:
+    """Whether a method recomputes activations in its backward: ``peers_default``: TRL's trainers do
+    (their default), lolrl's steps do not (theirs); ``on`` / ``off``: every method alike."""
+    return {"on": True, "off": False}.get(args.gradient_checkpointing, not ours)
 
 
 def token_rows(tokenizer, pairs):
@@ -295,6 +306,8 @@ def run_ours(method: str, args, rounds: Rounds) -> dict:
             optimizer.step()
             optimizer.zero_grad()
 
+    if checkpointing(args, ours=True):
+        result["layout"] += ", gradient checkpointing"
     for batch_rows in batches:
         step(batch_rows)
     result.update(params=sum(p.numel() for p in model.parameters()), peak_memory_mb=peak_memory_mb(device),
@@ -320,6 +333,7 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     tokenizer, model = load_policy(args, device)
+    model.gradient_checkpointing_disable()  # the TRL config below decides
     pairs = json.loads((Path(args.workdir) / "rows.json").read_text())
     pool = list(range(len(pairs)))
     random.Random(1).shuffle(pool)
@@ -328,7 +342,8 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
     common = dict(output_dir=str(Path(args.workdir) / method), per_device_train_batch_size=args.batch_size,
                   max_steps=rounds.total_steps, learning_rate=1e-5, lr_scheduler_type="constant",
                   logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
-                  dataloader_num_workers=0, use_cpu=not cuda, bf16=cuda, max_length=None)
+                  dataloader_num_workers=0, use_cpu=not cuda, bf16=cuda, max_length=None,
+                  gradient_checkpointing=checkpointing(args, ours=False))
 
     def count(inputs) -> tuple[int, int]:
         ids = inputs["input_ids"]
@@ -359,8 +374,8 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
     started = time.perf_counter()
     trainer.train()
     layout = "padding-free" if method == "trl_sft_padding_free" else "padded"
-    if config.gradient_checkpointing:  # TRL's default: its memory is that of recomputed activations
-        layout += ", TRL's default gradient checkpointing"
+    if config.gradient_checkpointing:
+        layout += ", gradient checkpointing"
     result = {"method": method, "layout": layout,
               "train_s": time.perf_counter() - started, "params": sum(p.numel() for p in model.parameters()),
               "peak_memory_mb": peak_memory_mb(device), "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -385,7 +400,8 @@ class Worker:
     def __init__(self, method: str, args, workdir: Path):
         cmd = [sys.executable, __file__, "--worker", method, "--workdir", str(workdir), "--model_dir", args.model_dir,
                "--steps", str(args.steps), "--rounds", str(args.rounds), "--batch_size", str(args.batch_size),
-               "--lora_r", str(args.lora_r), "--threads", str(args.threads)]
+               "--lora_r", str(args.lora_r), "--threads", str(args.threads),
+               "--gradient_checkpointing", args.gradient_checkpointing]
         self.method, self.log = method, workdir / f"{method}.log"
         # idle workers wait on stdin: their OpenMP threads must sleep, not spin, while another method runs
         env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -418,6 +434,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny GPT-2, 2 rounds of 2 steps: a smoke run")
     parser.add_argument("--model", choices=("gpt2", "smollm2"), default="gpt2")
+    parser.add_argument("--model_path", default=None, help="a saved causal LM folder with its tokenizer, e.g. the "
+                        "~1.1B Llama of bench/gpu_check.py (instead of --model)")
     parser.add_argument("--lora_r", type=int, default=0, help="train a LoRA adapter of this rank (0: full model)")
     parser.add_argument("--workdir", default="runs/bench_throughput")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -426,6 +444,9 @@ def main() -> int:
     parser.add_argument("--methods", default=None, help=f"comma-separated, of {', '.join(OURS + PEERS)} (default: "
                         f"{', '.join(DEFAULT_METHODS)}; with --quick: {', '.join(QUICK_METHODS)})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--gradient_checkpointing", choices=("peers_default", "on", "off"), default="peers_default",
+                        help="recompute activations in the backward: peers_default (TRL's trainers yes, as their "
+                             "default; lolrl no, as its default), or on / off for every method (like for like)")
     parser.add_argument("--worker", choices=OURS + PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -441,7 +462,8 @@ def main() -> int:
     if not trl_available():
         print("TRL is not installed: its trainers are left out")
         methods = [m for m in methods if m not in PEERS]
-    workdir = Path(args.workdir) / (args.model + (f"_lora{args.lora_r}" if args.lora_r else ""))
+    model_tag = Path(args.model_path).name if args.model_path else args.model
+    workdir = Path(args.workdir) / (model_tag + (f"_lora{args.lora_r}" if args.lora_r else ""))
     workdir.mkdir(parents=True, exist_ok=True)
     info = prepare(workdir, args, n_rows=max(20 if args.quick else 50, 2 + args.rounds * args.steps) * args.batch_size)
     args.model_dir = info["model_dir"]

@@ -36,3 +36,42 @@ def test_damaged_entries_are_never_read(tmp_path, caplog):
 def test_writes_leave_no_temporary_files(tmp_path):
     Cache(tmp_path).save("entry", "k", {"a": 1}, {"x": torch.ones(2)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.json", "entry.safetensors"]
+
+
+class TwoProcesses:
+    """An Accelerator's surface as the cache sees it, on one of two processes; ``found_elsewhere``:
+    whether the other process found the entry (what its ``reduce`` adds to this one's flag)."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self, is_main: bool, found_elsewhere: bool):
+        self.is_main_process, self.found_elsewhere = is_main, found_elsewhere
+        self.barriers = 0
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return tensor + float(self.found_elsewhere)
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+
+
+def test_processes_reuse_an_entry_only_when_every_one_found_it(tmp_path, caplog):
+    """A process that decided alone (the other one saw no entry yet) would leave the collectives of the
+    recomputation out of step: the entry is used only if every process found it, else all recompute."""
+    key = hash_json("k")
+    Cache(tmp_path).save("entry", key, {"a": 1}, {"x": torch.ones(2)})
+    assert Cache(tmp_path, accelerator=TwoProcesses(True, found_elsewhere=True)).load("entry", key)[0] == {"a": 1}
+    with caplog.at_level("WARNING"):
+        assert Cache(tmp_path, accelerator=TwoProcesses(True, found_elsewhere=False)).load("entry", key) is None
+    assert "another process could not read it" in caplog.text
+    assert Cache(tmp_path / "none", accelerator=TwoProcesses(False, found_elsewhere=True)).load("entry", key) is None
+
+
+def test_a_save_returns_once_every_process_can_read_it(tmp_path):
+    key = hash_json("k")
+    main, other = TwoProcesses(True, True), TwoProcesses(False, True)
+    Cache(tmp_path / "a", accelerator=other).save("entry", key, {"a": 1})
+    assert not (tmp_path / "a" / "entry.json").exists() and other.barriers == 1  # only the main process writes
+    Cache(tmp_path / "a", accelerator=main).save("entry", key, {"a": 1})
+    assert (tmp_path / "a" / "entry.json").exists() and main.barriers == 1

@@ -66,15 +66,26 @@ def test_tiny_demo_run_writes_results(tmp_path):
     assert summary["a_lol"]["seeds"] == 2
 
 
-def test_pipeline_with_the_starting_model_and_a_k_samples_variant(tmp_path):
+def test_pipeline_with_the_starting_model_and_value_variants(tmp_path):
     settings = DemoSettings(n_train=48, n_val=12, n_test=8, nll_epochs=1, rl_epochs=1, batch_size=16,
                             max_resp_length=6, tiny_width=32, evaluate_start=True)
-    rows = run_demo(tmp_path, algorithms=("a_lol+k2",), seeds=(0,), settings=settings)
-    assert [r["algorithm"] for r in rows] == ["start", "nll (reference)", "a_lol+k2"]
+    rows = run_demo(tmp_path, algorithms=("a_lol+k2+ridge",), seeds=(0,), settings=settings)
+    assert [r["algorithm"] for r in rows] == ["start", "nll (reference)", "a_lol+k2+ridge"]
     assert -1.0 <= rows[2]["value_r2"] or rows[2]["value_r2"] != rows[2]["value_r2"]  # a number (NaN allowed)
-    config = json.loads((tmp_path / "runs" / "a_lol+k2_seed0" / "args.json").read_text())
-    assert config["algorithm"] == "a_lol" and config["value_samples"] == 2
+    config = json.loads((tmp_path / "runs" / "a_lol+k2+ridge_seed0" / "args.json").read_text())
+    assert (config["algorithm"], config["value_samples"], config["value_head"]) == ("a_lol", 2, "ridge")
     assert not (tmp_path / "runs" / "start" / "model").exists()  # evaluated, never trained or saved
+
+
+def test_variant_names():
+    from lolrl.demo.pipeline import parse_variant
+
+    assert parse_variant("wbc") == ("wbc", {})
+    assert parse_variant("a_lol+k4") == ("a_lol", {"value_samples": 4})
+    assert parse_variant("a_lol+ridge+k3") == ("a_lol", {"value_head": "ridge", "value_samples": 3})
+    for bad in ("a_lol+k0", "a_lol+kx", "a_lol+lasso"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            parse_variant(bad)
 
 
 def test_demo_script_rejects_unknown_algorithm(tmp_path):

@@ -318,9 +318,6 @@ def test_response_logprob_sums_match_a_direct_forward(tiny_models):
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(os.environ.get("LOLRL_TWO_PROCESS_TESTS") != "1", reason=(
-    "intermittent gloo teardown hang of two-process runs, see tests/test_distributed.py; "
-    "LOLRL_TWO_PROCESS_TESTS=1 runs it"))
 @pytest.mark.parametrize("script, extra", [
     ("lolrl_qlora_llama_hh.py", ["--algorithm", "a_lol", "--sampling_strategy", "all_priority"]),
     ("pro_qlora_llama_hh.py", []),

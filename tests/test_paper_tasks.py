@@ -170,8 +170,8 @@ def comet_critic(models, tmp_path_factory):
     weights = paper_tiny.keras_weights_of(model, dense, out)
     assert "roberta/encoder/layer_._1/attention/self/query/kernel:0" in weights
     np.savez(root / "critic.npz", **weights)
-    assert convert_main(["-i", str(root / "critic.npz"), "-o", str(root / "converted"), "--config",
-                         models["roberta"], "--tokenizer", models["roberta"]]) == 0
+    assert convert_main(["-i", str(root / "critic.npz"), "-o", str(root / "converted"),
+                         "--roberta_config", models["roberta"], "--tokenizer", models["roberta"]]) == 0
     return {"dir": str(root / "converted"), "model": model, "dense": dense, "out": out, "weights": weights}
 
 

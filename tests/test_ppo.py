@@ -324,3 +324,21 @@ def test_trl_grpo_and_rloo_behind_the_same_script(hh_fixture, trainer):
     assert [v["step"] for v in _read_jsonl(out / "validation_stats.jsonl")] == [0, 2]
     assert (out / "best_adapter" / "adapter_model.safetensors").exists()
     assert not (out / "best_adapter" / "ref").exists()  # TRL's frozen copy of the starting adapter is not saved
+
+
+def test_trl_trainers_respect_the_folder_lock(hh_fixture, capsys):
+    """GRPO / RLOO take the output folder's lock like every other run: a folder in use is refused (exit 2)."""
+    import socket
+
+    from lolrl.utils.lock import LOCK_NAME
+
+    sys.path.insert(0, str(ROOT))
+    from ppo_qlora_llama_hh import main as ppo_main
+
+    tmp_path, args = hh_fixture
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "x"}))
+    assert ppo_main(args + ["--output_dir", str(held), "--trainer", "grpo", "--total_steps", "1"]) == 2
+    assert f"in use by pid {os.getppid()}" in capsys.readouterr().err
+    assert not (held / "validation_stats.jsonl").exists()

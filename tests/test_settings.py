@@ -309,3 +309,33 @@ def test_demo_preset_parses():
 
     config = DataclassParser(DemoArguments).parse_one(["--config", str(ROOT / "configs" / "demo.yaml")])
     assert (config.model, config.algorithms) == ("tiny", "a_lol,wbc")
+
+
+def test_ppo_total_steps_and_max_steps_are_one_setting(capsys):
+    """--max_steps (HF's name) and --total_steps (the original's) set one PPO step count; disagreeing is refused."""
+    script = "ppo_qlora_llama_hh.py"
+    assert (parse(script, []).total_steps, parse(script, []).max_steps) == (1000, 1000)
+    assert parse(script, ["--max_steps", "7"]).total_steps == 7
+    assert parse(script, ["--total_steps", "5"]).max_steps == 5
+    assert parse(script, ["--total_steps", "5", "--max_steps", "5"]).total_steps == 5
+    with pytest.raises(SystemExit) as stop:
+        parse(script, ["--total_steps", "5", "--max_steps", "6"])
+    assert stop.value.code == 2 and "disagree" in capsys.readouterr().err
+
+
+def test_converter_command_line_is_generated_and_takes_a_preset(tmp_path, capsys):
+    from lolrl.tasks.paper import comet_convert
+
+    parser = comet_convert.build_parser()
+    assert isinstance(parser, DataclassParser)
+    args = parser.parse_one(["-i", "critic.npz", "-o", "out", "--roberta_config", "roberta-base"])
+    assert (args.keras_model, args.output_dir, args.roberta_config, args.tokenizer) == (
+        "critic.npz", "out", "roberta-base", None)
+    preset = tmp_path / "convert.yaml"
+    preset.write_text("roberta_config: roberta-base\ndump_npz: weights.npz\n")
+    args = parser.parse_one(["--config", str(preset), "-o", "elsewhere"])
+    assert (args.roberta_config, args.dump_npz, args.output_dir) == ("roberta-base", "weights.npz", "elsewhere")
+    assert args.keras_model == comet_convert.ORIGINAL_KERAS_DIR
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_one(["--bogus", "1"])
+    assert stop.value.code == 2 and "--bogus" in capsys.readouterr().err

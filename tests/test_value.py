@@ -212,3 +212,73 @@ def test_fit_equals_the_multihead_attention_fit(monkeypatch):
     assert fast.heldout_mse == pytest.approx(slow.heldout_mse, rel=1e-4, abs=1e-6)
     np.testing.assert_allclose(predict(fast_head, states), predict(slow_head, states), atol=1e-4)
     assert fast.fit_seconds > 0
+
+
+# ------------------------------------------------------------------------------------------ ridge head
+def test_ridge_leave_one_out_by_hand():
+    """The closed-form leave-one-out error equals refitting without each row (centred data, fixed
+    scaling: intercept and features refit on the n - 1 rows), and the weights are (Z'Z + aI)^-1 Z'y."""
+    from lolrl.engine.value import _ridge_loo
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(12, 4))
+    z -= z.mean(0)
+    y = z @ np.array([1.0, -2.0, 0.0, 0.5]) + rng.normal(scale=0.3, size=12)
+    y -= y.mean()
+    for alpha in (0.1, 3.0):
+        _, weights = _ridge_loo(z, y, [alpha])
+        np.testing.assert_allclose(weights, np.linalg.solve(z.T @ z + alpha * np.eye(4), z.T @ y), atol=1e-12)
+        errors = []
+        for i in range(12):  # refit by hand on the other 11, with an intercept (their own means)
+            keep = np.arange(12) != i
+            zk, yk = z[keep] - z[keep].mean(0), y[keep] - y[keep].mean()
+            w = np.linalg.solve(zk.T @ zk + alpha * np.eye(4), zk.T @ yk)
+            errors.append((y[i] - (y[keep].mean() + (z[i] - z[keep].mean(0)) @ w)) ** 2)
+        chosen, _ = _ridge_loo(z, y, [alpha, 1e9])  # the huge penalty predicts ~0 everywhere: worse here
+        assert chosen == alpha
+        loo = _loo_error(z, y, alpha)
+        assert loo == pytest.approx(np.mean(errors), rel=0.05)
+
+
+def _loo_error(z, y, alpha):
+    u, s, _ = np.linalg.svd(z, full_matrices=False)
+    shrink = s ** 2 / (s ** 2 + alpha)
+    fitted = u @ (shrink * (u.T @ y))
+    leverage = (u ** 2) @ shrink + 1 / len(y)
+    return float(np.mean(((y - fitted) / (1 - leverage)) ** 2))
+
+
+def test_ridge_head_is_the_mean_pooled_linear_map_and_ignores_padding():
+    from lolrl.engine.value import RidgeValueHead
+
+    head = RidgeValueHead(H)
+    torch.manual_seed(0)
+    for name in ("feature_mean", "feature_scale", "weight"):
+        getattr(head, name).copy_(torch.rand(H) + 0.5)
+    head.target_mean.fill_(2.0)
+    head.target_std.fill_(3.0)
+    states = [torch.randn(3, H), torch.randn(5, H)]
+    padded, mask = pad_states(states)
+    by_hand = [2.0 + 3.0 * float(((s.mean(0) - head.feature_mean) / head.feature_scale) @ head.weight) for s in states]
+    np.testing.assert_allclose(head(padded, mask).numpy(), by_hand, rtol=1e-5)
+    longer, longer_mask = pad_states([*states, torch.randn(9, H)])
+    np.testing.assert_allclose(head(longer, longer_mask)[:2].numpy(), by_hand, rtol=1e-5)
+
+
+def test_ridge_fit_learns_a_linear_signal_and_chooses_its_penalty_without_the_heldout_prompts():
+    torch.manual_seed(1)
+    states = [torch.randn(int(torch.randint(2, 9, (1,))), H) for _ in range(80)]
+    direction = torch.randn(H)
+    clean = [float(s.mean(0) @ direction) for s in states]
+    targets = [c + 0.05 * float(torch.randn(())) for c in clean]
+    settings = ValueFitSettings(head="ridge", heldout_fraction=0.25, seed=0)
+    head, report = fit_value_head(states, targets, settings)
+    assert report.head == "ridge" and report.heldout_r2 > 0.9 and report.n_heldout == 20
+    np.testing.assert_allclose(predict(head, states[:5]), clean[:5], atol=0.3)
+    # the held-out prompts' targets play no part in the fit (they only judge it)
+    scrambled = list(targets)
+    for i in np.random.default_rng(0).permutation(80)[:20]:
+        scrambled[i] = 100.0
+    other_head, other = fit_value_head(states, scrambled, settings)
+    assert other.ridge_alpha == report.ridge_alpha and torch.equal(other_head.weight, head.weight)
+    assert other.heldout_mse > 100 * report.heldout_mse

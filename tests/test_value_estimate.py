@@ -13,6 +13,7 @@ from lolrl.engine.rewards import RewardFunction
 from lolrl.engine.trainer import OfflineRLTrainer
 from lolrl.engine.value import (
     INFORMATIVE_R2,
+    RIDGE_ALPHAS,
     ValueFitReport,
     ValueFitSettings,
     fit_value_head,
@@ -125,3 +126,32 @@ def test_run_warns_and_records_an_uninformative_value(tmp_path, tiny_models, toy
 
     stats = json.loads((tmp_path / "run" / "advantage_stats.json").read_text())
     assert stats["value_fit"]["informative"] is False
+
+
+@pytest.mark.parametrize("model", ["causal", "seq2seq"])
+def test_ridge_v_of_a_prompt_is_the_same_whichever_path_computes_it(tmp_path, tiny_models, toy_dir, toy_reward_spec,
+                                                                     model):
+    from lolrl.engine.rewards import load_reward
+
+    trainer = _trainer(tmp_path, tiny_models[model], toy_dir, load_reward(toy_reward_spec))
+    rows = trainer.row_tokenizer(trainer.data.train)
+    states = prompt_states(trainer.model, rows, trainer.tokenizer.pad_token_id, 5, desc="states")
+    head, _ = fit_value_head(states, [float(s[:, 0].mean()) for s in states], ValueFitSettings(head="ridge"))
+    inside = reference_pass(trainer.model, rows, trainer.collator, 7, head).values
+    np.testing.assert_allclose(inside, predict(head, states), atol=1e-4)
+
+
+def test_run_with_the_ridge_head_reports_it(tmp_path, tiny_models, toy_dir, toy_reward_spec):
+    import json
+
+    from lolrl.engine.rewards import load_reward
+
+    trainer = _trainer(tmp_path, tiny_models["causal"], toy_dir, load_reward(toy_reward_spec), value_head="ridge")
+    signal = trainer.prepare_training_signal(trainer.row_tokenizer(trainer.data.train),
+                                             trainer.row_tokenizer(trainer._val_records()))
+    fit = json.loads((tmp_path / "run" / "value_fit.json").read_text())
+    assert fit["head"] == "ridge" and fit["ridge_alpha"] in [pytest.approx(a) for a in RIDGE_ALPHAS]
+    assert np.isfinite(signal.advantages).all()
+    with pytest.raises(ConfigError, match="--value_head must be attention or ridge"):
+        OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path), algorithm="a_lol",
+                        value_head="linear")

@@ -49,13 +49,20 @@ def _write_demo_task(directory: Path, settings: "DemoSettings") -> Path:
 
 DEMO_TASK = PipelineTask("demo", _write_demo_task, demo_task.REWARD_SPEC, tuple(demo_task.COMPONENTS),
                          demo_task.MAX_REWARD, demo_task.corpus)
-VARIANT_SEPARATOR = "+k"  # "a_lol+k4": a_lol with V(x) fit to the mean reward of 4 samples per prompt
-
-
-def parse_variant(name: str) -> tuple[str, int]:
-    """``"a_lol+k4"`` -> ``("a_lol", 4)``; a plain name -> ``(name, 1)``."""
-    algorithm, sep, k = name.partition(VARIANT_SEPARATOR)
-    return algorithm, int(k) if sep else 1
+def parse_variant(name: str) -> tuple[str, dict]:
+    """An algorithm name with its value-estimate variants: ``"a_lol+k4"`` -> ``("a_lol", {"value_samples": 4})``
+    (V(x) fit to the mean reward of 4 samples per prompt), ``"a_lol+ridge"`` -> ``("a_lol", {"value_head":
+    "ridge"})``, both: ``"a_lol+k4+ridge"``; a plain name -> ``(name, {})``."""
+    algorithm, *parts = name.split("+")
+    overrides: dict = {}
+    for part in parts:
+        if part == "ridge":
+            overrides["value_head"] = "ridge"
+        elif part[:1] == "k" and part[1:].isdigit() and int(part[1:]) >= 1:
+            overrides["value_samples"] = int(part[1:])
+        else:
+            raise ValueError(f"{name}: unknown variant '+{part}' (known: +kK, e.g. +k4, and +ridge)")
+    return algorithm, overrides
 
 
 @dataclass
@@ -153,13 +160,13 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequenc
     rows.append(_result_row("nll (reference)", 0, nll_results, task))
 
     for name in algorithms:
-        algorithm, samples = parse_variant(name)
+        algorithm, variant = parse_variant(name)
         for seed in seeds[name] if isinstance(seeds, dict) else seeds:
             print(f"[demo] stage 2: {name}, seed {seed}, from pi_ref")
             run_dir = out / "runs" / f"{name}_seed{seed}"
             results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
                                      algorithm=algorithm, n_epochs=settings.rl_epochs,
-                                     learning_rate=settings.rl_learning_rate, seed=seed, value_samples=samples,
+                                     learning_rate=settings.rl_learning_rate, seed=seed, **variant,
                                      cache_dir=str(out / "cache"), eval_in_beginning=True), data, reward)
             _print_advantages(run_dir)
             rows.append({**_result_row(name, seed, results, task), **_run_facts(run_dir)})

@@ -74,6 +74,9 @@ class OfflineRLConfig:
     # (the original: one beam-search output); K > 1 = K sampled outputs (temperature 1 unless the decoding
     # samples), V(x) fit to their mean reward, an estimate of E_{pi_ref}[R | x]
     value_samples: int = 1
+    # attention: the original's attention-pooling head, trained by gradient steps, its best held-out epoch kept;
+    # ridge: closed-form ridge regression on the mean-pooled states, its penalty chosen by leave-one-out error
+    value_head: str = "attention"
 
     # validation, generation and evaluation
     val_batch_size: int = 64
@@ -153,6 +156,8 @@ class OfflineRLConfig:
             raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
         if self.value_samples > 1 and self.value_source == "data":
             raise ConfigError("--value_samples > 1 samples pi_ref's generations: not with --value_source data")
+        if self.value_head not in ("attention", "ridge"):
+            raise ConfigError(f"--value_head must be attention or ridge, got '{self.value_head}'")
         if self.value_source not in ("generations", "data"):
             raise ConfigError(f"--value_source must be generations or data, got '{self.value_source}'")
         if not self.learning_rate > 0:

@@ -55,7 +55,7 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.reference import prompt_states, reference_pass
-from lolrl.engine.runtime import flat_config, make_accelerator
+from lolrl.engine.runtime import end_run, flat_config, make_accelerator
 from lolrl.engine.sampling import EpochSampler, sampling_weights
 from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import (
@@ -65,10 +65,11 @@ from lolrl.engine.validation import (
     score_on_main,
     scored_generations_check,
 )
-from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, ValueHead, fit_value_head
+from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, fit_value_head, make_value_head
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.finite import StepGuard, check_finite_state
+from lolrl.utils.processes import decided_on_main
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import ensure_folder, hold_folders
 from lolrl.utils.seeding import seed_stage, stage_rng
@@ -142,7 +143,7 @@ class OfflineRLTrainer:
         self.accelerator = accelerator or self._make_accelerator()
         self.output_dir = ensure_folder(config.output_dir, "output folder")
         self.is_main = self.accelerator.is_main_process
-        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, is_main_process=self.is_main)
+        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, accelerator=self.accelerator)
         self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
@@ -275,10 +276,11 @@ class OfflineRLTrainer:
             return dataclasses.replace(settings, num_beams=1)
         return dataclasses.replace(settings, do_sample=True, num_beams=1, temperature=1.0, top_p=1.0)
 
-    def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[ValueHead, dict]:
+    def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[torch.nn.Module, dict]:
         config = self.config
         settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
-                                    heldout_fraction=config.value_heldout_fraction, seed=config.seed)
+                                    heldout_fraction=config.value_heldout_fraction, seed=config.seed,
+                                    head=config.value_head)
         started = time.perf_counter()
         states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
                                self.accelerator, desc="value features")
@@ -294,18 +296,20 @@ class OfflineRLTrainer:
 
             broadcast_object_list(payload)
         state, report = payload[0]
-        head = ValueHead(states[0].shape[-1])
+        head = make_value_head(config.value_head, states[0].shape[-1])
         head.load_state_dict(state)
         head.eval()
-        logger.info("value head: held-out MSE %.4f vs %.4f for a constant (R^2 %.3f, rank correlation %.3f), "
-                    "best epoch %d; prompt states %.1f s, fit %.1f s", report["heldout_mse"], report["constant_mse"],
-                    report["heldout_r2"], report["heldout_spearman"], report["best_epoch"],
+        chosen = (f"ridge penalty {report['ridge_alpha']:.3g}" if report["head"] == "ridge"
+                  else f"best epoch {report['best_epoch']}")
+        logger.info("value head (%s): held-out MSE %.4f vs %.4f for a constant (R^2 %.3f, rank correlation %.3f), "
+                    "%s; prompt states %.1f s, fit %.1f s", report["head"], report["heldout_mse"],
+                    report["constant_mse"], report["heldout_r2"], report["heldout_spearman"], chosen,
                     report["prompt_states_seconds"], report["fit_seconds"])
         if not report["informative"]:
             logger.warning("V(x) is no better than a constant on %d held-out validation prompts (R^2 %.3f < %.2f): "
                            "the advantage then only keeps rows whose reward is above the mean; try --value_samples 4 "
-                           "(or more), more validation prompts, or more value-head epochs", report["n_heldout"],
-                           report["heldout_r2"], INFORMATIVE_R2)
+                           "(or more), more validation prompts, --value_head ridge, or more value-head epochs",
+                           report["n_heldout"], report["heldout_r2"], INFORMATIVE_R2)
         return head, report
 
     def check_reward_agreement(self, sample_size: int = 64) -> dict:
@@ -351,7 +355,8 @@ class OfflineRLTrainer:
                                        "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
                                        "generation": config.generation.as_dict(), "samples": config.value_samples,
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
-                                       "heldout": config.value_heldout_fraction, "seed": config.seed}})
+                                       "heldout": config.value_heldout_fraction, "seed": config.seed,
+                                       **({"head": config.value_head} if config.value_head != "attention" else {})}})
         hit = self.cache.load("reference_pass", key, functools.partial(_check_reference_cache, len(train),
                                                                       config.uses_advantage))
         if hit is not None:
@@ -440,19 +445,23 @@ class OfflineRLTrainer:
     def _save_best(self) -> None:
         state = self._full_state()
         best = self._trainable_state(state)
-        check_finite_state(best, f"the best model (for {self.config.save_dir})")
+        # under sharding only the main process holds the gathered weights: its verdict is every process's
+        what = f"the best model (for {self.config.save_dir})"
+        decided_on_main(self.accelerator, lambda: check_finite_state(best, what))
         self.best_state = best
         self.save_model(self.config.save_dir, state)
 
     def save_model(self, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
         """The model (or only its adapter) and tokenizer, ready for ``from_pretrained``; main process writes."""
         state = self._full_state() if state is None else state
-        if self.is_main:
+
+        def write() -> None:
             check_finite_state(state, f"the model for {directory}")
             model = self.accelerator.unwrap_model(self.model)
             model.save_pretrained(directory, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
-        self.accelerator.wait_for_everyone()
+
+        decided_on_main(self.accelerator, write)  # a refusal stops every process, not the main one alone
 
     # -------------------------------------------------------------------------------- training
     def _optimizer(self, total_steps: int):
@@ -503,10 +512,7 @@ class OfflineRLTrainer:
         return run_key(self.config.to_dict(), cache_lib.records_digest(self.data.train))
 
     def find_checkpoint(self) -> Path | None:
-        found = find_resumable(self.checkpoint_dir, self.config.resume, self._run_key)
-        if found is not None:
-            logger.info("resuming from %s (pass --no_resume to start over)", found)
-        return found
+        return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)
 
     def _save_checkpoint(self, optimizer, scheduler, epoch: int, next_group: int) -> None:
         trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
@@ -665,6 +671,11 @@ class OfflineRLTrainer:
                            self.config.save_dir)
 
     # ------------------------------------------------------------------------------------ run
+    def _end_run(self) -> None:
+        """The wrapped (DDP) model goes before the process group does (see :func:`end_run`)."""
+        self.model = self.accelerator.unwrap_model(self.model)
+        end_run(self.accelerator)
+
     def run(self) -> dict[str, dict]:
         """The whole pipeline: reference signal, training with validation, final evaluation. The output
         and save folders are locked for the run (a second run on either is refused)."""
@@ -689,7 +700,7 @@ class OfflineRLTrainer:
                 reuse = self._reference_generations(val_rows) if self.reward is not None else None
                 self.validate(val_rows, 0, 0.0, reuse)
             if not self.train(train_rows, val_rows, signal, checkpoint):
-                self.accelerator.end_training()
+                self._end_run()
                 return {}
             self._restore_best()
             if self.is_main:
@@ -707,5 +718,5 @@ class OfflineRLTrainer:
         if self.is_main:
             paths = write_results_table(self.output_dir, "eval_results", results)
             logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
-        self.accelerator.end_training()  # closes trackers (and, with several processes, the process group)
+        self._end_run()
         return results

@@ -17,6 +17,7 @@ from lolrl.engine.evaluation import summarize_generations
 from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.rewards import RESERVED_COLUMNS
 from lolrl.utils.finite import check_finite_model
+from lolrl.utils.processes import decided_on_main
 from lolrl.utils.io import append_jsonl, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -168,12 +169,14 @@ class RewardValidationCallback:
                                         golds=gold_texts(self.records, (self.tokenizer.eos_token,)))
         measure = summary[self.keeper.metric]
 
-        def save():
-            if accelerator.is_main_process:
-                check_finite_model(accelerator.unwrap_model(model), f"the model for {self.save_dir}")
-                kwargs = {"selected_adapters": [self.adapter_name]} if self.adapter_name else {}
-                accelerator.unwrap_model(model).save_pretrained(self.save_dir, safe_serialization=True, **kwargs)
-                self.tokenizer.save_pretrained(self.save_dir)
+        def write():
+            check_finite_model(accelerator.unwrap_model(model), f"the model for {self.save_dir}")
+            kwargs = {"selected_adapters": [self.adapter_name]} if self.adapter_name else {}
+            accelerator.unwrap_model(model).save_pretrained(self.save_dir, safe_serialization=True, **kwargs)
+            self.tokenizer.save_pretrained(self.save_dir)
+
+        def save():  # on every process; the main one writes, and its refusal stops them all
+            decided_on_main(accelerator, write)
 
         self.keeper.record(step, epoch, summary, measure, save, accelerator)
         if was_training:

@@ -71,6 +71,39 @@ class ValueHead(nn.Module):
         return attention.out_proj(values.reshape(batch, 1, width))
 
 
+class RidgeValueHead(nn.Module):
+    """V(x) = mean + std * w^T z(x): ridge regression on the standardised mean of the prompt states,
+    z = (mean_l H_x[l] - mu) / sigma. Same call as :class:`ValueHead`; every number is a buffer
+    (the closed-form fit of :func:`fit_value_head` fills them)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        for name, shape in (("feature_mean", (hidden_size,)), ("feature_scale", (hidden_size,)),
+                            ("weight", (hidden_size,)), ("target_mean", ()), ("target_std", ()), ("alpha", ())):
+            self.register_buffer(name, torch.zeros(shape) if name != "feature_scale" else torch.ones(shape))
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B]."""
+        features = (mean_pool(states.to(self.weight.dtype), mask) - self.feature_mean) / self.feature_scale
+        return self.target_mean + self.target_std * (features @ self.weight)
+
+
+HEADS = {"attention": ValueHead, "ridge": RidgeValueHead}
+
+
+def make_value_head(kind: str, hidden_size: int) -> nn.Module:
+    """An empty head of ``kind`` (``attention``: the original's design; ``ridge``) for ``load_state_dict``."""
+    if kind not in HEADS:
+        raise ValueError(f"value head must be one of {', '.join(HEADS)}, got {kind!r}")
+    return HEADS[kind](hidden_size)
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of each row's real states: [B, L, H], [B, L] -> [B, H]."""
+    weights = mask.to(states.dtype)[..., None]
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad variable-length [L_i, H] prompt states into [B, L, H] plus a mask."""
     out = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
@@ -111,7 +144,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass
 class ValueFitReport:
-    best_epoch: int
+    best_epoch: int  # attention head: the epoch kept (0: the initial head); ridge: 0
     heldout_mse: float
     constant_mse: float  # MSE of predicting the training-part mean on the held-out part
     heldout_r2: float
@@ -121,6 +154,8 @@ class ValueFitReport:
     target_mean: float
     target_std: float
     fit_seconds: float = 0.0
+    head: str = "attention"
+    ridge_alpha: float | None = None  # the ridge penalty chosen by leave-one-out error on the training part
 
     @property
     def informative(self) -> bool:
@@ -138,6 +173,7 @@ class ValueFitSettings:
     heldout_fraction: float = 0.2
     dropout: float = 0.1
     seed: int = 0
+    head: str = "attention"  # or "ridge" (:class:`RidgeValueHead`)
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,11 +201,16 @@ def predict(head: ValueHead, states: list[torch.Tensor], batch_size: int = 64) -
 
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
                    settings: ValueFitSettings = ValueFitSettings(),
-                   device: torch.device | str | None = None) -> tuple[ValueHead, ValueFitReport]:
-    """Fit V on (prompt states, reward of pi_ref's generation); keep the best held-out epoch.
+                   device: torch.device | str | None = None) -> tuple[nn.Module, ValueFitReport]:
+    """Fit V on (prompt states, reward of pi_ref's generation) with ``settings.head``: the attention
+    head keeps its best held-out epoch; the ridge head is solved in closed form. Both are judged on
+    the same held-out prompts (``settings.heldout_fraction``, ``settings.seed``).
 
     The fit runs on ``device`` (default: where the states are); the held-out batches are padded
     once, and the head's attention costs O(heads x hidden) per prompt token (:meth:`ValueHead.pool`)."""
+    if settings.head == "ridge":
+        return fit_ridge_value_head(states, targets, settings)
+    make_value_head(settings.head, 1)  # a clear error for an unknown kind
     started = time.perf_counter()
     device = torch.device(device) if device is not None else states[0].device
     states = [s.to(device) for s in states]
@@ -216,4 +257,61 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
                             n_train=len(train_idx), n_heldout=len(held_idx),
                             target_mean=float(mean), target_std=float(std),
                             fit_seconds=time.perf_counter() - started)
+    return head, report
+
+
+# The ridge penalties tried (on standardised features and targets); the one with the lowest
+# leave-one-out error on the training part of the validation prompts is kept.
+RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
+
+
+def _ridge_loo(features: np.ndarray, targets: np.ndarray, alphas) -> tuple[float, np.ndarray]:
+    """``(alpha, weights)`` of the ridge fit (no intercept: features and targets are centred) whose
+    leave-one-out squared error is lowest, in closed form: with Z = U S V^T the hat matrix is
+    U diag(s^2 / (s^2 + a)) U^T, plus 1/n for the centring, and the leave-one-out residual is
+    (y - y_hat) / (1 - h_ii) (exact for a fixed centring and scaling of the features)."""
+    u, singular, vt = np.linalg.svd(features, full_matrices=False)
+    projected = u.T @ targets
+    n = len(targets)
+    best = None
+    for alpha in alphas:
+        shrink = singular ** 2 / (singular ** 2 + alpha)
+        fitted = u @ (shrink * projected)
+        leverage = np.minimum((u ** 2) @ shrink + 1.0 / n, 1.0 - 1e-9)
+        error = float(np.mean(((targets - fitted) / (1.0 - leverage)) ** 2))
+        if best is None or error < best[0]:
+            best = (error, alpha)
+    alpha = best[1]
+    weights = vt.T @ (singular / (singular ** 2 + alpha) * projected)
+    return alpha, weights
+
+
+def fit_ridge_value_head(states: list[torch.Tensor], targets: list[float],
+                         settings: ValueFitSettings = ValueFitSettings()) -> tuple[RidgeValueHead, ValueFitReport]:
+    """The closed-form alternative to the attention head: ridge regression of the standardised targets
+    on the standardised mean-pooled prompt states, its penalty chosen by leave-one-out error on the
+    training part only, so the held-out R^2 stays an honest estimate."""
+    started = time.perf_counter()
+    features = torch.stack([s.double().mean(0).cpu() for s in states]).numpy()
+    y = np.asarray(targets, dtype=np.float64)
+    train_idx, held_idx = _split(len(states), settings.heldout_fraction, settings.seed)
+    mean, std = float(y[train_idx].mean()), max(float(y[train_idx].std()), 1e-6)
+    f_mean = features[train_idx].mean(0)
+    f_scale = features[train_idx].std(0)
+    f_scale[f_scale < 1e-6] = 1.0  # a feature constant on the training part: its weight comes out 0
+    z = (features - f_mean) / f_scale
+    alpha, weights = _ridge_loo(z[train_idx], (y[train_idx] - mean) / std, RIDGE_ALPHAS)
+    head = RidgeValueHead(features.shape[1])
+    for name, value in (("feature_mean", f_mean), ("feature_scale", f_scale), ("weight", weights),
+                        ("target_mean", mean), ("target_std", std), ("alpha", alpha)):
+        getattr(head, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+    head.eval()
+    held_predictions = predict(head, [states[i].cpu() for i in held_idx])
+    held_targets = y[held_idx]
+    report = ValueFitReport(best_epoch=0, heldout_mse=float(np.mean((held_predictions - held_targets) ** 2)),
+                            constant_mse=float(np.mean((held_targets - mean) ** 2)),
+                            heldout_r2=r_squared(held_predictions, held_targets, mean),
+                            heldout_spearman=spearman(held_predictions, held_targets),
+                            n_train=len(train_idx), n_heldout=len(held_idx), target_mean=mean, target_std=std,
+                            fit_seconds=time.perf_counter() - started, head="ridge", ridge_alpha=alpha)
     return head, report

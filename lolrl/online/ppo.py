@@ -60,7 +60,7 @@ from lolrl.engine.losses import (
     ppo_value_loss,
 )
 from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer, pad_rows, response_outputs
-from lolrl.engine.runtime import flat_config, make_accelerator
+from lolrl.engine.runtime import end_run, flat_config, make_accelerator
 from lolrl.engine.validation import (
     BestModelKeeper,
     generate_and_score,
@@ -74,6 +74,7 @@ from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
 from lolrl.utils.seeding import seed_stage, stage_rng
+from lolrl.utils.processes import decided_on_main, on_any_process
 from lolrl.utils.sharded import trainable_state
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ class PPOTrainer:
         self.accelerator = accelerator or make_accelerator(config)
         self.is_main = self.accelerator.is_main_process
         self.output_dir = ensure_folder(config.output_dir, "output folder")
-        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, is_main_process=self.is_main)
+        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, accelerator=self.accelerator)
         self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
         self.row_tokenizer = Tokenizer(self.tokenizer, False, config.max_prompt_length, config.rollout.max_new_tokens)
         self.collator = Collator(self.tokenizer.pad_token_id, False)
@@ -456,7 +457,8 @@ class PPOTrainer:
                                         "entropy": masked_mean(entropy.detach(), mask), **pg_stats,
                                         **vf_stats, "skipped": torch.tensor(float(skipped))}.items():
                         stats.setdefault(name, []).append(float(value.detach()))
-                    if config.early_stopping and self._all_agree(float(pg_stats["policykl"]) > 1.5 * config.target_kl):
+                    too_far = float(pg_stats["policykl"]) > 1.5 * config.target_kl
+                    if config.early_stopping and on_any_process(self.accelerator, too_far):
                         stop = True
                         break
                 if stop:
@@ -473,12 +475,6 @@ class PPOTrainer:
                 logger.info("early stopping: policy KL above 1.5 x target_kl (%.3g)", config.target_kl)
                 break
         return {k: float(np.mean(v)) for k, v in stats.items()}
-
-    def _all_agree(self, flag: bool) -> bool:
-        """True on every process when it is true on any (so every process stops at the same mini-batch)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), "sum") > 0)
 
     def step(self, optimizer, scheduler) -> dict[str, float]:
         """One PPO step: rollouts, the update, the KL controller; returns the step's log entry."""
@@ -550,20 +546,22 @@ class PPOTrainer:
         return trainable_state(self.accelerator, self.model)
 
     def save_model(self, directory: str) -> None:
-        """The adapter (or the whole model), the value head and the tokenizer; the main process writes."""
-        if self.is_main:
-            check_finite_model(self._unwrapped(), f"the model for {directory}")
-            from safetensors.torch import save_file
+        """The adapter (or the whole model), the value head and the tokenizer; the main process writes
+        (a refusal to save non-finite weights stops every process)."""
+        decided_on_main(self.accelerator, lambda: self._write_model(directory))
 
-            policy = self._policy()
-            if self.ref_adapter:
-                policy.save_pretrained(directory, selected_adapters=["default"])
-            else:
-                policy.save_pretrained(directory)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self._unwrapped().value_head.state_dict().items()},
-                      str(Path(directory) / "value_head.safetensors"))
-            self.tokenizer.save_pretrained(directory)
-        self.accelerator.wait_for_everyone()
+    def _write_model(self, directory: str) -> None:
+        check_finite_model(self._unwrapped(), f"the model for {directory}")
+        from safetensors.torch import save_file
+
+        policy = self._policy()
+        if self.ref_adapter:
+            policy.save_pretrained(directory, selected_adapters=["default"])
+        else:
+            policy.save_pretrained(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self._unwrapped().value_head.state_dict().items()},
+                  str(Path(directory) / "value_head.safetensors"))
+        self.tokenizer.save_pretrained(directory)
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
@@ -575,10 +573,7 @@ class PPOTrainer:
         return run_key(self.config.to_dict(), cache_lib.records_digest(self.train_records))
 
     def find_checkpoint(self) -> Path | None:
-        found = find_resumable(self.checkpoint_dir, self.config.resume, self._run_key)
-        if found is not None:
-            logger.info("resuming from %s (pass --no_resume to start over)", found)
-        return found
+        return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)
 
     def _save_checkpoint(self, optimizer, scheduler) -> None:
         trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
@@ -601,6 +596,11 @@ class PPOTrainer:
             drop_log_tail(self.output_dir, self.global_step)
 
     # -------------------------------------------------------------------------------------- run
+    def _end_run(self) -> None:
+        """The wrapped (DDP) model goes before the process group does (see :func:`end_run`)."""
+        self.model = self.accelerator.unwrap_model(self.model)
+        end_run(self.accelerator)
+
     def run(self) -> dict:
         """Train for ``total_steps`` PPO steps with validation; returns the best validation summary.
         The output and save folders are locked for the run (a second run on them is refused)."""
@@ -652,7 +652,7 @@ class PPOTrainer:
             if stopping:
                 progress.close()
                 logger.info("stopped after %d PPO steps as asked; run the same command to resume", self.global_step)
-                acc.end_training()
+                self._end_run()
                 return {}
         progress.close()
         self.save_model(str(self.output_dir / "final_adapter"))
@@ -661,7 +661,7 @@ class PPOTrainer:
                              keys=["reward", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clipfrac",
                                    "approxkl", "response_length"])
             plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png")
-        acc.end_training()
+        self._end_run()
         best = {"best_step_measure": self.keeper.best}
         if (Path(config.save_dir) / "best.json").exists():
             best = json.loads((Path(config.save_dir) / "best.json").read_text())

@@ -5,7 +5,10 @@ The key is a hash of everything the result depends on (data file contents, model
 tokenizer, reward spec, flags). A mismatching key is recomputed with a message; a file that a
 killed run left half-written is never read because files are renamed into place only when complete;
 a damaged entry (its digests, tensor layout or payload types differ from what it promises) is
-recomputed with a message.
+recomputed with a message. With several processes every process reads the entry and they agree:
+it is used only when every one of them found it intact, else every one recomputes (a process that
+decided alone would leave the others' collectives out of step), and a save returns once it is
+written, so a later load sees it on every process.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from lolrl.utils.manifest import (
     sha256_file,
     verify_files,
 )
+from lolrl.utils.processes import on_every_process, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +61,32 @@ class Cache:
     (the digest of its payload and the size, digest and tensor layout of its tensor file); an entry
     that fails it, or that ``check`` rejects (wrong type or shape), is damaged: recomputed with a message."""
 
-    def __init__(self, directory: str | os.PathLike, enabled: bool = True, is_main_process: bool = True):
+    def __init__(self, directory: str | os.PathLike, enabled: bool = True, accelerator=None):
         self.directory = Path(directory)
         self.enabled = enabled
-        self.is_main_process = is_main_process
+        self.accelerator = accelerator  # None: one process
+        self.is_main_process = accelerator is None or accelerator.is_main_process
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.directory / f"{name}.json", self.directory / f"{name}.safetensors"
 
     def load(self, name: str, key: str, check=None) -> tuple[dict, dict[str, torch.Tensor]] | None:
-        """``(payload, tensors)`` when a complete, intact entry with this key exists, else None.
-        ``check(payload, tensors)`` may raise (KeyError, TypeError, ValueError, IndexError,
-        AssertionError) when the entry's contents do not have the expected types and shapes."""
+        """``(payload, tensors)`` when a complete, intact entry with this key exists (on every
+        process), else None (on every process). ``check(payload, tensors)`` may raise (KeyError,
+        TypeError, ValueError, IndexError, AssertionError) when the entry's contents do not have the
+        expected types and shapes."""
+        if not self.enabled:
+            return None
+        found = self._load_here(name, key, check)
+        if not on_every_process(self.accelerator, found is not None):
+            if found is not None:
+                logger.warning("cache %s: another process could not read it: every process recomputes", name)
+            return None
+        if found is not None:
+            logger.info("reusing cache %s", self._paths(name)[0])
+        return found
+
+    def _load_here(self, name: str, key: str, check) -> tuple[dict, dict[str, torch.Tensor]] | None:
         meta_path, tensor_path = self._paths(name)
         if not self.enabled or not meta_path.exists():
             return None
@@ -106,13 +124,18 @@ class Cache:
                 raise IntegrityError("its tensors were written for another key")
         if check is not None:
             check(payload, tensors)
-        logger.info("reusing cache %s", self._paths(tensor_path.stem)[0])
         return payload, tensors
 
     def save(self, name: str, key: str, payload: dict | None = None,
              tensors: dict[str, torch.Tensor] | None = None) -> None:
-        if not self.enabled or not self.is_main_process:
+        """Write the entry (main process) and return once it is there for every process."""
+        if not self.enabled:
             return
+        if self.is_main_process:
+            self._write(name, key, payload, tensors)
+        wait_for_everyone(self.accelerator)
+
+    def _write(self, name: str, key: str, payload: dict | None, tensors: dict[str, torch.Tensor] | None) -> None:
         meta_path, tensor_path = self._paths(name)
         files = {}
         if tensors:

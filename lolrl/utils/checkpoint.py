@@ -224,10 +224,11 @@ def save_training_state(accelerator, directory: Path, step: int, trainable: dict
         accelerator.wait_for_everyone()
         shards = temporary_folder(directory, step, fresh=False) / sharded.SHARDS
         sharded.save_shards(accelerator, model, optimizer, shards)
-    if accelerator.is_main_process:
-        save_checkpoint(directory, step, trainable, optimizer, scheduler, progress, best, keep=keep,
-                        rng_states=rng_states, sharded_by=engine)
-    accelerator.wait_for_everyone()
+    from lolrl.utils.processes import decided_on_main
+
+    # the main process writes; its refusal (a non-finite parameter) stops every process alike
+    decided_on_main(accelerator, lambda: save_checkpoint(directory, step, trainable, optimizer, scheduler, progress,
+                                                         best, keep=keep, rng_states=rng_states, sharded_by=engine))
 
 
 def resume_training_state(accelerator, path: Path, model, optimizer, scheduler
@@ -258,10 +259,20 @@ def run_key(settings: dict, train_digest: str) -> str:
     return hash_json({"settings": kept, "train": train_digest})
 
 
-def find_resumable(directory: Path, mode: str, key: str) -> Path | None:
+def find_resumable(directory: Path, mode: str, key: str, accelerator=None) -> Path | None:
     """The checkpoint to resume (``mode``: auto, must, never): the newest that verifies against its
     manifest (a damaged one is skipped with a message), refusing one written by another run, and
-    refusing to start when checkpoints exist but none is intact."""
+    refusing to start when checkpoints exist but none is intact. With several processes the main one
+    chooses and every process gets its choice (or its refusal)."""
+    from lolrl.utils.processes import decided_on_main
+
+    found = decided_on_main(accelerator, lambda: _newest_intact(directory, mode, key))
+    if found is not None:
+        logger.info("resuming from %s (pass --no_resume to start over)", found)
+    return found
+
+
+def _newest_intact(directory: Path, mode: str, key: str) -> Path | None:
     from lolrl.utils.errors import ConfigError
 
     candidates = [] if mode == "never" else checkpoints(directory)

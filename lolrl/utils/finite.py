@@ -14,6 +14,7 @@ import math
 import torch
 
 from lolrl.utils.errors import UserError
+from lolrl.utils.processes import on_every_process
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,6 @@ class StepGuard:
         self.in_a_row = 0
         self.skipped = 0
 
-    def _everywhere(self, ok: bool) -> bool:
-        """True only when true on every process (so all processes skip the same steps)."""
-        acc = self.accelerator
-        if acc is None or acc.num_processes == 1:
-            return ok
-        return bool(acc.reduce(torch.tensor(float(ok), device=acc.device), "sum") == acc.num_processes)
-
     def _checked_parameters(self, model) -> list:
         """The parameters whose gradients are checked: none under fp16 loss scaling, whose scaler skips
         an overflowing step itself (and lowers its scale; the loss is still checked)."""
@@ -54,7 +48,7 @@ class StepGuard:
     def allow_step(self, losses: list[float], model, step: int) -> bool:
         """``losses``: the step's (micro-batch) loss values; ``model``: its gradients filled by backward."""
         ok = all(math.isfinite(v) for v in losses) and gradients_finite(self._checked_parameters(model))
-        if self._everywhere(ok):
+        if on_every_process(self.accelerator, ok):  # every process skips the same steps
             self.in_a_row = 0
             return True
         self.in_a_row += 1

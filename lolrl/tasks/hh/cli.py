@@ -24,6 +24,7 @@ from lolrl.utils.cli import DataclassParser, ignored, setting
 from lolrl.utils.errors import ConfigError, UserError, report_user_error
 
 HH_STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
+PPO_STEPS = 1000  # the original's --total_steps default
 
 
 @dataclass
@@ -106,6 +107,9 @@ class ALoLHHArguments(HHArguments):
                        "or the dev file's stored rewards of all its suffixes")
     value_samples: int = setting(1, "V(x) targets: 1 = reward of the greedy validation output (the original); "
                                     "K > 1 = mean reward of K sampled outputs per validation prompt", min=1)
+    value_head: Literal["attention", "ridge"] = setting(
+        "attention", "V(x)'s head: attention (the original's attention pooling, gradient steps) or ridge "
+                     "(closed-form ridge regression on mean-pooled states)")
 
 
 @dataclass
@@ -152,8 +156,9 @@ class PPOHHArguments(HHArguments):
     sampling_strategy: str | None = ignored(None)
     target_kl: float = setting(0.1, "with --early_stopping: end a step's PPO epochs once the KL exceeds 1.5x this")
     batched_gen: bool = ignored(False)
-    total_steps: int = setting(1000, "PPO steps (one rollout batch each)", min=1)
-    max_steps: int = setting(1000, "the same as --total_steps when given", min=1, hidden=True)
+    total_steps: int | None = setting(None, f"PPO steps (one rollout batch each; default {PPO_STEPS})", min=1)
+    max_steps: int | None = setting(None, "another spelling of --total_steps (give either; both: they must agree)",
+                                    min=1)
     eval_steps: int = setting(100, "validate every N PPO steps", min=0)
     learning_rate: float = setting(2e-5, "learning rate", min=0.0)
     ppo_rollout_batch_size: int = setting(16, "rollouts per PPO step", min=1)
@@ -180,7 +185,12 @@ class PPOHHArguments(HHArguments):
     no_resume: bool = setting(False, "start over even if OUTPUT/checkpoints exists")
 
     def __post_init__(self) -> None:
-        self.max_steps = self.total_steps  # one setting, two spellings (the engine reads max_steps)
+        # one setting, two spellings (the original's --total_steps; HF's --max_steps)
+        given = {v for v in (self.total_steps, self.max_steps) if v is not None}
+        if len(given) > 1:
+            raise ConfigError(f"--total_steps {self.total_steps} and --max_steps {self.max_steps} disagree: "
+                              "they are one setting, give one of them")
+        self.total_steps = self.max_steps = given.pop() if given else PPO_STEPS
 
 
 @dataclass

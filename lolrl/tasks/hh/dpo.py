@@ -21,6 +21,7 @@ import torch
 
 from lolrl.engine.collation import Tokenizer
 from lolrl.engine.optim import resolve as resolve_optimizer
+from lolrl.engine.runtime import end_trainer_run
 from lolrl.tasks.hh.data import render
 from lolrl.tasks.hh.preference import PAIR_ORDERS, ordered_pair
 
@@ -99,18 +100,12 @@ def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, ge
     folder is locked for the run (a second run on it is refused)."""
     from lolrl.tasks.hh.train import adapter_of
     from lolrl.utils.lock import check_output_paths, hold_folders
+    from lolrl.utils.processes import launched_as_main
 
     check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
                        {"starting model": args.model_name_or_path, "adapter": adapter_of(args)})
-    with hold_folders({"output folder": args.output_dir}, _is_main_process()):
+    with hold_folders({"output folder": args.output_dir}, launched_as_main()):
         return _train_dpo(args, train_rows, val_records, reward, postprocess, generation)
-
-
-def _is_main_process() -> bool:
-    """Before TRL's trainer exists: the launcher's rank (torchrun / accelerate set RANK)."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
@@ -165,4 +160,5 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
                 output_dir / "best_adapter", selected_adapters=["default"], safe_serialization=True)
             tokenizer.save_pretrained(output_dir / "best_adapter")
         trainer.accelerator.wait_for_everyone()
+    end_trainer_run(trainer)
     return {"best_validation_reward": validator.best if validator else None, "steps": trainer.state.global_step}

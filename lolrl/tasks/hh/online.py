@@ -10,6 +10,7 @@ from pathlib import Path
 from lolrl.engine.modeling import LoraSettings
 from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.rewards import RewardSpecError
+from lolrl.engine.runtime import end_trainer_run
 from lolrl.tasks.hh.cli import PPOHHArguments, parse_hh
 from lolrl.tasks.hh.data import pro_records
 from lolrl.tasks.hh.train import (
@@ -51,7 +52,18 @@ def ppo_config(args: PPOHHArguments):
 
 
 def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
-    """TRL's GRPO or RLOO on the same model, reward (on post-processed text) and validation callback."""
+    """TRL's GRPO or RLOO on the same model, reward (on post-processed text) and validation callback.
+    The output folder is locked for the run (a second run on it is refused)."""
+    from lolrl.utils.lock import check_output_paths, hold_folders
+    from lolrl.utils.processes import launched_as_main
+
+    check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
+                       {"starting model": args.model_name_or_path, "adapter": adapter_of(args)})
+    with hold_folders({"output folder": args.output_dir}, launched_as_main()):
+        return _run_trl(args, train, val, reward)
+
+
+def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
     import torch
     from datasets import Dataset
 
@@ -99,6 +111,7 @@ def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
                              args.output_dir, Path(args.output_dir) / "best_adapter", postprocess=clean,
                              adapter_name="default").attach(trainer)
     trainer.train()
+    end_trainer_run(trainer)
     best = Path(args.output_dir) / "best_adapter" / "best.json"
     return json.loads(best.read_text()) if best.exists() else {}
 

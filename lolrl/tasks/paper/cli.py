@@ -98,6 +98,9 @@ class GenerationTaskArguments:
     value_samples: int = setting(default_of(_C, "value_samples"), "V(x) targets: 1 = reward of pi_ref's output with "
                                  "the validation decoding (the original); K > 1 = mean reward of K sampled outputs "
                                  "per validation prompt", min=1)
+    value_head: str = setting(default_of(_C, "value_head"), "V(x)'s head: attention (the original's attention "
+                              "pooling, gradient steps) or ridge (closed-form ridge regression on mean-pooled "
+                              "states)", choices=("attention", "ridge"))
     reward_function: str | None = ignored(None, "parsed, never read by the original", aliases=["-r"])
     baseline_update_threshold: float | None = setting(None, "refused: the reference policy stays fixed, as in the "
                                                             "paper's objective", aliases=["-but"])
@@ -204,7 +207,8 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         kl_estimator=args.kl_estimator, gold_floor=args.gold_floor, sampling_strategy=sampling,
         value_epochs=args.a2c_n_value_head_epochs, value_learning_rate=args.value_learning_rate,
         value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source,
-        value_samples=args.value_samples, val_batch_size=args.val_batch_size, val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
+        value_samples=args.value_samples, value_head=args.value_head, val_batch_size=args.val_batch_size,
+        val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
         report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,

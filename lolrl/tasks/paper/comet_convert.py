@@ -19,12 +19,13 @@ the ``.npz`` so the conversion itself can run where TensorFlow is not installed)
 """
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lolrl.utils.cli import setting
 from lolrl.utils.errors import UserError, report_user_error
 
 ANCHORS = ("embeddings", "encoder", "pooler")
@@ -146,27 +147,35 @@ def convert(keras_weights: str | Path, output_dir: str | Path, config_name: str,
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert the Keras COMET critic to a Hugging Face RoBERTa folder plus "
-                                            "its head (custom_roberta_classification_head.safetensors)")
-    p.add_argument("-i", "--keras_model", default=ORIGINAL_KERAS_DIR,
-                   help="Keras SavedModel folder (TensorFlow), .h5 (h5py) or .npz of name -> array")
-    p.add_argument("-o", "--output_dir", default="saved_models/comet_critic_keras_to_pytorch")
-    p.add_argument("--config", default="roberta-large-mnli", help="RoBERTa config: hub id or folder")
-    p.add_argument("--tokenizer", default=None, help="tokenizer saved beside the model (default: --config)")
-    p.add_argument("--dump_npz", default=None, help="only export the Keras weights to this .npz and stop")
-    return p
+@dataclass
+class ConvertArguments:
+    """convert_keras_roberta_to_huggingface.py (the original hard-coded these paths; lolrl's flags)."""
+
+    keras_model: str = setting(ORIGINAL_KERAS_DIR, "Keras SavedModel folder (TensorFlow), .h5 (h5py) or .npz of "
+                                                   "name -> array", aliases=["-i"])
+    output_dir: str = setting("saved_models/comet_critic_keras_to_pytorch", "the RoBERTa folder and head written",
+                              aliases=["-o"])
+    roberta_config: str = setting("roberta-large-mnli", "RoBERTa config: hub id or folder")
+    tokenizer: str | None = setting(None, "tokenizer saved beside the model (default: --roberta_config)")
+    dump_npz: str | None = setting(None, "only export the Keras weights to this .npz and stop")
+
+
+def build_parser():
+    from lolrl.utils.cli import DataclassParser
+
+    return DataclassParser(ConvertArguments, description="Convert the Keras COMET critic to a Hugging Face "
+                           "RoBERTa folder plus its head (custom_roberta_classification_head.safetensors)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_one(argv)
     try:
         if args.dump_npz:
             named = load_keras_weights(args.keras_model)
             np.savez(args.dump_npz, **dict(named))
             print(f"wrote {len(named)} weights to {args.dump_npz}")
             return 0
-        summary = convert(args.keras_model, args.output_dir, args.config, args.tokenizer)
+        summary = convert(args.keras_model, args.output_dir, args.roberta_config, args.tokenizer)
     except UserError as exc:
         return report_user_error(exc)
     print(json.dumps({k: v for k, v in summary.items() if k != "mapping"}))
