@@ -168,14 +168,14 @@ class Rounds:
 
 
 def load_policy(args, device):
-    from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer
+    from lolrl.engine.modeling import LoraSettings, enable_activation_checkpointing, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model_dir)
     lora = LoraSettings(r=args.lora_r, dropout=0.0) if args.lora_r else None
     model = load_model(args.model_dir, lora=lora).to(device)
     model.config.use_cache = False
     if checkpointing(args, ours=True):
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     return tokenizer, model
 
 

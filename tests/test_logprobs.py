@@ -117,3 +117,21 @@ def test_no_tensor_larger_than_one_chunk_of_logits(tiny_models, kind):
         sizes[chunk_size] = probe.largest
     assert 0 < sizes[CHUNK] <= CHUNK * vocab
     assert sizes[0] >= batch["input_ids"].shape[0] * 8 * vocab  # full logits: batch x length x vocab
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_activation_checkpointing_gives_the_same_gradients(tiny_models, lora):
+    """--gradient_checkpointing recomputes activations in the backward; with a frozen base (LoRA) the
+    adapters must still get their gradients, equal to those without checkpointing."""
+    from lolrl.engine.modeling import enable_activation_checkpointing
+
+    model, batch = _setup(tiny_models, "llama", lora)
+    model.train()  # checkpointing is active in train mode only; the tiny Llama has no dropout
+    plain_lp, plain = _logprobs_and_grads(model, batch, chunk_size=CHUNK)
+    enable_activation_checkpointing(model)
+    assert model.is_activation_checkpointing
+    again_lp, again = _logprobs_and_grads(model, batch, chunk_size=CHUNK)
+    torch.testing.assert_close(again_lp, plain_lp, atol=1e-6, rtol=0)
+    assert plain and plain.keys() == again.keys() and all("lora" in n for n in plain) == lora
+    for name, grad in plain.items():
+        torch.testing.assert_close(again[name], grad, atol=1e-6, rtol=1e-5, msg=name)

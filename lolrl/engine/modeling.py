@@ -195,6 +195,15 @@ def logit_transform(config):
     return transform
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward (transformers' non-reentrant checkpointing),
+    with inputs that require gradients so a frozen base (LoRA) still passes them to the adapters."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # transformers 5 names it activation_checkpointing_enable; the older name warns there
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 def unwrap(model):
     """The transformers model inside a DDP / torch.compile wrapper (whose forward the caller still uses)."""
     while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):

@@ -48,6 +48,7 @@ from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
 from lolrl.engine.modeling import (
     choose_packing,
+    enable_activation_checkpointing,
     load_model,
     load_tokenizer,
     model_is_encoder_decoder,
@@ -171,9 +172,7 @@ class OfflineRLTrainer:
         if config.disable_dropout:
             set_dropout(model, 0.0)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
+            enable_activation_checkpointing(model)
         self.encoder_decoder = model_is_encoder_decoder(model)
         self.row_tokenizer = Tokenizer(self.tokenizer, self.encoder_decoder, config.max_prompt_length,
                                        config.max_resp_length)

@@ -59,7 +59,14 @@ from lolrl.engine.losses import (
     ppo_token_rewards,
     ppo_value_loss,
 )
-from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer, pad_rows, response_outputs
+from lolrl.engine.modeling import (
+    LoraSettings,
+    enable_activation_checkpointing,
+    load_model,
+    load_tokenizer,
+    pad_rows,
+    response_outputs,
+)
 from lolrl.engine.runtime import end_run, flat_config, make_accelerator
 from lolrl.engine.validation import (
     BestModelKeeper,
@@ -286,9 +293,7 @@ class PPOTrainer:
         if getattr(policy.config, "is_encoder_decoder", False):
             raise ConfigError("PPO here is for decoder-only models")
         if config.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
-            if hasattr(policy, "enable_input_require_grads"):
-                policy.enable_input_require_grads()
+            enable_activation_checkpointing(policy)
         peft = hasattr(policy, "peft_config")
         if peft and config.adapter_path:
             # The reference is the starting adapter, loaded a second time next to the trained one (a few MB),
