@@ -342,3 +342,20 @@ def test_trl_trainers_respect_the_folder_lock(hh_fixture, capsys):
     assert ppo_main(args + ["--output_dir", str(held), "--trainer", "grpo", "--total_steps", "1"]) == 2
     assert f"in use by pid {os.getppid()}" in capsys.readouterr().err
     assert not (held / "validation_stats.jsonl").exists()
+
+
+@pytest.mark.distributed
+def test_ppo_script_with_two_processes(hh_fixture):
+    """torchrun, two gloo processes: each rolls out its share, the KL controller and the early stop
+    decide alike, only the main process writes, and the run exits (no teardown hang)."""
+    tmp_path, args = hh_fixture
+    out = tmp_path / "out2"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "ppo_qlora_llama_hh.py"), *args, "--output_dir", str(out), "--total_steps", "2",
+           "--eval_steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [e["step"] for e in _read_jsonl(out / "train_log.jsonl")] == [1, 2]  # one writer
+    assert [v["step"] for v in _read_jsonl(out / "validation_stats.jsonl")] == [0, 2]
+    assert (out / "final_adapter" / "adapter_model.safetensors").exists()
