@@ -43,8 +43,8 @@ def end_run(accelerator) -> None:
     """Close the trackers and, with several processes, the process group, without the teardown hang.
     The caller drops its wrapped model first (``model = accelerator.unwrap_model(model)``).
 
-    Left to the interpreter, a two-process gloo run hung at exit about 1 time in 6 on a loaded
-    machine: the last reference to the process group went with the DDP reducer, whose destructor
+    Left to the interpreter, a two-process gloo run hung at exit (1 of 8 runs in a loop on a loaded
+    machine): the last reference to the process group went with the DDP reducer, whose destructor
     runs holding the GIL and waits for gloo's worker threads, one of which was still releasing the
     tensors of the last broadcast and needed the GIL for it (pytorch/pytorch#56297). So: a barrier
     (every collective finished), the wrappers released while the process group is still registered,

@@ -35,8 +35,9 @@ def wait_for_everyone(accelerator) -> None:
 
 def decided_on_main(accelerator, decide):
     """``decide()`` run on the main process, its result (or the user error it raised) the same on
-    every process: for choices read from files another process may see half-written (which
-    checkpoint to resume)."""
+    every process, which wait for it: for choices read from files another process may see
+    half-written (which checkpoint to resume), and for writes on the main process whose refusal
+    (non-finite weights) must stop every process."""
     from lolrl.utils.errors import UserError
 
     if accelerator is None or accelerator.num_processes == 1:
