@@ -70,9 +70,9 @@ from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, fit_value_head,
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.finite import StepGuard, check_finite_state
-from lolrl.utils.processes import decided_on_main
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import ensure_folder, hold_folders
+from lolrl.utils.processes import decided_on_main
 from lolrl.utils.seeding import seed_stage, stage_rng
 from lolrl.utils.sharded import restore_trainable, trainable_state
 
