@@ -105,10 +105,16 @@ def restore_trainable(accelerator, model, state: dict[str, torch.Tensor]) -> boo
 
         from lolrl.utils.manifest import IntegrityError
 
+        from lolrl.utils.processes import decided_on_main
+
         names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        if accelerator.is_main_process and set(state) != names:
-            raise IntegrityError(f"the best model's parameters are not this model's trainable ones "
-                                 f"({len(set(state) ^ names)} names differ)")
+
+        def check_names() -> None:  # only the main process holds the whole state (broadcast_from_rank0)
+            if set(state) != names:
+                raise IntegrityError(f"the best model's parameters are not this model's trainable ones "
+                                     f"({len(set(state) ^ names)} names differ)")
+
+        decided_on_main(accelerator, check_names)  # a refusal stops every process, not the main one alone
         # only the trainable subset is given (the frozen weights are the starting model's), names checked above
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                      strict=False))
