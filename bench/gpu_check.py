@@ -229,6 +229,67 @@ def check_packing_varlen(models: dict, cuda: bool, tolerance: float = 1e-3) -> N
            f"max |diff| {diff:.2e} (<= {tolerance:g}, bf16) over {int(mask.sum())} tokens")
 
 
+def check_liger(models: dict, cuda: bool, tolerance: float = 2e-3) -> None:
+    """Liger's fused kernel against the chunked output layer on CUDA: log-probs and gradients of a
+    weighted sum (fp32 model; Triton's dots may run in TF32), soft-capping included, and the step's
+    time and peak memory on the ~1.1B Llama in bf16. The CPU side is tests/test_liger.py."""
+    if not cuda:
+        return report("liger", "SKIP", "needs CUDA (tests/test_liger.py runs the kernels under Triton's interpreter)")
+    if not have("liger_kernel"):
+        return report("liger", "SKIP", "no liger_kernel wheel in the wheel folder")
+    import torch
+
+    from lolrl.engine.collation import Collator, Tokenizer
+    from lolrl.engine.data import Record
+    from lolrl.engine.modeling import (
+        LogitTransform,
+        choose_logprob_kernel,
+        head_logprobs,
+        load_model,
+        load_tokenizer,
+        response_outputs,
+    )
+
+    def step(model, batch, kernel):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype != torch.float32):
+            out = response_outputs(model, batch, kernel=kernel)
+            weights = torch.linspace(-1.0, 1.5, out.logprobs.numel(), device="cuda").view_as(out.logprobs)
+            (out.logprobs * out.mask * weights).sum().backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logprobs.detach().float(), grads, time.perf_counter() - started, torch.cuda.max_memory_allocated()
+
+    tokenizer = load_tokenizer(models["small"])
+    rows = Tokenizer(tokenizer, False, 512, 128)([Record(id=str(i), prompt="tell me " * (10 + 37 * i),
+                                                         response="sure " * (5 + 11 * i)) for i in range(8)])
+    batch = {k: v.cuda() for k, v in Collator(tokenizer.pad_token_id, False)(rows).items()}
+    small = load_model(models["small"]).cuda().eval()
+    chosen = choose_logprob_kernel(small, "auto", "cuda")
+    chunked, chunked_grads, _, _ = step(small, batch, "chunked")
+    fused, fused_grads, _, _ = step(small, batch, "liger")
+    lp_diff = float((fused - chunked).abs().max())
+    grad_diff = max(float((fused_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12))
+                    for n, g in chunked_grads.items())
+    layer = torch.nn.Linear(64, 1000, bias=False).cuda()
+    hidden, targets = torch.randn(300, 64, device="cuda"), torch.randint(0, 1000, (300,), device="cuda")
+    cap = LogitTransform(softcap=5.0)
+    with torch.no_grad():
+        softcap_diff = float((head_logprobs(layer, hidden, targets, transform=cap, kernel="liger")[0]
+                              - head_logprobs(layer, hidden, targets, transform=cap)[0]).abs().max())
+    del small
+    big = load_model(models["big"], dtype="bf16").cuda().eval()
+    timings = {k: step(big, batch, k)[2:] for k in ("chunked", "liger", "chunked", "liger")}  # second of each kept
+    ok = chosen[0] == "liger" and max(lp_diff, softcap_diff) <= tolerance and grad_diff <= tolerance
+    report("liger", "PASS" if ok else "FAIL",
+           f"auto chose {chosen[0]}; fp32 Llama: log-prob max |diff| {lp_diff:.2e}, gradient max relative diff "
+           f"{grad_diff:.2e}, soft-capped log-probs {softcap_diff:.2e} (<= {tolerance:g}); ~1.1B bf16 step: "
+           + ", ".join(f"{k} {t * 1e3:.0f} ms peak {m / 2**20:.0f} MB" for k, (t, m) in timings.items()))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny models on the CPU; GPU-only checks skipped")
@@ -278,6 +339,8 @@ def main(argv=None) -> int:
             guarded("resume_zero3", check_resume, "resume_zero3", zero3, models, task, work, limit, "deepspeed")
     if selected("packing_varlen"):
         guarded("packing_varlen", check_packing_varlen, models, cuda)
+    if selected("liger"):
+        guarded("liger", check_liger, models, cuda)
     counts = {s: sum(r[1] == s for r in RESULTS) for s in ("PASS", "FAIL", "SKIP")}
     print(f"SUMMARY {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
           f"in {time.time() - started:.0f} s", flush=True)

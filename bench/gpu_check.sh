@@ -5,7 +5,7 @@
 #   bench/gpu_check.sh --cpu                  # CPU mode (tiny models; GPU-only checks skipped), for CI
 #
 # The GPU machine has torch, transformers, peft and accelerate, and no internet: the wheels the
-# other checks need (trl, datasets, bitsandbytes, deepspeed, flash_attn or kernels, and their
+# other checks need (trl, datasets, bitsandbytes, deepspeed, flash_attn or kernels, liger_kernel, and their
 # dependencies) come in a folder the caller names. Each is installed from that folder only
 # (pip --no-index); a missing one makes the checks that need it print SKIP with the reason.
 # Output: lines "CHECK <name> PASS|FAIL|SKIP <details>", then "SUMMARY ..."; exit 1 if a check failed.
@@ -26,7 +26,7 @@ done
 PY="${PYTHON:-python}"
 if [ -n "$WHEELS" ]; then
   if [ ! -d "$WHEELS" ]; then echo "error: wheel folder '$WHEELS' does not exist" >&2; exit 2; fi
-  for pkg in datasets trl bitsandbytes deepspeed flash_attn kernels; do
+  for pkg in datasets trl bitsandbytes deepspeed flash_attn kernels liger_kernel; do
     if ls "$WHEELS" | grep -qi "^${pkg//_/[-_]}-"; then
       if "$PY" -m pip install --no-index --find-links "$WHEELS" --quiet "$pkg" >/dev/null 2>&1; then
         echo "wheel $pkg: installed"

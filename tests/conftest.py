@@ -3,6 +3,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Liger's Triton kernels (tests/test_liger.py) run on the CPU under Triton's interpreter; it is read when
+# triton decorates a kernel, so before anything imports liger_kernel. Without CUDA nothing else runs Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
@@ -31,3 +34,32 @@ def toy_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_reward_spec():
     return demo_task.REWARD_SPEC
+
+
+@pytest.fixture
+def hh_fixture(tmp_path, tiny_models):
+    """The HH PPO script's arguments on tiny PRO-format train/dev files, a LoRA adapter (non-zero, so it
+    differs from the base) and a tiny reward model (tests/test_ppo.py, tests/test_liger.py)."""
+    import json
+
+    import torch
+    from hh_tiny import pro_row, tiny_reward_model
+    from peft import LoraConfig, get_peft_model
+
+    from lolrl.engine.modeling import load_model
+
+    (tmp_path / "train").mkdir()
+    rows = [pro_row(("a kind and helpful answer", "go away"), (0.5, -0.5)) for _ in range(8)]
+    (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.json").write_text("".join(json.dumps(pro_row()) + "\n" for _ in range(4)))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                             init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tiny_reward_model(tmp_path / "rm")
+    return tmp_path, ["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(tmp_path / "adapter"),
+                      "--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"),
+                      "--cache_dir", str(tmp_path / "cache"), "--reward_model", str(tmp_path / "rm"),
+                      "--per_device_eval_batch_size", "4", "--ppo_rollout_batch_size", "4",
+                      "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                      "--ppo_epochs", "2", "--max_new_tokens", "6", "--learning_rate", "1e-3"]

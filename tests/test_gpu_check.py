@@ -14,7 +14,7 @@ ROOT = Path(__file__).parent.parent
 def test_gpu_check_script_cpu_mode(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LOLRL_WHEELS": str(tmp_path / "wheels")}
     (tmp_path / "wheels").mkdir()  # an empty wheel folder: every wheel is reported missing
-    checks = "qlora_paged,resume_plain,resume_fsdp,resume_zero3,packing_varlen"  # throughput: bench/throughput.py's own
+    checks = "qlora_paged,resume_plain,resume_fsdp,resume_zero3,packing_varlen,liger"  # throughput: bench/throughput.py's own
     proc = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--cpu", f"--only={checks}"], capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -23,9 +23,9 @@ def test_gpu_check_script_cpu_mode(tmp_path):
     found = {m[1]: (m[2], m[3]) for m in (re.match(r"CHECK (\S+) (PASS|FAIL|SKIP) (.+)", l) for l in lines) if m}
     assert list(found) == checks.split(",")
     assert found["resume_plain"][0] == "PASS" and "max |diff| 0.00e+00" in found["resume_plain"][1]
-    for name in ("qlora_paged", "resume_fsdp", "resume_zero3", "packing_varlen"):
+    for name in ("qlora_paged", "resume_fsdp", "resume_zero3", "packing_varlen", "liger"):
         assert found[name][0] == "SKIP" and found[name][1], name  # a reason on the line
-    assert re.match(r"SUMMARY 1 passed, 0 failed, 4 skipped in \d+ s", lines[-1])
+    assert re.match(r"SUMMARY 1 passed, 0 failed, 5 skipped in \d+ s", lines[-1])
 
 
 def test_gpu_check_script_refuses_a_missing_wheel_folder(tmp_path):

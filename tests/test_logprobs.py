@@ -38,10 +38,11 @@ def _setup(tiny_models, kind, lora):
     return model, collator(rows)
 
 
-def _logprobs_and_grads(model, batch, chunk_size):
+def _logprobs_and_grads(model, batch, chunk_size, kernel="chunked", lowest_weight=0.5):
+    """Log-probs, and every parameter's gradient of their sum weighted from ``lowest_weight`` to 1.5."""
     model.zero_grad(set_to_none=True)
-    out = response_outputs(model, batch, chunk_size=chunk_size)
-    weights = torch.linspace(0.5, 1.5, out.logprobs.numel()).view_as(out.logprobs)
+    out = response_outputs(model, batch, chunk_size=chunk_size, kernel=kernel)
+    weights = torch.linspace(lowest_weight, 1.5, out.logprobs.numel()).view_as(out.logprobs)
     (out.logprobs * out.mask * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logprobs.detach(), grads

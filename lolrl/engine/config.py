@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import GROUPED_ALGORITHMS, KL_ESTIMATORS, TABLE, Algorithm
-from lolrl.engine.modeling import DTYPES, LoraSettings
+from lolrl.engine.modeling import DTYPES, LoraSettings, check_logprob_kernel
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.errors import ConfigError
 from lolrl.utils.lock import check_output_paths
@@ -103,6 +103,8 @@ class OfflineRLConfig:
     report_to: str = "none"
     length_grouping: bool = True
     packing: str = "auto"  # auto: pack rows without padding when the model provably supports it; on; off
+    # the output layer's log-probs: auto = Liger's fused kernel when installed on CUDA, else chunked; liger; chunked
+    logprob_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "model")
@@ -152,6 +154,7 @@ class OfflineRLConfig:
             raise ConfigError(f"resume must be auto, must or never, got '{self.resume}'")
         if self.packing not in ("auto", "on", "off"):
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
+        check_logprob_kernel(self.logprob_kernel)
         if self.value_samples < 1:
             raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
         if self.value_samples > 1 and self.value_source == "data":

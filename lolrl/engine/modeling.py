@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lolrl.utils.errors import UserError
+from lolrl.engine import liger
+from lolrl.utils.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,30 @@ def _model_inputs(batch: dict) -> dict:
 LOGPROB_CHUNK_TOKENS = 1024  # scored tokens per pass of the output layer: one [chunk, vocab] block at a time
 
 
-def logit_transform(config):
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward applies to ``lm_head``'s output: ``logits * scale / divide``, then
+    ``tanh(logits / softcap) * softcap`` (each None when the model has none)."""
+    scale: float | None = None
+    divide: float | None = None
+    softcap: float | None = None
+
+    @property
+    def factor(self) -> float | None:
+        """The linear part, ``scale / divide`` (None: 1)."""
+        if not (self.scale or self.divide):
+            return None
+        return (self.scale or 1.0) / (self.divide or 1.0)
+
+    def __call__(self, logits):
+        if self.factor is not None:
+            logits = logits * self.factor
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_transform(config) -> LogitTransform | None:
     """What the model's forward applies to ``lm_head``'s output before returning logits (Gemma's
     soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``); None when nothing."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -182,17 +206,36 @@ def logit_transform(config):
     divide = getattr(config, "logits_scaling", None) if config.model_type.startswith("granite") else None
     if not (softcap or scale or divide):
         return None
+    return LogitTransform(scale=scale or None, divide=divide or None, softcap=softcap or None)
 
-    def transform(logits):
-        if scale:
-            logits = logits * scale
-        if divide:
-            logits = logits / divide
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
 
-    return transform
+LOGPROB_KERNELS = ("auto", "liger", "chunked")
+LOGPROB_KERNEL_HELP = ("the output layer's log-probs: auto = Liger's fused linear cross-entropy when liger-kernel is "
+                       "installed and the run is on CUDA, else the output layer in chunks; liger insists (refused, "
+                       "saying why, when it cannot); chunked")
+
+
+def check_logprob_kernel(mode: str) -> None:
+    if mode not in LOGPROB_KERNELS:
+        raise ConfigError(f"--logprob_kernel must be one of {', '.join(LOGPROB_KERNELS)}, got '{mode}'")
+
+
+def choose_logprob_kernel(model, mode: str, device, sharded: bool = False) -> tuple[str, str]:
+    """``(kernel, why)`` for the output layer's log-probs: ``liger`` (Liger's fused linear cross-entropy,
+    :mod:`lolrl.engine.liger`) or ``chunked`` (:func:`head_logprobs`). ``auto`` takes Liger when it is
+    installed, the run is on CUDA and the output layer is a plain, unsharded Linear; ``liger`` insists
+    (refused, naming why, when it cannot; on the CPU only under ``TRITON_INTERPRET=1``)."""
+    check_logprob_kernel(mode)
+    if mode == "chunked":
+        return "chunked", "as asked"
+    inner = unwrap(model)
+    reason = liger.refusal(inner.get_output_embeddings(), logit_transform(inner.config), torch.device(device),
+                           sharded=sharded, interpreter=mode == "liger")
+    if reason is None:
+        return "liger", "Liger's fused linear cross-entropy"
+    if mode == "liger":
+        raise ConfigError(f"--logprob_kernel liger: {reason}")
+    return "chunked", f"Liger not used: {reason}"
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -248,12 +291,22 @@ def _chunk_statistics(layer, transform, hidden, targets, with_entropy: bool):
 
 
 def head_logprobs(layer, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = LOGPROB_CHUNK_TOKENS,
-                  transform=None, with_entropy: bool = False):
+                  transform=None, with_entropy: bool = False, kernel: str = "chunked"):
     """log-softmax(layer(hidden))[targets] for ``hidden`` [N, H], ``chunk_size`` rows at a time.
 
     With gradients, each chunk runs under activation checkpointing: the forward keeps only the
     chunk's input, the backward recomputes that chunk's logits, so no [tokens, vocab] tensor larger
-    than one chunk lives at once in either pass. Returns ``(logprobs [N], entropy [N] or None)``."""
+    than one chunk lives at once in either pass. Returns ``(logprobs [N], entropy [N] or None)``.
+    ``kernel="liger"`` computes the log-probs with Liger's fused kernel instead (no entropy there)."""
+    if kernel not in ("chunked", "liger"):
+        raise ValueError(f"kernel must be chunked or liger (choose_logprob_kernel resolves auto), got '{kernel}'")
+    if kernel == "liger":
+        if with_entropy:
+            raise ValueError("Liger's fused kernel gives log-probs only, not the entropy")
+        reason = liger.refusal(layer, transform, hidden.device, interpreter=True)
+        if reason is not None:
+            raise ConfigError(f"--logprob_kernel liger: {reason}")
+        return liger.logprobs(layer, hidden, targets, transform), None
     if chunk_size <= 0:
         chunk_size = max(1, hidden.shape[0])
     checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or any(
@@ -291,7 +344,8 @@ def pad_rows(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 
 
 def response_outputs(model, batch: dict, prompt_states: bool = False, entropy: bool = False,
-                     scored_hidden: bool = False, chunk_size: int = LOGPROB_CHUNK_TOKENS) -> ResponseOutputs:
+                     scored_hidden: bool = False, chunk_size: int = LOGPROB_CHUNK_TOKENS,
+                     kernel: str = "chunked") -> ResponseOutputs:
     """log pi(y_t | x, y_<t) of every response token, per row, whatever the batch layout.
 
     ``batch`` comes from :class:`lolrl.engine.collation.Collator`: padded rows or one packed sequence.
@@ -299,7 +353,8 @@ def response_outputs(model, batch: dict, prompt_states: bool = False, entropy: b
     chunks of ``chunk_size`` tokens (:func:`head_logprobs`); ``chunk_size=0`` is the plain path that
     computes the model's full [batch, length, vocab] logits (kept as the reference in the tests).
     ``prompt_states`` adds each row's last-layer prompt states (decoder-only: the prompt positions;
-    seq2seq: the encoder output); ``scored_hidden`` the last-layer states at the scored positions."""
+    seq2seq: the encoder output); ``scored_hidden`` the last-layer states at the scored positions.
+    ``kernel``: ``chunked`` or ``liger`` (:func:`choose_logprob_kernel`) for the output layer."""
     encoder_decoder = "decoder_input_ids" in batch
     target_mask = batch["target_mask"].bool()
     target = batch["target_ids"][target_mask]
@@ -309,7 +364,8 @@ def response_outputs(model, batch: dict, prompt_states: bool = False, entropy: b
             out = model(**_model_inputs(batch), use_cache=False)
         hidden = captured.hidden if encoder_decoder else captured.hidden[:, :-1]  # t predicts t+1
         transform = logit_transform(unwrap(model).config)
-        flat, flat_entropy = head_logprobs(captured.layer, hidden[target_mask], target, chunk_size, transform, entropy)
+        flat, flat_entropy = head_logprobs(captured.layer, hidden[target_mask], target, chunk_size, transform, entropy,
+                                           kernel)
         last = captured.hidden
     else:
         out = model(**_model_inputs(batch), use_cache=False, output_hidden_states=True)
@@ -336,10 +392,10 @@ def response_outputs(model, batch: dict, prompt_states: bool = False, entropy: b
 
 
 def response_logprobs(model, batch: dict, return_prompt_states: bool = False,
-                      chunk_size: int = LOGPROB_CHUNK_TOKENS):
+                      chunk_size: int = LOGPROB_CHUNK_TOKENS, kernel: str = "chunked"):
     """``(logprobs, mask, prompt states or None)`` of :func:`response_outputs`: the training loss's view.
     Memory is O(chunk x vocab) for the output layer, never O(batch x length x vocab)."""
-    out = response_outputs(model, batch, prompt_states=return_prompt_states, chunk_size=chunk_size)
+    out = response_outputs(model, batch, prompt_states=return_prompt_states, chunk_size=chunk_size, kernel=kernel)
     return out.logprobs, out.mask, out.prompt_states
 
 

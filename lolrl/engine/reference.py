@@ -52,8 +52,9 @@ def _to(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_size: int, value_head=None,
-                   accelerator=None, desc: str = "reference pass") -> ReferenceOutputs:
-    """One eval-mode forward per row: response-token log-probs and, with ``value_head``, V(x)."""
+                   accelerator=None, desc: str = "reference pass", kernel: str = "chunked") -> ReferenceOutputs:
+    """One eval-mode forward per row: response-token log-probs and, with ``value_head``, V(x).
+    ``kernel``: the output layer's log-prob kernel (:func:`lolrl.engine.modeling.choose_logprob_kernel`)."""
     was_training = model.training
     model.eval()
     device = _device(model, accelerator)
@@ -64,7 +65,8 @@ def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_si
     for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size), desc=desc,
                            disable=not show, leave=False):
         batch = _to(collator(batch_rows), device)
-        logprobs, _, states = response_logprobs(model, batch, return_prompt_states=value_head is not None)
+        logprobs, _, states = response_logprobs(model, batch, return_prompt_states=value_head is not None,
+                                                kernel=kernel)
         values = None
         if value_head is not None:
             padded, state_mask = pad_states([s.float() for s in states])

@@ -47,6 +47,7 @@ from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
 from lolrl.engine.modeling import (
+    choose_logprob_kernel,
     choose_packing,
     enable_activation_checkpointing,
     load_model,
@@ -74,7 +75,7 @@ from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import ensure_folder, hold_folders
 from lolrl.utils.processes import decided_on_main
 from lolrl.utils.seeding import seed_stage, stage_rng
-from lolrl.utils.sharded import restore_trainable, trainable_state
+from lolrl.utils.sharded import restore_trainable, shards_parameters, trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,9 @@ class OfflineRLTrainer:
         self.model = model if quantized else model.to(self.accelerator.device)  # 4-bit weights are placed on load
         self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
                                  getattr(model.config, "decoder_start_token_id", None), pack=self._use_packing())
+        self.logprob_kernel, why = choose_logprob_kernel(self.model, config.logprob_kernel, self.accelerator.device,
+                                                         sharded=shards_parameters(self.accelerator))
+        logger.info("log-probs: %s (%s)", self.logprob_kernel, why)
 
     def _use_packing(self) -> str | bool:
         """Packed rows (no padding) with a variable-length attention kernel; else length-grouped padding.
@@ -349,6 +353,7 @@ class OfflineRLTrainer:
             return TrainingSignal(rewards, None, None, weights)
 
         key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(),
+                                   **({"logprob_kernel": "liger"} if self.logprob_kernel == "liger" else {}),
                                    "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
                                        "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
@@ -375,7 +380,7 @@ class OfflineRLTrainer:
                 self._write_reports(reports)
             started = time.perf_counter()
             outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
-                                     self.accelerator, desc="reference pass (train)")
+                                     self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
             logger.info("reference pass over %d training rows: %.1f s", len(train_rows), time.perf_counter() - started)
             ref_logprobs, values = outputs.logprobs, outputs.values
             offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
@@ -430,7 +435,7 @@ class OfflineRLTrainer:
     def gold_nll_per_token(self, rows: list[TokenizedRow]) -> float:
         """Mean NLL per token of the gold responses (the measure when no reward is given)."""
         outputs = reference_pass(self.model, rows, self.collator, self.config.val_batch_size, None,
-                                 self.accelerator, desc="validation NLL")
+                                 self.accelerator, desc="validation NLL", kernel=self.logprob_kernel)
         tokens = sum(len(lp) for lp in outputs.logprobs)
         return -float(sum(lp.sum() for lp in outputs.logprobs)) / max(tokens, 1)
 
@@ -493,7 +498,7 @@ class OfflineRLTrainer:
         return batch
 
     def _loss(self, batch: dict):
-        logprobs, mask, _ = response_logprobs(self.model, batch)
+        logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
         config = self.config
         return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
                             advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),

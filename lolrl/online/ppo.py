@@ -61,6 +61,8 @@ from lolrl.engine.losses import (
 )
 from lolrl.engine.modeling import (
     LoraSettings,
+    check_logprob_kernel,
+    choose_logprob_kernel,
     enable_activation_checkpointing,
     load_model,
     load_tokenizer,
@@ -82,7 +84,7 @@ from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
 from lolrl.utils.seeding import seed_stage, stage_rng
 from lolrl.utils.processes import decided_on_main, on_any_process
-from lolrl.utils.sharded import trainable_state
+from lolrl.utils.sharded import shards_parameters, trainable_state
 
 logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "reference"
@@ -145,6 +147,9 @@ class PPOConfig:
     target_kl: float = 0.1  # with early_stopping: stop the step's epochs when policy KL > 1.5 x this
     value_head_dropout: float = 0.1
     gradient_checkpointing: bool = False
+    # the reference's log-probs: auto = Liger's fused kernel when installed on CUDA, else chunked; liger; chunked.
+    # The policy's pass stays chunked: it needs the entropy, which Liger's kernel does not give.
+    logprob_kernel: str = "auto"
     # generation
     max_prompt_length: int = 640
     rollout: GenerationSettings = field(default_factory=_rollout_settings)
@@ -179,6 +184,7 @@ class PPOConfig:
         if self.batch_size < 2 or self.batch_size % self.backward_batch_size:
             raise ConfigError(f"the rollout batch ({self.batch_size}) must be >= 2 and a multiple of mini_batch_size x "
                               f"gradient_accumulation_steps ({self.backward_batch_size})")
+        check_logprob_kernel(self.logprob_kernel)
         if self.kl_penalty not in PPO_KL_PENALTIES:
             raise ConfigError(f"kl_penalty must be one of {', '.join(PPO_KL_PENALTIES)}")
         if self.init_kl_coef < 0 or (self.adap_kl_ctrl and (self.kl_target <= 0 or self.kl_horizon <= 0)):
@@ -313,6 +319,9 @@ class PPOTrainer:
                 self.ref_model.to(acc.device)
         self.model = model
         self.quantized = quantized
+        self.logprob_kernel, why = choose_logprob_kernel(policy, config.logprob_kernel, acc.device,
+                                                         sharded=shards_parameters(acc))
+        logger.info("reference log-probs: %s (%s)", self.logprob_kernel, why)
 
     def _unwrapped(self) -> ValueHeadModel:
         return self.accelerator.unwrap_model(self.model)
@@ -401,7 +410,7 @@ class PPOTrainer:
             with acc.autocast():
                 lp, _, v, _ = self._unwrapped()(batch)
                 with self._reference() as reference:
-                    ref_lp = response_outputs(reference, batch).logprobs
+                    ref_lp = response_outputs(reference, batch, kernel=self.logprob_kernel).logprobs
             old_logprobs += list(lp)
             values += list(v)
             ref_logprobs += list(ref_lp)

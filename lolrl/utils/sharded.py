@@ -32,6 +32,14 @@ def sharding_engine(accelerator) -> str | None:
     return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
 
 
+def shards_parameters(accelerator) -> bool:
+    """Whether the parameters themselves are split across processes (FSDP, DeepSpeed ZeRO-3)."""
+    engine = sharding_engine(accelerator)
+    if engine == "deepspeed":
+        return getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    return engine == "fsdp"
+
+
 @contextlib.contextmanager
 def _sharded_state_dicts(plugin):
     """FSDP state dicts as shards (each process its own), whatever the run's setting for final saves."""

@@ -14,13 +14,15 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from lolrl.engine.config import OfflineRLConfig
 from lolrl.engine.losses import ALGORITHMS, PPO_KL_PENALTIES
+from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from lolrl.tasks.hh.data import RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM
 from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, hh_postprocess, read_hh_files, validation_reward
-from lolrl.utils.cli import DataclassParser, ignored, setting
+from lolrl.utils.cli import DataclassParser, default_of, ignored, setting
 from lolrl.utils.errors import ConfigError, UserError, report_user_error
 
 HH_STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
@@ -90,7 +92,15 @@ class HHArguments:
 
 
 @dataclass
-class ALoLHHArguments(HHArguments):
+class LogprobKernelArguments:
+    """The log-prob kernel setting of the scripts whose trainer is lolrl's own (A-LoL family, PRO, PPO)."""
+
+    logprob_kernel: str = setting(default_of(OfflineRLConfig, "logprob_kernel"), LOGPROB_KERNEL_HELP,
+                                  choices=LOGPROB_KERNELS)
+
+
+@dataclass
+class ALoLHHArguments(LogprobKernelArguments, HHArguments):
     """lolrl_qlora_llama_hh.py: the A-LoL family and its baselines."""
 
     a2c_n_value_head_epochs: int = setting(10, "value-head epochs", min=1)
@@ -127,7 +137,7 @@ class DPOHHArguments(HHArguments):
 
 
 @dataclass
-class PROHHArguments(HHArguments):
+class PROHHArguments(LogprobKernelArguments, HHArguments):
     """pro_qlora_llama_hh.py: PRO, Preference Ranking Optimization."""
 
     per_device_train_batch_size: int = setting(2, "micro-batch size (prompts)", min=1)
@@ -142,7 +152,7 @@ class PROHHArguments(HHArguments):
 
 
 @dataclass
-class PPOHHArguments(HHArguments):
+class PPOHHArguments(LogprobKernelArguments, HHArguments):
     """ppo_qlora_llama_hh.py: online PPO (or TRL's GRPO / RLOO)."""
 
     max_grad_norm: float = setting(0.0, "gradient-norm clip (0: none; the original's 0.3 was never passed, TRL "

@@ -22,7 +22,7 @@ from lolrl.tasks.hh.train import (
     validation_records,
     validation_reward,
 )
-from lolrl.utils.errors import UserError, report_user_error
+from lolrl.utils.errors import ConfigError, UserError, report_user_error
 
 
 def ppo_config(args: PPOHHArguments):
@@ -48,7 +48,8 @@ def ppo_config(args: PPOHHArguments):
         rollout=sampling, validation=greedy, generation_batch_size=args.per_device_eval_batch_size,
         eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
         report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
-        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing)
+        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing,
+        logprob_kernel=args.logprob_kernel)
 
 
 def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
@@ -57,6 +58,9 @@ def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
     from lolrl.utils.lock import check_output_paths, hold_folders
     from lolrl.utils.processes import launched_as_main
 
+    if args.logprob_kernel == "liger":
+        raise ConfigError(f"--logprob_kernel liger is lolrl's PPO trainer's (--trainer ppo); TRL's {args.trainer} "
+                          "keeps its own log-prob path")
     check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
                        {"starting model": args.model_name_or_path, "adapter": adapter_of(args)})
     with hold_folders({"output folder": args.output_dir}, launched_as_main()):

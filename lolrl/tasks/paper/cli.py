@@ -16,7 +16,7 @@ from lolrl.engine.config import ConfigError, OfflineRLConfig
 from lolrl.engine.data import load_task_dir
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import ALGORITHMS, KL_ESTIMATORS
-from lolrl.engine.modeling import DTYPES, LoraSettings
+from lolrl.engine.modeling import DTYPES, LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, LoraSettings
 from lolrl.engine.rewards import RewardSpecError, load_reward
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.tasks.paper.tasks import is_paper_task, task_info
@@ -126,6 +126,7 @@ class GenerationTaskArguments:
     packing: str = setting(default_of(_C, "packing"), "pack a batch's rows into one sequence without padding; auto: "
                            "only with a flash-attention kernel, and only if exact on this model",
                            choices=("auto", "on", "off"))
+    logprob_kernel: str = setting(default_of(_C, "logprob_kernel"), LOGPROB_KERNEL_HELP, choices=LOGPROB_KERNELS)
     seed: int = setting(default_of(_C, "seed"), "random seed", aliases=["-seed"])
     save_steps: int = setting(default_of(_C, "save_steps"), "checkpoint (model/adapter, optimizer, scheduler, sampler, "
                               "RNG) every N optimizer steps; 0: at every validation; -1: never")
@@ -212,7 +213,7 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
         report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,
-        save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+        logprob_kernel=args.logprob_kernel,        save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         stop_after_steps=args.stop_after_steps, load_in_4bit=args.load_in_4bit)
 
 
