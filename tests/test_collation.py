@@ -165,3 +165,15 @@ def test_varlen_attention_is_recognised_and_packs_in_the_varlen_layout(tiny_mode
 
     monkeypatch.setattr(modeling, "packing_is_exact", lambda m, r, p, tol, layout: seen.append(layout) or True)
     assert choose_packing(model, rows, tokenizer.pad_token_id, "auto") == "varlen" and seen == ["varlen"]
+
+
+def test_prompt_passes_group_rows_by_prompt_length():
+    """Prompt states pad prompts only: grouping by the whole row's length would pair a long prompt
+    with a short one (here: rows of equal total length, prompts of 2 and 9 tokens)."""
+    from lolrl.engine.collation import TokenizedRow, length_grouped_batches
+
+    rows = [TokenizedRow(i, [1] * p, [2] * (10 - p)) for i, p in enumerate([2, 9, 2, 9])]
+    by_prompt = length_grouped_batches(rows, 2, prompt_only=True)
+    assert [[len(r.prompt_ids) for r in b] for b in by_prompt] == [[2, 2], [9, 9]]
+    by_row = length_grouped_batches(rows, 2)
+    assert [[len(r.prompt_ids) for r in b] for b in by_row] == [[2, 9], [2, 9]]  # stable sort on equal totals

@@ -194,9 +194,11 @@ def padding_ratio(batch: dict[str, torch.Tensor]) -> float:
     return fed / real
 
 
-def length_grouped_batches(rows: list[TokenizedRow], batch_size: int) -> list[list[TokenizedRow]]:
-    """Batches of rows of similar length, in length order: the inference passes pad almost nothing."""
-    ordered = sorted(rows, key=lambda r: r.length)
+def length_grouped_batches(rows: list[TokenizedRow], batch_size: int,
+                           prompt_only: bool = False) -> list[list[TokenizedRow]]:
+    """Batches of rows of similar length, in length order: the inference passes pad almost nothing.
+    ``prompt_only``: by prompt length, for passes over the prompts alone (prompt states, generation)."""
+    ordered = sorted(rows, key=(lambda r: len(r.prompt_ids)) if prompt_only else (lambda r: r.length))
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 

@@ -91,7 +91,7 @@ def prompt_states(model, rows: list[TokenizedRow], pad_token_id: int, batch_size
     device = _device(model, accelerator)
     local: dict[int, torch.Tensor] = {}
     show = accelerator is None or accelerator.is_local_main_process
-    for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size), desc=desc,
+    for batch_rows in tqdm(length_grouped_batches(_share(rows, accelerator), batch_size, prompt_only=True), desc=desc,
                            disable=not show, leave=False):
         ids, mask = (t.to(device) for t in pad_prompts(batch_rows, pad_token_id))
         states = last_hidden_states(model, ids, mask)  # no output layer: no logits
