@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from lolrl.engine.collation import TokenizedRow, pad_prompts
+from lolrl.engine.collation import TokenizedRow, length_grouped_batches, pad_prompts
 
 
 @dataclass
@@ -72,9 +72,8 @@ def generate_local(model, tokenizer, rows: list[TokenizedRow], settings: Generat
     kwargs = _generate_kwargs(tokenizer, settings)
     was_training = model.training
     model.eval()
-    ordered = sorted(rows, key=lambda r: len(r.prompt_ids))
     outputs: dict[int, str] = {}
-    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches = length_grouped_batches(rows, batch_size, prompt_only=True)
     total = len(batches)
     if synced_batches is not None:
         kwargs["synced_gpus"] = True
