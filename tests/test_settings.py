@@ -339,3 +339,28 @@ def test_converter_command_line_is_generated_and_takes_a_preset(tmp_path, capsys
     with pytest.raises(SystemExit) as stop:
         parser.parse_one(["--bogus", "1"])
     assert stop.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
+# A sentence that names an estimator as a_lol_kl's default: "(default `k3`)", "defaults to the k3 estimator",
+# "``k1`` (the default)", "`--kl_estimator k3` (non-negative), the default".
+_DEFAULT_ESTIMATOR = (r"\bdefault(?:s| estimator)?[^.;|\n]{0,20}?\b(k[123])\b",
+                      r"\b(k[123])\b[^.;|\n]{0,30}?\bthe default\b")
+
+
+def test_every_page_names_the_engines_default_kl_estimator():
+    """Docs, README, docstrings and --help texts that name a_lol_kl's default KL estimator name the code's."""
+    import re
+
+    from lolrl.engine.config import OfflineRLConfig
+
+    default = dataclasses.fields(OfflineRLConfig)
+    default = next(f.default for f in default if f.name == "kl_estimator")
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "lolrl").rglob("*.py"))]
+    claims = [(path.relative_to(ROOT).as_posix(), match.group(1))
+              for path in texts for pattern in _DEFAULT_ESTIMATOR
+              for match in re.finditer(pattern, path.read_text(encoding="utf-8"))]
+    assert any(name == "docs/own-data.md" for name, _ in claims)  # the patterns do find the pages' claims
+    assert [c for c in claims if c[1] != default] == []
+    help_text = DataclassParser(paper.GenerationTaskArguments).format_help()
+    entry = help_text[help_text.index("\n  --kl_estimator"):].split("\n  --")[1]
+    assert f"(default: {default})" in " ".join(entry.split())
