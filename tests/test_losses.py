@@ -213,12 +213,14 @@ def test_token_weights_are_clamped_for_a_lol_seq():
 
 def test_clip_maps_an_overflowing_float32_ratio_to_one_plus_eps():
     lp = torch.full((2, 100), -0.5, dtype=torch.float32).requires_grad_()
-    ref = torch.full((2, 100), -2.0, dtype=torch.float32)  # sum of log-ratios +150 -> exp overflows
-    ref[1] = 2.0  # -250 -> underflows to 0
+    ref = torch.full((2, 100), -2.0, dtype=torch.float32)  # sum of log-ratios +150: exp would overflow
+    ref[1] = 2.0  # -250: exp would underflow to 0
     mask = torch.ones(2, 100, dtype=torch.bool)
     adv = torch.ones(2, dtype=torch.float32)
     loss, stats = compute_loss("a_lol", lp, mask, advantages=adv, ref_logprobs=ref, clip=0.2)
-    assert torch.isinf(stats["raw_ratio"][0]) and stats["raw_ratio"][1] == 0
+    from lolrl.engine.losses import MAX_LOG_RATIO  # the raw ratio is bounded, finite
+
+    torch.testing.assert_close(stats["raw_ratio"], torch.tensor([MAX_LOG_RATIO, -MAX_LOG_RATIO]).exp().float())
     torch.testing.assert_close(stats["importance_weight"], torch.tensor([1.2, 0.8], dtype=torch.float32))
     assert torch.isfinite(loss)
 
@@ -255,6 +257,56 @@ def test_a_lol_seq_is_finite_with_extreme_values_at_padding():
     adv = torch.ones(2, dtype=torch.float32)
     loss, _ = compute_loss("a_lol_seq", lp, mask, advantages=adv, ref_logprobs=ref, clip=None)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algo", ["r_lol", "a_lol", "a_lol_seq"])
+def test_unclipped_ratio_stays_finite_on_long_responses(algo, dtype):
+    """-c none on 200-token responses: a summed log-ratio of +-1000 (and a per-token one of +-500) would
+    overflow exp to inf (loss inf or NaN); bounded at MAX_LOG_RATIO, loss and gradient stay finite."""
+    length = 200
+    lp = torch.full((4, length), -3.0, dtype=dtype)
+    ref = lp.clone()
+    ref[0] -= 5.0  # log-ratio +5 per token, +1000 summed: pi_theta >> pi_ref
+    ref[1] += 2.5  # -2.5 per token, -500 summed
+    ref[2, 7] = -503.0  # one token at +500
+    mask = torch.ones(4, length, dtype=torch.bool)
+    lp.requires_grad_()
+    signal = torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=dtype)
+    loss, stats = compute_loss(algo, lp, mask, rewards=signal, advantages=signal, ref_logprobs=ref, clip=None)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+    weight = stats["importance_weight"].float()
+    assert torch.isfinite(weight).all()
+    from lolrl.engine.losses import MAX_LOG_RATIO
+
+    bound = math.exp(MAX_LOG_RATIO)
+    if algo == "a_lol_seq":  # mean token weight
+        assert weight[0].item() == pytest.approx(math.exp(5.0), rel=1e-2)
+        assert weight[1].item() == pytest.approx(math.exp(-2.5), rel=1e-2)
+        assert weight[2].item() == pytest.approx((bound + 199) / 200, rel=1e-2)
+    else:
+        assert weight[0].item() == pytest.approx(bound, rel=1e-2)
+        assert weight[1].item() == pytest.approx(1 / bound, rel=1e-2)
+        assert weight[2].item() == pytest.approx(bound, rel=1e-2)
+    assert weight[3].item() == 1.0
+
+
+def test_ratio_bound_leaves_in_range_log_ratios_unchanged():
+    """Within the bound the ratio is exactly exp(sum of log-ratios), the hand computation; at it, it is exp(bound)."""
+    from lolrl.engine.losses import MAX_LOG_RATIO
+
+    lp, ref, mask, rewards, advantages = make_batch(3)
+    ref = ref.clone()
+    ref[0] = lp[0].detach() - (MAX_LOG_RATIO - 0.05) / T  # row 0 (all T tokens real): just inside the bound
+    loss, stats = compute_loss("a_lol", lp, mask, advantages=advantages, ref_logprobs=ref, clip=None)
+    want = [math.exp(sum(a - b for a, b, m in zip(l, r, k) if m))
+            for l, r, k in zip(lp.tolist(), ref.tolist(), mask.tolist())]
+    assert math.log(want[0]) == pytest.approx(MAX_LOG_RATIO - 0.05)
+    assert stats["importance_weight"].tolist() == pytest.approx(want, rel=1e-12)
+    ref[0, 3] -= 1.0  # now past it
+    _, stats = compute_loss("a_lol", lp, mask, advantages=advantages, ref_logprobs=ref, clip=None)
+    assert stats["importance_weight"][0].item() == pytest.approx(math.exp(MAX_LOG_RATIO), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

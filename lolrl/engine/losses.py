@@ -66,10 +66,23 @@ def r_gold_loss(logprobs, mask, rewards, gold_floor: float = 0.1) -> tuple[torch
                             "reward": rewards}
 
 
+# The importance ratio's log is clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO] before exp, so an unclipped
+# weight (-c none) stays finite on long responses: a sum of log-ratios over 200 tokens easily passes 88.7,
+# where exp overflows float32 and bfloat16, and the loss became inf * NLL or NaN. exp(20) = 4.9e8 is no
+# sane importance weight (the paper clips to [0.1, 1.9]; a clipped weight never sees the bound), and with it
+# the weighted loss and the squared gradient norm of a billion-parameter model stay finite in fp32 and bf16.
+MAX_LOG_RATIO = 20.0
+
+
+def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    r""":math:`\exp(\mathrm{clamp}(\log r, -20, 20))`: the ratio, finite however long the response (see ``MAX_LOG_RATIO``)."""
+    return log_ratio.clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO).exp()
+
+
 def _sequence_ratio(logprobs, ref_logprobs, mask) -> torch.Tensor:
     r""":math:`\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)] = \exp(\sum_t m_t(\log\pi_\theta - \log\pi_{ref}))`,
-    computed in log space and detached."""
-    return ((logprobs.detach() - ref_logprobs) * mask).sum(dim=-1).exp()
+    computed in log space and detached, the summed log-ratio bounded by :data:`MAX_LOG_RATIO`."""
+    return bounded_ratio(((logprobs.detach() - ref_logprobs) * mask).sum(dim=-1))
 
 
 def r_lol_loss(logprobs, mask, rewards, ref_logprobs, clip: float | None = None) -> tuple[torch.Tensor, Stats]:
@@ -107,7 +120,7 @@ def a_lol_seq_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None 
     :math:`\mathcal L = A^+\sum_t m_t\,\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y_t|\cdot)/\pi_{ref}(y_t|\cdot)])\,(-\log\pi_\theta(y_t|\cdot))`."""
     adv = advantages.clamp(min=0)
     # Mask before exp: a large log-ratio at a padded position would give inf * 0 = NaN.
-    token_weight = clip_weight(((logprobs.detach() - ref_logprobs) * mask).exp(), clip) * mask
+    token_weight = clip_weight(bounded_ratio((logprobs.detach() - ref_logprobs) * mask), clip) * mask
     weighted_nll = -(token_weight * logprobs).sum(dim=-1)
     mean_weight = token_weight.sum(-1) / mask.sum(-1).clamp(min=1)
     return adv * weighted_nll, {"nll": sequence_nll(logprobs, mask).detach(), "advantage": adv,
