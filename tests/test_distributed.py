@@ -54,13 +54,13 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy
 
 
 def _launch_resumable(out, tiny_models, toy_dir, toy_reward_spec, port, *extra):
-    """Two gloo CPU processes, wbc (dropout on: every process's RNG must be restored), 4 steps."""
+    """Two gloo CPU processes, wbc with --keep_dropout (dropout on: every process's RNG must be restored), 4 steps."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
            "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", "wbc", "-t",
            "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "6", "--num_beams", "1", "-vf", "1", "--max_steps", "4",
-           "-lr", "1e-3", "--save_steps", "1", "--no_test", *extra]
+           "-lr", "1e-3", "--save_steps", "1", "--no_test", "--keep_dropout", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -9,10 +9,10 @@ from lolrl.utils.checkpoint import latest_checkpoint
 
 
 def argv(toy_dir, model, out, reward, *extra):
-    # wbc keeps dropout on, so the torch RNG state must be restored too
+    # dropout on (--keep_dropout), so the torch RNG state must be restored too
     return ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", "wbc",
-            "-t", "-e", "2", "-bs", "8", "-as", "2", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1",
-            "-lr", "1e-3", "--save_steps", "1", "--no_test", *extra]
+            "--keep_dropout", "-t", "-e", "2", "-bs", "8", "-as", "2", "-v_bs", "16", "-ml", "8", "--num_beams", "1",
+            "-vf", "1", "-lr", "1e-3", "--save_steps", "1", "--no_test", *extra]
 
 
 def final_params(out: Path) -> dict:

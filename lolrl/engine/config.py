@@ -11,14 +11,19 @@ from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.errors import ConfigError
 from lolrl.utils.lock import check_output_paths
 
-__all__ = ["ConfigError", "OfflineRLConfig"]
+__all__ = ["ConfigError", "OfflineRLConfig", "DISABLE_DROPOUT_HELP"]
+
+# The --disable_dropout flag of every training script (its default: OfflineRLConfig.disable_dropout).
+DISABLE_DROPOUT_HELP = ("dropout off (LoRA's too) in the model trained, for every algorithm alike (and pi_ref's own NLL run): "
+                        "the importance weight is 1 at step 0; --keep_dropout (or --disable_dropout False) keeps "
+                        "the model's dropout for every algorithm, as the original")
 
 
 @dataclass
 class OfflineRLConfig:
     """Every setting of a run. Defaults follow the paper where the original code contradicts it:
     importance weights clipped to [1-0.9, 1+0.9], priority sampling on for A-LoL, a finite
-    ``kl_beta`` for ``a_lol_kl``; see the README's table of defaults."""
+    ``kl_beta`` for ``a_lol_kl``, dropout off for every algorithm; see the README's table of defaults."""
 
     model_name: str
     output_dir: str
@@ -50,7 +55,10 @@ class OfflineRLConfig:
     lr_scheduler: str = "linear"
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
-    disable_dropout: bool | None = None  # None: disabled for the importance-weighted algorithms
+    # dropout off in the model trained, for every algorithm alike (and pi_ref's own NLL run): the importance
+    # weight is then exactly 1 at step 0, as TRL's DPO, KTO and reward trainers; False keeps the model's dropout
+    # (the original's behaviour, for every algorithm)
+    disable_dropout: bool = True
     seed: int = 901
 
     # objectives
@@ -116,8 +124,6 @@ class OfflineRLConfig:
         self.sampling_strategy = canonical_strategy(self.sampling_strategy)
         if self.spec.kl and self.kl_beta is None:
             self.kl_beta = 0.1
-        if self.disable_dropout is None:
-            self.disable_dropout = self.spec.reference  # an importance weight or KL term compares with pi_ref
         self.validate()
 
     def validate(self) -> None:

@@ -147,12 +147,15 @@ def add_lora(model, lora: LoraSettings):
 
 
 def set_dropout(model: torch.nn.Module, p: float | None) -> None:
-    """Set every dropout probability to ``p`` (``None`` leaves them)."""
+    """Set every dropout probability to ``p`` (``None`` leaves them): the ``nn.Dropout`` modules (LoRA's
+    included) and the attention dropout that Llama-style attention reads from a float attribute."""
     if p is None:
         return
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
 
 
 

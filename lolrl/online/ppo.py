@@ -19,9 +19,9 @@ One PPO step, as TRL 0.7.1's ``PPOTrainer.step`` that the original called:
 The reference policy is never a second copy of the base model: with a LoRA adapter it is the same
 model with the starting adapter loaded a second time, frozen (``--adapter_path``), or the adapter
 disabled (a new adapter); a full fine-tune (small models) keeps a frozen copy.
-The value head is a scalar linear layer (with dropout, as TRL's) on the policy's last hidden
-states, one value per token. Validation every ``eval_steps`` generates greedily on the validation
-prompts, scores them, and keeps the best adapter (and value head) in ``save_dir``.
+The value head is a scalar linear layer (with dropout, as TRL's, when ``disable_dropout`` is False) on
+the policy's last hidden states, one value per token. Validation every ``eval_steps`` generates greedily
+on the validation prompts, scores them, and keeps the best adapter (and value head) in ``save_dir``.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ from lolrl.engine.modeling import (
     load_tokenizer,
     pad_rows,
     response_outputs,
+    set_dropout,
 )
 from lolrl.engine.runtime import end_run, flat_config, make_accelerator
 from lolrl.engine.validation import (
@@ -145,7 +146,11 @@ class PPOConfig:
     ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this (TRL)
     early_stopping: bool = False
     target_kl: float = 0.1  # with early_stopping: stop the step's epochs when policy KL > 1.5 x this
-    value_head_dropout: float = 0.1
+    value_head_dropout: float = 0.1  # with disable_dropout False (TRL's summary dropout)
+    # dropout off in the policy and the value head, as the offline algorithms (OfflineRLConfig.disable_dropout) and
+    # TRL's later PPO trainer: a mini-batch's first ratio to the rollout's log-probs is then exactly 1. False: the
+    # model's dropout in the PPO epochs (TRL 0.7.1's PPOTrainer, which the original ran)
+    disable_dropout: bool = True
     gradient_checkpointing: bool = False
     # the reference's log-probs: auto = Liger's fused kernel when installed on CUDA, else chunked; liger; chunked.
     # The policy's pass stays chunked: it needs the entropy, which Liger's kernel does not give.
@@ -312,6 +317,8 @@ class PPOTrainer:
         quantized = getattr(policy, "is_loaded_in_4bit", False) or getattr(
             getattr(policy, "base_model", None), "is_loaded_in_4bit", False)
         model = ValueHeadModel(policy, config.value_head_dropout)
+        if config.disable_dropout:
+            set_dropout(model, 0.0)
         model.value_head.to(acc.device)
         if not quantized:
             model.to(acc.device)

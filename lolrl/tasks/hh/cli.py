@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from lolrl.engine.config import OfflineRLConfig
+from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
 from lolrl.engine.losses import ALGORITHMS, PPO_KL_PENALTIES
 from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
@@ -57,7 +57,10 @@ class HHArguments:
     double_quant: bool = ignored(True, "always on with 4-bit loading")
     quant_type: str = ignored("nf4", "always nf4")
     lora_alpha: float = setting(16.0, "LoRA alpha")
-    lora_dropout: float = setting(0.05, "LoRA dropout", min=0.0, max=1.0)
+    lora_dropout: float = setting(0.05, "LoRA dropout (with --keep_dropout; --disable_dropout, the default, sets it "
+                                        "to 0)", min=0.0, max=1.0)
+    disable_dropout: bool = setting(default_of(OfflineRLConfig, "disable_dropout"), DISABLE_DROPOUT_HELP,
+                                    no_aliases=["--keep_dropout"])
     lora_r: int = setting(64, "LoRA rank (a new adapter with --adapter_path none)", min=1)
     max_memory_MB: int = ignored(40000)
     max_prompt_length: int = setting(MAX_PROMPT_LENGTH, "prompt tokens kept (the last ones), 640 as the original",
@@ -238,7 +241,7 @@ EVAL_IGNORED = ("optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_dec
                 "gradient_checkpointing", "lr_scheduler_type", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "lora_alpha", "lora_dropout", "lora_r", "logging_steps",
                 "train_file_path", "eval_file_path", "cache_dir", "seed", "report_to", "reward", "max_train_examples",
-                "max_val_examples", "stop_after_steps", "prompt_format")
+                "max_val_examples", "stop_after_steps", "prompt_format", "disable_dropout")
 
 
 def parse_hh(cls: type, argv: list[str] | None, description: str | None):

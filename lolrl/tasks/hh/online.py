@@ -49,7 +49,7 @@ def ppo_config(args: PPOHHArguments):
         eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
         report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
         stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing,
-        logprob_kernel=args.logprob_kernel)
+        logprob_kernel=args.logprob_kernel, disable_dropout=args.disable_dropout)
 
 
 def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
@@ -103,7 +103,8 @@ def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
         optim=resolve_optimizer(args.optim), adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay,
         logging_steps=1, save_strategy="no", report_to=args.report_to or "none", bf16=torch.cuda.is_available(),
-        lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.gradient_checkpointing)
+        lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.gradient_checkpointing,
+        disable_dropout=args.disable_dropout)
     trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=config, train_dataset=dataset,
                          processing_class=tokenizer)
     greedy = generation_settings(args.model_name_or_path)

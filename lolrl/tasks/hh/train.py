@@ -85,6 +85,7 @@ def offline_config(args, **settings) -> OfflineRLConfig:
         generation=generation_settings(args.model_name_or_path), eval_in_beginning=True,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_test=False,
         stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing, **precision(),
+        disable_dropout=args.disable_dropout,
         logprob_kernel=args.logprob_kernel, **settings)
 
 

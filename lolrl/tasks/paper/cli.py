@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lolrl.engine.config import ConfigError, OfflineRLConfig
+from lolrl.engine.config import DISABLE_DROPOUT_HELP, ConfigError, OfflineRLConfig
 from lolrl.engine.data import load_task_dir
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import ALGORITHMS, KL_ESTIMATORS
@@ -120,8 +120,8 @@ class GenerationTaskArguments:
     max_grad_norm: float = setting(default_of(_C, "max_grad_norm"), "gradient-norm clip", min=0.0)
     warmup_ratio: float = setting(default_of(_C, "warmup_ratio"), "share of steps warming up", min=0.0, max=1.0)
     lr_scheduler: str = setting(default_of(_C, "lr_scheduler"), "a transformers scheduler name")
-    disable_dropout: bool | None = setting(None, "default: dropout off for the importance-weighted algorithms, on "
-                                                 "otherwise", no_aliases=["--keep_dropout"])
+    disable_dropout: bool = setting(default_of(_C, "disable_dropout"), DISABLE_DROPOUT_HELP,
+                                    no_aliases=["--keep_dropout"])
     no_length_grouping: bool = setting(False, "batches in data order instead of grouped by length")
     packing: str = setting(default_of(_C, "packing"), "pack a batch's rows into one sequence without padding; auto: "
                            "only with a flash-attention kernel, and only if exact on this model",
