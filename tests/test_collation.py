@@ -5,6 +5,7 @@ import torch
 from lolrl.engine.collation import Collator, Tokenizer, group_by_length, padding_ratio
 from lolrl.engine.data import Record
 from lolrl.engine.modeling import load_model, load_tokenizer, packing_is_exact, response_logprobs
+from lolrl.utils.errors import ConfigError
 
 RECORDS = [
     Record("a", "user: tell me about cats\nbot:", "sure i am glad to help with cats", 1.0),
@@ -177,3 +178,95 @@ def test_prompt_passes_group_rows_by_prompt_length():
     assert [[len(r.prompt_ids) for r in b] for b in by_prompt] == [[2, 2], [9, 9]]
     by_row = length_grouped_batches(rows, 2)
     assert [[len(r.prompt_ids) for r in b] for b in by_row] == [[2, 9], [2, 9]]  # stable sort on equal totals
+
+
+# ----------------------------------------------------------------- special tokens and truncation (issue 22)
+TEMPLATES = {"bos": ("<s> $A", {"bos_token": "<s>", "eos_token": "<eos>"}),  # Llama-style: BOS first
+             "eos": ("$A </s>", {"eos_token": "</s>"}),  # T5-style: EOS last
+             "bos_eos": ("<s> $A </s>", {"bos_token": "<s>", "eos_token": "</s>"})}
+
+
+@pytest.fixture(scope="module")
+def special_tokenizers(tiny_models, tmp_path_factory):
+    """The tests' GPT-2-style tokenizer (adds nothing) and three built from it with a TemplateProcessing
+    post-processor that adds BOS, EOS or both; the BOS one with a tiny GPT-2 of its vocabulary."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lolrl.demo.tiny import build_causal_lm
+
+    base = load_tokenizer(tiny_models["causal"])
+    out = {"none": (base, tiny_models["causal"])}
+    for name, (single, specials) in TEMPLATES.items():
+        raw = RawTokenizer.from_str(base.backend_tokenizer.to_str())
+        raw.add_special_tokens(["<s>", "</s>"])
+        raw.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(t, raw.token_to_id(t)) for t in ("<s>", "</s>") if t in single])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", **specials)
+        directory = tmp_path_factory.mktemp(f"tok_{name}")
+        tokenizer.save_pretrained(str(directory))
+        if name == "bos":
+            build_causal_lm(tokenizer, directory, n_layer=1, n_embd=16, n_head=2, dropout=0.0)
+        out[name] = (load_tokenizer(str(directory)), str(directory))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["none", "bos", "eos", "bos_eos"])
+def test_left_truncation_keeps_the_special_tokens(special_tokenizers, kind):
+    """A prompt over max_prompt_length loses its first text tokens, never BOS (nor a T5-style EOS):
+    the tokenizer's specials around the prompt's last tokens, max_prompt_length in all."""
+    tokenizer = special_tokenizers[kind][0]
+    text = "user: tell me about a very long and winding river of stars and trains\nbot:"
+    full, content = tokenizer(text)["input_ids"], tokenizer(text, add_special_tokens=False)["input_ids"]
+    head = [tokenizer.bos_token_id] if kind.startswith("bos") else []
+    tail = [tokenizer.eos_token_id] if kind.endswith("eos") else []
+    assert full == head + content + tail and len(content) > 8
+    for limit in (len(head) + len(tail) + 1, 8, len(full) - 1):
+        ids = Tokenizer(tokenizer, False, max_prompt_length=limit)([Record("x", text, "ok", 1.0)])[0].prompt_ids
+        assert ids == head + content[len(content) - (limit - len(head) - len(tail)):] + tail, limit
+        assert len(ids) == limit
+    assert Tokenizer(tokenizer, False, max_prompt_length=len(full))([Record("x", text, "ok")])[0].prompt_ids == full
+    if head or tail:
+        with pytest.raises(ConfigError, match="no room"):
+            Tokenizer(tokenizer, False, max_prompt_length=len(head) + len(tail))([Record("x", text, "ok")])
+
+
+def test_left_truncation_of_a_chat_prompt_keeps_the_templates_bos(special_tokenizers):
+    """A chat template that writes BOS as text: a truncated chat prompt still starts with it and ends
+    with the template's assistant cue."""
+    tokenizer = special_tokenizers["bos"][0]
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}bot:")
+    messages = [{"role": "user", "content": "tell me about a very long and winding river of stars and trains"}]
+    whole = Tokenizer(tokenizer, False, max_prompt_length=512)([Record("x", messages, "ok")])[0].prompt_ids
+    assert whole[0] == tokenizer.bos_token_id and whole.count(tokenizer.bos_token_id) == 1
+    cut = Tokenizer(tokenizer, False, max_prompt_length=6)([Record("x", messages, "ok")])[0].prompt_ids
+    assert cut == whole[:1] + whole[-5:]
+
+
+@pytest.mark.parametrize("kind", ["none", "bos"])
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("longest", [True, False])
+def test_empty_prompt_scores_exactly_its_response_tokens(special_tokenizers, kind, pack, longest):
+    """An empty prompt (its row the longest of the batch, or not): with a tokenizer that adds no token it
+    starts from EOS (GPT-2's start; BOS where there is one), with a BOS tokenizer from BOS; either way the
+    batched log-probs are those of a hand computation over exactly the response tokens."""
+    tokenizer, path = special_tokenizers[kind]
+    model = load_model(path).eval()
+    response = "sure i am glad to help with cats and music and trains" if longest else "ok"
+    records = [Record("e", "", response, 1.0), Record("s", "hi", "no", 0.0),
+               Record("t", "user: cats\nbot:", "please enjoy", 0.5)]
+    rows = Tokenizer(tokenizer, False, 64, 64)(records)
+    assert rows[0].response_ids == tokenizer(response, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+    assert (rows[0].length == max(r.length for r in rows)) is longest
+    with torch.no_grad():
+        logprobs, mask, _ = response_logprobs(model, Collator(tokenizer.pad_token_id or 0, False, pack=pack)(rows))
+        for i, row in enumerate(rows):
+            ids = row.prompt_ids + row.response_ids
+            by_hand = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            want = [by_hand[t - 1, ids[t]].item() for t in range(len(row.prompt_ids), len(ids))]
+            assert int(mask[i].sum()) == len(row.response_ids)
+            assert logprobs[i, : len(want)].tolist() == pytest.approx(want, abs=1e-5)
+    assert rows[0].prompt_ids == [tokenizer.bos_token_id if kind == "bos" else tokenizer.eos_token_id]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lolrl.engine.data import DataError, Record
+from lolrl.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,12 @@ def check_prompts_renderable(tokenizer, records: list[Record], source: str) -> N
 
 class Tokenizer:
     """Turns records into token ids with the truncation rules of the original code:
-    prompts keep their last ``max_prompt_length`` tokens, responses their first ``max_resp_length``."""
+    prompts keep their last ``max_prompt_length`` tokens, responses their first ``max_resp_length``.
+
+    A prompt is cut inside its content, so it keeps the tokenizer's special tokens (a Llama BOS, a
+    T5 EOS), as the original's left-truncating tokenizer did; a chat template's leading BOS is kept
+    too. An empty prompt of a tokenizer that adds no special token (GPT-2, DialoGPT) starts from BOS
+    (else EOS), as GPT-2 generates unconditionally, so the first response token is scored too."""
 
     def __init__(self, tokenizer, encoder_decoder: bool, max_prompt_length: int = 512, max_resp_length: int = 128):
         self.tokenizer = tokenizer
@@ -59,10 +65,44 @@ class Tokenizer:
         self.max_resp_length = max_resp_length
 
     def prompt_ids(self, prompt) -> list[int]:
-        text = render_prompt(self.tokenizer, prompt)
+        tok = self.tokenizer
+        text = render_prompt(tok, prompt)
         # A chat template already holds BOS and friends; plain text gets the model's usual specials.
-        ids = self.tokenizer(text, add_special_tokens=not isinstance(prompt, list))["input_ids"]
-        return ids[-self.max_prompt_length:]
+        chat = isinstance(prompt, list)
+        ids = tok(text, add_special_tokens=not chat)["input_ids"]
+        if not ids:
+            return [self.start_token()]
+        if len(ids) <= self.max_prompt_length:
+            return ids
+        if chat:  # the template wrote its specials as text: keep a leading BOS
+            head = 1 if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else 0
+            prefix, content, suffix = ids[:head], ids[head:], []
+        else:
+            prefix, content, suffix = self._split_specials(ids, tok(text, add_special_tokens=False)["input_ids"])
+        room = self.max_prompt_length - len(prefix) - len(suffix)
+        if room < 1:
+            raise ConfigError(f"--max_prompt_length {self.max_prompt_length} leaves no room for a prompt's text "
+                              f"beside the {len(prefix) + len(suffix)} special tokens the tokenizer adds")
+        return prefix + content[-room:] + suffix
+
+    @staticmethod
+    def _split_specials(ids: list[int], content: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """``ids`` (with the tokenizer's special tokens) as (specials before, ``content``, specials after)."""
+        n = len(content)
+        for start in range(len(ids) - n + 1):
+            if ids[start:start + n] == content:
+                return ids[:start], content, ids[start + n:]
+        raise ValueError("the tokenizer's ids with special tokens do not contain its ids without them: "
+                         "cannot truncate a prompt while keeping its special tokens")
+
+    def start_token(self) -> int:
+        """The first token of an empty prompt: BOS, else EOS (GPT-2's unconditional start)."""
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ConfigError("a record has an empty prompt and the tokenizer has neither a BOS nor an EOS token "
+                              "to start its response from: give every record a prompt")
+        return start
 
     def response_ids(self, response: str) -> list[int]:
         tok = self.tokenizer
