@@ -22,6 +22,11 @@ from lolrl.utils.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
+# The tokenization rules' version, in the cache keys of everything computed from token ids: 2 = truncated
+# prompts keep their special tokens and an empty prompt starts from BOS/EOS (issue 22).
+TOKENIZATION = 2
+
+
 @dataclass
 class TokenizedRow:
     index: int  # position in the split's record list; keys every cache

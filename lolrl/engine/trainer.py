@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lolrl.engine.collation import (
+    TOKENIZATION,
     Collator,
     TokenizedRow,
     Tokenizer,
@@ -208,7 +209,7 @@ class OfflineRLTrainer:
         return {"model": cache_lib.model_identity(config.model_name), "adapter": config.adapter_path and
                 cache_lib.model_identity(config.adapter_path), "tokenizer": config.tokenizer_name,
                 "max_prompt_length": config.max_prompt_length, "max_resp_length": config.max_resp_length,
-                "dtype": config.dtype}
+                "dtype": config.dtype, "tokenization": TOKENIZATION}
 
     # ----------------------------------------------------------------------------- the reference
     def _val_records_of(self, data: TaskData) -> list[Record]:

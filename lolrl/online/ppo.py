@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
+from lolrl.engine.collation import TOKENIZATION, Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
 from lolrl.engine.evaluation import (
@@ -536,7 +536,7 @@ class PPOTrainer:
             "tokenizer": config.tokenizer_name, "val": cache_lib.records_digest(self.val_records),
             "reward": self.reward.cache_key(), "generation": config.validation.as_dict(),
             "max_prompt_length": config.max_prompt_length, "dtype": config.dtype, "4bit": config.load_in_4bit,
-            "fresh_lora": config.adapter_path is None and config.lora.enabled})
+            "fresh_lora": config.adapter_path is None and config.lora.enabled, "tokenization": TOKENIZATION})
         hit = self.cache.load("ppo_initial_validation", key, scored_generations_check(len(self.val_records)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
