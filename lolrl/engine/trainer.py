@@ -105,6 +105,21 @@ def _check_reference_cache(rows: int, with_values: bool, payload: dict, tensors:
         raise TypeError("reports is not an object")
 
 
+SPREAD_STATS = ("importance_weight", "raw_ratio")  # logged with their min and max over the window's rows too
+
+
+def window_summary(window: dict[str, list[float]]) -> dict[str, float]:
+    """A logging window's per-row statistics: the mean of each, and for the importance weight and the
+    raw ratio also the smallest and largest row (``importance_weight_min``, ``raw_ratio_max``, ...)."""
+    summary = {}
+    for name, values in window.items():
+        if values:
+            summary[name] = float(np.mean(values))
+            if name in SPREAD_STATS:
+                summary[f"{name}_min"], summary[f"{name}_max"] = float(np.min(values)), float(np.max(values))
+    return summary
+
+
 @dataclass
 class TrainingSignal:
     """What the loss needs per training row, computed once before training."""
@@ -630,11 +645,23 @@ class OfflineRLTrainer:
     def _log(self, window: dict[str, list[float]], epoch: float, scheduler, started: float, progress) -> None:
         entry = {"step": self.global_step, "epoch": round(epoch, 4), "lr": scheduler.get_last_lr()[0],
                  "elapsed_s": round(time.time() - started, 2)}
-        entry.update({k: float(np.mean(v)) for k, v in window.items() if v})
+        entry.update(window_summary(self._gathered(window)))
         progress.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "nll", "advantage", "importance_weight") if k in entry})
         if self.is_main:
             append_jsonl(self.output_dir / "train_log.jsonl", entry)
         self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.global_step)
+
+    def _gathered(self, window: dict[str, list[float]]) -> dict[str, list[float]]:
+        """Every process's per-row statistics of the window (a collective: every process logs at the same steps)."""
+        if self.accelerator.num_processes == 1:
+            return window
+        from accelerate.utils import gather_object
+
+        merged: dict[str, list[float]] = {}
+        for part in gather_object([window]):
+            for name, values in part.items():
+                merged.setdefault(name, []).extend(values)
+        return merged
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, records: list[Record], rows: list[TokenizedRow]) -> dict[str, dict]:

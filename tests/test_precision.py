@@ -1,0 +1,47 @@
+"""pi_ref's passes run in the training loss's precision: at the first step theta = theta_ref, so every
+row's importance weight is 1, under bf16 autocast too (issue 22, item 2). Through the script, so the
+test guards whatever runs the training loop."""
+import json
+
+import pytest
+from hh_tiny import save_nonzero_adapter
+
+from lolrl.tasks.paper.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def peaked_llama(tmp_path_factory, tiny_models):
+    """A tiny Llama whose logits are as spread as a trained model's (std about 2): bf16 rounding then moves
+    a 24-token log-prob by about 0.1, as it does on SmolLM2 (the tiny_models Llama's near-uniform logits hide it)."""
+    from transformers import AutoTokenizer
+
+    from lolrl.demo.tiny import build_llama_lm
+
+    directory = tmp_path_factory.mktemp("peaked") / "llama"
+    build_llama_lm(AutoTokenizer.from_pretrained(tiny_models["llama"]), directory, hidden=64, heads=2, init_std=0.3)
+    return str(directory)
+
+
+def first_step(toy_dir, model, out, algo, reward, *extra):
+    """The script's first log entry: one optimizer step of 16 rows, logged alone."""
+    argv = ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", algo, "-t",
+            "-e", "1", "-bs", "16", "-v_bs", "16", "-ml", "24", "--max_steps", "1", "--logging_steps", "1",
+            "--num_beams", "1", "--no_test", "--dtype", "bf16", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("algo", ["a_lol", "a_lol_seq"])
+def test_first_step_ratio_is_one_under_bf16(tmp_path, peaked_llama, toy_dir, toy_reward_spec, algo, adapter):
+    extra = ["--adapter_path", str(save_nonzero_adapter(peaked_llama, tmp_path / "adapter"))] if adapter else []
+    entry = first_step(toy_dir, peaked_llama, tmp_path / "out", algo, toy_reward_spec, *extra)
+    assert entry["step"] == 1
+    spread = {k: entry[k] for k in ("raw_ratio_min", "raw_ratio_max", "importance_weight_min",
+                                    "importance_weight_max")}
+    print(algo, "lora" if adapter else "full", spread)
+    assert entry["raw_ratio_min"] <= entry["raw_ratio"] <= entry["raw_ratio_max"]
+    for name, value in spread.items():
+        assert abs(value - 1) <= 1e-3, f"{name} = {value} at step 1 (theta = theta_ref): {spread}"
