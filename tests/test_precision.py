@@ -45,3 +45,17 @@ def test_first_step_ratio_is_one_under_bf16(tmp_path, peaked_llama, toy_dir, toy
     assert entry["raw_ratio_min"] <= entry["raw_ratio"] <= entry["raw_ratio_max"]
     for name, value in spread.items():
         assert abs(value - 1) <= 1e-3, f"{name} = {value} at step 1 (theta = theta_ref): {spread}"
+
+
+@pytest.mark.parametrize("algo,reward", [("a_lol", "spec"), ("nll", "none")], ids=["generations", "gold_nll"])
+def test_step_zero_validation_matches_the_unchanged_policy_under_bf16(tmp_path, peaked_llama, toy_dir,
+                                                                     toy_reward_spec, algo, reward):
+    """With a learning rate of 1e-30 (0 is refused) step 1 leaves the weights as they were (the update is
+    below their last bit): the policy is pi_ref, so its validation (generations and their rewards, or the
+    gold NLL) must equal step 0's, which reuses pi_ref's own generations / runs before training."""
+    reward = toy_reward_spec if reward == "spec" else reward
+    first_step(toy_dir, peaked_llama, tmp_path / "out", algo, reward, "-ev_b", "-lr", "1e-30")
+    stats = [json.loads(line) for line in (tmp_path / "out" / "validation_stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [0, 1]
+    start, after = ({k: v for k, v in s.items() if k not in ("step", "epoch")} for s in stats)
+    assert start == after

@@ -177,6 +177,17 @@ class OfflineRLTrainer:
     def _make_accelerator(self):
         return make_accelerator(self.config)
 
+    def training_precision(self):
+        """The numerics of the training loss (the accelerator's autocast under bf16/fp16, nothing in fp32),
+        for every pass whose output is compared with the policy's: pi_ref's log-probs, the prompt states V(x)
+        is fit on and applied to, pi_ref's validation generations (reused as step 0's validation), every
+        validation and the gold NLL. They run before ``accelerator.prepare``, which wraps the model's forward
+        in this same autocast, and not all of them call that forward (the output layer runs in chunks; peft's
+        ``generate`` calls the base model's): so each enters it explicitly. Under bf16 pi_ref's log-probs
+        in fp32 put every first-step importance weight anywhere in [0.5, 1.4] on a model with trained-like
+        logits; in the loss's precision they are 1."""
+        return self.accelerator.autocast()
+
     def _load_policy(self) -> None:
         config = self.config
         # bf16/fp16 run under autocast. Full fine-tuning keeps fp32 master weights (as transformers' Trainer
@@ -208,7 +219,7 @@ class OfflineRLTrainer:
         if mode == "on" and self.encoder_decoder:
             raise ConfigError("--packing on is for decoder-only models")
         probe = self.row_tokenizer((self.data.train or self.data.val)[:4])
-        with self.accelerator.autocast():
+        with self.training_precision():
             pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode,
                                   tolerance=1e-4 if self.config.dtype == "fp32" else 1e-3)
         if mode == "on" and not pack:
@@ -223,7 +234,7 @@ class OfflineRLTrainer:
         return {"model": cache_lib.model_identity(config.model_name), "adapter": config.adapter_path and
                 cache_lib.model_identity(config.adapter_path), "tokenizer": config.tokenizer_name,
                 "max_prompt_length": config.max_prompt_length, "max_resp_length": config.max_resp_length,
-                "dtype": config.dtype}
+                "dtype": config.dtype, **({"precision": "training_autocast"} if config.dtype != "fp32" else {})}
 
     # ----------------------------------------------------------------------------- the reference
     def _val_records_of(self, data: TaskData) -> list[Record]:
@@ -236,8 +247,10 @@ class OfflineRLTrainer:
         return score_on_main(self.reward, records, completions, self.config.val_batch_size, self.accelerator, desc)
 
     def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
-        return generate_and_score(self.model, self.tokenizer, records, rows, self.config.generation,
-                                  self.config.val_batch_size, self.accelerator, self.reward, self.postprocess, desc)
+        with self.training_precision():
+            return generate_and_score(self.model, self.tokenizer, records, rows, self.config.generation,
+                                      self.config.val_batch_size, self.accelerator, self.reward, self.postprocess,
+                                      desc)
 
     def _reference_generations(self, val_rows: list[TokenizedRow]) -> tuple[list[str], dict[str, list[float]]]:
         """pi_ref's generations on the validation prompts and their rewards (cached)."""
@@ -273,7 +286,7 @@ class OfflineRLTrainer:
             rewards = hit[0]["rewards"]["final_reward"]
         else:
             rows = [dataclasses.replace(row, index=j * n + i) for j in range(k) for i, row in enumerate(val_rows)]
-            with stage_rng(config.seed, "value_samples"):
+            with stage_rng(config.seed, "value_samples"), self.training_precision():
                 completions = generate(self.model, self.tokenizer, rows, sampling, config.val_batch_size,
                                        self.accelerator, desc=f"reference on val: {k} samples")
             if self.postprocess is not None:
@@ -300,8 +313,9 @@ class OfflineRLTrainer:
                                     heldout_fraction=config.value_heldout_fraction, seed=config.seed,
                                     head=config.value_head)
         started = time.perf_counter()
-        states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
-                               self.accelerator, desc="value features")
+        with self.training_precision():  # the states the reference pass applies V(x) to are computed so too
+            states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
+                                   self.accelerator, desc="value features")
         states_seconds = time.perf_counter() - started
         payload = [None]
         if self.is_main:
@@ -394,8 +408,9 @@ class OfflineRLTrainer:
                 head, reports["value_fit"] = self._fit_value(val_rows, self.value_targets(val_rows))
                 self._write_reports(reports)
             started = time.perf_counter()
-            outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
-                                     self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
+            with self.training_precision():
+                outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
+                                         self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
             logger.info("reference pass over %d training rows: %.1f s", len(train_rows), time.perf_counter() - started)
             ref_logprobs, values = outputs.logprobs, outputs.values
             offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
@@ -449,8 +464,9 @@ class OfflineRLTrainer:
 
     def gold_nll_per_token(self, rows: list[TokenizedRow]) -> float:
         """Mean NLL per token of the gold responses (the measure when no reward is given)."""
-        outputs = reference_pass(self.model, rows, self.collator, self.config.val_batch_size, None,
-                                 self.accelerator, desc="validation NLL", kernel=self.logprob_kernel)
+        with self.training_precision():
+            outputs = reference_pass(self.model, rows, self.collator, self.config.val_batch_size, None,
+                                     self.accelerator, desc="validation NLL", kernel=self.logprob_kernel)
         tokens = sum(len(lp) for lp in outputs.logprobs)
         return -float(sum(lp.sum() for lp in outputs.logprobs)) / max(tokens, 1)
 
@@ -513,7 +529,8 @@ class OfflineRLTrainer:
         return batch
 
     def _loss(self, batch: dict):
-        logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
+        with self.training_precision():  # the one definition of the loss's numerics (the loop's autocast is the same)
+            logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
         config = self.config
         return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
                             advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
