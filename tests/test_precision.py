@@ -2,6 +2,10 @@
 row's importance weight is 1, under bf16 autocast too (issue 22, item 2). Through the script, so the
 test guards whatever runs the training loop."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hh_tiny import save_nonzero_adapter
@@ -9,6 +13,7 @@ from hh_tiny import save_nonzero_adapter
 from lolrl.tasks.paper.cli import main
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +29,16 @@ def peaked_llama(tmp_path_factory, tiny_models):
     return str(directory)
 
 
-def first_step(toy_dir, model, out, algo, reward, *extra):
-    """The script's first log entry: one optimizer step of 16 rows, logged alone."""
-    argv = ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", algo, "-t",
+def script_args(toy_dir, model, out, algo, reward, *extra):
+    """One optimizer step of 16 rows (``-bs`` in ``extra`` overrides), logged alone, in bf16."""
+    return ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", algo, "-t",
             "-e", "1", "-bs", "16", "-v_bs", "16", "-ml", "24", "--max_steps", "1", "--logging_steps", "1",
             "--num_beams", "1", "--no_test", "--dtype", "bf16", *extra]
-    assert main(argv) == 0
+
+
+def first_step(toy_dir, model, out, algo, reward, *extra):
+    """The script's first log entry (:func:`script_args`)."""
+    assert main(script_args(toy_dir, model, out, algo, reward, *extra)) == 0
     return json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
 
 
@@ -59,3 +68,19 @@ def test_step_zero_validation_matches_the_unchanged_policy_under_bf16(tmp_path, 
     assert [s["step"] for s in stats] == [0, 1]
     start, after = ({k: v for k, v in s.items() if k not in ("step", "epoch")} for s in stats)
     assert start == after
+
+
+@pytest.mark.distributed
+def test_two_processes_first_step_ratio_is_one_under_bf16(tmp_path, peaked_llama, toy_dir, toy_reward_spec):
+    """Two gloo processes (DDP): every row of the first window, on either process, has ratio 1."""
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "train_generation_task_with_off_policy_PG.py"), *script_args(
+               toy_dir, peaked_llama, out, "a_lol", toy_reward_spec, "-bs", "8")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "training_plan.json").read_text())["global_batch"] == 16
+    entry = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    for name in ("raw_ratio_min", "raw_ratio_max", "importance_weight_min", "importance_weight_max"):
+        assert abs(entry[name] - 1) <= 1e-3, f"{name} = {entry[name]}"

@@ -183,9 +183,10 @@ class OfflineRLTrainer:
         is fit on and applied to, pi_ref's validation generations (reused as step 0's validation), every
         validation and the gold NLL. They run before ``accelerator.prepare``, which wraps the model's forward
         in this same autocast, and not all of them call that forward (the output layer runs in chunks; peft's
-        ``generate`` calls the base model's): so each enters it explicitly. Under bf16 pi_ref's log-probs
-        in fp32 put every first-step importance weight anywhere in [0.5, 1.4] on a model with trained-like
-        logits; in the loss's precision they are 1."""
+        ``generate`` calls the base model's, without it): so each enters it explicitly. pi_ref's log-probs
+        in fp32 against a bf16 loss scattered the first-step importance weights (0.73 to 1.41 on SmolLM2 in
+        issue 22's audit);
+        in the loss's precision they are exactly 1 (tests/test_precision.py)."""
         return self.accelerator.autocast()
 
     def _load_policy(self) -> None:
@@ -529,14 +530,14 @@ class OfflineRLTrainer:
         return batch
 
     def _loss(self, batch: dict):
+        config = self.config
         with self.training_precision():  # the one definition of the loss's numerics (the loop's autocast is the same)
             logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
-        config = self.config
-        return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
-                            advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
-                            clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
-                            gold_floor=config.gold_floor, group_size=config.group_size,
-                            sft_rows=batch.get("sft_rows"), sft_weight=config.sft_weight)
+            return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
+                                advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
+                                clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
+                                gold_floor=config.gold_floor, group_size=config.group_size,
+                                sft_rows=batch.get("sft_rows"), sft_weight=config.sft_weight)
 
     # ----------------------------------------------------------------------------- checkpoints
     @property
