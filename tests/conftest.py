@@ -42,20 +42,13 @@ def hh_fixture(tmp_path, tiny_models):
     differs from the base) and a tiny reward model (tests/test_ppo.py, tests/test_liger.py)."""
     import json
 
-    import torch
-    from hh_tiny import pro_row, tiny_reward_model
-    from peft import LoraConfig, get_peft_model
-
-    from lolrl.engine.modeling import load_model
+    from hh_tiny import pro_row, save_nonzero_adapter, tiny_reward_model
 
     (tmp_path / "train").mkdir()
     rows = [pro_row(("a kind and helpful answer", "go away"), (0.5, -0.5)) for _ in range(8)]
     (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "dev.json").write_text("".join(json.dumps(pro_row()) + "\n" for _ in range(4)))
-    torch.manual_seed(0)
-    peft_model = get_peft_model(load_model(tiny_models["llama"]), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                                             init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    save_nonzero_adapter(tiny_models["llama"], tmp_path / "adapter")
     tiny_reward_model(tmp_path / "rm")
     return tmp_path, ["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(tmp_path / "adapter"),
                       "--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json"),

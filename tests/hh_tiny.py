@@ -1,4 +1,4 @@
-"""Shared HH test material: a PRO-format record and a tiny OpenAssistant-style reward model."""
+"""Shared HH test material: a PRO-format record, a tiny OpenAssistant-style reward model, a non-zero LoRA adapter."""
 TURNS = ["<|prompter|>Q1", "<|assistant|>A1", "<|prompter|>Q2", "<|assistant|>"]
 
 
@@ -21,3 +21,17 @@ def tiny_reward_model(directory):
                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     GPTNeoXRewardModel(config).save_pretrained(directory)
+
+
+def save_nonzero_adapter(base, directory, target_modules=("q_proj", "v_proj"), r=2, seed=0):
+    """A LoRA adapter on ``base`` with random (non-zero) B matrices, so the adapted model differs from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lolrl.engine.modeling import load_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(base), LoraConfig(r=r, target_modules=list(target_modules),
+                                                        init_lora_weights=False))
+    model.save_pretrained(directory)
+    return directory

@@ -202,11 +202,13 @@ def test_token_weights_are_clamped_for_a_lol_seq():
     ones = torch.ones(3)
     _, stats, grad = run("a_lol_seq", lp, ref, mask, ones, ones, clip=0.2)
     per_token = torch.tensor([1.2, 0.8, math.exp(0.01)])
+    raw = torch.tensor([math.e, math.exp(-1.0), math.exp(0.01)])
     # Mean over the real tokens only: padding is weight 0, not 1 - eps.
     torch.testing.assert_close(stats["importance_weight"], per_token)
+    torch.testing.assert_close(stats["raw_ratio"], raw)  # the same mean, unclipped
     torch.testing.assert_close(grad, -(per_token[:, None] * mask) / 3)
     _, stats, grad = run("a_lol_seq", lp, ref, mask, ones, ones, clip=None)
-    per_token = torch.tensor([math.e, math.exp(-1.0), math.exp(0.01)])
+    per_token = raw
     torch.testing.assert_close(stats["importance_weight"], per_token)
     torch.testing.assert_close(grad, -(per_token[:, None] * mask) / 3)
 
@@ -508,3 +510,16 @@ def test_losses_take_exactly_their_arguments():
         compute_loss("a_lol", lp, mask, advantages=advantages)
     with pytest.raises(ValueError, match="unknown algorithm 'a_lol_typo'"):
         compute_loss("a_lol_typo", lp, mask)
+
+
+def test_logging_window_keeps_the_extreme_rows_of_the_ratio():
+    """train_log.jsonl: the mean of every per-row stat; for the ratio also the min and max over the window's
+    rows (not the mean of per-batch extremes)."""
+    from lolrl.engine.trainer import window_summary
+
+    window = {"importance_weight": [1.0, 0.5, 1.5, 1.2], "raw_ratio": [1.0, 0.25, 3.0, 1.2], "nll": [2.0, 4.0]}
+    summary = window_summary(window)
+    assert summary["importance_weight"] == pytest.approx(1.05) and summary["nll"] == 3.0
+    assert (summary["importance_weight_min"], summary["importance_weight_max"]) == (0.5, 1.5)
+    assert (summary["raw_ratio_min"], summary["raw_ratio_max"]) == (0.25, 3.0)
+    assert "nll_min" not in summary and "nll_max" not in summary

@@ -44,8 +44,9 @@ def build_causal_lm(tokenizer, directory: str | Path, n_layer: int = 2, n_embd: 
 
 
 def build_llama_lm(tokenizer, directory: str | Path, n_layer: int = 2, hidden: int = 128, heads: int = 4,
-                   max_positions: int = 256, seed: int = 0):
-    """A tiny Llama (rotary positions, as SmolLM2 and most current models): learns faster than GPT-2 here."""
+                   max_positions: int = 256, seed: int = 0, init_std: float = 0.02):
+    """A tiny Llama (rotary positions, as SmolLM2 and most current models): learns faster than GPT-2 here.
+    ``init_std`` 0.3 gives logits as spread as a trained model's (std about 2), where bf16 rounding shows."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,7 +55,7 @@ def build_llama_lm(tokenizer, directory: str | Path, n_layer: int = 2, hidden: i
                          num_hidden_layers=n_layer, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=max_positions, tie_word_embeddings=True,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))

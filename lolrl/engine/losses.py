@@ -120,11 +120,13 @@ def a_lol_seq_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None 
     :math:`\mathcal L = A^+\sum_t m_t\,\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y_t|\cdot)/\pi_{ref}(y_t|\cdot)])\,(-\log\pi_\theta(y_t|\cdot))`."""
     adv = advantages.clamp(min=0)
     # Mask before exp: a large log-ratio at a padded position would give inf * 0 = NaN.
-    token_weight = clip_weight(bounded_ratio((logprobs.detach() - ref_logprobs) * mask), clip) * mask
+    token_ratio = bounded_ratio((logprobs.detach() - ref_logprobs) * mask) * mask
+    token_weight = clip_weight(token_ratio, clip) * mask
     weighted_nll = -(token_weight * logprobs).sum(dim=-1)
-    mean_weight = token_weight.sum(-1) / mask.sum(-1).clamp(min=1)
+    tokens = mask.sum(-1).clamp(min=1)
     return adv * weighted_nll, {"nll": sequence_nll(logprobs, mask).detach(), "advantage": adv,
-                                "importance_weight": mean_weight}
+                                "importance_weight": token_weight.sum(-1) / tokens,  # the row's mean token weight
+                                "raw_ratio": token_ratio.sum(-1) / tokens}  # the same, unclipped
 
 
 def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k1") -> torch.Tensor:

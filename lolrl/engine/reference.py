@@ -54,6 +54,7 @@ def _to(batch: dict, device) -> dict:
 def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_size: int, value_head=None,
                    accelerator=None, desc: str = "reference pass", kernel: str = "chunked") -> ReferenceOutputs:
     """One eval-mode forward per row: response-token log-probs and, with ``value_head``, V(x).
+    The caller sets the precision (the trainer: the training loss's autocast); the value head runs in fp32.
     ``kernel``: the output layer's log-prob kernel (:func:`lolrl.engine.modeling.choose_logprob_kernel`)."""
     was_training = model.training
     model.eval()
@@ -70,7 +71,8 @@ def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_si
         values = None
         if value_head is not None:
             padded, state_mask = pad_states([s.float() for s in states])
-            values = value_head(padded, state_mask.to(padded.device)).cpu()
+            with torch.autocast(padded.device.type, enabled=False):  # the head applies as it was fit: in fp32
+                values = value_head(padded, state_mask.to(padded.device)).cpu()
         for i, row in enumerate(batch_rows):
             local[row.index] = (logprobs[i, : len(row.response_ids)].float().cpu(),
                                 None if values is None else float(values[i]))

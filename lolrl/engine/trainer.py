@@ -106,6 +106,21 @@ def _check_reference_cache(rows: int, with_values: bool, payload: dict, tensors:
         raise TypeError("reports is not an object")
 
 
+SPREAD_STATS = ("importance_weight", "raw_ratio")  # logged with their min and max over the window's rows too
+
+
+def window_summary(window: dict[str, list[float]]) -> dict[str, float]:
+    """A logging window's per-row statistics: the mean of each, and for the importance weight and the
+    raw ratio also the smallest and largest row (``importance_weight_min``, ``raw_ratio_max``, ...)."""
+    summary = {}
+    for name, values in window.items():
+        if values:
+            summary[name] = float(np.mean(values))
+            if name in SPREAD_STATS:
+                summary[f"{name}_min"], summary[f"{name}_max"] = float(np.min(values)), float(np.max(values))
+    return summary
+
+
 @dataclass
 class TrainingSignal:
     """What the loss needs per training row, computed once before training."""
@@ -163,6 +178,18 @@ class OfflineRLTrainer:
     def _make_accelerator(self):
         return make_accelerator(self.config)
 
+    def training_precision(self):
+        """The numerics of the training loss (the accelerator's autocast under bf16/fp16, nothing in fp32),
+        for every pass whose output is compared with the policy's: pi_ref's log-probs, the prompt states V(x)
+        is fit on and applied to, pi_ref's validation generations (reused as step 0's validation), every
+        validation and the gold NLL. They run before ``accelerator.prepare``, which wraps the model's forward
+        in this same autocast, and not all of them call that forward (the output layer runs in chunks; peft's
+        ``generate`` calls the base model's, without it): so each enters it explicitly. pi_ref's log-probs
+        in fp32 against a bf16 loss scattered the first-step importance weights (0.73 to 1.41 on SmolLM2 in
+        issue 22's audit);
+        in the loss's precision they are exactly 1 (tests/test_precision.py)."""
+        return self.accelerator.autocast()
+
     def _load_policy(self) -> None:
         config = self.config
         # bf16/fp16 run under autocast. Full fine-tuning keeps fp32 master weights (as transformers' Trainer
@@ -194,7 +221,7 @@ class OfflineRLTrainer:
         if mode == "on" and self.encoder_decoder:
             raise ConfigError("--packing on is for decoder-only models")
         probe = self.row_tokenizer((self.data.train or self.data.val)[:4])
-        with self.accelerator.autocast():
+        with self.training_precision():
             pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode,
                                   tolerance=1e-4 if self.config.dtype == "fp32" else 1e-3)
         if mode == "on" and not pack:
@@ -209,7 +236,8 @@ class OfflineRLTrainer:
         return {"model": cache_lib.model_identity(config.model_name), "adapter": config.adapter_path and
                 cache_lib.model_identity(config.adapter_path), "tokenizer": config.tokenizer_name,
                 "max_prompt_length": config.max_prompt_length, "max_resp_length": config.max_resp_length,
-                "dtype": config.dtype, "tokenization": TOKENIZATION}
+                "dtype": config.dtype, "tokenization": TOKENIZATION,
+                **({"precision": "training_autocast"} if config.dtype != "fp32" else {})}
 
     # ----------------------------------------------------------------------------- the reference
     def _val_records_of(self, data: TaskData) -> list[Record]:
@@ -222,8 +250,10 @@ class OfflineRLTrainer:
         return score_on_main(self.reward, records, completions, self.config.val_batch_size, self.accelerator, desc)
 
     def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
-        return generate_and_score(self.model, self.tokenizer, records, rows, self.config.generation,
-                                  self.config.val_batch_size, self.accelerator, self.reward, self.postprocess, desc)
+        with self.training_precision():
+            return generate_and_score(self.model, self.tokenizer, records, rows, self.config.generation,
+                                      self.config.val_batch_size, self.accelerator, self.reward, self.postprocess,
+                                      desc)
 
     def _reference_generations(self, val_rows: list[TokenizedRow]) -> tuple[list[str], dict[str, list[float]]]:
         """pi_ref's generations on the validation prompts and their rewards (cached)."""
@@ -259,7 +289,7 @@ class OfflineRLTrainer:
             rewards = hit[0]["rewards"]["final_reward"]
         else:
             rows = [dataclasses.replace(row, index=j * n + i) for j in range(k) for i, row in enumerate(val_rows)]
-            with stage_rng(config.seed, "value_samples"):
+            with stage_rng(config.seed, "value_samples"), self.training_precision():
                 completions = generate(self.model, self.tokenizer, rows, sampling, config.val_batch_size,
                                        self.accelerator, desc=f"reference on val: {k} samples")
             if self.postprocess is not None:
@@ -286,8 +316,9 @@ class OfflineRLTrainer:
                                     heldout_fraction=config.value_heldout_fraction, seed=config.seed,
                                     head=config.value_head)
         started = time.perf_counter()
-        states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
-                               self.accelerator, desc="value features")
+        with self.training_precision():  # the states the reference pass applies V(x) to are computed so too
+            states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
+                                   self.accelerator, desc="value features")
         states_seconds = time.perf_counter() - started
         payload = [None]
         if self.is_main:
@@ -380,8 +411,9 @@ class OfflineRLTrainer:
                 head, reports["value_fit"] = self._fit_value(val_rows, self.value_targets(val_rows))
                 self._write_reports(reports)
             started = time.perf_counter()
-            outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
-                                     self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
+            with self.training_precision():
+                outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
+                                         self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
             logger.info("reference pass over %d training rows: %.1f s", len(train_rows), time.perf_counter() - started)
             ref_logprobs, values = outputs.logprobs, outputs.values
             offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
@@ -435,8 +467,9 @@ class OfflineRLTrainer:
 
     def gold_nll_per_token(self, rows: list[TokenizedRow]) -> float:
         """Mean NLL per token of the gold responses (the measure when no reward is given)."""
-        outputs = reference_pass(self.model, rows, self.collator, self.config.val_batch_size, None,
-                                 self.accelerator, desc="validation NLL", kernel=self.logprob_kernel)
+        with self.training_precision():
+            outputs = reference_pass(self.model, rows, self.collator, self.config.val_batch_size, None,
+                                     self.accelerator, desc="validation NLL", kernel=self.logprob_kernel)
         tokens = sum(len(lp) for lp in outputs.logprobs)
         return -float(sum(lp.sum() for lp in outputs.logprobs)) / max(tokens, 1)
 
@@ -499,13 +532,14 @@ class OfflineRLTrainer:
         return batch
 
     def _loss(self, batch: dict):
-        logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
         config = self.config
-        return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
-                            advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
-                            clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
-                            gold_floor=config.gold_floor, group_size=config.group_size,
-                            sft_rows=batch.get("sft_rows"), sft_weight=config.sft_weight)
+        with self.training_precision():  # the one definition of the loss's numerics (the loop's autocast is the same)
+            logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
+            return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
+                                advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
+                                clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
+                                gold_floor=config.gold_floor, group_size=config.group_size,
+                                sft_rows=batch.get("sft_rows"), sft_weight=config.sft_weight)
 
     # ----------------------------------------------------------------------------- checkpoints
     @property
@@ -631,11 +665,23 @@ class OfflineRLTrainer:
     def _log(self, window: dict[str, list[float]], epoch: float, scheduler, started: float, progress) -> None:
         entry = {"step": self.global_step, "epoch": round(epoch, 4), "lr": scheduler.get_last_lr()[0],
                  "elapsed_s": round(time.time() - started, 2)}
-        entry.update({k: float(np.mean(v)) for k, v in window.items() if v})
+        entry.update(window_summary(self._gathered(window)))
         progress.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "nll", "advantage", "importance_weight") if k in entry})
         if self.is_main:
             append_jsonl(self.output_dir / "train_log.jsonl", entry)
         self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.global_step)
+
+    def _gathered(self, window: dict[str, list[float]]) -> dict[str, list[float]]:
+        """Every process's per-row statistics of the window (a collective: every process logs at the same steps)."""
+        if self.accelerator.num_processes == 1:
+            return window
+        from accelerate.utils import gather_object
+
+        merged: dict[str, list[float]] = {}
+        for part in gather_object([window]):
+            for name, values in part.items():
+                merged.setdefault(name, []).extend(values)
+        return merged
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, records: list[Record], rows: list[TokenizedRow]) -> dict[str, dict]:
