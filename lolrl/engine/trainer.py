@@ -56,15 +56,8 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.reference import prompt_states, reference_pass
-from lolrl.engine.runtime import (
-    backward,
-    end_run,
-    flat_config,
-    make_accelerator,
-    micro_batch,
-    prepare_for_training,
-    step_scheduler,
-)
+from lolrl.engine.runtime import backward, end_run, flat_config, make_accelerator, micro_batch
+from lolrl.engine.runtime import prepare_for_training, step_scheduler
 from lolrl.engine.sampling import EpochSampler, sampling_weights
 from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import (

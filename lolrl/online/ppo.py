@@ -69,15 +69,8 @@ from lolrl.engine.modeling import (
     pad_rows,
     response_outputs,
 )
-from lolrl.engine.runtime import (
-    backward,
-    end_run,
-    flat_config,
-    make_accelerator,
-    micro_batch,
-    prepare_for_training,
-    step_scheduler,
-)
+from lolrl.engine.runtime import backward, end_run, flat_config, make_accelerator, micro_batch
+from lolrl.engine.runtime import prepare_for_training, step_scheduler
 from lolrl.engine.validation import (
     BestModelKeeper,
     generate_and_score,
