@@ -1,10 +1,13 @@
 """The run's Accelerate set-up, shared by the offline trainer and PPO."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import torch
+
+from lolrl.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +23,9 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def make_accelerator(config):
-    """An ``Accelerator`` for a run's ``dtype``, ``report_to``, ``output_dir`` and ``seed`` (any trainer's config)."""
+def make_accelerator(config, accumulation_steps: int = 1):
+    """An ``Accelerator`` for a run's ``dtype``, ``report_to``, ``output_dir`` and ``seed`` (any trainer's config),
+    told of the ``accumulation_steps`` micro-batches per optimizer step (DeepSpeed's engine scales and steps by it)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -30,13 +34,69 @@ def make_accelerator(config):
     # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
     has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
-                              project_dir=config.output_dir)
+                              project_dir=config.output_dir, gradient_accumulation_steps=accumulation_steps)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != "FSDP":
         # Accelerate (1.15) selects FSDP only on accelerator devices; CPU processes then run plain DDP.
         logger.warning("FSDP was asked for but Accelerate runs %s here (FSDP needs GPUs): weights and optimizer "
                        "are replicated, not sharded", accelerator.distributed_type)
     set_seed(config.seed)
     return accelerator
+
+
+def prepare_for_training(accelerator, model, optimizer, max_grad_norm: float | None, **kwargs):
+    """``accelerator.prepare(model, optimizer)``; the learning-rate scheduler is NOT prepared (as in
+    ``transformers.Trainer``): Accelerate's wrapper steps it once per process per optimizer step (it
+    assumes the data loader's batch grew with the processes), which ran the schedule N times too fast.
+    The caller builds it on the returned optimizer and steps it with :func:`step_scheduler`.
+
+    Under DeepSpeed the engine clips inside its own step, by the config's ``gradient_clipping``
+    (Accelerate fills ``auto`` with 1.0): it is set to ``max_grad_norm`` (0: none), and a config that
+    gives another value is refused."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        clip = float(max_grad_norm or 0.0)
+        given = ds_config.get("gradient_clipping", "auto")
+        if given != "auto" and float(given) != clip:
+            raise ConfigError(f"the DeepSpeed config clips gradients at {given} but --max_grad_norm is {clip}: "
+                              "give gradient_clipping: auto (or the same value)")
+        ds_config["gradient_clipping"] = clip
+    return accelerator.prepare(model, optimizer, **kwargs)
+
+
+def step_scheduler(accelerator, scheduler) -> None:
+    """Advance the (unprepared) schedule by one optimizer step, unless that step was skipped (fp16 overflow)."""
+    if not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, model, last: bool):
+    """One micro-batch of an optimizer step, with Accelerate's accumulation state: gradients are
+    reduced across processes only on the ``last`` one (``no_sync`` before it; under DeepSpeed the
+    engine is told the boundary and steps, clipping included, only there), as ``transformers.Trainer``
+    does. The group may be shorter than ``gradient_accumulation_steps`` (an epoch's last): the boundary
+    is where the caller says, not a count. Call :func:`backward` inside; leaves ``sync_gradients``
+    True on exit, so the optimizer's ``step`` and ``zero_grad`` act."""
+    from accelerate.utils import DistributedType
+
+    accelerator.gradient_state._set_sync_gradients(last)
+    try:
+        if last or accelerator.distributed_type == DistributedType.DEEPSPEED:
+            yield
+        else:
+            with accelerator.no_sync(model):
+                yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
+
+
+def backward(accelerator, loss, micro_batches: int) -> None:
+    """Back-propagate ``loss / micro_batches`` (the optimizer step's mean over its micro-batches).
+    ``accelerator.backward`` (or DeepSpeed's engine) divides by ``gradient_accumulation_steps``
+    itself; the factor makes the division by ``micro_batches`` whatever that count is."""
+    accelerator.backward(loss * (accelerator.gradient_accumulation_steps / micro_batches))
 
 
 def end_run(accelerator) -> None:

@@ -14,7 +14,6 @@ The same code runs on a CPU, one GPU or several processes under ``accelerate lau
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -58,7 +57,8 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.reference import prompt_states, reference_pass
-from lolrl.engine.runtime import end_run, flat_config, make_accelerator
+from lolrl.engine.runtime import backward, end_run, flat_config, make_accelerator, micro_batch
+from lolrl.engine.runtime import prepare_for_training, step_scheduler
 from lolrl.engine.sampling import EpochSampler, sampling_weights
 from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import (
@@ -176,7 +176,7 @@ class OfflineRLTrainer:
 
     # ----------------------------------------------------------------------------------- set-up
     def _make_accelerator(self):
-        return make_accelerator(self.config)
+        return make_accelerator(self.config, self.config.accumulation_steps)
 
     def training_precision(self):
         """The numerics of the training loss (the accelerator's autocast under bf16/fp16, nothing in fp32),
@@ -503,6 +503,8 @@ class OfflineRLTrainer:
 
     # -------------------------------------------------------------------------------- training
     def _optimizer(self, total_steps: int):
+        """The prepared model and optimizer, and the schedule over ``total_steps`` optimizer steps (not
+        prepared: see :func:`prepare_for_training`; stepped once per optimizer step)."""
         from transformers import get_scheduler
 
         from lolrl.engine.optim import build_optimizer
@@ -510,8 +512,8 @@ class OfflineRLTrainer:
         c = self.config
         optimizer = build_optimizer(self.model, c.optim, c.learning_rate, (c.adam_beta1, c.adam_beta2), c.adam_epsilon,
                                     c.weight_decay)
-        scheduler = get_scheduler(self.config.lr_scheduler, optimizer,
-                                  num_warmup_steps=int(self.config.warmup_ratio * total_steps),
+        self.model, optimizer = prepare_for_training(self.accelerator, self.model, optimizer, c.max_grad_norm)
+        scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=int(c.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
         return optimizer, scheduler
 
@@ -533,7 +535,7 @@ class OfflineRLTrainer:
 
     def _loss(self, batch: dict):
         config = self.config
-        with self.training_precision():  # the one definition of the loss's numerics (the loop's autocast is the same)
+        with self.training_precision():  # the one definition of the loss's numerics
             logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
             return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
                                 advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
@@ -598,7 +600,6 @@ class OfflineRLTrainer:
         val_points = {max(1, round(k * opt_per_epoch / config.val_log_frequency))
                       for k in range(1, config.val_log_frequency + 1)}
         optimizer, scheduler = self._optimizer(max(total, 1))
-        self.model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
         if self.is_main:
             atomic_write_json(self.output_dir / "training_plan.json", {
                 "rows": len(train_rows), "rows_per_epoch": sampler.rows_per_epoch, "global_batch": sampler.global_batch,
@@ -625,11 +626,9 @@ class OfflineRLTrainer:
                     break
                 group = batches[group_start:group_start + config.accumulation_steps]
                 for j, indices in enumerate(group):
-                    syncing = j == len(group) - 1
-                    with contextlib.nullcontext() if syncing else acc.no_sync(self.model):
-                        with acc.autocast():
-                            loss, stats = self._loss(self._batch_tensors(indices, train_rows, signal))
-                        acc.backward(loss / len(group))
+                    with micro_batch(acc, self.model, last=j == len(group) - 1):
+                        loss, stats = self._loss(self._batch_tensors(indices, train_rows, signal))
+                        backward(acc, loss, len(group))
                     losses.append(float(loss.detach()))
                     for name, value in stats.items():
                         window.setdefault(name, []).extend(value.float().cpu().tolist())
@@ -637,7 +636,7 @@ class OfflineRLTrainer:
                     if config.max_grad_norm:
                         acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    step_scheduler(acc, scheduler)
                 optimizer.zero_grad()
                 losses = []
                 self.global_step += 1

@@ -70,7 +70,8 @@ from lolrl.engine.modeling import (
     response_outputs,
     set_dropout,
 )
-from lolrl.engine.runtime import end_run, flat_config, make_accelerator
+from lolrl.engine.runtime import backward, end_run, flat_config, make_accelerator, micro_batch
+from lolrl.engine.runtime import prepare_for_training, step_scheduler
 from lolrl.engine.validation import (
     BestModelKeeper,
     generate_and_score,
@@ -127,6 +128,7 @@ class PPOConfig:
     adam_eps: float = 1e-6
     max_grad_norm: float | None = None  # TRL 0.7.1: no clipping
     lr_scheduler: str = "constant"  # over all optimizer steps (total_steps x ppo_epochs x batches per epoch)
+    warmup_steps: int = 0  # optimizer steps of warmup, for the schedules that have one (not constant)
     # KL to the reference
     init_kl_coef: float = 0.2
     adap_kl_ctrl: bool = True
@@ -275,7 +277,7 @@ class PPOTrainer:
         self.config, self.train_records, self.reward = config, train, reward
         self.val_records = val[: config.max_val_examples] if config.max_val_examples else val
         self.postprocess = postprocess  # applied to every generation before scoring (e.g. the HH stop rule)
-        self.accelerator = accelerator or make_accelerator(config)
+        self.accelerator = accelerator or make_accelerator(config, config.gradient_accumulation_steps)
         self.is_main = self.accelerator.is_main_process
         self.output_dir = ensure_folder(config.output_dir, "output folder")
         self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, accelerator=self.accelerator)
@@ -353,6 +355,8 @@ class PPOTrainer:
                 yield policy
 
     def _optimizer(self):
+        """The prepared model and optimizer, and the schedule over every optimizer step of the run (not
+        prepared: see :func:`prepare_for_training`; stepped once per optimizer step)."""
         from transformers import get_scheduler
 
         from lolrl.engine.optim import build_optimizer
@@ -360,8 +364,11 @@ class PPOTrainer:
         config = self.config
         optimizer = build_optimizer(self.model, config.optim, config.learning_rate,
                                     (config.adam_beta1, config.adam_beta2), config.adam_eps, config.weight_decay)
+        self.model, optimizer = prepare_for_training(self.accelerator, self.model, optimizer, config.max_grad_norm,
+                                                     device_placement=[not self.quantized, True])
         steps = config.total_steps * config.ppo_epochs * (config.batch_size // config.backward_batch_size)
-        return optimizer, get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=steps)
+        return optimizer, get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                                        num_training_steps=steps)
 
     # ---------------------------------------------------------------------------------- rollouts
     def _next_prompts(self) -> list[Record]:
@@ -453,8 +460,7 @@ class PPOTrainer:
                 group = order[start:start + config.backward_batch_size]
                 minis = [group[i:i + config.mini_batch_size] for i in range(0, len(group), config.mini_batch_size)]
                 for j, idx in enumerate(minis):
-                    syncing = j == len(minis) - 1
-                    with contextlib.nullcontext() if syncing else acc.no_sync(self.model):
+                    with micro_batch(acc, self.model, last=j == len(minis) - 1):
                         with acc.autocast():
                             batch = self._collate([data["rows"][i] for i in idx])
                             logprobs, entropy, vpred, mask = self.model(batch)
@@ -473,7 +479,7 @@ class PPOTrainer:
                                 logger.warning("mean ratio %.2f > %.2f: mini-batch skipped", float(pg_stats["ratio"]),
                                                config.ratio_threshold)
                                 loss = loss * 0.0
-                        acc.backward(loss / len(minis))
+                        backward(acc, loss, len(minis))
                     for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "loss": loss,
                                         "entropy": masked_mean(entropy.detach(), mask), **pg_stats,
                                         **vf_stats, "skipped": torch.tensor(float(skipped))}.items():
@@ -490,7 +496,7 @@ class PPOTrainer:
                     if config.max_grad_norm:
                         acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    step_scheduler(acc, scheduler)
                 optimizer.zero_grad()
             if stop:
                 logger.info("early stopping: policy KL above 1.5 x target_kl (%.3g)", config.target_kl)
@@ -504,6 +510,7 @@ class PPOTrainer:
         data = self.rollout(records)
         kl_coef = self.kl_coef
         update = self.ppo_update(data, optimizer, scheduler)
+        update["lr"] = scheduler.get_last_lr()[0]  # after the step's optimizer steps, as the offline trainer logs it
         kl = float(acc.gather(data["kl_per_row"]).mean())
         if config.adap_kl_ctrl:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl, config.kl_target, config.kl_horizon,
@@ -634,8 +641,6 @@ class PPOTrainer:
             atomic_write_json(self.output_dir / "args.json", config.to_dict())
         self._load()
         optimizer, scheduler = self._optimizer()
-        self.model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler,
-                                                       device_placement=[not self.quantized, True, True])
         if config.report_to not in (None, "none"):
             acc.init_trackers("lolrl_ppo", config=flat_config(config.to_dict()))
         checkpoint = self.find_checkpoint()

@@ -174,6 +174,8 @@ class PPOHHArguments(LogprobKernelArguments, HHArguments):
                                     min=1)
     eval_steps: int = setting(100, "validate every N PPO steps", min=0)
     learning_rate: float = setting(2e-5, "learning rate", min=0.0)
+    warmup_steps: int = setting(300, "optimizer steps of warmup for a schedule that has one (e.g. "
+                                     "--lr_scheduler_type linear); the default constant schedule ignores it", min=0)
     ppo_rollout_batch_size: int = setting(16, "rollouts per PPO step", min=1)
     ppo_epochs: int = setting(4, "PPO epochs per rollout batch", min=1)
     save_steps: int = setting(0, "checkpoint every N steps (0: at every validation, -1: never)")
