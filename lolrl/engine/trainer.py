@@ -273,11 +273,14 @@ class OfflineRLTrainer:
         return targets
 
     def value_sampling_settings(self) -> GenerationSettings:
-        """The validation decoding, sampled: temperature 1 / top-p 1 unless it already samples."""
+        """The validation decoding's length and stop tokens, sampled from pi_ref itself (temperature 1, no
+        top-k, top-p 1, no repetition penalty), unless the validation decoding already samples: then its
+        own sampling settings, with one beam."""
         settings = self.config.generation
         if settings.do_sample:
             return dataclasses.replace(settings, num_beams=1)
-        return dataclasses.replace(settings, do_sample=True, num_beams=1, temperature=1.0, top_p=1.0)
+        return dataclasses.replace(settings, do_sample=True, num_beams=1, temperature=1.0, top_p=1.0, top_k=0,
+                                   repetition_penalty=1.0)
 
     def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[torch.nn.Module, dict]:
         config = self.config

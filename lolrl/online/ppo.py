@@ -91,7 +91,9 @@ REFERENCE_ADAPTER = "reference"
 
 
 def _rollout_settings() -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=128, num_beams=1, repetition_penalty=1.0, do_sample=True, top_p=0.95)
+    # the original's rollouts: top-p 0.95, and the top-k 50 transformers applied when none was given
+    return GenerationSettings(max_new_tokens=128, num_beams=1, repetition_penalty=1.0, do_sample=True, top_p=0.95,
+                              top_k=50)
 
 
 def _greedy_settings() -> GenerationSettings:

@@ -150,6 +150,7 @@ class GenerationTaskArguments:
     do_sample: bool = setting(False, "sample instead of beam search")
     temperature: float = setting(default_of(_G, "temperature"), "sampling temperature", min=0.0)
     top_p: float = setting(default_of(_G, "top_p"), "nucleus sampling", min=0.0, max=1.0)
+    top_k: int = setting(default_of(_G, "top_k"), "top-k sampling (0: no top-k cut)", min=0)
     no_test: bool = setting(False, "skip the final test-set evaluation")
     # paper reward models: the paper tasks' built-in reward recipes read their classifiers from these
     cola_classifier_model: str | None = _model_flag("-cm", "cola")
@@ -186,7 +187,7 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         sampling = "good_priority"
     generation = GenerationSettings(max_new_tokens=args.max_resp_length, num_beams=args.num_beams,
                                     repetition_penalty=args.repetition_penalty, do_sample=args.do_sample,
-                                    temperature=args.temperature, top_p=args.top_p)
+                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules)
     clip_given = "ppo_clip" in args.given_flags
