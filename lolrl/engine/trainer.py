@@ -516,7 +516,8 @@ class OfflineRLTrainer:
 
     @functools.cached_property
     def _run_key(self) -> str:
-        return run_key(self.config.to_dict(), cache_lib.records_digest(self.data.train))
+        return run_key(self.config.to_dict(), train=cache_lib.records_digest(self.data.train),
+                       val=cache_lib.records_digest(self._val_records()))
 
     def find_checkpoint(self) -> Path | None:
         return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)

@@ -586,7 +586,8 @@ class PPOTrainer:
 
     @functools.cached_property
     def _run_key(self) -> str:
-        return run_key(self.config.to_dict(), cache_lib.records_digest(self.train_records))
+        return run_key(self.config.to_dict(), train=cache_lib.records_digest(self.train_records),
+                       val=cache_lib.records_digest(self.val_records))
 
     def find_checkpoint(self) -> Path | None:
         return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)
