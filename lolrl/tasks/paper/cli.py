@@ -90,9 +90,8 @@ class GenerationTaskArguments:
     a2c_n_value_head_epochs: int = setting(default_of(_C, "value_epochs"), "value-head epochs", aliases=["-a2c_n"],
                                            min=1)
     value_learning_rate: float = setting(default_of(_C, "value_learning_rate"), "value-head learning rate", min=0.0)
-    value_heldout_fraction: float = setting(default_of(_C, "value_heldout_fraction"),
-                                            "share of validation prompts held out to select the value head",
-                                            min=0.0, max=1.0)
+    value_folds: int = setting(default_of(_C, "value_folds"), "folds of the value head's cross-validation over the "
+                               "validation prompts (its epoch count and its reported R^2)", min=3)
     value_source: str = setting(default_of(_C, "value_source"), "V(x) fits rewards of pi_ref's generations on val "
                                 "(the paper) or the val data's stored rewards", choices=("generations", "data"))
     value_samples: int = setting(default_of(_C, "value_samples"), "V(x) targets: 1 = reward of pi_ref's output with "
@@ -208,7 +207,7 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         ppo_clip=args.ppo_clip, ppo_clip_given=clip_given, kl_beta=args.kl_beta,
         kl_estimator=args.kl_estimator, gold_floor=args.gold_floor, sampling_strategy=sampling,
         value_epochs=args.a2c_n_value_head_epochs, value_learning_rate=args.value_learning_rate,
-        value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source,
+        value_folds=args.value_folds, value_source=args.value_source,
         value_samples=args.value_samples, value_head=args.value_head, val_batch_size=args.val_batch_size,
         val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
