@@ -5,7 +5,7 @@
 
 Prints mean +/- std (over seeds) of the test final_reward and of each component per algorithm,
 the NLL reference's, and each algorithm's gain as a share of the headroom
-(max reward - reference reward), and V(x)'s held-out R^2 for the A-LoL variants; ``a_lol+k4`` is a_lol
+(max reward - reference reward), and V(x)'s cross-validated R^2 for the A-LoL variants; ``a_lol+k4`` is a_lol
 with V(x) fit to the mean reward of 4 sampled outputs per validation prompt (``--value_samples 4``)
 instead of one, ``a_lol+ridge`` a_lol with the ridge value head (``--value_head ridge``).
 Target: every A-LoL variant >= 25% of the headroom.

@@ -17,7 +17,7 @@ rows from it, which is pi_ref; then from pi_ref: ``nll`` (more NLL), ``a_lol`` a
 validation prompt instead of one) over ``--extra_seeds`` (``--extra ...,a_lol+ridge`` adds the ridge
 value head). About an hour alone on 2 cores (13 runs of about 290 s; measured 2026-12-02).
 Prints, last, mean +- std over seeds of each reward component on the test prompts, the gain over
-``nll`` and V(x)'s held-out R^2.
+``nll`` and V(x)'s cross-validated R^2.
 """
 import argparse
 import os

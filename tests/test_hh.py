@@ -289,7 +289,7 @@ def test_hh_a_lol_without_a_reward_model_fits_value_on_stored_rewards(tmp_path, 
     assert code == 0
     out = tmp_path / "out"
     fit = json.loads((out / "value_fit.json").read_text())
-    assert fit["n_train"] + fit["n_heldout"] == 12  # 6 dev records x 2 suffixes, each with its stored reward
+    assert fit["n_fit"] == 12  # 6 dev records x 2 suffixes, each with its stored reward, all in the final head
     assert not (out / "reward_check.json").exists()  # nothing was generated or scored
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert validations and all("neg_nll_per_token" in v for v in validations)

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from lolrl.tasks.paper.cli import main
@@ -64,3 +65,43 @@ def test_interrupted_checkpoint_write_is_ignored(tmp_path, tiny_models, toy_dir,
     incomplete = out / "checkpoints" / "step_000009"
     incomplete.mkdir()
     assert latest_checkpoint(out / "checkpoints").name == "step_000002"
+
+
+@pytest.mark.slow
+def test_a_run_folder_moved_elsewhere_resumes_there(tmp_path, tiny_models, toy_dir, toy_reward_spec, caplog, capsys):
+    """A scratch folder (model, data, output and cache inside) stopped after 4 steps, then moved to another
+    place and resumed under the new paths: it resumes and ends where an uninterrupted run ends. The run
+    key holds contents, not paths: a result-changing setting, or other model files at the same path,
+    are still refused."""
+    import shutil
+
+    def args(root, *extra):
+        return argv(root / "data", str(root / "model"), root / "out", toy_reward_spec, "-cd", str(root / "cache"),
+                    *extra)
+
+    first = tmp_path / "scratch"
+    shutil.copytree(tiny_models["causal"], first / "model")
+    shutil.copytree(toy_dir, first / "data")
+    assert main(args(first, "--stop_after_steps", "4")) == 0
+    moved = tmp_path / "other_mount" / "copied_scratch"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+
+    assert main(args(moved, "-lr", "5e-4")) == 2  # still refused: another learning rate
+    assert "other settings" in capsys.readouterr().err
+    config = moved / "model" / "config.json"
+    original = config.read_text()
+    config.write_text(json.dumps({**json.loads(original), "initializer_range": 0.5}))
+    assert main(args(moved)) == 2  # still refused: other model files at the same path
+    assert "other settings" in capsys.readouterr().err
+    config.write_text(original)
+
+    with caplog.at_level("INFO"):
+        assert main(args(moved)) == 0
+    assert "resuming from" in caplog.text and "step_000004" in caplog.text
+    whole = tmp_path / "whole"
+    assert main(argv(toy_dir, tiny_models["causal"], whole, toy_reward_spec)) == 0
+    a, b = final_params(whole), final_params(moved / "out")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key

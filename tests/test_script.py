@@ -45,7 +45,7 @@ def test_every_algorithm_trains(tmp_path, tiny_models, toy_dir, toy_reward_spec,
     if algo.startswith("a_lol"):
         stats = json.loads((out / "advantage_stats.json").read_text())
         assert 0 <= stats["share_negative"] <= 1 and len(stats["percentiles"]) == 11
-        assert json.loads((out / "value_fit.json").read_text())["n_heldout"] >= 1
+        assert json.loads((out / "value_fit.json").read_text())["n_fit"] >= 3
     if algo in ("r_lol", "a_lol", "a_lol_seq"):
         assert all("importance_weight" in entry for entry in log)
         assert all(0.1 - 1e-6 <= entry["importance_weight"] <= 1.9 + 1e-6 for entry in log)

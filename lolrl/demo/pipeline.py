@@ -193,8 +193,8 @@ def _result_row(algorithm: str, seed: int, results: dict, task: PipelineTask = D
 
 
 def _run_facts(run_dir: Path) -> dict:
-    """The step of the kept (best-validated) model (0: the starting one won); V(x)'s held-out R^2 and
-    rank correlation, and the share of training rows it leaves out."""
+    """The step of the kept (best-validated) model (0: the starting one won); V(x)'s cross-validated R^2
+    and rank correlation, and the share of training rows it leaves out."""
     best = run_dir / "model" / "best.json"
     facts = {"best_step": json.loads(best.read_text())["step"]} if best.exists() else {}
     fit = run_dir / "value_fit.json"
@@ -202,7 +202,7 @@ def _run_facts(run_dir: Path) -> dict:
         return facts
     report = json.loads(fit.read_text())
     stats = json.loads((run_dir / "advantage_stats.json").read_text())
-    return {**facts, "value_r2": report["heldout_r2"], "value_spearman": report["heldout_spearman"],
+    return {**facts, "value_r2": report["cv_r2"], "value_spearman": report["cv_spearman"],
             "share_negative": stats["share_negative"]}
 
 

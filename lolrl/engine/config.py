@@ -74,7 +74,7 @@ class OfflineRLConfig:
     # value estimate
     value_epochs: int = 20
     value_learning_rate: float = 1e-3
-    value_heldout_fraction: float = 0.2
+    value_folds: int = 5  # k-fold cross-validation over the validation prompts: V(x)'s epochs and its report
     # generations: V(x) fits the reward of pi_ref's generations on the validation prompts (the paper);
     # data: V(x) fits the stored rewards of the validation records' own responses (no reward model needed)
     value_source: str = "generations"
@@ -82,7 +82,7 @@ class OfflineRLConfig:
     # (the original: one beam-search output); K > 1 = K sampled outputs (temperature 1 unless the decoding
     # samples), V(x) fit to their mean reward, an estimate of E_{pi_ref}[R | x]
     value_samples: int = 1
-    # attention: the original's attention-pooling head, trained by gradient steps, its best held-out epoch kept;
+    # attention: the original's attention-pooling head, trained by gradient steps for the cross-validated epoch count;
     # ridge: closed-form ridge regression on the mean-pooled states, its penalty chosen by leave-one-out error
     value_head: str = "attention"
 
@@ -165,6 +165,8 @@ class OfflineRLConfig:
             raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
         if self.value_samples > 1 and self.value_source == "data":
             raise ConfigError("--value_samples > 1 samples pi_ref's generations: not with --value_source data")
+        if self.value_folds < 3:
+            raise ConfigError(f"--value_folds must be >= 3 (nested cross-validation), got {self.value_folds}")
         if self.value_head not in ("attention", "ridge"):
             raise ConfigError(f"--value_head must be attention or ridge, got '{self.value_head}'")
         if self.value_source not in ("generations", "data"):

@@ -15,9 +15,47 @@ from tqdm.auto import tqdm
 from lolrl.engine.collation import TokenizedRow, length_grouped_batches, pad_prompts
 
 
+# Every other ``generate()`` setting that changes which tokens come out, at the value that switches it
+# off. transformers fills a setting that ``generate()`` is not given from the model's own
+# generation_config.json, then from its global defaults (top_k=50 among them): so each one is passed,
+# always, and a checkpoint's generation_config.json (top_k=20, temperature=0.6, ...) changes nothing.
+# tests/test_generation_settings.py checks that every field of the installed GenerationConfig is here,
+# in GenerationSettings, or in OUTPUT_ONLY.
+NEUTRAL_DECODING = {
+    # length and beam search
+    "min_length": 0, "min_new_tokens": None, "max_time": None, "stop_strings": None, "early_stopping": False,
+    "length_penalty": 1.0, "num_return_sequences": 1,
+    # sampling warpers (used when do_sample)
+    "typical_p": 1.0, "min_p": None, "top_h": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    # logits processors
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "renormalize_logits": False, "guidance_scale": None, "watermarking_config": None,
+    "token_healing": False,
+    # other decoding strategies a generation_config.json can switch on
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None, "dola_layers": None, "constraints": None,
+    "force_words_ids": None, "prompt_lookup_num_tokens": None, "use_mtp": None,
+}
+
+# GenerationConfig fields that do not change the tokens generated (what is returned, caching, speculative
+# decoding with an assistant model we never pass, ids that come from the tokenizer or the model's structure).
+OUTPUT_ONLY = frozenset({
+    "max_length",  # max_new_tokens, always passed, takes precedence
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "output_attentions", "output_hidden_states",
+    "output_scores", "output_logits", "return_dict_in_generate", "pad_token_id", "bos_token_id", "eos_token_id",
+    "decoder_start_token_id", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+    "max_matching_ngram_size", "assistant_ensemble_weight", "speculation_type", "compile_config", "disable_compile",
+    "continuous_batching_config", "low_memory", "prefill_chunk_size", "_from_model_config", "transformers_version",
+})
+
+
 @dataclass
 class GenerationSettings:
-    """Decoding. The defaults are the original code's: 2 beams, repetition penalty 2.5, no sampling."""
+    """Decoding. The defaults are the original code's: 2 beams, repetition penalty 2.5, no sampling.
+    Everything else ``generate()`` could take from the model's generation_config.json is fixed to
+    off (:data:`NEUTRAL_DECODING`); ``top_k`` 0 is no top-k cut (transformers' own default is 50)."""
 
     max_new_tokens: int = 128
     num_beams: int = 2
@@ -25,10 +63,12 @@ class GenerationSettings:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS, e.g. "." for COMET
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """Every decoding setting ``generate()`` receives (ours and the fixed ones): what cache keys hold."""
+        return {**self.__dict__, "fixed": dict(NEUTRAL_DECODING)}
 
 
 def _stop_ids(tokenizer, settings: GenerationSettings) -> list[int]:
@@ -37,12 +77,17 @@ def _stop_ids(tokenizer, settings: GenerationSettings) -> list[int]:
 
 
 def _generate_kwargs(tokenizer, settings: GenerationSettings) -> dict:
-    kwargs = {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams,
-              "repetition_penalty": settings.repetition_penalty, "do_sample": settings.do_sample,
-              "eos_token_id": _stop_ids(tokenizer, settings) or None, "pad_token_id": tokenizer.pad_token_id}
-    if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-    return kwargs
+    """Every decoding setting, explicitly (the ones this transformers version knows): nothing is left for
+    ``generate()`` to fill from the model's generation_config.json or from its global defaults. No top-k
+    is ``top_k=None`` (what transformers reads as no cut; 0 reads the same but is flagged when not sampling)."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig().to_dict()
+    fixed = {k: v for k, v in NEUTRAL_DECODING.items() if k in known}
+    return {**fixed, "max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams,
+            "repetition_penalty": settings.repetition_penalty, "do_sample": settings.do_sample,
+            "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k or None,
+            "eos_token_id": _stop_ids(tokenizer, settings) or None, "pad_token_id": tokenizer.pad_token_id}
 
 
 def sharded_parameters(accelerator) -> bool:

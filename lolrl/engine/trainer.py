@@ -68,7 +68,13 @@ from lolrl.engine.validation import (
     score_on_main,
     scored_generations_check,
 )
-from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, fit_value_head, make_value_head
+from lolrl.engine.value import (
+    INFORMATIVE_R2,
+    MIN_VALUE_PROMPTS,
+    ValueFitSettings,
+    fit_value_head,
+    make_value_head,
+)
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.finite import StepGuard, check_finite_state
@@ -154,8 +160,9 @@ class OfflineRLTrainer:
                 r.reward is None for r in self._val_records_of(data)):
             raise ConfigError("--value_source data fits V(x) on the validation records' rewards: every validation "
                               "record needs one")
-        if config.uses_advantage and config.do_train and len(self._val_records_of(data)) < 2:
-            raise ConfigError(f"{config.algorithm} fits the value estimate on validation prompts: it needs at least 2")
+        if config.uses_advantage and config.do_train and len(self._val_records_of(data)) < MIN_VALUE_PROMPTS:
+            raise ConfigError(f"{config.algorithm} fits the value estimate on validation prompts: it needs at least "
+                              f"{MIN_VALUE_PROMPTS}")
         if config.do_train and data.train and any(r.reward is None for r in data.train) and config.algorithm != "nll":
             raise ConfigError(f"{config.algorithm} needs a reward on every training row")
         self.accelerator = accelerator or self._make_accelerator()
@@ -304,17 +311,19 @@ class OfflineRLTrainer:
         return targets
 
     def value_sampling_settings(self) -> GenerationSettings:
-        """The validation decoding, sampled: temperature 1 / top-p 1 unless it already samples."""
+        """The validation decoding's length and stop tokens, sampled from pi_ref itself (temperature 1, no
+        top-k, top-p 1, no repetition penalty), unless the validation decoding already samples: then its
+        own sampling settings, with one beam."""
         settings = self.config.generation
         if settings.do_sample:
             return dataclasses.replace(settings, num_beams=1)
-        return dataclasses.replace(settings, do_sample=True, num_beams=1, temperature=1.0, top_p=1.0)
+        return dataclasses.replace(settings, do_sample=True, num_beams=1, temperature=1.0, top_p=1.0, top_k=0,
+                                   repetition_penalty=1.0)
 
     def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[torch.nn.Module, dict]:
         config = self.config
         settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
-                                    heldout_fraction=config.value_heldout_fraction, seed=config.seed,
-                                    head=config.value_head)
+                                    folds=config.value_folds, seed=config.seed, head=config.value_head)
         started = time.perf_counter()
         with self.training_precision():  # the states the reference pass applies V(x) to are computed so too
             states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
@@ -335,16 +344,18 @@ class OfflineRLTrainer:
         head.load_state_dict(state)
         head.eval()
         chosen = (f"ridge penalty {report['ridge_alpha']:.3g}" if report["head"] == "ridge"
-                  else f"best epoch {report['best_epoch']}")
-        logger.info("value head (%s): held-out MSE %.4f vs %.4f for a constant (R^2 %.3f, rank correlation %.3f), "
-                    "%s; prompt states %.1f s, fit %.1f s", report["head"], report["heldout_mse"],
-                    report["constant_mse"], report["heldout_r2"], report["heldout_spearman"], chosen,
-                    report["prompt_states_seconds"], report["fit_seconds"])
+                  else f"{report['best_epoch']} epochs")
+        logger.info("value head (%s): %d-fold cross-validated MSE %.4f vs %.4f for a constant (R^2 %.3f, rank "
+                    "correlation %.3f); fit on all %d validation prompts with %s; prompt states %.1f s, fit %.1f s",
+                    report["head"], report["folds"], report["cv_mse"], report["constant_mse"], report["cv_r2"],
+                    report["cv_spearman"], report["n_fit"], chosen, report["prompt_states_seconds"],
+                    report["fit_seconds"])
         if not report["informative"]:
-            logger.warning("V(x) is no better than a constant on %d held-out validation prompts (R^2 %.3f < %.2f): "
-                           "the advantage then only keeps rows whose reward is above the mean; try --value_samples 4 "
-                           "(or more), more validation prompts, --value_head ridge, or more value-head epochs",
-                           report["n_heldout"], report["heldout_r2"], INFORMATIVE_R2)
+            logger.warning("V(x) is no better than a constant on new prompts (%d-fold cross-validated R^2 %.3f < %.2f "
+                           "over %d validation prompts): the advantage then only keeps rows whose reward is above "
+                           "the mean; try --value_samples 4 (or more), more validation prompts, --value_head ridge, "
+                           "or more value-head epochs", report["folds"], report["cv_r2"], INFORMATIVE_R2,
+                           report["n_fit"])
         return head, report
 
     def check_reward_agreement(self, sample_size: int = 64) -> dict:
@@ -391,7 +402,7 @@ class OfflineRLTrainer:
                                        "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
                                        "generation": config.generation.as_dict(), "samples": config.value_samples,
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
-                                       "heldout": config.value_heldout_fraction, "seed": config.seed,
+                                       "folds": config.value_folds, "seed": config.seed,
                                        **({"head": config.value_head} if config.value_head != "attention" else {})}})
         hit = self.cache.load("reference_pass", key, functools.partial(_check_reference_cache, len(train),
                                                                       config.uses_advantage))
@@ -428,7 +439,7 @@ class OfflineRLTrainer:
             check_reward_scale(advantages, [r.id for r in train], "training advantages (R - V(x))")
             stats = advantage_statistics(advantages)
             fit = reports.get("value_fit", {})
-            stats["value_fit"] = {k: fit.get(k) for k in ("heldout_r2", "heldout_spearman", "informative")}
+            stats["value_fit"] = {k: fit.get(k) for k in ("cv_r2", "cv_spearman", "informative")}
             if self.is_main:
                 atomic_write_json(self.output_dir / "advantage_stats.json", stats)
             logger.info("training advantages: mean %.4f, median %.4f; %.1f%% negative (dropped by A-LoL)",
@@ -550,7 +561,8 @@ class OfflineRLTrainer:
 
     @functools.cached_property
     def _run_key(self) -> str:
-        return run_key(self.config.to_dict(), cache_lib.records_digest(self.data.train))
+        return run_key(self.config.to_dict(), train=cache_lib.records_digest(self.data.train),
+                       val=cache_lib.records_digest(self._val_records()))
 
     def find_checkpoint(self) -> Path | None:
         return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)

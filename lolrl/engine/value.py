@@ -7,8 +7,10 @@ A = R(x, y) - V(x). Compared with the original code:
 * the pooling attention takes a key-padding mask, so V(x) does not depend on padding;
 * the head regresses standardised targets through an affine output, so any reward range,
   negative rewards included, can be represented (the original's sigmoid x max_value could not);
-* the epoch kept is the one with the lowest MSE on held-out validation prompts, not on the
-  training loss, and its quality is reported against the constant predictor (R^2).
+* the number of epochs is chosen by k-fold cross-validation over the validation prompts, not by the
+  training loss; the final head is fit on every validation prompt (as the original's), and its
+  quality is reported by nested cross-validation against the constant predictor (R^2, rank
+  correlation): a figure no prompt both trained or selected and judged.
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-# Below this held-out R^2, V(x) is taken as no better than a constant: the run warns and records it.
+# Below this cross-validated R^2, V(x) is taken as no better than a constant: the run warns and records it.
 INFORMATIVE_R2 = 0.05
 
 
@@ -144,22 +146,31 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass
 class ValueFitReport:
-    best_epoch: int  # attention head: the epoch kept (0: the initial head); ridge: 0
-    heldout_mse: float
-    constant_mse: float  # MSE of predicting the training-part mean on the held-out part
-    heldout_r2: float
-    heldout_spearman: float  # rank correlation of V(x) with the realised rewards on held-out prompts
-    n_train: int
-    n_heldout: int
+    """How good V(x) is, from k-fold cross-validation over the validation prompts (nested: the figure for
+    a fold comes from a head that never saw its prompts, its epoch count or penalty chosen without them
+    too), and what the final head is: fit on every validation prompt with the chosen epoch count."""
+
+    best_epoch: int  # attention head: the epoch count chosen by cross-validation, the final head's (0: initial); ridge: 0
+    cv_mse: float  # MSE of the out-of-fold predictions
+    constant_mse: float  # MSE of predicting, on each fold, the mean of the other folds' targets
+    cv_r2: float  # 1 - cv_mse / constant_mse: an unbiased estimate of V(x)'s R^2 on new prompts
+    cv_spearman: float  # rank correlation of the out-of-fold predictions with the realised rewards
+    folds: int
+    n_fit: int  # prompts the final head is fit on: every validation prompt
+    insample_r2: float  # the final head on the prompts it was fit on (optimistic)
     target_mean: float
     target_std: float
     fit_seconds: float = 0.0
     head: str = "attention"
-    ridge_alpha: float | None = None  # the ridge penalty chosen by leave-one-out error on the training part
+    ridge_alpha: float | None = None  # the final head's penalty, chosen by leave-one-out error over all prompts
+    # attention head: the pooled out-of-fold R^2 at best_epoch, an epoch chosen on those very predictions
+    # (optimistic, for comparison with cv_r2), and each fold's epoch count chosen on the other folds
+    selected_r2: float | None = None
+    fold_epochs: list[int] | None = None
 
     @property
     def informative(self) -> bool:
-        return math.isfinite(self.heldout_r2) and self.heldout_r2 >= INFORMATIVE_R2
+        return math.isfinite(self.cv_r2) and self.cv_r2 >= INFORMATIVE_R2
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "informative": self.informative}
@@ -170,18 +181,25 @@ class ValueFitSettings:
     epochs: int = 20
     learning_rate: float = 1e-3
     batch_size: int = 32
-    heldout_fraction: float = 0.2
+    folds: int = 5
     dropout: float = 0.1
     seed: int = 0
     head: str = "attention"  # or "ridge" (:class:`RidgeValueHead`)
 
 
-def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if n < 2:
-        raise ValueError(f"the value head needs at least 2 validation prompts, got {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_heldout = min(n - 1, max(1, round(n * fraction)))
-    return order[n_heldout:], order[:n_heldout]
+# The nested cross-validation needs a non-empty training part without two folds.
+MIN_VALUE_PROMPTS = 3
+
+
+def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
+    """The fold of each of ``n`` prompts: a seeded permutation dealt round-robin into ``min(folds, n)`` folds."""
+    if n < MIN_VALUE_PROMPTS:
+        raise ValueError(f"the value head needs at least {MIN_VALUE_PROMPTS} validation prompts, got {n}")
+    if folds < 3:
+        raise ValueError(f"the value head's cross-validation needs at least 3 folds, got {folds}")
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % min(folds, n)
+    return fold
 
 
 def _batches(states: list[torch.Tensor], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -199,42 +217,25 @@ def predict(head: ValueHead, states: list[torch.Tensor], batch_size: int = 64) -
     return _predict_padded(head, _batches(states, batch_size))
 
 
-def fit_value_head(states: list[torch.Tensor], targets: list[float],
-                   settings: ValueFitSettings = ValueFitSettings(),
-                   device: torch.device | str | None = None) -> tuple[nn.Module, ValueFitReport]:
-    """Fit V on (prompt states, reward of pi_ref's generation) with ``settings.head``: the attention
-    head keeps its best held-out epoch; the ridge head is solved in closed form. Both are judged on
-    the same held-out prompts (``settings.heldout_fraction``, ``settings.seed``).
-
-    The fit runs on ``device`` (default: where the states are); the held-out batches are padded
-    once, and the head's attention costs O(heads x hidden) per prompt token (:meth:`ValueHead.pool`)."""
-    if settings.head == "ridge":
-        return fit_ridge_value_head(states, targets, settings)
-    make_value_head(settings.head, 1)  # a clear error for an unknown kind
-    started = time.perf_counter()
-    device = torch.device(device) if device is not None else states[0].device
-    states = [s.to(device) for s in states]
-    targets_t = torch.tensor(targets, dtype=torch.float32)
-    train_idx, held_idx = _split(len(states), settings.heldout_fraction, settings.seed)
-    torch.manual_seed(settings.seed)
+def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
+                         watched: list[np.ndarray], epochs: int, settings: ValueFitSettings,
+                         fit_id: int = 0) -> tuple[ValueHead, list[np.ndarray]]:
+    """One attention head trained on ``train_idx`` for ``epochs`` epochs (targets standardised on them);
+    returns it and, for each index set in ``watched``, its predictions after every epoch, [epochs + 1, n]
+    (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout."""
+    device = states[0].device
+    torch.manual_seed(settings.seed * 7919 + fit_id)
+    rng = np.random.default_rng([settings.seed, fit_id])
     head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
-    mean, std = targets_t[train_idx].mean(), targets_t[train_idx].std(unbiased=False).clamp(min=1e-6)
-    head.target_mean.fill_(mean)
-    head.target_std.fill_(std)
+    part = targets[torch.as_tensor(train_idx)]
+    head.target_mean.fill_(part.mean())
+    head.target_std.fill_(part.std(unbiased=False).clamp(min=1e-6))
     head.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    held_batches, held_targets = _batches([states[i] for i in held_idx], 64), targets_t[held_idx].numpy()
-    targets_d = targets_t.to(device)
-    rng = np.random.default_rng(settings.seed)
-
-    def heldout_mse() -> float:
-        return float(np.mean((_predict_padded(head, held_batches) - held_targets) ** 2))
-
-    def snapshot() -> dict:
-        return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-
-    best_mse, best_epoch, best_state = heldout_mse(), 0, snapshot()
-    for epoch in tqdm(range(1, settings.epochs + 1), desc="value head", leave=False):
+    targets_d = targets.to(device)
+    watched_batches = [_batches([states[i] for i in idx], 64) for idx in watched]
+    curves = [[_predict_padded(head, b)] for b in watched_batches]
+    for _ in range(epochs):
         head.train()
         order = rng.permutation(train_idx)
         for start in range(0, len(order), settings.batch_size):
@@ -244,24 +245,90 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        mse = heldout_mse()
-        if mse < best_mse:
-            best_mse, best_epoch, best_state = mse, epoch, snapshot()
-    head.load_state_dict(best_state)
-    held_predictions = _predict_padded(head, held_batches)
+        for curve, batches in zip(curves, watched_batches):
+            curve.append(_predict_padded(head, batches))
+    return head, [np.stack(curve) for curve in curves]
+
+
+def _cv_figures(predictions: np.ndarray, targets: np.ndarray, fold: np.ndarray) -> tuple[float, float, float, float]:
+    """``(mse, constant_mse, r2, spearman)`` of out-of-fold ``predictions``; the constant predicts, on each
+    fold, the mean of the other folds' targets (what a constant fit without the fold would say)."""
+    constant = np.array([targets[fold != fold[i]].mean() for i in range(len(targets))])
+    sse, baseline = float(np.sum((targets - predictions) ** 2)), float(np.sum((targets - constant) ** 2))
+    r2 = 1.0 - sse / baseline if baseline > 0 else float("nan")
+    return sse / len(targets), baseline / len(targets), r2, spearman(predictions, targets)
+
+
+def fit_value_head(states: list[torch.Tensor], targets: list[float],
+                   settings: ValueFitSettings = ValueFitSettings(),
+                   device: torch.device | str | None = None) -> tuple[nn.Module, ValueFitReport]:
+    """Fit V on (prompt states, reward of pi_ref's generation) with ``settings.head`` and report it by
+    nested k-fold cross-validation (``settings.folds`` folds, ``settings.seed``); the returned head is fit
+    on every prompt.
+
+    Attention head: for every fold f a head trained without f gives f's predictions after each epoch;
+    for every pair of folds {f, g} a head trained without both gives g's (and f's). Fold f's reported
+    prediction is its head's at the epoch count that minimises the other folds' error under the pair
+    heads, which never saw f: f's targets neither train nor select what is scored on f. The final epoch
+    count minimises the error of all folds' out-of-fold predictions, and the final head is trained on
+    every prompt for that many epochs. k + k(k-1)/2 + 1 small fits in all (16 for k = 5).
+
+    The fit runs on ``device`` (default: where the states are); the head's attention costs
+    O(heads x hidden) per prompt token (:meth:`ValueHead.pool`)."""
+    if settings.head == "ridge":
+        return fit_ridge_value_head(states, targets, settings)
+    make_value_head(settings.head, 1)  # a clear error for an unknown kind
+    started = time.perf_counter()
+    device = torch.device(device) if device is not None else states[0].device
+    states = [s.to(device) for s in states]
+    n = len(states)
+    fold = fold_assignment(n, settings.folds, settings.seed)
+    k = int(fold.max()) + 1
+    y = np.asarray(targets, dtype=np.float64)
+    targets_t = torch.tensor(targets, dtype=torch.float32)
+    members = [np.flatnonzero(fold == f) for f in range(k)]
+    progress = tqdm(total=k + k * (k - 1) // 2 + 1, desc="value head (cross-validated)", leave=False)
+    outer = []  # outer[f]: [epochs + 1, |f|] predictions on fold f of a head trained without f
+    for f in range(k):
+        outer.append(train_attention_head(states, targets_t, np.flatnonzero(fold != f), [members[f]],
+                                          settings.epochs, settings, fit_id=1 + f)[1][0])
+        progress.update(1)
+    inner_error = np.zeros((k, settings.epochs + 1))  # inner_error[f]: other folds' SSE per epoch, without f
+    fit_id = 1 + k
+    for f in range(k):
+        for g in range(f + 1, k):
+            _, (on_f, on_g) = train_attention_head(states, targets_t, np.flatnonzero((fold != f) & (fold != g)),
+                                                   [members[f], members[g]], settings.epochs, settings, fit_id)
+            inner_error[f] += ((on_g - y[members[g]]) ** 2).sum(axis=1)
+            inner_error[g] += ((on_f - y[members[f]]) ** 2).sum(axis=1)
+            fit_id += 1
+            progress.update(1)
+    fold_epochs = [int(np.argmin(inner_error[f])) for f in range(k)]
+    out_of_fold = np.empty(n)
+    for f in range(k):
+        out_of_fold[members[f]] = outer[f][fold_epochs[f]]
+    pooled_error = sum(((outer[f] - y[members[f]]) ** 2).sum(axis=1) for f in range(k))
+    best_epoch = int(np.argmin(pooled_error))
+    selected = np.empty(n)
+    for f in range(k):
+        selected[members[f]] = outer[f][best_epoch]
+    head, (fitted,) = train_attention_head(states, targets_t, np.arange(n), [np.arange(n)], best_epoch, settings,
+                                           fit_id=0)
+    progress.update(1)
+    progress.close()
     head.cpu().eval()
-    constant = float(np.mean((held_targets - float(mean)) ** 2))
-    report = ValueFitReport(best_epoch=best_epoch, heldout_mse=best_mse, constant_mse=constant,
-                            heldout_r2=r_squared(held_predictions, held_targets, float(mean)),
-                            heldout_spearman=spearman(held_predictions, held_targets),
-                            n_train=len(train_idx), n_heldout=len(held_idx),
-                            target_mean=float(mean), target_std=float(std),
-                            fit_seconds=time.perf_counter() - started)
+    cv_mse, constant_mse, cv_r2, cv_spearman = _cv_figures(out_of_fold, y, fold)
+    report = ValueFitReport(best_epoch=best_epoch, cv_mse=cv_mse, constant_mse=constant_mse, cv_r2=cv_r2,
+                            cv_spearman=cv_spearman, folds=k, n_fit=n,
+                            insample_r2=r_squared(fitted[-1], y, float(y.mean())),
+                            target_mean=float(head.target_mean), target_std=float(head.target_std),
+                            fit_seconds=time.perf_counter() - started,
+                            selected_r2=_cv_figures(selected, y, fold)[2], fold_epochs=fold_epochs)
     return head, report
 
 
 # The ridge penalties tried (on standardised features and targets); the one with the lowest
-# leave-one-out error on the training part of the validation prompts is kept.
+# leave-one-out error on the prompts a head is fit on is kept.
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
 
 
@@ -286,32 +353,41 @@ def _ridge_loo(features: np.ndarray, targets: np.ndarray, alphas) -> tuple[float
     return alpha, weights
 
 
-def fit_ridge_value_head(states: list[torch.Tensor], targets: list[float],
-                         settings: ValueFitSettings = ValueFitSettings()) -> tuple[RidgeValueHead, ValueFitReport]:
-    """The closed-form alternative to the attention head: ridge regression of the standardised targets
-    on the standardised mean-pooled prompt states, its penalty chosen by leave-one-out error on the
-    training part only, so the held-out R^2 stays an honest estimate."""
-    started = time.perf_counter()
-    features = torch.stack([s.double().mean(0).cpu() for s in states]).numpy()
-    y = np.asarray(targets, dtype=np.float64)
-    train_idx, held_idx = _split(len(states), settings.heldout_fraction, settings.seed)
-    mean, std = float(y[train_idx].mean()), max(float(y[train_idx].std()), 1e-6)
-    f_mean = features[train_idx].mean(0)
-    f_scale = features[train_idx].std(0)
-    f_scale[f_scale < 1e-6] = 1.0  # a feature constant on the training part: its weight comes out 0
-    z = (features - f_mean) / f_scale
-    alpha, weights = _ridge_loo(z[train_idx], (y[train_idx] - mean) / std, RIDGE_ALPHAS)
+def _ridge_head(features: np.ndarray, y: np.ndarray, rows: np.ndarray) -> tuple[RidgeValueHead, float]:
+    """The ridge head fit on ``rows`` alone (their feature and target scaling, the penalty by their
+    leave-one-out error); returns it and its penalty."""
+    mean, std = float(y[rows].mean()), max(float(y[rows].std()), 1e-6)
+    f_mean = features[rows].mean(0)
+    f_scale = features[rows].std(0)
+    f_scale[f_scale < 1e-6] = 1.0  # a feature constant on these rows: its weight comes out 0
+    alpha, weights = _ridge_loo((features[rows] - f_mean) / f_scale, (y[rows] - mean) / std, RIDGE_ALPHAS)
     head = RidgeValueHead(features.shape[1])
     for name, value in (("feature_mean", f_mean), ("feature_scale", f_scale), ("weight", weights),
                         ("target_mean", mean), ("target_std", std), ("alpha", alpha)):
         getattr(head, name).copy_(torch.as_tensor(value, dtype=torch.float32))
-    head.eval()
-    held_predictions = predict(head, [states[i].cpu() for i in held_idx])
-    held_targets = y[held_idx]
-    report = ValueFitReport(best_epoch=0, heldout_mse=float(np.mean((held_predictions - held_targets) ** 2)),
-                            constant_mse=float(np.mean((held_targets - mean) ** 2)),
-                            heldout_r2=r_squared(held_predictions, held_targets, mean),
-                            heldout_spearman=spearman(held_predictions, held_targets),
-                            n_train=len(train_idx), n_heldout=len(held_idx), target_mean=mean, target_std=std,
+    return head.eval(), alpha
+
+
+def fit_ridge_value_head(states: list[torch.Tensor], targets: list[float],
+                         settings: ValueFitSettings = ValueFitSettings()) -> tuple[RidgeValueHead, ValueFitReport]:
+    """The closed-form alternative to the attention head: ridge regression of the standardised targets
+    on the standardised mean-pooled prompt states. Reported by k-fold cross-validation (each fold
+    predicted by a ridge fit on the other folds, its penalty chosen by their leave-one-out error); the
+    returned head is fit on every prompt, its penalty by leave-one-out error over all of them."""
+    started = time.perf_counter()
+    states = [s.cpu() for s in states]
+    features = torch.stack([s.double().mean(0) for s in states]).numpy()
+    y = np.asarray(targets, dtype=np.float64)
+    fold = fold_assignment(len(states), settings.folds, settings.seed)
+    out_of_fold = np.empty(len(states))
+    for f in range(int(fold.max()) + 1):
+        fold_head, _ = _ridge_head(features, y, np.flatnonzero(fold != f))
+        out_of_fold[fold == f] = predict(fold_head, [states[i] for i in np.flatnonzero(fold == f)])
+    head, alpha = _ridge_head(features, y, np.arange(len(states)))
+    cv_mse, constant_mse, cv_r2, cv_spearman = _cv_figures(out_of_fold, y, fold)
+    report = ValueFitReport(best_epoch=0, cv_mse=cv_mse, constant_mse=constant_mse, cv_r2=cv_r2,
+                            cv_spearman=cv_spearman, folds=int(fold.max()) + 1, n_fit=len(states),
+                            insample_r2=r_squared(predict(head, states), y, float(y.mean())),
+                            target_mean=float(head.target_mean), target_std=float(head.target_std),
                             fit_seconds=time.perf_counter() - started, head="ridge", ridge_alpha=alpha)
     return head, report

@@ -93,7 +93,9 @@ REFERENCE_ADAPTER = "reference"
 
 
 def _rollout_settings() -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=128, num_beams=1, repetition_penalty=1.0, do_sample=True, top_p=0.95)
+    # the original's rollouts: top-p 0.95, and the top-k 50 transformers applied when none was given
+    return GenerationSettings(max_new_tokens=128, num_beams=1, repetition_penalty=1.0, do_sample=True, top_p=0.95,
+                              top_k=50)
 
 
 def _greedy_settings() -> GenerationSettings:
@@ -598,7 +600,8 @@ class PPOTrainer:
 
     @functools.cached_property
     def _run_key(self) -> str:
-        return run_key(self.config.to_dict(), cache_lib.records_digest(self.train_records))
+        return run_key(self.config.to_dict(), train=cache_lib.records_digest(self.train_records),
+                       val=cache_lib.records_digest(self.val_records))
 
     def find_checkpoint(self) -> Path | None:
         return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)

@@ -12,6 +12,7 @@ written, so a later load sees it on every process.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,17 +38,27 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True, default=repr).encode()).hexdigest()[:24]
 
 
-file_digest = sha256_file
+@functools.lru_cache(maxsize=None)
+def _digest_of(path: str, size: int, modified_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, computed once per process for a file of this size and modification time
+    (a model's weights are identified for several cache keys and the run key)."""
+    stat = os.stat(path)
+    return _digest_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def model_identity(name: str) -> dict:
-    """What identifies a checkpoint: for a local folder, the digest of its weights and config files;
-    for a hub id, the id (the hub's revision pins its contents)."""
+    """What identifies a checkpoint: for a local folder, the digest of its weights and config files (not
+    where the folder is: a copy elsewhere is the same model); for a hub id, the id (the hub's revision
+    pins its contents)."""
     path = Path(name)
     if not path.is_dir():
         return {"hub_id": name}
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".model", ".txt"))
-    return {"path": str(path.resolve()), "files": {p.name: file_digest(p) for p in files}}
+    return {"files": {p.name: file_digest(p) for p in files}}
 
 
 def records_digest(records: list) -> str:

@@ -246,17 +246,27 @@ def resume_training_state(accelerator, path: Path, model, optimizer, scheduler
     return load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
 
 
-# Settings that only say when to stop, what to log or where: a run resumed with other values is the same run.
+# The one list of what a run key leaves out (every trainer's, see :func:`run_key`): settings that only say
+# when to stop, what to log, whether to reuse caches, or where the run's own folders are. A run resumed
+# with other values, or from its output folder moved or copied elsewhere, is the same run.
 NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to", "logging_steps",
-                  "use_cache", "do_test", "max_nonfinite_steps")
+                  "use_cache", "do_test", "max_nonfinite_steps", "output_dir", "save_dir", "cache_dir")
+# Settings that name an input by its path: keyed by its contents (a moved copy is the same input, other
+# weights at the same path are not).
+INPUT_PATHS = ("model_name", "tokenizer_name", "adapter_path")
 
 
-def run_key(settings: dict, train_digest: str) -> str:
-    """What a checkpoint must agree with to be resumed: the run's settings and its training data."""
-    from lolrl.utils.cache import hash_json
+def run_key(settings: dict, **data_digests: str) -> str:
+    """What a checkpoint must agree with to be resumed: every setting that can change the run's result
+    (all but :data:`NOT_IN_RUN_KEY`; the models of :data:`INPUT_PATHS` by content), and the digests of
+    its data (e.g. ``train=...``, ``val=...``), never where its folders live."""
+    from lolrl.utils.cache import hash_json, model_identity
 
     kept = {k: v for k, v in settings.items() if k not in NOT_IN_RUN_KEY}
-    return hash_json({"settings": kept, "train": train_digest})
+    for name in INPUT_PATHS:
+        if kept.get(name) is not None:
+            kept[name] = model_identity(kept[name])
+    return hash_json({"settings": kept, "data": data_digests})
 
 
 def find_resumable(directory: Path, mode: str, key: str, accelerator=None) -> Path | None:

@@ -193,6 +193,8 @@ class PPOHHArguments(LogprobKernelArguments, HHArguments):
     early_stopping: bool = setting(False, "end a step's PPO epochs once the policy KL exceeds 1.5 x --target_kl")
     top_p: float = setting(0.95, "rollout nucleus sampling", min=0.0, max=1.0)
     temperature: float = setting(1.0, "rollout temperature", min=0.0)
+    top_k: int = setting(50, "rollout top-k (0: none); 50 is what the original's rollouts got from transformers' "
+                             "defaults", min=0)
     max_new_tokens: int = setting(128, "rollout and validation length", min=1)
     trainer: str = setting("ppo", "ppo (lolrl.online.ppo); grpo or rloo: TRL's trainers with the same reward "
                                   "and validation", choices=("ppo", "grpo", "rloo"))

@@ -30,7 +30,8 @@ def ppo_config(args: PPOHHArguments):
 
     greedy = generation_settings(args.model_name_or_path)
     greedy.max_new_tokens = args.max_new_tokens
-    sampling = dataclasses.replace(greedy, do_sample=True, top_p=args.top_p, temperature=args.temperature)
+    sampling = dataclasses.replace(greedy, do_sample=True, top_p=args.top_p, temperature=args.temperature,
+                                   top_k=args.top_k)
     return PPOConfig(
         model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
         save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir,
@@ -99,6 +100,7 @@ def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, num_generations=args.num_generations,
         max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k,
         beta=args.kl_beta, epsilon=args.ppo_clip, max_grad_norm=args.max_grad_norm, seed=args.seed,
         optim=resolve_optimizer(args.optim), adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay,

@@ -90,9 +90,8 @@ class GenerationTaskArguments:
     a2c_n_value_head_epochs: int = setting(default_of(_C, "value_epochs"), "value-head epochs", aliases=["-a2c_n"],
                                            min=1)
     value_learning_rate: float = setting(default_of(_C, "value_learning_rate"), "value-head learning rate", min=0.0)
-    value_heldout_fraction: float = setting(default_of(_C, "value_heldout_fraction"),
-                                            "share of validation prompts held out to select the value head",
-                                            min=0.0, max=1.0)
+    value_folds: int = setting(default_of(_C, "value_folds"), "folds of the value head's cross-validation over the "
+                               "validation prompts (its epoch count and its reported R^2)", min=3)
     value_source: str = setting(default_of(_C, "value_source"), "V(x) fits rewards of pi_ref's generations on val "
                                 "(the paper) or the val data's stored rewards", choices=("generations", "data"))
     value_samples: int = setting(default_of(_C, "value_samples"), "V(x) targets: 1 = reward of pi_ref's output with "
@@ -150,6 +149,7 @@ class GenerationTaskArguments:
     do_sample: bool = setting(False, "sample instead of beam search")
     temperature: float = setting(default_of(_G, "temperature"), "sampling temperature", min=0.0)
     top_p: float = setting(default_of(_G, "top_p"), "nucleus sampling", min=0.0, max=1.0)
+    top_k: int = setting(default_of(_G, "top_k"), "top-k sampling (0: no top-k cut)", min=0)
     no_test: bool = setting(False, "skip the final test-set evaluation")
     # paper reward models: the paper tasks' built-in reward recipes read their classifiers from these
     cola_classifier_model: str | None = _model_flag("-cm", "cola")
@@ -186,7 +186,7 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         sampling = "good_priority"
     generation = GenerationSettings(max_new_tokens=args.max_resp_length, num_beams=args.num_beams,
                                     repetition_penalty=args.repetition_penalty, do_sample=args.do_sample,
-                                    temperature=args.temperature, top_p=args.top_p)
+                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules)
     clip_given = "ppo_clip" in args.given_flags
@@ -207,7 +207,7 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         ppo_clip=args.ppo_clip, ppo_clip_given=clip_given, kl_beta=args.kl_beta,
         kl_estimator=args.kl_estimator, gold_floor=args.gold_floor, sampling_strategy=sampling,
         value_epochs=args.a2c_n_value_head_epochs, value_learning_rate=args.value_learning_rate,
-        value_heldout_fraction=args.value_heldout_fraction, value_source=args.value_source,
+        value_folds=args.value_folds, value_source=args.value_source,
         value_samples=args.value_samples, value_head=args.value_head, val_batch_size=args.val_batch_size,
         val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,

@@ -1,0 +1,126 @@
+"""Decoding is ours alone: every setting is passed to generate(), so neither transformers' global
+defaults (top_k=50) nor a checkpoint's generation_config.json change what is generated, and every
+setting is in the cache keys of generated outputs."""
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lolrl.engine.collation import Tokenizer
+from lolrl.engine.config import OfflineRLConfig
+from lolrl.engine.data import load_task_dir
+from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.modeling import load_model, load_tokenizer
+from lolrl.engine.rewards import RewardFunction
+from lolrl.engine.trainer import OfflineRLTrainer
+
+# What a checkpoint's generation_config.json may say; none of it may reach our decoding.
+MODEL_DEFAULTS = dict(do_sample=True, num_beams=3, top_k=1, temperature=0.1, top_p=0.5, repetition_penalty=4.0, no_repeat_ngram_size=1,
+                      min_p=0.5, typical_p=0.5, length_penalty=-3.0, min_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def opinionated_model(tiny_models, tmp_path_factory):
+    """The tiny GPT-2 copied with a generation_config.json full of decoding defaults."""
+    from transformers import GenerationConfig
+
+    folder = tmp_path_factory.mktemp("opinionated") / "causal"
+    shutil.copytree(tiny_models["causal"], folder)
+    GenerationConfig(**MODEL_DEFAULTS).save_pretrained(folder)
+    assert load_model(str(folder)).generation_config.top_k == 1  # it is read on load
+    return str(folder)
+
+
+def _texts(model_dir, toy_dir, settings, seed=0):
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    rows = Tokenizer(tokenizer, False, 64, 16)(load_task_dir(toy_dir).val)
+    torch.manual_seed(seed)
+    return generate(model, tokenizer, rows, settings, batch_size=4)
+
+
+SAMPLED = GenerationSettings(max_new_tokens=12, num_beams=1, repetition_penalty=1.0, do_sample=True)
+
+
+@pytest.mark.parametrize("settings", [SAMPLED, GenerationSettings(max_new_tokens=12),
+                                      dataclasses.replace(SAMPLED, top_k=5, top_p=0.9, temperature=0.7)],
+                         ids=["pure_sampling", "beam_search", "sampling_with_cuts"])
+def test_a_models_generation_config_does_not_change_our_decoding(tiny_models, opinionated_model, toy_dir, settings):
+    plain = _texts(tiny_models["causal"], toy_dir, settings)
+    assert _texts(opinionated_model, toy_dir, settings) == plain
+
+
+def test_pure_sampling_has_no_implicit_top_k(tiny_models, opinionated_model):
+    """The generation config transformers resolves from our arguments: top-k off (not its default 50,
+    not the checkpoint's 1), and every other setting as passed, whatever the checkpoint says."""
+    from transformers import GenerationConfig
+
+    from lolrl.engine.generation import NEUTRAL_DECODING, _generate_kwargs
+
+    tokenizer = load_tokenizer(tiny_models["causal"])
+    for folder in (tiny_models["causal"], opinionated_model):
+        model = load_model(folder)
+        resolved, _ = model._prepare_generation_config(None, **_generate_kwargs(tokenizer, SAMPLED))
+        assert resolved.top_k in (None, 0) and resolved.temperature == 1.0 and resolved.top_p == 1.0
+        assert resolved.repetition_penalty == 1.0 and resolved.do_sample and resolved.num_beams == 1
+        known = GenerationConfig().to_dict()
+        for name, value in NEUTRAL_DECODING.items():
+            if name in known:
+                assert getattr(resolved, name) == value, name
+
+
+def test_every_generation_config_field_is_decided():
+    """A field a newer transformers adds must be classified (passed, or harmless) before it can leak."""
+    from transformers import GenerationConfig
+
+    from lolrl.engine.generation import NEUTRAL_DECODING, OUTPUT_ONLY
+
+    ours = {f.name for f in dataclasses.fields(GenerationSettings)}
+    undecided = set(GenerationConfig().to_dict()) - set(NEUTRAL_DECODING) - OUTPUT_ONLY - ours
+    assert not undecided
+
+
+def test_value_sampling_is_pure_sampling(tmp_path, tiny_models):
+    config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path), algorithm="a_lol",
+                             value_samples=2)
+    settings = OfflineRLTrainer.value_sampling_settings(type("T", (), {"config": config})())
+    assert (settings.do_sample, settings.num_beams, settings.temperature, settings.top_p, settings.top_k,
+            settings.repetition_penalty) == (True, 1, 1.0, 1.0, 0, 1.0)
+    assert settings.max_new_tokens == config.generation.max_new_tokens
+
+
+def test_every_decoding_setting_is_in_the_cache_key(tmp_path, tiny_models, toy_dir, monkeypatch):
+    """--value_samples K caches its scored samples: a change of any decoding setting (ours, or one of the
+    fixed ones) is a cache miss, the same settings a hit."""
+    from lolrl.engine import generation
+
+    base = GenerationSettings(max_new_tokens=6, num_beams=1, repetition_penalty=1.0, do_sample=True)
+    changes = dict(max_new_tokens=5, num_beams=2, repetition_penalty=1.3, temperature=0.7, top_p=0.9, top_k=7,
+                   stop_token_ids=[3])
+    assert set(changes) | {"do_sample"} == {f.name for f in dataclasses.fields(GenerationSettings)}
+    keys = {repr(base.as_dict())} | {repr(dataclasses.replace(base, **{k: v}).as_dict()) for k, v in changes.items()}
+    assert len(keys) == len(changes) + 1
+
+    calls = []
+
+    def n_words(prompts, completions, **_):
+        calls.append(len(completions))
+        return [float(len(c.split())) for c in completions]
+
+    def targets(generation):
+        config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / "run"), algorithm="a_lol",
+                                 max_resp_length=6, val_batch_size=8, value_samples=2, generation=generation)
+        trainer = OfflineRLTrainer(config, load_task_dir(toy_dir), RewardFunction.from_callables({"n": n_words}))
+        trainer._load_policy()
+        before = len(calls)
+        values = trainer.value_targets(trainer.row_tokenizer(trainer._val_records()))
+        return values, len(calls) > before  # whether it generated and scored (a cache miss)
+
+    first, missed = targets(base)
+    assert missed
+    assert targets(base) == (first, False)  # the same settings: from the cache
+    assert targets(dataclasses.replace(base, top_k=3))[1]
+    monkeypatch.setitem(generation.NEUTRAL_DECODING, "typical_p", 0.9)
+    assert targets(base)[1]
+    assert np.isfinite(first).all()
