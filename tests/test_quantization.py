@@ -68,7 +68,7 @@ def test_hh_scripts_default_to_the_original_4bit_numerics(script, tmp_path, tiny
     assert bnb_4bit_kwargs(settings["quantization"], "bf16") == ORIGINAL_BNB
     trainable = not issubclass(HH_SCRIPTS[script], hh.HHEvalArguments)
     if trainable:
-        modeling.load_model(tiny_models["llama"], dtype="fp32", load_in_4bit=True, quantization=settings["quantization"])
+        modeling.load_model(tiny_models["llama"], load_in_4bit=True, quantization=settings["quantization"])
     else:
         from lolrl.tasks.hh.evaluate import load_model_for_eval
 
@@ -224,7 +224,8 @@ def test_settings_that_leave_the_numbers_alone_are_not_in_the_key(tmp_path, tiny
     adapter's own settings do not change pi_ref's outputs (test below)."""
     key = numerics_key(base_config(tmp_path, tiny_models))
     monkeypatch.setattr(modeling, "can_load_in_4bit", lambda: False)
-    for changes in ({"load_in_4bit": True}, {"load_in_4bit": True, "quantization": QuantizationSettings(quant_type="fp4")},
+    for changes in ({"load_in_4bit": True},
+                    {"load_in_4bit": True, "quantization": QuantizationSettings(quant_type="fp4")},
                     {"gradient_checkpointing": True}, {"disable_dropout": False},
                     {"lora": LoraSettings(r=8, alpha=32, dropout=0.0)}):
         assert numerics_key(base_config(tmp_path, tiny_models, **changes)) == key, changes
@@ -256,8 +257,8 @@ def test_a_4bit_run_recomputes_the_reference_pass(tmp_path, tiny_models, toy_dir
         monkeypatch.setattr(modeling, "can_load_in_4bit", lambda: four_bit)
         caplog.clear()
         argv = ["-i", str(toy_dir), "-tn", "toy", "--reward", "none", "-m", tiny_models["causal"],
-                "-o", str(tmp_path / name), "-algo", "r_lol", "-t", "-e", "1", "--max_steps", "1", "-bs", "16", "-v_bs", "16", "-ml", "8",
-                "--num_beams", "1", "-vf", "1", "--lora_r", "4", "--save_steps", "-1", "--no_test",
+                "-o", str(tmp_path / name), "-algo", "r_lol", "-t", "-e", "1", "--max_steps", "1",
+                "-bs", "16", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1", "--lora_r", "4", "--save_steps", "-1", "--no_test",
                 "--cache_dir", str(cache), *extra]
         with caplog.at_level("INFO"):
             assert main(argv) == 0

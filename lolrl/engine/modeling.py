@@ -551,7 +551,8 @@ def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto",
     return layout if packing_is_exact(model, probe_rows, pad_token_id, tolerance, layout) else False
 
 
-__all__ = ["LoraSettings", "QuantizationSettings", "bnb_4bit_kwargs", "numerics_key", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
+__all__ = ["LoraSettings", "QuantizationSettings", "bnb_4bit_kwargs", "numerics_key", "ModelLoadError", "load_model",
+           "load_tokenizer", "load_config", "is_encoder_decoder",
            "response_logprobs", "response_outputs", "ResponseOutputs", "head_logprobs", "last_hidden_states",
            "pad_rows", "LOGPROB_CHUNK_TOKENS", "packing_is_exact", "choose_packing", "has_varlen_attention",
            "set_dropout", "add_lora", "DTYPES"]

@@ -529,8 +529,8 @@ class PPOTrainer:
         """The starting policy's validation generations (cached under a key of everything they depend on)."""
         config = self.config
         key = cache_lib.hash_json({
-            "stage": "ppo_initial_validation", **numerics_key(config), "val": cache_lib.records_digest(self.val_records),
-            "reward": self.reward.cache_key(), "generation": config.validation.as_dict()})
+            "stage": "ppo_initial_validation", **numerics_key(config),
+            "val": cache_lib.records_digest(self.val_records), "reward": self.reward.cache_key(), "generation": config.validation.as_dict()})
         hit = self.cache.load("ppo_initial_validation", key, scored_generations_check(len(self.val_records)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]

@@ -240,8 +240,8 @@ class PPOEvalArguments(HHEvalArguments):
 
 
 # Training fields the evaluation scripts accept (the original's dataclass) but do not read.
-EVAL_IGNORED = ("prepare_kbit_training", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "learning_rate", "max_grad_norm",
-                "gradient_checkpointing", "lr_scheduler_type", "per_device_train_batch_size",
+EVAL_IGNORED = ("optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "learning_rate", "max_grad_norm",
+                "gradient_checkpointing", "prepare_kbit_training", "lr_scheduler_type", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "lora_alpha", "lora_dropout", "lora_r", "logging_steps",
                 "train_file_path", "eval_file_path", "cache_dir", "seed", "report_to", "reward", "max_train_examples",
                 "max_val_examples", "stop_after_steps", "prompt_format")
