@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import GROUPED_ALGORITHMS, KL_ESTIMATORS, TABLE, Algorithm
-from lolrl.engine.modeling import DTYPES, LoraSettings, check_logprob_kernel
+from lolrl.engine.modeling import DTYPES, LoraSettings, QuantizationSettings, check_logprob_kernel
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.errors import ConfigError
 from lolrl.utils.lock import check_output_paths
@@ -107,6 +107,7 @@ class OfflineRLConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     adapter_path: str | None = None
     load_in_4bit: bool = False  # QLoRA: NF4 base on CUDA (plain LoRA without CUDA, with a warning)
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # how load_in_4bit quantises
     logging_steps: int = 10
     report_to: str = "none"
     length_grouping: bool = True
@@ -161,6 +162,7 @@ class OfflineRLConfig:
         if self.packing not in ("auto", "on", "off"):
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
         check_logprob_kernel(self.logprob_kernel)
+        self.quantization.check()
         if self.value_samples < 1:
             raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
         if self.value_samples > 1 and self.value_source == "data":

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from lolrl.engine import liger
+from lolrl.engine.collation import TOKENIZATION
+from lolrl.utils.cache import model_identity
+from lolrl.utils.cli import setting
 from lolrl.utils.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
@@ -91,37 +94,92 @@ def load_tokenizer(name: str, tokenizer_name: str | None = None):
     return tokenizer
 
 
-def quantization_kwargs(dtype: str, device_index: int = 0) -> dict:
-    """QLoRA's 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("auto", *DTYPES)
+
+
+@dataclass(kw_only=True)
+class QuantizationSettings:
+    """How ``load_in_4bit`` quantises the frozen base (bitsandbytes, CUDA only). The defaults are
+    QLoRA's (NF4, double quantisation, compute in the run's dtype, peft's
+    ``prepare_model_for_kbit_training``); the HH scripts restate the original's (NF4, no double
+    quantisation, fp16 compute, no preparation). Also the flags of every script that loads in 4-bit."""
+
+    quant_type: str = setting("nf4", "4-bit data type of the quantised base (bnb_4bit_quant_type)",
+                              choices=QUANT_TYPES)
+    double_quant: bool = setting(True, "quantise the quantisation constants too (bnb_4bit_use_double_quant)")
+    compute_dtype: str = setting("auto", "dtype the 4-bit layers compute in (bnb_4bit_compute_dtype); auto: the "
+                                 "run's dtype, bf16 for fp32", choices=COMPUTE_DTYPES,
+                                 aliases=["--bnb_4bit_compute_dtype"])
+    prepare_kbit_training: bool = setting(True, "peft's prepare_model_for_kbit_training on a trainable 4-bit model "
+                                                "(casts the base's non-quantised weights, e.g. norms, to fp32)",
+                                          aliases=["--prepare_model_for_kbit_training"])
+
+    @classmethod
+    def of(cls, settings) -> QuantizationSettings:
+        """The quantisation fields of ``settings`` (a script's arguments, which inherit these flags)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+    def check(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"--quant_type must be one of {', '.join(QUANT_TYPES)}, got '{self.quant_type}'")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"--compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got '{self.compute_dtype}'")
+
+
+def bnb_4bit_kwargs(quantization: QuantizationSettings, dtype: str) -> dict:
+    """The keyword arguments of transformers' ``BitsAndBytesConfig`` for ``quantization`` in a run of ``dtype``."""
+    compute = quantization.compute_dtype
+    if compute == "auto":
+        compute = "bf16" if dtype == "fp32" else dtype
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": quantization.quant_type,
+            "bnb_4bit_use_double_quant": quantization.double_quant, "bnb_4bit_compute_dtype": DTYPES[compute]}
+
+
+def quantization_kwargs(dtype: str, quantization: QuantizationSettings, device_index: int = 0) -> dict:
+    """``from_pretrained``'s arguments for a 4-bit base (bitsandbytes, CUDA only)."""
     from transformers import BitsAndBytesConfig
 
-    compute = DTYPES["bf16" if dtype == "fp32" else dtype]
-    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+    return {"quantization_config": BitsAndBytesConfig(**bnb_4bit_kwargs(quantization, dtype)),
             "device_map": {"": device_index}}
+
+
+def can_load_in_4bit() -> bool:
+    """Whether ``load_in_4bit`` quantises here (bitsandbytes needs CUDA); else the plain model loads."""
+    return torch.cuda.is_available()
+
+
+def base_load_dtype(dtype: str, lora: LoraSettings | None, adapter_path: str | None, load_in_4bit: bool) -> str:
+    """The dtype the base model loads in: the run's for a frozen base (LoRA, an adapter, 4-bit), else fp32
+    (full fine-tuning keeps fp32 master weights and runs under autocast, as transformers' Trainer)."""
+    frozen_base = (lora is not None and lora.enabled) or adapter_path is not None or load_in_4bit
+    return dtype if frozen_base else "fp32"
 
 
 def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
                adapter_path: str | None = None, trainable: bool = True, load_in_4bit: bool = False,
-               device_index: int = 0):
+               device_index: int = 0, quantization: QuantizationSettings | None = None):
     """Load a causal or seq2seq LM; wrap it with a new LoRA adapter or an existing one if asked.
-    ``load_in_4bit`` quantises the frozen base to NF4 (QLoRA) on CUDA; without CUDA it says so
-    and loads the plain model."""
+    ``load_in_4bit`` quantises the frozen base as ``quantization`` says (default QLoRA's NF4) on
+    CUDA; without CUDA it says so and loads the plain model."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    quantization = quantization or QuantizationSettings()
+    quantization.check()
     name, adapter_path = split_adapter(name, adapter_path)
     config = load_config(name)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     kwargs = {"dtype": DTYPES[dtype]}
-    if load_in_4bit and torch.cuda.is_available():
-        kwargs.update(quantization_kwargs(dtype, device_index))
+    four_bit = load_in_4bit and can_load_in_4bit()
+    if four_bit:
+        kwargs.update(quantization_kwargs(dtype, quantization, device_index))
     elif load_in_4bit:
         logger.warning("no CUDA device: 4-bit quantisation is off, '%s' loads in %s (plain LoRA)", name, dtype)
     try:
         model = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from '{name}': {str(exc).splitlines()[0]}") from None
-    if "quantization_config" in kwargs and trainable:
+    if four_bit and trainable and quantization.prepare_kbit_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -132,6 +190,34 @@ def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
     elif lora is not None and lora.enabled:
         model = add_lora(model, lora)
     return model
+
+
+def numerics_key(config, kernel: str | None = None, packing: str | bool | None = None,
+                 max_resp_length: int | None = None) -> dict:
+    """Everything that changes the starting model's numbers, for the keys of the caches of its outputs
+    (reference log-probs, prompt states, generations). ``config``: a run's settings with ``model_name,
+    adapter_path, tokenizer_name, max_prompt_length, dtype, lora, load_in_4bit, quantization``;
+    ``kernel`` and ``packing``: the log-prob kernel and batch layout a scoring pass uses (None for
+    generation, which uses neither). Keyed on the numerics actually used: 4-bit and its settings only
+    where the base is quantised (on a machine without CUDA ``load_in_4bit`` loads the plain model).
+    Not keyed, as they leave the numbers unchanged: a new LoRA adapter (B = 0; its effect on the
+    base's load dtype is keyed), dropout (these passes run in eval mode), gradient checkpointing
+    (active only when gradients are taken). ``tokenization``: the version of the rules that turn records
+    into ids (:data:`lolrl.engine.collation.TOKENIZATION`)."""
+    four_bit = config.load_in_4bit and can_load_in_4bit()
+    key = {"model": model_identity(config.model_name),
+           "adapter": config.adapter_path and model_identity(config.adapter_path),
+           "tokenizer": config.tokenizer_name and model_identity(config.tokenizer_name),
+           "max_prompt_length": config.max_prompt_length, "max_resp_length": max_resp_length,
+           "dtype": config.dtype, "tokenization": TOKENIZATION,
+           "base_dtype": base_load_dtype(config.dtype, config.lora, config.adapter_path, config.load_in_4bit),
+           "4bit": four_bit and {k: str(v) for k, v in bnb_4bit_kwargs(config.quantization, config.dtype).items()},
+           "kbit_prepared": four_bit and config.quantization.prepare_kbit_training}
+    if kernel is not None:
+        key["logprob_kernel"] = kernel
+    if packing is not None:
+        key["packing"] = packing
+    return key
 
 
 def add_lora(model, lora: LoraSettings):
@@ -470,7 +556,8 @@ def choose_packing(model, probe_rows, pad_token_id: int, mode: str = "auto",
     return layout if packing_is_exact(model, probe_rows, pad_token_id, tolerance, layout) else False
 
 
-__all__ = ["LoraSettings", "ModelLoadError", "load_model", "load_tokenizer", "load_config", "is_encoder_decoder",
+__all__ = ["LoraSettings", "QuantizationSettings", "bnb_4bit_kwargs", "numerics_key", "ModelLoadError", "load_model",
+           "load_tokenizer", "load_config", "is_encoder_decoder",
            "response_logprobs", "response_outputs", "ResponseOutputs", "head_logprobs", "last_hidden_states",
            "pad_rows", "LOGPROB_CHUNK_TOKENS", "packing_is_exact", "choose_packing", "has_varlen_attention",
            "set_dropout", "add_lora", "DTYPES"]

@@ -28,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 
 from lolrl.engine.collation import (
-    TOKENIZATION,
     Collator,
     TokenizedRow,
     Tokenizer,
@@ -53,6 +52,7 @@ from lolrl.engine.modeling import (
     load_model,
     load_tokenizer,
     model_is_encoder_decoder,
+    numerics_key,
     response_logprobs,
     set_dropout,
 )
@@ -204,7 +204,7 @@ class OfflineRLTrainer:
         low_precision_base = config.lora.enabled or config.adapter_path is not None or config.load_in_4bit
         model = load_model(config.model_name, dtype=config.dtype if low_precision_base else "fp32",
                            lora=config.lora, adapter_path=config.adapter_path, load_in_4bit=config.load_in_4bit,
-                           device_index=self.accelerator.local_process_index)
+                           quantization=config.quantization, device_index=self.accelerator.local_process_index)
         if config.disable_dropout:
             set_dropout(model, 0.0)
         if config.gradient_checkpointing:
@@ -238,13 +238,12 @@ class OfflineRLTrainer:
                     else "padded, grouped by length")
         return pack
 
-    def _model_key(self) -> dict:
-        config = self.config
-        return {"model": cache_lib.model_identity(config.model_name), "adapter": config.adapter_path and
-                cache_lib.model_identity(config.adapter_path), "tokenizer": config.tokenizer_name,
-                "max_prompt_length": config.max_prompt_length, "max_resp_length": config.max_resp_length,
-                "dtype": config.dtype, "tokenization": TOKENIZATION,
-                **({"precision": "training_autocast"} if config.dtype != "fp32" else {})}
+    def _model_key(self, scoring: bool = False) -> dict:
+        """What pi_ref's numbers depend on (:func:`lolrl.engine.modeling.numerics_key`); ``scoring``: a
+        pass through the collator and the log-prob kernel (not a generation), which they key too."""
+        return numerics_key(self.config, kernel=self.logprob_kernel if scoring else None,
+                            packing=self.collator.pack if scoring else None,
+                            max_resp_length=self.config.max_resp_length)
 
     # ----------------------------------------------------------------------------- the reference
     def _val_records_of(self, data: TaskData) -> list[Record]:
@@ -395,8 +394,7 @@ class OfflineRLTrainer:
             weights = sampling_weights(config.sampling_strategy, rewards, len(train))
             return TrainingSignal(rewards, None, None, weights)
 
-        key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(),
-                                   **({"logprob_kernel": "liger"} if self.logprob_kernel == "liger" else {}),
+        key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(scoring=True),
                                    "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
                                        "source": config.value_source, "reward": self.reward and self.reward.cache_key(),

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lolrl.engine.collation import TOKENIZATION, Collator, TokenizedRow, Tokenizer
+from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
 from lolrl.engine.evaluation import (
@@ -61,11 +61,14 @@ from lolrl.engine.losses import (
 )
 from lolrl.engine.modeling import (
     LoraSettings,
+    QuantizationSettings,
+    base_load_dtype,
     check_logprob_kernel,
     choose_logprob_kernel,
     enable_activation_checkpointing,
     load_model,
     load_tokenizer,
+    numerics_key,
     pad_rows,
     response_outputs,
     set_dropout,
@@ -115,6 +118,7 @@ class PPOConfig:
     cache_dir: str | None = None  # initial validation; default OUTPUT/cache
     lora: LoraSettings = field(default_factory=LoraSettings)  # r = 0 and no adapter: full fine-tune
     load_in_4bit: bool = False  # QLoRA (CUDA only)
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # how load_in_4bit quantises
     dtype: str = "fp32"
     # optimisation
     total_steps: int = 1000  # PPO steps (one rollout batch each)
@@ -194,6 +198,7 @@ class PPOConfig:
             raise ConfigError(f"the rollout batch ({self.batch_size}) must be >= 2 and a multiple of mini_batch_size x "
                               f"gradient_accumulation_steps ({self.backward_batch_size})")
         check_logprob_kernel(self.logprob_kernel)
+        self.quantization.check()
         if self.kl_penalty not in PPO_KL_PENALTIES:
             raise ConfigError(f"kl_penalty must be one of {', '.join(PPO_KL_PENALTIES)}")
         if self.init_kl_coef < 0 or (self.adap_kl_ctrl and (self.kl_target <= 0 or self.kl_horizon <= 0)):
@@ -301,9 +306,9 @@ class PPOTrainer:
         config, acc = self.config, self.accelerator
         if config.load_in_4bit and config.model_name and not (config.lora.enabled or config.adapter_path):
             raise ConfigError("4-bit loading trains a LoRA adapter: give --adapter_path or LoRA settings")
-        low_precision = config.lora.enabled or config.adapter_path is not None or config.load_in_4bit
-        policy = load_model(config.model_name, dtype=config.dtype if low_precision else "fp32", lora=config.lora,
-                            adapter_path=config.adapter_path, load_in_4bit=config.load_in_4bit,
+        policy = load_model(config.model_name, lora=config.lora, adapter_path=config.adapter_path,
+                            dtype=base_load_dtype(config.dtype, config.lora, config.adapter_path, config.load_in_4bit),
+                            load_in_4bit=config.load_in_4bit, quantization=config.quantization,
                             device_index=acc.local_process_index)
         if getattr(policy.config, "is_encoder_decoder", False):
             raise ConfigError("PPO here is for decoder-only models")
@@ -540,12 +545,9 @@ class PPOTrainer:
         """The starting policy's validation generations (cached under a key of everything they depend on)."""
         config = self.config
         key = cache_lib.hash_json({
-            "stage": "ppo_initial_validation", "model": cache_lib.model_identity(config.model_name),
-            "adapter": config.adapter_path and cache_lib.model_identity(config.adapter_path),
-            "tokenizer": config.tokenizer_name, "val": cache_lib.records_digest(self.val_records),
-            "reward": self.reward.cache_key(), "generation": config.validation.as_dict(),
-            "max_prompt_length": config.max_prompt_length, "dtype": config.dtype, "4bit": config.load_in_4bit,
-            "fresh_lora": config.adapter_path is None and config.lora.enabled, "tokenization": TOKENIZATION})
+            "stage": "ppo_initial_validation", **numerics_key(config),
+            "val": cache_lib.records_digest(self.val_records), "reward": self.reward.cache_key(),
+            "generation": config.validation.as_dict()})
         hit = self.cache.load("ppo_initial_validation", key, scored_generations_check(len(self.val_records)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]

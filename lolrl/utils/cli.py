@@ -52,6 +52,16 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any)
     return dataclasses.field(**kwargs, metadata={"help": help, **metadata})
 
 
+def restated(cls: type, name: str, default: Any, note: str = "", **metadata: Any) -> Any:
+    """Field ``name`` of dataclass ``cls`` (its help, choices, aliases) with another default; ``note`` is
+    added to its help: a script whose original had another default restates only the default."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    meta = {**f.metadata, **metadata}
+    if note:
+        meta["help"] = f"{meta.get('help', '')}; {note}" if meta.get("help") else note
+    return dataclasses.field(default=default, metadata=meta)
+
+
 def default_of(cls: type, name: str) -> Any:
     """The default of field ``name`` of dataclass ``cls``: a second dataclass reuses it instead of restating it."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]

@@ -16,21 +16,24 @@ from typing import Literal
 
 from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
 from lolrl.engine.losses import ALGORITHMS, PPO_KL_PENALTIES
-from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS
+from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, QuantizationSettings
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from lolrl.tasks.hh.data import RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM
 from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, hh_postprocess, read_hh_files, validation_reward
-from lolrl.utils.cli import DataclassParser, default_of, ignored, setting
+from lolrl.utils.cli import DataclassParser, default_of, ignored, restated, setting
 from lolrl.utils.errors import ConfigError, UserError, report_user_error
 
 HH_STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
 PPO_STEPS = 1000  # the original's --total_steps default
 
 
+_Q = QuantizationSettings
+
+
 @dataclass
-class HHArguments:
+class HHArguments(QuantizationSettings):
     """Settings every HH script shares (the original ScriptArguments' common fields)."""
 
     model_name_or_path: str = setting("huggyllama/llama-7b", "base model: hub id or path")
@@ -53,9 +56,12 @@ class HHArguments:
     per_device_train_batch_size: int = setting(4, "micro-batch size", min=1)
     gradient_accumulation_steps: int = setting(4, "micro-batches per optimizer step", min=1)
     per_device_eval_batch_size: int = setting(16, "batch size of validation generation and scoring", min=1)
-    # model loading (QLoRA: NF4 with double quantisation on CUDA, as the original)
-    double_quant: bool = ignored(True, "always on with 4-bit loading")
-    quant_type: str = ignored("nf4", "always nf4")
+    # model loading: 4-bit on CUDA with the original's numerics (its BitsAndBytesConfig: NF4, no double
+    # quantisation, fp16 compute; no prepare_model_for_kbit_training); --quant_type comes from QuantizationSettings
+    double_quant: bool = restated(_Q, "double_quant", False, "off as the original (its --double_quant True was "
+                                                             "never read; its config left it off)", no_aliases=[])
+    compute_dtype: str = restated(_Q, "compute_dtype", "fp16", "fp16 as the original")
+    prepare_kbit_training: bool = restated(_Q, "prepare_kbit_training", False, "off as the original")
     lora_alpha: float = setting(16.0, "LoRA alpha")
     lora_dropout: float = setting(0.05, "LoRA dropout (with --keep_dropout; --disable_dropout, the default, sets it "
                                         "to 0)", min=0.0, max=1.0)
@@ -242,7 +248,7 @@ class PPOEvalArguments(HHEvalArguments):
 
 # Training fields the evaluation scripts accept (the original's dataclass) but do not read.
 EVAL_IGNORED = ("optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "learning_rate", "max_grad_norm",
-                "gradient_checkpointing", "lr_scheduler_type", "per_device_train_batch_size",
+                "gradient_checkpointing", "prepare_kbit_training", "lr_scheduler_type", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "lora_alpha", "lora_dropout", "lora_r", "logging_steps",
                 "train_file_path", "eval_file_path", "cache_dir", "seed", "report_to", "reward", "max_train_examples",
                 "max_val_examples", "stop_after_steps", "prompt_format", "disable_dropout")

@@ -121,9 +121,7 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
     pairs = truncate_pairs(preference_pairs(train_rows, args.prompt_format, args.pair_order), tokenizer,
                            args.max_prompt_length, MAX_RESPONSE_LENGTH)
     logger.info("%d preference pairs from %d records", len(pairs), len(train_rows))
-    settings = precision()
-    model = load_model(args.model_name_or_path, dtype=settings["dtype"], load_in_4bit=settings["load_in_4bit"],
-                       adapter_path=adapter_of(args),
+    model = load_model(args.model_name_or_path, **precision(args), adapter_path=adapter_of(args),
                        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
     cuda = torch.cuda.is_available()
     config = DPOConfig(

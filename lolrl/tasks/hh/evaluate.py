@@ -28,12 +28,14 @@ logger = logging.getLogger(__name__)
 TEST_SPLITS = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejection")
 
 
-def load_model_for_eval(model_name: str, adapter_path: str | None = None):
-    """Base model (4-bit NF4 through bitsandbytes on CUDA, plain fp32 otherwise) with an optional adapter."""
+def load_model_for_eval(model_name: str, adapter_path: str | None, quantization):
+    """Base model (4-bit through bitsandbytes on CUDA, quantised as ``quantization`` says: the script's
+    flags, by default the original's NF4 with fp16 compute; plain fp32 otherwise) with an optional adapter."""
     from lolrl.engine.modeling import load_model
 
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    return load_model(model_name, dtype=dtype, adapter_path=adapter_path, trainable=False, load_in_4bit=True).eval()
+    return load_model(model_name, dtype=dtype, adapter_path=adapter_path, trainable=False, load_in_4bit=True,
+                      quantization=quantization).eval()
 
 
 def bad_indices(test_dir: Path) -> dict[str, set[int]]:
@@ -96,12 +98,12 @@ def run_test_evaluation(args, adapter_path: str | None = None, tokenizer_name: s
     model named by ``args``, run :func:`evaluate_hh`, print the table; user errors print one line
     and return 2."""
     from lolrl.engine.evaluation import format_markdown_table
-    from lolrl.engine.modeling import load_tokenizer
+    from lolrl.engine.modeling import QuantizationSettings, load_tokenizer
     from lolrl.tasks.hh.reward_model import HHRewardModel
 
     try:
         tokenizer = load_tokenizer(args.model_name_or_path, tokenizer_name)
-        model = load_model_for_eval(args.model_name_or_path, adapter_path)
+        model = load_model_for_eval(args.model_name_or_path, adapter_path, QuantizationSettings.of(args))
         reward = HHRewardModel(args.reward_model, batch_size=args.rm_batch_size)
         summaries = evaluate_hh(model, tokenizer, reward, args.test_dir, args.output_dir,
                                 batch_size=args.per_device_eval_batch_size, exclude_bad=args.exclude_bad_indices,

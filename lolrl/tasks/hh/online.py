@@ -35,7 +35,7 @@ def ppo_config(args: PPOHHArguments):
     return PPOConfig(
         model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
         save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir,
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), **precision(),
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), **precision(args),
         total_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.ppo_rollout_batch_size,
         mini_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         ppo_epochs=args.ppo_epochs, max_grad_norm=args.max_grad_norm or None, lr_scheduler=args.lr_scheduler_type,
@@ -90,9 +90,7 @@ def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
         return reward(prompts=prompts, completions=[clean(c) for c in completions], show_progress=False,
                       **mine)["final_reward"]
 
-    hardware = precision()
-    model = load_model(args.model_name_or_path, dtype=hardware["dtype"], adapter_path=adapter_of(args),
-                       load_in_4bit=hardware["load_in_4bit"],
+    model = load_model(args.model_name_or_path, **precision(args), adapter_path=adapter_of(args),
                        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
     tokenizer = load_tokenizer(args.model_name_or_path)
     config = TRLConfig(

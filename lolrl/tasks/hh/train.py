@@ -15,7 +15,7 @@ import torch
 from lolrl.engine.config import OfflineRLConfig
 from lolrl.engine.data import TaskData
 from lolrl.engine.generation import GenerationSettings
-from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.modeling import LoraSettings, QuantizationSettings
 from lolrl.engine.rewards import RewardFunction
 from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file
 
@@ -61,12 +61,15 @@ def validation_reward(args) -> RewardFunction | None:
         {"reward": HHRewardModel(args.reward_model or TRAINING_RM, batch_size=args.per_device_eval_batch_size)})
 
 
-def precision() -> dict:
-    """QLoRA (NF4 base, bf16 compute) on CUDA; plain LoRA in fp32 elsewhere, and the log says so."""
+def precision(args) -> dict:
+    """``load_model``'s (and the engine configs') precision settings: on CUDA a 4-bit base quantised as
+    the script's quantisation flags say (by default the original's: NF4, no double quantisation, fp16
+    compute, no ``prepare_model_for_kbit_training``) in a bf16 run; plain LoRA in fp32 elsewhere, and
+    the log says so."""
     cuda = torch.cuda.is_available()
     if not cuda:
         logging.getLogger(__name__).warning("no CUDA device: plain LoRA on an fp32 base instead of 4-bit QLoRA")
-    return {"dtype": "bf16" if cuda else "fp32", "load_in_4bit": cuda}
+    return {"dtype": "bf16" if cuda else "fp32", "load_in_4bit": cuda, "quantization": QuantizationSettings.of(args)}
 
 
 def offline_config(args, **settings) -> OfflineRLConfig:
@@ -84,7 +87,7 @@ def offline_config(args, **settings) -> OfflineRLConfig:
         lr_scheduler=args.lr_scheduler_type, seed=args.seed, max_val_examples=args.max_val_examples,
         generation=generation_settings(args.model_name_or_path), eval_in_beginning=True,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_test=False,
-        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing, **precision(),
+        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing, **precision(args),
         disable_dropout=args.disable_dropout,
         logprob_kernel=args.logprob_kernel, **settings)
 

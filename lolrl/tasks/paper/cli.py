@@ -16,7 +16,7 @@ from lolrl.engine.config import DISABLE_DROPOUT_HELP, ConfigError, OfflineRLConf
 from lolrl.engine.data import load_task_dir
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import ALGORITHMS, KL_ESTIMATORS
-from lolrl.engine.modeling import DTYPES, LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, LoraSettings
+from lolrl.engine.modeling import DTYPES, LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, LoraSettings, QuantizationSettings
 from lolrl.engine.rewards import RewardSpecError, load_reward
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.tasks.paper.tasks import is_paper_task, task_info
@@ -41,7 +41,7 @@ def _model_flag(short: str, key: str | None) -> Any:
 
 
 @dataclass
-class GenerationTaskArguments:
+class GenerationTaskArguments(QuantizationSettings):
     """Offline policy-gradient training (A-LoL and baselines) of a language model on (prompt, response, reward) data."""
 
     # data and task
@@ -68,8 +68,9 @@ class GenerationTaskArguments:
     lora_target_modules: str | None = setting(None, "comma-separated module names")
     adapter_path: str | None = setting(None, "start from (and train) this peft adapter")
     gradient_checkpointing: bool = setting(False, "trade compute for memory")
-    load_in_4bit: bool = setting(False, "QLoRA: quantise the frozen base to 4-bit NF4 (CUDA + bitsandbytes; "
-                                        "plain LoRA otherwise)")
+    load_in_4bit: bool = setting(False, "QLoRA: quantise the frozen base to 4-bit (CUDA + bitsandbytes; plain LoRA "
+                                        "otherwise), as --quant_type, --double_quant, --compute_dtype and "
+                                        "--prepare_kbit_training say")
     max_resp_length: int = setting(default_of(_C, "max_resp_length"), "response tokens (train and generation)",
                                    aliases=["-ml"], min=1)
     max_prompt_length: int = setting(default_of(_C, "max_prompt_length"), "prompt tokens kept (the last ones)", min=1)
@@ -213,8 +214,9 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
         do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
         report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,
-        logprob_kernel=args.logprob_kernel,        save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        stop_after_steps=args.stop_after_steps, load_in_4bit=args.load_in_4bit)
+        logprob_kernel=args.logprob_kernel, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+        stop_after_steps=args.stop_after_steps, load_in_4bit=args.load_in_4bit,
+        quantization=QuantizationSettings.of(args))
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:
