@@ -35,3 +35,28 @@ def save_nonzero_adapter(base, directory, target_modules=("q_proj", "v_proj"), r
                                                         init_lora_weights=False))
     model.save_pretrained(directory)
     return directory
+
+
+SP_PIECES = ["<unk>", "<s>", "</s>", "▁", "▁###", "▁a", "▁Human", "▁Assistant", ":", "▁Sure", ".", "#", "a", "▁Q"]
+
+
+def sentencepiece_tokenizer(directory=None, legacy: bool = True):
+    """A LLaMA-style tokenizer built offline with the ``tokenizers`` library, ``▁###`` in its vocabulary.
+
+    ``legacy=True`` follows SentencePiece's rules (transformers 4.x's LLaMA tokenizer): a ``▁`` is
+    prepended to the text and every space becomes ``▁``, so ``" ###"`` is two tokens, ``['▁', '▁###']``.
+    ``legacy=False`` is today's Metaspace pre-tokenizer (no second ``▁``): ``" ###"`` is ``['▁###']``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 1 else -5.0) for p in SP_PIECES], unk_id=0))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if directory is not None:
+        fast.save_pretrained(str(directory))
+    return fast

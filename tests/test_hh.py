@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hh_tiny import TURNS, pro_row, tiny_reward_model
+from hh_tiny import TURNS, pro_row, sentencepiece_tokenizer, tiny_reward_model
 
 from lolrl.engine.data import DataError
 from lolrl.tasks.hh.data import (
@@ -39,9 +39,37 @@ def test_renderings():
     ("Fine.\nHuman: next", "Fine."),
     ("Okay ###", "Okay"),
     ("  plain  ", "plain"),
+    # a generation not stopped at '###' (SentencePiece: ' ###' was two tokens) continues the dialogue so
+    ("Sure. ### Human: and more? ### Assistant: invented", "Sure."),
+    ("### Human: an invented turn", ""),
 ])
 def test_postprocess(text, expected):
     assert postprocess(text) == expected
+
+
+def test_stop_marker_under_sentencepiece_and_todays_tokenizers(tmp_path, tiny_models):
+    """The '###' that starts the next turn is one token in LLaMA's vocabulary ('▁###', 835), but
+    encode(" ###") is two under SentencePiece's rules: the marker is found as the last id of
+    encode("a ###"), for every tokenizer style, and the training, PPO and evaluation paths share it."""
+    from lolrl.engine.modeling import load_tokenizer
+    from lolrl.tasks.hh import evaluate, train
+    from lolrl.tasks.hh.data import stop_ids
+
+    legacy = sentencepiece_tokenizer(tmp_path / "sp", legacy=True)
+    marker = legacy.convert_tokens_to_ids("▁###")
+    assert legacy.tokenize(" ###") == ["▁", "▁###"]  # the premise: two tokens under SentencePiece rules
+    assert stop_ids(legacy) == [marker]
+    assert stop_ids(load_tokenizer(str(tmp_path / "sp"))) == [marker]  # saved and loaded back: same rules
+    assert train.generation_settings(str(tmp_path / "sp")).stop_token_ids == [marker]  # offline trainers, PPO, DPO
+    assert evaluate.stop_ids is stop_ids  # the test evaluation's default stop
+    today = sentencepiece_tokenizer(legacy=False)  # Metaspace: ' ###' is one token
+    assert today.tokenize(" ###") == ["▁###"] and stop_ids(today) == [today.convert_tokens_to_ids("▁###")]
+    from lolrl.demo.tiny import train_tokenizer
+
+    byte_level = train_tokenizer(["Sure. ### Human: a ### Assistant: b"] * 20, tmp_path / "bl", vocab_size=300)
+    assert stop_ids(byte_level) == [byte_level.convert_tokens_to_ids("Ġ###")]
+    tiny = load_tokenizer(tiny_models["llama"])  # no single token for ' ###': no stop id, the clean-up cuts
+    assert len(tiny.tokenize(" ###")) > 1 and stop_ids(tiny) == []
 
 
 def test_records_and_sigmoid_rewards(tmp_path):
@@ -53,6 +81,31 @@ def test_records_and_sigmoid_rewards(tmp_path):
     both = pro_records(rows, candidates="all", how="chat")
     assert [r.reward for r in both] == pytest.approx([1 / (1 + math.e ** -1), 1 / (1 + math.e)])
     assert both[0].is_chat
+
+
+def test_record_errors_after_reading_name_the_file_and_line(tmp_path, tiny_models):
+    """PRO with a one-suffix training record, through the script: the file and line, not 'train:1'."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "cleaner_train.json").write_text(json.dumps(pro_row(("only one",), (1.0,))) + "\n")
+    (tmp_path / "dev.json").write_text(json.dumps(pro_row()) + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "pro_qlora_llama_hh.py"), "--model_name_or_path",
+                           tiny_models["llama"], "--adapter_path", "none", "--train_file_path", str(tmp_path / "train"),
+                           "--eval_file_path", str(tmp_path / "dev.json"), "--output_dir", str(tmp_path / "out"),
+                           "--reward", "none"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cleaner_train.json:1: field 'suffix': need 2 candidates" in errors[0], errors
+    # DPO's pairs and the test evaluation's bad-index file name theirs too
+    from lolrl.tasks.hh.dpo import preference_pairs
+    from lolrl.tasks.hh.evaluate import bad_indices
+
+    rows = read_pro_file(tmp_path / "train" / "cleaner_train.json")
+    with pytest.raises(DataError, match=r"cleaner_train.json:1: field 'suffix': a preference pair needs 2 suffixes"):
+        preference_pairs(rows)
+    (tmp_path / "bad_test_indices.json").write_text('{"harmless_base.json": [1,\n 2,, 3]}')
+    with pytest.raises(DataError, match=r"bad_test_indices.json:2: invalid JSON"):
+        bad_indices(tmp_path)
 
 
 def test_bad_pro_rows_name_the_field(tmp_path):
@@ -129,6 +182,30 @@ def test_openassistant_reward_model_architecture_loads_and_scores(tmp_path):
 
 
 
+@pytest.mark.parametrize("script, flag, location", [
+    ("lolrl_qlora_llama_hh.py", "--reward_model", "{tmp}/missing/rm"),  # refused when parsed
+    ("ppo_qlora_llama_hh.py", "--reward_model", "./missing_rm"),
+    ("qlora_llama_hh_eval.py", "--reward_model", "missing_rm"),  # a hub id, not cached: refused when loaded
+    ("dpo_qlora_llama_hh.py", "--adapter_path", "{tmp}/missing/adapter"),
+    ("pro_qlora_llama_hh.py", "--model_name_or_path", "{tmp}/missing/model"),
+])
+def test_missing_model_locations_are_one_line_errors(tmp_path, tiny_models, script, flag, location):
+    location = location.format(tmp=tmp_path)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "cleaner_train.json").write_text(json.dumps(pro_row()) + "\n")
+    (tmp_path / "dev.json").write_text(json.dumps(pro_row()) + "\n")
+    argv = {"--model_name_or_path": tiny_models["llama"], "--adapter_path": "none", "--reward_model": None,
+            flag: location}
+    common = [a for k, v in argv.items() if v is not None for a in (k, v)]
+    extra = (["--test_dir", str(tmp_path)] if "eval" in script else
+             ["--train_file_path", str(tmp_path / "train"), "--eval_file_path", str(tmp_path / "dev.json")])
+    proc = subprocess.run([sys.executable, str(ROOT / script), *common, *extra, "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {flag} {location!r}"), proc.stderr[-2000:]
+
+
 def test_hh_eval_script_with_adapter_and_bad_indices(tmp_path, tiny_models):
     """qlora_llama_hh_eval.py on a tiny base + LoRA adapter and a tiny reward model, two test splits."""
     from peft import LoraConfig, get_peft_model
@@ -184,6 +261,66 @@ def test_hh_training_script_on_tiny_models(tmp_path, tiny_models, algorithm, str
         assert plan["optimizer_steps"] == max(1, int(4 * positive / 16))
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert validations and all(0.0 < v["final_reward"] < 1.0 and 0.0 <= v["meteor"] <= 1.0 for v in validations)
+    if algorithm == "a_lol_kl":  # no --kl_beta: the engine's default, not 0
+        assert json.loads((out / "args.json").read_text())["kl_beta"] == 0.1
+
+
+@pytest.mark.parametrize("flags, algorithm, beta", [
+    ([], "a_lol_kl", 0.1),  # --kl_beta not given: the engine's default for a_lol_kl (before: 0, no KL term)
+    (["--kl_beta", "0.3"], "a_lol_kl", 0.3),
+    (["--kl_beta", "0"], "a_lol_kl", 0.0),  # runs, with a warning saying what it equals
+])
+def test_hh_a_lol_kl_beta(tmp_path, tiny_models, caplog, flags, algorithm, beta):
+    import logging
+
+    sys.path.insert(0, str(ROOT))
+    from lolrl_qlora_llama_hh import build
+
+    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+
+    rows = [pro_row()] * 2
+    args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
+                                      str(tmp_path / "out"), "--algorithm", "a_lol_kl", *flags], None)
+    with caplog.at_level(logging.INFO):
+        config, _ = build(args, rows, rows)
+    assert (config.algorithm, config.kl_beta) == (algorithm, beta)
+    assert f"a_lol_kl: KL beta {beta:g}" in caplog.text
+    assert ("engine's default" in caplog.text) == (not flags)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "kl_beta" in r.getMessage()]
+    assert bool(warned) == (beta == 0) and all("a_lol_ref_free" in w for w in warned)
+
+
+@pytest.mark.parametrize("flags, algorithm, beta", [
+    (["--algorithm", "a_lol", "--ppo_clip", "0", "--kl_beta", "0.2"], "a_lol_kl", 0.2),  # the original's spelling
+    (["--algorithm", "a_lol", "--ppo_clip", "0"], "a_lol", None),  # the original's default --kl_beta 0.0
+    (["--algorithm", "a_lol", "--kl_beta", "0"], "a_lol", None),
+    (["--algorithm", "nll", "--kl_beta", "0.0"], "nll", None),
+])
+def test_hh_kl_spellings_of_the_original(tmp_path, tiny_models, flags, algorithm, beta):
+    sys.path.insert(0, str(ROOT))
+    from lolrl_qlora_llama_hh import build
+
+    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+
+    rows = [pro_row()] * 2
+    args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
+                                      str(tmp_path / "out"), *flags], None)
+    config, _ = build(args, rows, rows)
+    assert (config.algorithm, config.kl_beta) == (algorithm, beta)
+
+
+def test_hh_a_lol_kl_refuses_a_clip(tmp_path, tiny_models):
+    sys.path.insert(0, str(ROOT))
+    from lolrl_qlora_llama_hh import build
+
+    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+    from lolrl.utils.errors import ConfigError
+
+    for flags in (["--algorithm", "a_lol_kl", "--ppo_clip", "0.5"], ["--algorithm", "a_lol", "--kl_beta", "0.1"]):
+        args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
+                                          str(tmp_path / "out"), *flags], None)
+        with pytest.raises(ConfigError, match="clip"):
+            build(args, [pro_row()] * 2, [pro_row()] * 2)
 
 
 def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
@@ -289,10 +426,51 @@ def test_hh_a_lol_without_a_reward_model_fits_value_on_stored_rewards(tmp_path, 
     assert code == 0
     out = tmp_path / "out"
     fit = json.loads((out / "value_fit.json").read_text())
-    assert fit["n_fit"] == 12  # 6 dev records x 2 suffixes, each with its stored reward, all in the final head
+    assert fit["n_fit"] == 6  # 6 dev prompts, each with the mean stored reward of its suffixes, all in the final head
     assert not (out / "reward_check.json").exists()  # nothing was generated or scored
     validations = [json.loads(l) for l in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert validations and all("neg_nll_per_token" in v for v in validations)
+
+
+def test_hh_value_source_data_generates_and_scores_each_dev_prompt_once(tmp_path, tiny_models):
+    """--value_source data with a validation reward: every validation (step 0, later ones, the final
+    evaluation) generates and scores each dev prompt once (before: once per suffix), and V(x) is fit
+    per prompt on the mean stored reward of its suffixes."""
+    sys.path.insert(0, str(ROOT))
+    from lolrl_qlora_llama_hh import main as hh_main
+
+    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+    from lolrl.tasks.hh.data import sigmoid
+    from lolrl.tasks.hh.train import validation_records
+
+    args = _hh_training_fixture(tmp_path, tiny_models)
+    dev = [pro_row((f"answer {i}", f"other {i}"), (0.3 * i - 1, 1 - 0.2 * i)) for i in range(6)]
+    for i, row in enumerate(dev):
+        row["prefix"] = [[f"<|prompter|>question {i}", "<|assistant|>"]] * 2
+    (tmp_path / "dev6.json").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    calls = tmp_path / "reward_calls.jsonl"
+    (tmp_path / "count_reward.py").write_text(
+        "import json\n"
+        "def score(prompts, completions, **columns):\n"
+        f"    with open({str(calls)!r}, 'a') as handle:\n"
+        "        handle.write(json.dumps(prompts) + '\\n')\n"
+        "    return [0.5 + 0.01 * (len(c) % 7) for c in completions]\n")
+    flags = ["--eval_file_path", str(tmp_path / "dev6.json"), "--reward", f"{tmp_path / 'count_reward.py'}:score",
+             "--algorithm", "a_lol", "--value_source", "data", "--max_steps", "2", "--eval_steps", "1",
+             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
+    assert hh_main(args + flags) == 0
+    from collections import Counter
+
+    scored = Counter(p for line in calls.read_text().splitlines() for p in json.loads(line))
+    validations = (tmp_path / "out" / "validation_stats.jsonl").read_text().splitlines()
+    stages = len(validations) + 1  # every validation (step 0's reuses pi_ref's generations) and the final one
+    assert len(validations) >= 2 and len(scored) == 6 and set(scored.values()) == {stages}, (stages, scored)
+    fit = json.loads((tmp_path / "out" / "value_fit.json").read_text())
+    assert fit["n_train"] + fit["n_heldout"] == 6
+    records = validation_records(parse_hh(ALoLHHArguments, [], None), dev, "mean")
+    assert [r.response for r in records] == [f"answer {i}" for i in range(6)]  # the gold: the sft_index suffix
+    assert [r.reward for r in records] == pytest.approx([(sigmoid(a) + sigmoid(b)) / 2 for a, b in
+                                                         (row["reward"] for row in dev)])
 
 
 def test_response_logprob_sums_match_a_direct_forward(tiny_models):

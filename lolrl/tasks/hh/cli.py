@@ -10,8 +10,10 @@ Parsing: :class:`lolrl.utils.cli.DataclassParser` (``--flag False``, ``--no_flag
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Literal
 
 from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
@@ -25,6 +27,7 @@ from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, hh_postprocess, read_hh_file
 from lolrl.utils.cli import DataclassParser, default_of, ignored, restated, setting
 from lolrl.utils.errors import ConfigError, UserError, report_user_error
 
+logger = logging.getLogger(__name__)
 HH_STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
 PPO_STEPS = 1000  # the original's --total_steps default
 
@@ -99,6 +102,28 @@ class HHArguments(QuantizationSettings):
     max_val_examples: int | None = setting(None, "first N validation records", min=1)
     stop_after_steps: int = setting(-1, "stop (checkpointed) after N optimizer steps; the same command resumes")
 
+    def __post_init__(self) -> None:
+        check_model_locations(self)
+
+
+# The settings that name a model folder or hub id, each checked by check_model_locations when not ignored.
+MODEL_LOCATIONS = ("model_name_or_path", "adapter_path", "reward_model", "tokenizer_name")
+
+
+def check_model_locations(args) -> None:
+    """Refuse, naming the flag and the path, a model location that is written as a local path
+    (``/...``, ``./...``, ``~/...`` or ``a/b/c``) and does not exist: the hub client would otherwise
+    take it for a repository id and fail with a traceback. 'org/name' is left to the hub (a missing
+    one fails when it loads, in one line too)."""
+    fields = {f.name: f for f in dataclasses.fields(args)}
+    for name in MODEL_LOCATIONS:
+        value = getattr(args, name, None)
+        if name not in fields or fields[name].metadata.get("ignored") or value in (None, "", "none", "None"):
+            continue
+        looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
+        if looks_local and not os.path.exists(os.path.expanduser(value)):
+            raise ConfigError(f"--{name} {value!r}: no such folder")
+
 
 @dataclass
 class LogprobKernelArguments:
@@ -116,8 +141,10 @@ class ALoLHHArguments(LogprobKernelArguments, HHArguments):
     algorithm: str = setting("nll", "objective", choices=ALGORITHMS)
     ppo_clip: float | None = setting(0.9, "importance-weight clip epsilon: 0 gives weight 1, none leaves it "
                                           "unclipped", min=0.0, max=1.0)
-    kl_beta: float = setting(0.0, "> 0 with --algorithm a_lol and --ppo_clip 0 is A-LoL KL (the original's "
-                                  "spelling; or --algorithm a_lol_kl)", min=0.0)
+    kl_beta: float | None = setting(None, "A-LoL KL's beta (with --algorithm a_lol_kl; default: the engine's, "
+                                          "logged); > 0 with --algorithm a_lol and --ppo_clip 0 is A-LoL KL (the "
+                                          "original's spelling); 0 with other algorithms: no KL term (the "
+                                          "original's default)", min=0.0)
     sampling_strategy: str | None = setting(None, "None/uniform (the original's None), good_priority, good_random, "
                                                   "or all_priority: both suffixes of every record, each with its "
                                                   "own reward", choices=(*HH_STRATEGIES, "None", "none"))
@@ -129,6 +156,7 @@ class ALoLHHArguments(LogprobKernelArguments, HHArguments):
     value_head: Literal["attention", "ridge"] = setting(
         "attention", "V(x)'s head: attention (the original's attention pooling, gradient steps) or ridge "
                      "(closed-form ridge regression on mean-pooled states)")
+    given_flags: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -208,6 +236,7 @@ class PPOHHArguments(LogprobKernelArguments, HHArguments):
     no_resume: bool = setting(False, "start over even if OUTPUT/checkpoints exists")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # one setting, two spellings (the original's --total_steps; HF's --max_steps)
         given = {v for v in (self.total_steps, self.max_steps) if v is not None}
         if len(given) > 1:
@@ -261,11 +290,20 @@ def parse_hh(cls: type, argv: list[str] | None, description: str | None):
 
 
 def check_kl_spelling(args: ALoLHHArguments) -> str:
-    """The algorithm to run: ``--kl_beta > 0`` is A-LoL KL, the original's spelling with ``--ppo_clip 0``."""
-    if args.kl_beta <= 0:
+    """The algorithm to run: ``--algorithm a_lol_kl``, or the original's spelling of A-LoL KL,
+    ``--algorithm a_lol --ppo_clip 0 --kl_beta B`` with B > 0. ``--kl_beta 0`` (or not given) with any
+    other algorithm is the original's default, no KL term. ``--kl_beta 0`` with ``a_lol_kl`` runs, with
+    a warning: without its KL term the loss is a_lol_ref_free's."""
+    if args.algorithm == "a_lol_kl":
+        if args.kl_beta == 0:
+            logger.warning("--kl_beta 0 with --algorithm a_lol_kl: no KL term, so the loss is a_lol_ref_free's "
+                           "(A+ x NLL, no importance weight); leave --kl_beta out for a_lol_kl's default beta")
+        return "a_lol_kl"
+    if not args.kl_beta:
         return args.algorithm
-    if args.algorithm not in ("a_lol", "a_lol_kl") or args.ppo_clip:
-        raise ConfigError("--kl_beta > 0 means A-LoL KL: use it with --algorithm a_lol(_kl) and --ppo_clip 0")
+    if args.algorithm != "a_lol" or args.ppo_clip != 0:
+        raise ConfigError("--kl_beta > 0 means A-LoL KL: use it with --algorithm a_lol_kl, or with --algorithm a_lol "
+                          "and --ppo_clip 0 (the original's spelling)")
     return "a_lol_kl"
 
 

@@ -8,6 +8,7 @@ slot), ``suffix`` (the candidate responses), ``reward`` (raw reward-model logits
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from lolrl.engine.data import REWARD_LIMIT, DataError, Record, json_lines
@@ -50,11 +51,30 @@ def render(turns: list[str], how: str = "llama"):
     raise ValueError(f"unknown HH rendering '{how}' (expected one of {', '.join(RENDERINGS)})")
 
 
+# The next human turn in a generation: the original's "\n Human:", "\nHuman:", "\n### Human", and the
+# llama rendering's own " ### Human" (a model that was not stopped at '###' continues the dialogue so).
+NEXT_TURN = re.compile(r"\n ?Human:|(?:^|\s)### Human")
+NEXT_TURN_ANTHROPIC = re.compile(NEXT_TURN.pattern + r"|\n ?Assistant:")
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The id of the token that begins the next ``### Human`` turn (835, ``▁###``, for LLaMA), so that
+    generation stops there; ``[]`` when no single token is ``' ###'`` (then the post-processing alone
+    cuts the text there).
+
+    The token is found as the last id of ``encode("a ###")`` (checked to be one token after ``"a"``),
+    not by ``encode(" ###")``: SentencePiece tokenizers (transformers 4.x's LLaMA tokenizer) add a
+    ``▁`` of their own to the leading space, so that is two tokens, ``['▁', '▁###']``."""
+    head = tokenizer.encode("a", add_special_tokens=False)
+    ids = tokenizer.encode("a ###", add_special_tokens=False)
+    return ids[-1:] if len(ids) == len(head) + 1 and ids[:len(head)] == head else []
+
+
 def postprocess(text: str, anthropic: bool = False) -> str:
-    """The original's clean-up of a generation: cut at the next human turn, drop a trailing ``###``."""
-    stops = ["\n Human:", "\nHuman:", "\n### Human"] + (["\n Assistant:", "\nAssistant:"] if anthropic else [])
-    for stop in stops:
-        text = text.split(stop, 1)[0]
+    """The original's clean-up of a generation: cut at the next human turn (:data:`NEXT_TURN`; also
+    at the next ``Assistant:`` turn in the Anthropic format), drop a trailing ``###``. The one clean-up
+    of validation, PPO rollouts and the test evaluation."""
+    text = (NEXT_TURN_ANTHROPIC if anthropic else NEXT_TURN).split(text, maxsplit=1)[0]
     text = text.strip()
     if text.endswith("###"):
         text = text.replace("###", "").strip()
@@ -65,7 +85,24 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def read_pro_file(path: str | Path, allow_empty_suffix: bool = False) -> list[dict]:
+class ProRow(dict):
+    """A PRO-format record read from a file: the JSON object, plus where it was read (``source``, the
+    file, and ``line``), so that a later check of the record (too few candidates, no preference pair)
+    names the file and line as the reader's own checks do (:func:`row_location`)."""
+
+    source: str | None = None
+    line: int | None = None
+
+
+def row_location(row: dict, name: str, index: int) -> tuple[str, int]:
+    """``(file, line)`` of a record read by :func:`read_pro_file`; ``(name, index + 1)`` for a record
+    built in memory (it has no file)."""
+    if isinstance(row, ProRow) and row.source is not None:
+        return row.source, row.line
+    return name, index + 1
+
+
+def read_pro_file(path: str | Path, allow_empty_suffix: bool = False) -> list[ProRow]:
     """Read and check a PRO-format JSON Lines file; errors name the file, line and field.
 
     An empty suffix is an error in a file trained on; the real HH dev and test files hold a few
@@ -74,6 +111,8 @@ def read_pro_file(path: str | Path, allow_empty_suffix: bool = False) -> list[di
     rows = []
     for number, row in json_lines(path):
         _check_pro_row(row, str(path), number, allow_empty_suffix)
+        row = ProRow(row)
+        row.source, row.line = str(path), number
         rows.append(row)
     if not rows:
         raise DataError(str(path), None, None, "has no records")
@@ -123,8 +162,8 @@ def pro_records(rows: list[dict], how: str = "llama", candidates: str = "sft", n
         else:
             count = len(row["suffix"]) if n_candidates is None else n_candidates
             if not sft_index < count <= len(row["suffix"]):
-                raise DataError(name, i + 1, "suffix", f"need {count} candidates including sft_index {sft_index}, "
-                                                       f"the record has {len(row['suffix'])}")
+                raise DataError(*row_location(row, name, i), "suffix", f"need {count} candidates including "
+                                f"sft_index {sft_index}, the record has {len(row['suffix'])}")
             chosen = range(count)
         for k in chosen:
             # `turns` travels to reward functions as a column: the HH reward models read the raw dialogue.

@@ -33,8 +33,8 @@ def preference_pairs(rows: list[dict], how: str = "llama", order: str = "reward"
     """``{"prompt", "chosen", "rejected"}`` per PRO record (its first two suffixes); chat rendering
     gives TRL's conversational format. Records whose two rewards tie are skipped: no preference."""
     pairs = []
-    for row in rows:
-        pair = ordered_pair(row, order)
+    for i, row in enumerate(rows):
+        pair = ordered_pair(row, order, "train", i)
         if pair is None:
             continue
         a, b = pair

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lolrl.engine.collation import Tokenizer
+from lolrl.engine.data import DataError, read_text
 from lolrl.engine.evaluation import (
     distinct_n,
     mean_length,
@@ -20,7 +21,7 @@ from lolrl.engine.evaluation import (
     write_results_table,
 )
 from lolrl.engine.generation import GenerationSettings, generate
-from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file
+from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file, stop_ids
 from lolrl.utils.errors import UserError, report_user_error
 from lolrl.utils.io import write_jsonl
 
@@ -39,17 +40,20 @@ def load_model_for_eval(model_name: str, adapter_path: str | None, quantization)
 
 
 def bad_indices(test_dir: Path) -> dict[str, set[int]]:
+    """``bad_test_indices.json``'s lists, by split; a malformed file is refused naming the file (and line)."""
     path = test_dir / "bad_test_indices.json"
     if not path.is_file():
         return {}
-    return {Path(name).stem: set(indices) for name, indices in json.loads(path.read_text()).items()}
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """The id of '###' when it is a single token (835 for LLaMA), so generation stops at the next
-    turn; otherwise the post-processing alone cuts the text there."""
-    ids = tokenizer.encode(" ###", add_special_tokens=False)
-    return ids if len(ids) == 1 else []
+    try:
+        table = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), exc.lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(table, dict):
+        raise DataError(str(path), 1, None, "expected a JSON object of split file name -> list of record indices")
+    for name, indices in table.items():
+        if not isinstance(indices, list) or any(not isinstance(i, int) or isinstance(i, bool) for i in indices):
+            raise DataError(str(path), None, name, "expected a list of record indices (integers)")
+    return {Path(name).stem: set(indices) for name, indices in table.items()}
 
 
 def evaluate_hh(model, tokenizer, reward_fn, test_dir: str | Path, output_dir: str | Path, how: str = "llama",

@@ -93,6 +93,10 @@ def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
     model = load_model(args.model_name_or_path, **precision(args), adapter_path=adapter_of(args),
                        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
     tokenizer = load_tokenizer(args.model_name_or_path)
+    greedy = generation_settings(args.model_name_or_path)
+    greedy.max_new_tokens = args.max_new_tokens
+    # TRL's rollouts end where lolrl's do, at EOS and at the next turn's '###' (TRL takes the model's eos ids)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *greedy.stop_token_ids]
     config = TRLConfig(
         output_dir=args.output_dir, learning_rate=args.learning_rate, max_steps=args.max_steps,
         per_device_train_batch_size=args.per_device_train_batch_size,
@@ -107,8 +111,6 @@ def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
         disable_dropout=args.disable_dropout)
     trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=config, train_dataset=dataset,
                          processing_class=tokenizer)
-    greedy = generation_settings(args.model_name_or_path)
-    greedy.max_new_tokens = args.max_new_tokens
     from lolrl.engine.collation import Tokenizer
 
     rows = Tokenizer(tokenizer, False, args.max_prompt_length, args.max_new_tokens)(val)

@@ -14,18 +14,22 @@ from __future__ import annotations
 import numpy as np
 
 from lolrl.engine.collation import Collator, Tokenizer
-from lolrl.engine.data import Record
+from lolrl.engine.data import DataError, Record
 from lolrl.engine.reference import reference_pass
-from lolrl.tasks.hh.data import render
+from lolrl.tasks.hh.data import render, row_location
 
 PAIR_ORDERS = ("reward", "first")
 
 
-def ordered_pair(row: dict, order: str = "reward") -> tuple[str, str] | None:
+def ordered_pair(row: dict, order: str = "reward", name: str = "pairs", index: int = 0) -> tuple[str, str] | None:
     """(chosen, rejected) of a PRO-format row's first two suffixes: the higher stored reward first
-    (``None`` on a tie: no preference), or as they stand (``order="first"``)."""
+    (``None`` on a tie: no preference), or as they stand (``order="first"``). A row with one suffix
+    is refused, naming its file and line (``name`` and ``index`` for a row built in memory)."""
     if order not in PAIR_ORDERS:
         raise ValueError(f"unknown pair order '{order}' (expected one of {', '.join(PAIR_ORDERS)})")
+    if len(row["suffix"]) < 2:
+        raise DataError(*row_location(row, name, index), "suffix",
+                        f"a preference pair needs 2 suffixes, the record has {len(row['suffix'])}")
     (a, b), (ra, rb) = row["suffix"][:2], row["reward"][:2]
     if order == "first":
         return a, b
@@ -38,7 +42,7 @@ def pair_records(rows: list[dict], how: str = "llama") -> tuple[list[Record], li
     """Chosen (higher stored reward) and rejected records of PRO-format rows; ties are skipped."""
     chosen, rejected = [], []
     for i, row in enumerate(rows):
-        pair = ordered_pair(row)
+        pair = ordered_pair(row, name="pairs", index=i)
         if pair is None:
             continue
         a, b = pair

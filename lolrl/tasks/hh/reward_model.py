@@ -26,6 +26,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from lolrl.engine.modeling import ModelLoadError
 from lolrl.tasks.hh.data import ASSISTANT
 
 TRAINING_RM = "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"
@@ -89,12 +90,17 @@ class HHRewardModel:
                  max_length: int = 1024):
         register()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+            model = AutoModelForSequenceClassification.from_pretrained(model_name)
+        except (OSError, ValueError) as exc:  # the hub client's answer to a missing folder or repository
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"--reward_model {model_name!r}: cannot load the reward model ({first})") from None
         self.tokenizer.truncation_side = "left"
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_name).to(self.device).eval()
+        self.model = model.to(self.device).eval()
         self.batch_size, self.max_length = batch_size, max_length
         self.__name__ = "hh_reward_model"
 

@@ -7,17 +7,19 @@ are thin front ends over this module and :mod:`lolrl.tasks.hh.cli`, so a flag me
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lolrl.engine.config import OfflineRLConfig
-from lolrl.engine.data import TaskData
+from lolrl.engine.data import Record, TaskData
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.modeling import LoraSettings, QuantizationSettings
 from lolrl.engine.rewards import RewardFunction
-from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file
+from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file, sigmoid, stop_ids
 
 MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH = 640, 128  # the original's limits (prompt left-truncated)
 
@@ -32,8 +34,18 @@ def read_hh_files(args) -> tuple[list[dict], list[dict]]:
     return train[: args.max_train_examples] if args.max_train_examples else train, read_pro_file(args.eval_file_path, allow_empty_suffix=True)
 
 
-def validation_records(args, dev_rows: list[dict], candidates: str = "sft"):
-    return pro_records(dev_rows, args.prompt_format, candidates, "dev")
+def validation_records(args, dev_rows: list[dict], reward: str = "sft") -> list[Record]:
+    """One record per dev prompt (so each is generated and scored once), its gold response the
+    ``sft_index`` suffix. Its reward: that suffix's stored reward (``"sft"``), or the mean stored reward
+    of all its suffixes (``"mean"``: V(x)'s target with ``--value_source data``, the expected reward of
+    the data's responses to the prompt; the minimiser of the squared error over every suffix)."""
+    records = pro_records(dev_rows, args.prompt_format, "sft", "dev")
+    if reward == "sft":
+        return records
+    if reward != "mean":
+        raise ValueError(f"unknown validation reward '{reward}' (expected sft or mean)")
+    return [dataclasses.replace(r, reward=float(np.mean([sigmoid(x) for x in row["reward"]])))
+            for r, row in zip(records, dev_rows, strict=True)]
 
 
 def hh_postprocess(args):
@@ -42,9 +54,9 @@ def hh_postprocess(args):
 
 
 def generation_settings(model_name: str) -> GenerationSettings:
-    """Greedy, 128 new tokens, stop at EOS and at '###' (when it is one token), as the original validates."""
+    """Greedy, 128 new tokens, stop at EOS and at '###' (when it is one token, :func:`stop_ids`), as the
+    original validates."""
     from lolrl.engine.modeling import load_tokenizer
-    from lolrl.tasks.hh.evaluate import stop_ids
 
     return GenerationSettings(max_new_tokens=MAX_RESPONSE_LENGTH, num_beams=1, repetition_penalty=1.0,
                               stop_token_ids=stop_ids(load_tokenizer(model_name)))
