@@ -466,7 +466,7 @@ def test_hh_value_source_data_generates_and_scores_each_dev_prompt_once(tmp_path
     stages = len(validations) + 1  # every validation (step 0's reuses pi_ref's generations) and the final one
     assert len(validations) >= 2 and len(scored) == 6 and set(scored.values()) == {stages}, (stages, scored)
     fit = json.loads((tmp_path / "out" / "value_fit.json").read_text())
-    assert fit["n_train"] + fit["n_heldout"] == 6
+    assert fit["n_fit"] == 6
     records = validation_records(parse_hh(ALoLHHArguments, [], None), dev, "mean")
     assert [r.response for r in records] == [f"answer {i}" for i in range(6)]  # the gold: the sft_index suffix
     assert [r.reward for r in records] == pytest.approx([(sigmoid(a) + sigmoid(b)) / 2 for a, b in
