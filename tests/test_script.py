@@ -124,6 +124,18 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_models, toy_dir, toy_re
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("adapter, message", [
+    ("./no/such/adapter", "model path './no/such/adapter' does not exist"),
+    ("nope_adapter", "cannot load the adapter from 'nope_adapter'"),  # a hub id that is not cached, offline
+])
+def test_missing_adapter_is_one_error_line(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys, adapter, message):
+    """Found when the model loads (after the run's first log lines): an error line, no traceback."""
+    argv = args_for(toy_dir, tiny_models["causal"], tmp_path / "o", "nll", toy_reward_spec) + ["--adapter_path", adapter]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("error:") and message in err.splitlines()[-1] and "Traceback" not in err
+
+
 def test_bad_row_reported_before_model_loads(tmp_path, toy_dir, toy_reward_spec, capsys):
     data = tmp_path / "data"
     data.mkdir()

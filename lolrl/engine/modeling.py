@@ -186,7 +186,11 @@ def load_model(name: str, dtype: str = "fp32", lora: LoraSettings | None = None,
     if adapter_path:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+        _check_local_or_hub(adapter_path)
+        try:
+            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the adapter from '{adapter_path}': {str(exc).splitlines()[0]}") from None
     elif lora is not None and lora.enabled:
         model = add_lora(model, lora)
     return model
