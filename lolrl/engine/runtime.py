@@ -27,8 +27,14 @@ def make_accelerator(config, accumulation_steps: int = 1):
     """An ``Accelerator`` for a run's ``dtype``, ``report_to``, ``output_dir`` and ``seed`` (any trainer's config),
     told of the ``accumulation_steps`` micro-batches per optimizer step (DeepSpeed's engine scales and steps by it)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    # A run's precision, accumulation and plugins are its own: Accelerate keeps them in a process-wide
+    # singleton that refuses a second run with other settings in the same Python process (a notebook, a
+    # sweep, the tests). transformers' TrainingArguments resets it for each run; so do we (the process
+    # group and devices, in PartialState, stay).
+    AcceleratorState._reset_state()
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.dtype]
     log_with = None if config.report_to in (None, "none") else config.report_to.split(",")
     # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
