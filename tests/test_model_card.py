@@ -162,3 +162,29 @@ def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_models, toy_dir
     # every validation, the starting model's at step 0 (-ev_b) included
     validations = [json.loads(line) for line in (out / "validation_stats.jsonl").read_text().splitlines()]
     assert sorted(s for s, _ in scalars["val/final_reward"]) == [v["step"] for v in validations] == [0, 2]
+
+
+@pytest.mark.slow
+def test_ppo_best_adapter_gets_a_card_and_is_pushed(hh_fixture, monkeypatch):
+    """The HH PPO script (lolrl's PPOTrainer): the same card and upload for OUTPUT/best_adapter."""
+    import huggingface_hub
+
+    sys.path.insert(0, str(ROOT))
+    from ppo_qlora_llama_hh import main as ppo_main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls = []
+    tmp_path, args = hh_fixture
+    out = tmp_path / "out"
+    assert ppo_main(args + ["--output_dir", str(out), "--total_steps", "1", "--eval_steps", "1", "--push_to_hub"]) == 0
+    best = out / "best_adapter"
+    card = (best / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft" and {"lolrl", "ppo", "lora"} <= set(meta["tags"])
+    assert "| algorithm | ppo |" in card and "| cliprange | 0.2 |" in card and "- train prompts rows: 8" in card
+    assert f"at optimizer step {json.loads((best / 'best.json').read_text())['step']}" in card
+    (_, create_args), (_, upload_args) = FakeHub.calls
+    assert create_args["repo_id"] == "out" and upload_args["folder"] == best and upload_args["card"] == card
+    assert {"README.md", "adapter_model.safetensors", "value_head.safetensors"} <= upload_args["files"]
