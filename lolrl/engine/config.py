@@ -6,7 +6,9 @@ from pathlib import Path
 
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import GROUPED_ALGORITHMS, KL_ESTIMATORS, TABLE, Algorithm
+from lolrl.engine.model_card import HubSettings
 from lolrl.engine.modeling import DTYPES, LoraSettings, QuantizationSettings, check_logprob_kernel
+from lolrl.engine.runtime import check_report_to
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.errors import ConfigError
 from lolrl.utils.lock import check_output_paths
@@ -109,7 +111,8 @@ class OfflineRLConfig:
     load_in_4bit: bool = False  # QLoRA: NF4 base on CUDA (plain LoRA without CUDA, with a warning)
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # how load_in_4bit quantises
     logging_steps: int = 10
-    report_to: str = "none"
+    report_to: str = "none"  # trackers (Accelerate's): tensorboard (event files under OUTPUT/lolrl), wandb, ...
+    hub: HubSettings = field(default_factory=HubSettings)  # --push_to_hub: the save folder, with its card, at the end
     length_grouping: bool = True
     packing: str = "auto"  # auto: pack rows without padding when the model provably supports it; on; off
     # the output layer's log-probs: auto = Liger's fused kernel when installed on CUDA, else chunked; liger; chunked
@@ -163,6 +166,8 @@ class OfflineRLConfig:
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
         check_logprob_kernel(self.logprob_kernel)
         self.quantization.check()
+        self.hub.check()
+        check_report_to(self.report_to)
         if self.value_samples < 1:
             raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
         if self.value_samples > 1 and self.value_source == "data":
@@ -204,4 +209,5 @@ class OfflineRLConfig:
         return self.ppo_clip if self.spec.clip else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every setting (args.json, the trackers' hyper-parameters), the hub token hidden."""
+        return {**asdict(self), "hub": self.hub.shown()}

@@ -23,6 +23,31 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def report_to_list(report_to: str | None) -> list[str] | None:
+    """``--report_to`` (comma-separated tracker names, or none) as Accelerate's ``log_with``."""
+    names = [n.strip() for n in (report_to or "none").split(",") if n.strip()]
+    return None if not names or names == ["none"] else names
+
+
+def check_report_to(report_to: str | None) -> None:
+    """Refuse, before anything loads, a tracker Accelerate does not know or whose package is missing
+    (Accelerate would drop it without a word, and the run would log nowhere)."""
+    names = report_to_list(report_to)
+    if names is None:
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available = {str(t.value) for t in get_available_trackers()}
+    for name in names:
+        if name not in LoggerType.list() or name == "none":
+            raise ConfigError(f"--report_to: unknown tracker '{name}' (expected none or a comma-separated list of "
+                              f"{', '.join(LoggerType.list())})")
+        if name != "all" and name not in available:
+            raise ConfigError(f"--report_to {name}: its package is not installed (pip install {name}), so nothing "
+                              "would be logged")
+
+
 def make_accelerator(config, accumulation_steps: int = 1):
     """An ``Accelerator`` for a run's ``dtype``, ``report_to``, ``output_dir`` and ``seed`` (any trainer's config),
     told of the ``accumulation_steps`` micro-batches per optimizer step (DeepSpeed's engine scales and steps by it)."""
@@ -36,7 +61,7 @@ def make_accelerator(config, accumulation_steps: int = 1):
     # group and devices, in PartialState, stay).
     AcceleratorState._reset_state()
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.dtype]
-    log_with = None if config.report_to in (None, "none") else config.report_to.split(",")
+    log_with = report_to_list(config.report_to)
     # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
     has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,

@@ -45,6 +45,7 @@ from lolrl.engine.evaluation import (
 from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
+from lolrl.engine.model_card import offline_card, push_folder, write_card
 from lolrl.engine.modeling import (
     choose_logprob_kernel,
     choose_packing,
@@ -472,7 +473,10 @@ class OfflineRLTrainer:
                 completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
             summary = summarize_generations(completions, rewards, golds=self._gold_texts(val))
         measure = summary[self.keeper.metric]
-        return self.keeper.record(step, epoch, summary, measure, self._save_best, self.accelerator)
+        improved = self.keeper.record(step, epoch, summary, measure, self._save_best, self.accelerator)
+        if improved:
+            self.write_card()  # what is known now: the best validation measure and its step (best.json)
+        return improved
 
     def gold_nll_per_token(self, rows: list[TokenizedRow]) -> float:
         """Mean NLL per token of the gold responses (the measure when no reward is given)."""
@@ -558,9 +562,29 @@ class OfflineRLTrainer:
         return self.output_dir / "checkpoints"
 
     @functools.cached_property
+    def _train_digest(self) -> str:
+        return cache_lib.records_digest(self.data.train)
+
+    @functools.cached_property
     def _run_key(self) -> str:
-        return run_key(self.config.to_dict(), train=cache_lib.records_digest(self.data.train),
-                       val=cache_lib.records_digest(self._val_records()))
+        return run_key(self.config.to_dict(), train=self._train_digest, val=cache_lib.records_digest(self._val_records()))
+
+    # ----------------------------------------------------------------------------- model card
+    def write_card(self, results: dict[str, dict] | None = None) -> None:
+        """SAVE/README.md (:mod:`lolrl.engine.model_card`): at each new best, and with the final metrics at the end."""
+        if not self.is_main:
+            return
+        rows = {"train": len(self.data.train), "validation": len(self._val_records())}
+        if self.config.do_test and self.data.test:
+            rows["test"] = len(self.data.test)
+        write_card(self.config.save_dir, offline_card(self.config, rows, self._train_digest, results))
+
+    def push_to_hub(self) -> None:
+        """--push_to_hub: the save folder (model or adapter, tokenizer, card) to the hub, from the main process."""
+        config = self.config
+        decided_on_main(self.accelerator, lambda: push_folder(
+            config.save_dir, config.hub, Path(config.output_dir).resolve().name,
+            f"lolrl {config.algorithm}: best validation {self.keeper.metric} {self.keeper.best:.4g}"))
 
     def find_checkpoint(self) -> Path | None:
         return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)
@@ -617,8 +641,6 @@ class OfflineRLTrainer:
                 "optimizer_steps": total, "epochs": epochs, "validations_per_epoch": len(val_points)})
         logger.info("training %s: %d optimizer steps (%d per epoch, %d of %d rows per epoch)", config.algorithm,
                     total, opt_per_epoch, sampler.rows_per_epoch, len(train_rows))
-        if config.report_to not in (None, "none"):
-            acc.init_trackers("lolrl", config=flat_config(config.to_dict()))
         progress = tqdm(total=total, desc=f"train {config.algorithm}", disable=not acc.is_local_main_process)
         if checkpoint is None:  # training's own stream, whatever the stages before it did (or a cache skipped)
             seed_stage(config.seed, "train")
@@ -755,6 +777,8 @@ class OfflineRLTrainer:
             train_rows = self.row_tokenizer(self.data.train)
             signal = self.prepare_training_signal(train_rows, val_rows)
             checkpoint = self.find_checkpoint()
+            if config.report_to not in (None, "none"):  # before the first validation, which logs val/ too
+                self.accelerator.init_trackers("lolrl", config=flat_config(config.to_dict()))
             if config.eval_in_beginning and checkpoint is None:
                 # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
                 reuse = self._reference_generations(val_rows) if self.reward is not None else None
@@ -778,5 +802,14 @@ class OfflineRLTrainer:
         if self.is_main:
             paths = write_results_table(self.output_dir, "eval_results", results)
             logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
-        self._end_run()
+        if config.do_train and math.isfinite(self.keeper.best):  # a best model was saved: its card gets the results
+            self.write_card(results)
+        try:
+            if config.do_train and config.hub.push_to_hub:
+                if not math.isfinite(self.keeper.best):
+                    raise ConfigError(f"--push_to_hub: no validation gave a finite {self.keeper.metric}, so no best "
+                                      f"model was saved in {config.save_dir}: nothing to upload")
+                self.push_to_hub()
+        finally:
+            self._end_run()
         return results

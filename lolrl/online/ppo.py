@@ -73,7 +73,8 @@ from lolrl.engine.modeling import (
     response_outputs,
     set_dropout,
 )
-from lolrl.engine.runtime import backward, end_run, flat_config, make_accelerator, micro_batch
+from lolrl.engine.model_card import CardContents, HubSettings, push_folder, write_card
+from lolrl.engine.runtime import backward, check_report_to, end_run, flat_config, make_accelerator, micro_batch
 from lolrl.engine.runtime import prepare_for_training, step_scheduler
 from lolrl.engine.validation import (
     BestModelKeeper,
@@ -181,6 +182,7 @@ class PPOConfig:
     stop_after_steps: int = -1
     use_cache: bool = True
     max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before the run stops
+    hub: HubSettings = field(default_factory=HubSettings)  # --push_to_hub: the best adapter folder, with its card
 
     def __post_init__(self) -> None:
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "best_adapter")
@@ -199,6 +201,8 @@ class PPOConfig:
                               f"gradient_accumulation_steps ({self.backward_batch_size})")
         check_logprob_kernel(self.logprob_kernel)
         self.quantization.check()
+        self.hub.check()
+        check_report_to(self.report_to)
         if self.kl_penalty not in PPO_KL_PENALTIES:
             raise ConfigError(f"kl_penalty must be one of {', '.join(PPO_KL_PENALTIES)}")
         if self.init_kl_coef < 0 or (self.adap_kl_ctrl and (self.kl_target <= 0 or self.kl_horizon <= 0)):
@@ -215,7 +219,22 @@ class PPOConfig:
             logger.warning("PPO rollouts without sampling: every rollout of a prompt is the same")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "hub": self.hub.shown()}
+
+    def card_settings(self) -> dict:
+        """The settings the model card lists (:mod:`lolrl.engine.model_card`)."""
+        lora = self.lora
+        return {"algorithm": "ppo", "cliprange": self.cliprange, "cliprange_value": self.cliprange_value,
+                "init_kl_coef": self.init_kl_coef, "adap_kl_ctrl": self.adap_kl_ctrl, "kl_target": self.kl_target,
+                "kl_penalty": self.kl_penalty, "vf_coef": self.vf_coef, "gamma": self.gamma, "lam": self.lam,
+                "learning_rate": self.learning_rate, "optim": self.optim, "lr_scheduler": self.lr_scheduler,
+                "total_steps": self.total_steps, "rollouts per step (per process)": self.batch_size,
+                "mini_batch_size": self.mini_batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "ppo_epochs": self.ppo_epochs, "precision (dtype)": self.dtype,
+                "LoRA": f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}" if lora.enabled
+                else "the starting adapter" if self.adapter_path else "none (all weights trained)",
+                "rollout decoding": f"top_p={self.rollout.top_p}, top_k={self.rollout.top_k}, "
+                                    f"temperature={self.rollout.temperature}", "seed": self.seed}
 
 
 class ValueHeadModel(nn.Module):
@@ -567,8 +586,18 @@ class PPOTrainer:
                         [{"id": r.id, "response": c, **{k: v[i] for k, v in rewards.items()}}
                          for i, (r, c) in enumerate(zip(self.val_records, completions))])
         measure = summary[self.keeper.metric]
-        self.keeper.record(step, None, summary, measure, self._save_best, self.accelerator)
+        if self.keeper.record(step, None, summary, measure, self._save_best, self.accelerator) and self.is_main:
+            self.write_card()
         return measure
+
+    def write_card(self) -> None:
+        """SAVE/README.md, the best adapter's model card (main process)."""
+        config = self.config
+        write_card(config.save_dir, CardContents(
+            base_model=config.model_name, algorithm="ppo", trainer="PPOTrainer", settings=config.card_settings(),
+            adapter=config.lora.enabled or config.adapter_path is not None, start_adapter=config.adapter_path,
+            rows={"train prompts": len(self.train_records), "validation": len(self.val_records)},
+            data_digest=cache_lib.records_digest(self.train_records), tags=["ppo", "online-rl"]))
 
     def _save_best(self) -> None:
         self.best_state = self._trainable_state()
@@ -692,7 +721,15 @@ class PPOTrainer:
                              keys=["reward", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clipfrac",
                                    "approxkl", "response_length"])
             plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png")
-        self._end_run()
+        try:
+            if config.hub.push_to_hub:
+                if not math.isfinite(self.keeper.best):
+                    raise ConfigError("--push_to_hub: no validation gave a finite reward, so no best adapter was saved "
+                                      f"in {config.save_dir}: nothing to upload")
+                decided_on_main(acc, lambda: push_folder(config.save_dir, config.hub, self.output_dir.resolve().name,
+                                                         f"lolrl ppo: best validation reward {self.keeper.best:.4g}"))
+        finally:
+            self._end_run()
         best = {"best_step_measure": self.keeper.best}
         if (Path(config.save_dir) / "best.json").exists():
             best = json.loads((Path(config.save_dir) / "best.json").read_text())

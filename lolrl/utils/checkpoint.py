@@ -250,7 +250,7 @@ def resume_training_state(accelerator, path: Path, model, optimizer, scheduler
 # when to stop, what to log, whether to reuse caches, or where the run's own folders are. A run resumed
 # with other values, or from its output folder moved or copied elsewhere, is the same run.
 NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to", "logging_steps",
-                  "use_cache", "do_test", "max_nonfinite_steps", "output_dir", "save_dir", "cache_dir")
+                  "use_cache", "do_test", "max_nonfinite_steps", "output_dir", "save_dir", "cache_dir", "hub")
 # Settings that name an input by its path: keyed by its contents (a moved copy is the same input, other
 # weights at the same path are not).
 INPUT_PATHS = ("model_name", "tokenizer_name", "adapter_path")

@@ -18,6 +18,7 @@ from typing import Literal
 
 from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
 from lolrl.engine.losses import ALGORITHMS, PPO_KL_PENALTIES
+from lolrl.engine.model_card import HubSettings
 from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, QuantizationSettings
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from lolrl.tasks.hh.data import RENDERINGS
@@ -126,8 +127,9 @@ def check_model_locations(args) -> None:
 
 
 @dataclass
-class LogprobKernelArguments:
-    """The log-prob kernel setting of the scripts whose trainer is lolrl's own (A-LoL family, PRO, PPO)."""
+class LogprobKernelArguments(HubSettings):
+    """The settings of the scripts whose trainer is lolrl's own (A-LoL family, PRO, PPO): the log-prob kernel, and
+    the hub upload of the best adapter folder with its model card (--push_to_hub, ...)."""
 
     logprob_kernel: str = setting(default_of(OfflineRLConfig, "logprob_kernel"), LOGPROB_KERNEL_HELP,
                                   choices=LOGPROB_KERNELS)

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from lolrl.engine.model_card import HubSettings
 from lolrl.engine.modeling import LoraSettings
 from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.rewards import RewardSpecError
@@ -50,7 +51,7 @@ def ppo_config(args: PPOHHArguments):
         eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
         report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
         stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing,
-        logprob_kernel=args.logprob_kernel, disable_dropout=args.disable_dropout)
+        logprob_kernel=args.logprob_kernel, disable_dropout=args.disable_dropout, hub=HubSettings.of(args))
 
 
 def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
@@ -134,6 +135,9 @@ def main(argv=None, description: str | None = None) -> int:
             raise RewardSpecError("online PPO scores its rollouts: --reward none is not possible here")
         train, val = pro_records(train_rows, args.prompt_format, "sft", "train"), validation_records(args, dev_rows)
         if args.trainer != "ppo":
+            if args.push_to_hub:
+                raise ConfigError(f"--push_to_hub is for --trainer ppo (lolrl's trainer); with --trainer {args.trainer} "
+                                  "upload OUTPUT/best_adapter yourself")
             val = val[: args.max_val_examples] if args.max_val_examples else val
             best = run_trl(args, train, val, reward)
         else:

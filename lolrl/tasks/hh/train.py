@@ -17,6 +17,7 @@ import torch
 from lolrl.engine.config import OfflineRLConfig
 from lolrl.engine.data import Record, TaskData
 from lolrl.engine.generation import GenerationSettings
+from lolrl.engine.model_card import HubSettings
 from lolrl.engine.modeling import LoraSettings, QuantizationSettings
 from lolrl.engine.rewards import RewardFunction
 from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file, sigmoid, stop_ids
@@ -101,7 +102,7 @@ def offline_config(args, **settings) -> OfflineRLConfig:
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_test=False,
         stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing, **precision(args),
         disable_dropout=args.disable_dropout,
-        logprob_kernel=args.logprob_kernel, **settings)
+        logprob_kernel=args.logprob_kernel, hub=HubSettings.of(args), **settings)
 
 
 def task_data(train, val) -> TaskData:

@@ -16,6 +16,7 @@ from lolrl.engine.config import DISABLE_DROPOUT_HELP, ConfigError, OfflineRLConf
 from lolrl.engine.data import load_task_dir
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import ALGORITHMS, KL_ESTIMATORS
+from lolrl.engine.model_card import HubSettings
 from lolrl.engine.modeling import DTYPES, LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, LoraSettings, QuantizationSettings
 from lolrl.engine.rewards import RewardSpecError, load_reward
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
@@ -41,7 +42,7 @@ def _model_flag(short: str, key: str | None) -> Any:
 
 
 @dataclass
-class GenerationTaskArguments(QuantizationSettings):
+class GenerationTaskArguments(HubSettings, QuantizationSettings):
     """Offline policy-gradient training (A-LoL and baselines) of a language model on (prompt, response, reward) data."""
 
     # data and task
@@ -216,7 +217,7 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
         report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,
         logprob_kernel=args.logprob_kernel, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         stop_after_steps=args.stop_after_steps, load_in_4bit=args.load_in_4bit,
-        quantization=QuantizationSettings.of(args))
+        quantization=QuantizationSettings.of(args), hub=HubSettings.of(args))
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:
