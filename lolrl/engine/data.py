@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from lolrl.utils.errors import UserError
 
@@ -34,6 +34,7 @@ PROMPT_FIELDS = ("prompt", "prompt_or_input_text")
 RESPONSE_FIELDS = ("completion", "response", "references")
 META_FIELDS = ("meta", "meta_data")
 SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("validation", "val", "eval")  # the validation split's names in a DatasetDict
 
 
 class DataError(UserError):
@@ -322,6 +323,13 @@ class TaskData:
         generations for V(x), model selection); ``train`` may be left out to only evaluate. A bad row
         raises :class:`DataError` naming the split, the row index and the column, e.g.
         ``train_dataset row 2: column 'reward': expected a finite number ...``."""
+        if isinstance(eval, Mapping):  # a DatasetDict: its validation split, and its test split unless given
+            name = next((n for n in EVAL_SPLITS if n in eval), None)
+            if name is None:
+                raise DataError("eval_dataset", None, None, f"has splits {', '.join(eval)}: expected one named "
+                                                            f"{' or '.join(EVAL_SPLITS)}")
+            test = eval.get("test") if test is None else test
+            eval = eval[name]
         if eval is None:
             raise DataError("eval_dataset", None, None, "missing: the validation split is needed (for the value "
                                                         "estimate and to choose the best model)")
