@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict, load_dataset
 
-from lolrl import OfflineRLConfig, OfflineRLTrainer
+from lolrl import GenerationSettings, OfflineRLConfig, OfflineRLTrainer
 from lolrl.engine.collation import Tokenizer, render_chat
 from lolrl.engine.data import DataError, TaskData, load_task_dir
 from lolrl.engine.rewards import RewardSpecError, reward_from_funcs
@@ -138,7 +138,7 @@ def test_conversational_rows_rendered_as_trl(chat_model, prompt):
 @pytest.mark.slow
 def test_conversational_run_passes_messages_and_columns_to_reward(tmp_path, chat_model):
     """A run on conversational datasets: the reward gets TRL's conversational completions (messages) and
-    the extra columns; the gold completions are scored as given."""
+    the extra columns."""
     model, _ = chat_model
     seen = []
 
@@ -150,13 +150,14 @@ def test_conversational_run_passes_messages_and_columns_to_reward(tmp_path, chat
              "completion": [{"role": "assistant", "content": f"{t} is fun"}], "topic": t, "reward": float(i % 2)}
             for i, t in enumerate(["hiking", "chess", "cooking", "music"] * 3)]
     args = OfflineRLConfig(output_dir=str(tmp_path / "run"), algorithm="wbc", n_epochs=1, batch_size=4, max_steps=1,
-                           max_resp_length=8, val_log_frequency=1, do_test=False)
+                           max_resp_length=8, val_log_frequency=1, do_test=False,
+                           generation=GenerationSettings(max_new_tokens=8))
     results = OfflineRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
                                eval_dataset=Dataset.from_list(data[:4]), reward_funcs=says_topic).train()
     completions, topics = seen[-1]
     assert topics == ["hiking", "chess", "cooking", "music"]
     assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions)
-    assert results["val/gold"]["final_reward"] == 1.0  # every gold completion names its topic
+    assert all(isinstance(c[0]["content"], str) for c in completions) and "says_topic" in results["val/generated"]
 
 
 def _train_log(directory: Path) -> list[dict]:
@@ -171,7 +172,8 @@ def test_run_from_datasets_matches_run_from_task_folder(tmp_path, tiny_models, t
     def config(name):
         return OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / name), algorithm="a_lol",
                                n_epochs=1, batch_size=8, max_resp_length=8, max_steps=3, logging_steps=1,
-                               val_log_frequency=1, do_test=False)
+                               val_log_frequency=1, do_test=False, generation=GenerationSettings(max_new_tokens=4),
+                               value_source="data", value_epochs=2, value_folds=3)
 
     OfflineRLTrainer(config("folder"), load_task_dir(toy_dir, need_test=False), load_reward(toy_reward_spec)).run()
     splits = load_dataset("json", data_files={s: str(Path(toy_dir) / f"{s}.jsonl") for s in ("train", "val")})
