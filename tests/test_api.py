@@ -1,4 +1,5 @@
-"""The Python API of the README: a config, a trainer, records and a reward built in Python."""
+"""The scripts' form of the Python API: a config, a trainer, records of a task folder and a reward built in Python
+(the README's TRL-form example: tests/test_datasets_input.py)."""
 import math
 
 from lolrl import OfflineRLConfig, OfflineRLTrainer, TaskInfo, load_reward, load_task_dir

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 # The tokenization rules' version, in the cache keys of everything computed from token ids: 2 = truncated
-# prompts keep their special tokens and an empty prompt starts from BOS/EOS (issue 22).
-TOKENIZATION = 2
+# prompts keep their special tokens and an empty prompt starts from BOS/EOS (issue 22); 3 = a chat prompt
+# ending in an assistant message is continued (TRL's rule), conversational completions (issue 23).
+TOKENIZATION = 3
 
 
 @dataclass
@@ -42,9 +43,26 @@ def render_prompt(tokenizer, prompt) -> str:
     """A chat prompt goes through the tokenizer's chat template, ready for the assistant turn."""
     if isinstance(prompt, str):
         return prompt
+    return render_chat(tokenizer, prompt)[0]
+
+
+def render_chat(tokenizer, prompt: list[dict], completion: list[dict] | None = None) -> tuple[str, str | None]:
+    """Conversational ``prompt`` (and ``completion``) as text, as TRL renders a prompt-completion row
+    (``trl.data_utils.apply_chat_template``): the prompt with the generation prompt (or, when it ends in an
+    assistant message, continuing that message); with a completion, the whole conversation is rendered
+    and split where it departs from the prompt's text (a template that renders the prompt alone
+    differently, e.g. an extra token after the generation prompt, keeps their common prefix as the
+    prompt), the rest being the completion's text, end-of-turn markers included."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("a prompt is a list of chat messages but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    continued = prompt[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=not continued,
+                                         continue_final_message=continued)
+    if completion is None:
+        return text, None
+    whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    shared = next((i for i, (a, b) in enumerate(zip(text, whole)) if a != b), min(len(text), len(whole)))
+    return text[:shared], whole[shared:]
 
 
 def check_prompts_renderable(tokenizer, records: list[Record], source: str) -> None:
@@ -69,9 +87,10 @@ class Tokenizer:
         self.max_prompt_length = max_prompt_length
         self.max_resp_length = max_resp_length
 
-    def prompt_ids(self, prompt) -> list[int]:
+    def prompt_ids(self, prompt, text: str | None = None) -> list[int]:
+        """``text``: the prompt already rendered (a conversational row's prompt, by :func:`render_chat`)."""
         tok = self.tokenizer
-        text = render_prompt(tok, prompt)
+        text = render_prompt(tok, prompt) if text is None else text
         # A chat template already holds BOS and friends; plain text gets the model's usual specials.
         chat = isinstance(prompt, list)
         ids = tok(text, add_special_tokens=not chat)["input_ids"]
@@ -109,8 +128,12 @@ class Tokenizer:
                               "to start its response from: give every record a prompt")
         return start
 
-    def response_ids(self, response: str) -> list[int]:
+    def response_ids(self, response: str, templated: bool = False) -> list[int]:
+        """``templated``: a conversational completion rendered by the chat template, whose end-of-turn
+        markers end it (no EOS is added, as TRL's SFT adds none to conversational rows)."""
         tok = self.tokenizer
+        if templated and not self.encoder_decoder:
+            return tok(response, add_special_tokens=False)["input_ids"][: self.max_resp_length]
         if self.encoder_decoder:
             ids = tok(text_target=response)["input_ids"]  # T5/BART add their own </s>
         else:
@@ -120,10 +143,19 @@ class Tokenizer:
             ids = ids + [tok.eos_token_id]
         return ids[: self.max_resp_length]
 
+    def row(self, index: int, record: Record, response: str | None = None) -> TokenizedRow:
+        """``record`` with its own completion, or with ``response`` (text) in its place."""
+        if response is None and record.is_chat_completion:
+            prompt_text, completion_text = render_chat(self.tokenizer, record.prompt, record.response)
+            return TokenizedRow(index, self.prompt_ids(record.prompt, prompt_text),
+                                self.response_ids(completion_text, templated=True))
+        return TokenizedRow(index, self.prompt_ids(record.prompt),
+                            self.response_ids(record.response if response is None else response))
+
     def __call__(self, records: list[Record], responses: list[str] | None = None) -> list[TokenizedRow]:
-        responses = responses if responses is not None else [r.response for r in records]
-        return [TokenizedRow(i, self.prompt_ids(r.prompt), self.response_ids(y))
-                for i, (r, y) in enumerate(zip(records, responses))]
+        if responses is None:
+            return [self.row(i, r) for i, r in enumerate(records)]
+        return [self.row(i, r, y) for i, (r, y) in enumerate(zip(records, responses))]
 
 
 class Collator:

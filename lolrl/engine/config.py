@@ -27,8 +27,8 @@ class OfflineRLConfig:
     importance weights clipped to [1-0.9, 1+0.9], priority sampling on for A-LoL, a finite
     ``kl_beta`` for ``a_lol_kl``, dropout off for every algorithm; see the README's table of defaults."""
 
-    model_name: str
-    output_dir: str
+    model_name: str | None = None  # None: the trainer's model= gives it
+    output_dir: str | None = None  # required (None is refused: it is here for OfflineRLConfig(output_dir=...))
     algorithm: str = "nll"
     tokenizer_name: str | None = None
     save_dir: str | None = None  # default: {output_dir}/model
@@ -119,6 +119,8 @@ class OfflineRLConfig:
     logprob_kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("OfflineRLConfig needs an output_dir (where the run writes its results)")
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "model")
         self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
         if self.algorithm not in TABLE:

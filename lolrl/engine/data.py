@@ -1,15 +1,24 @@
-"""Records: the (prompt, response, reward) rows every algorithm trains on.
+"""Records: the (prompt, completion, reward) rows every algorithm trains on.
 
-A task directory holds ``train.jsonl``, ``val.jsonl`` and ``test.jsonl``. One JSON object per line:
+Rows come in TRL's prompt-completion form, from a task directory (``train.jsonl``, ``val.jsonl``,
+``test.jsonl``: one JSON object per line) or from 🤗 ``datasets.Dataset`` objects
+(:meth:`TaskData.from_datasets`, the Python API's ``train_dataset=`` / ``eval_dataset=``):
 
-    {"id": "17", "prompt": "...", "response": "...", "reward": 0.7}
-    {"id": "18", "prompt": [{"role": "user", "content": "hi"}], "response": "...",
+    {"id": "17", "prompt": "...", "completion": "...", "reward": 0.7}
+    {"id": "18", "prompt": [{"role": "user", "content": "hi"}],
+     "completion": [{"role": "assistant", "content": "hello"}],
      "reward_components": {"fluency": 0.9, "safe": 1.0, "final_reward": 1.9}}
 
-The original code's field names are accepted too: ``prompt_or_input_text`` for the prompt,
-``references`` for the response, ``meta_data`` for free-form metadata. Every row is validated
-before any model is loaded; the first problem raises :class:`DataError`, whose message names the
-file, the line and the field.
+``response`` is an alias of ``completion`` (one of them per row, not both). A conversational
+prompt (and completion) is a list of ``{"role", "content"}`` messages, rendered with the tokenizer's
+chat template as TRL renders them (:func:`lolrl.engine.collation.render_chat`). Any other column
+reaches the reward functions as a column (TRL's ``f(prompts, completions, **columns)``). The
+original code's field names are accepted too: ``prompt_or_input_text`` for the prompt,
+``references`` for the completion, ``meta_data`` for free-form metadata. Every row is validated
+before any model is loaded, by one function (:func:`parse_record`) whatever its source; the first
+problem raises :class:`DataError`, whose one-line message names the file, the line and the field
+(``train.jsonl:3: field 'reward': ...``) or the dataset, the row index and the column
+(``train_dataset row 2: column 'completion': ...``).
 """
 from __future__ import annotations
 
@@ -17,23 +26,27 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from lolrl.utils.errors import UserError
 
 PROMPT_FIELDS = ("prompt", "prompt_or_input_text")
-RESPONSE_FIELDS = ("response", "references")
+RESPONSE_FIELDS = ("completion", "response", "references")
 META_FIELDS = ("meta", "meta_data")
 SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("validation", "val", "eval")  # the validation split's names in a DatasetDict
 
 
 class DataError(UserError):
-    """A malformed data file or row. ``str(err)`` is one line: ``file:line: field 'x': problem``."""
+    """A malformed data file or row. ``str(err)`` is one line: ``file:line: field 'x': problem``, or for
+    a ``datasets.Dataset`` (``unit="row"``, ``line`` = the 0-based row index, as ``dataset[i]``)
+    ``name row i: column 'x': problem``."""
 
-    def __init__(self, source: str, line: int | None, field_name: str | None, problem: str):
-        self.source, self.line, self.field, self.problem = source, line, field_name, problem
-        where = f"{source}:{line}" if line is not None else str(source)
-        what = f" field '{field_name}':" if field_name else ""
+    def __init__(self, source: str, line: int | None, field_name: str | None, problem: str, unit: str = "line"):
+        self.source, self.line, self.field, self.problem, self.unit = source, line, field_name, problem, unit
+        rows = unit == "row"
+        where = str(source) if line is None else f"{source} row {line}" if rows else f"{source}:{line}"
+        what = f" {'column' if rows else 'field'} '{field_name}':" if field_name else ""
         super().__init__(f"{where}:{what} {problem}")
 
 
@@ -43,7 +56,7 @@ class Record:
 
     id: str
     prompt: str | list[dict[str, str]]
-    response: str
+    response: str | list[dict[str, str]]  # the completion
     reward: float | None = None
     reward_components: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +64,11 @@ class Record:
     @property
     def is_chat(self) -> bool:
         return isinstance(self.prompt, list)
+
+    @property
+    def is_chat_completion(self) -> bool:
+        """The completion is a list of messages (TRL's conversational form; its prompt is one too)."""
+        return isinstance(self.response, list)
 
 
 def _first_present(row: dict, names: Sequence[str]) -> tuple[str | None, Any]:
@@ -90,53 +108,75 @@ def _check_chat(messages: list, err) -> None:
             raise err(f"message {i} must be an object with string 'role' and 'content'")
 
 
-def parse_record(row: Any, source: str, line: int, require_reward: bool) -> Record:
-    """Validate one decoded JSON row and turn it into a :class:`Record`."""
+def _one_of(row: dict, names: Sequence[str], err) -> tuple[str | None, Any]:
+    """The one field of ``names`` present in ``row`` (aliases of one another); two of them are refused."""
+    present = [name for name in names if name in row]
+    if len(present) > 1:
+        raise err(present[1], f"both '{present[0]}' and '{present[1]}' given (aliases of one field): keep one")
+    return (present[0], row[present[0]]) if present else (None, None)
+
+
+def parse_record(row: Any, source: str, line: int, require_reward: bool, unit: str = "line") -> Record:
+    """Validate one decoded row (a JSON line, ``unit="line"``, or a dataset row, ``unit="row"``: then a
+    ``None`` value is a value Arrow's table lacks, the same as a missing field) into a :class:`Record`."""
+    def err(field_name: str | None, problem: str) -> DataError:
+        return DataError(source, line, field_name, problem, unit)
+
     if not isinstance(row, dict):
-        raise DataError(source, line, None, f"expected a JSON object, got {type(row).__name__}")
+        raise err(None, f"expected a JSON object, got {type(row).__name__}")
+    if unit == "row":
+        row = {k: v for k, v in row.items() if v is not None}
+        if isinstance(row.get("reward_components"), dict):  # a struct column: a name some rows lack is None
+            row["reward_components"] = {k: v for k, v in row["reward_components"].items() if v is not None}
 
-    prompt_name, prompt = _first_present(row, PROMPT_FIELDS)
+    prompt_name, prompt = _one_of(row, PROMPT_FIELDS, err)
     if prompt_name is None:
-        raise DataError(source, line, "prompt", f"missing (expected one of {', '.join(PROMPT_FIELDS)})")
+        raise err("prompt", f"missing (expected one of {', '.join(PROMPT_FIELDS)})")
     if isinstance(prompt, list):
-        _check_chat(prompt, lambda p: DataError(source, line, prompt_name, p))
+        _check_chat(prompt, lambda p: err(prompt_name, p))
     elif not isinstance(prompt, str):
-        raise DataError(source, line, prompt_name,
-                        f"expected a string or a list of chat messages, got {type(prompt).__name__}")
+        raise err(prompt_name, f"expected a string or a list of chat messages, got {type(prompt).__name__}")
 
-    response_name, response = _first_present(row, RESPONSE_FIELDS)
+    response_name, response = _one_of(row, RESPONSE_FIELDS, err)
     if response_name is None:
-        raise DataError(source, line, "response", f"missing (expected one of {', '.join(RESPONSE_FIELDS)})")
-    if isinstance(response, list) and len(response) == 1:  # the original stores references as [text]
-        response = response[0]
-    if not isinstance(response, str):
-        raise DataError(source, line, response_name, f"expected a string, got {type(response).__name__}")
-    if not response.strip():
-        raise DataError(source, line, response_name, "is empty")
+        raise err("completion" if unit == "row" else "response",
+                  f"missing (expected one of {', '.join(RESPONSE_FIELDS)})")
+    if isinstance(response, list) and len(response) == 1 and isinstance(response[0], str):
+        response = response[0]  # the original stores references as [text]
+    if isinstance(response, list):  # conversational: messages continuing a conversational prompt
+        _check_chat(response, lambda p: err(response_name, p))
+        if not isinstance(prompt, list):
+            raise err(response_name, "is a list of chat messages but the prompt is not (a conversational "
+                                     "completion continues a conversational prompt)")
+        if not "".join(m["content"] for m in response).strip():
+            raise err(response_name, "is empty")
+    elif not isinstance(response, str):
+        raise err(response_name, f"expected a string or a list of chat messages, got {type(response).__name__}")
+    elif not response.strip():
+        raise err(response_name, "is empty")
 
     components = row.get("reward_components", {})
     if components is None:
         components = {}
     if not isinstance(components, dict):
-        raise DataError(source, line, "reward_components", "expected an object of name -> number")
+        raise err("reward_components", "expected an object of name -> number")
     for name, value in components.items():
         if not _usable_reward(value):
-            raise DataError(source, line, f"reward_components.{name}",
-                            f"expected a finite number within +-{REWARD_LIMIT:g}, got {value!r}")
+            raise err(f"reward_components.{name}", f"expected a finite number within +-{REWARD_LIMIT:g}, got {value!r}")
 
     reward = row.get("reward")
     if reward is not None and not _usable_reward(reward):
-        raise DataError(source, line, "reward", f"expected a finite number within +-{REWARD_LIMIT:g}, got {reward!r}")
+        raise err("reward", f"expected a finite number within +-{REWARD_LIMIT:g}, got {reward!r}")
     if reward is None and "final_reward" in components:
         reward = components["final_reward"]
     if components and "final_reward" not in components and reward is None:
-        raise DataError(source, line, "reward_components.final_reward", "missing (and no 'reward' field)")
+        raise err("reward_components.final_reward", "missing (and no 'reward' field)")
     if require_reward and reward is None:
-        raise DataError(source, line, "reward", "missing (give 'reward' or 'reward_components.final_reward')")
+        raise err("reward", "missing (give 'reward' or 'reward_components.final_reward')")
 
     rid = row.get("id", f"{Path(source).stem}-{line}")
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise DataError(source, line, "id", f"expected a string or integer, got {rid!r}")
+        raise err("id", f"expected a string or integer, got {rid!r}")
 
     _, meta = _first_present(row, META_FIELDS)
     known = {"id", "reward", "reward_components", *PROMPT_FIELDS, *RESPONSE_FIELDS, *META_FIELDS}
@@ -147,23 +187,25 @@ def parse_record(row: Any, source: str, line: int, require_reward: bool) -> Reco
                   reward_components={k: float(v) for k, v in components.items()}, meta=meta)
 
 
-def _check_unique_ids(records: list[Record], lines: list[int], source: str) -> None:
+def _check_unique_ids(records: list[Record], lines: list[int], source: str, unit: str) -> None:
     seen: dict[str, int] = {}
     for record, line in zip(records, lines):
         if record.id in seen:
-            raise DataError(source, line, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})")
+            raise DataError(source, line, "id", f"duplicate id {record.id!r} (first on {unit} {seen[record.id]})",
+                            unit)
         seen[record.id] = line
 
 
-def parse_rows(rows: Iterable[tuple[int, Any]], source: str, require_reward: bool) -> list[Record]:
-    """Validate ``(line_number, decoded_row)`` pairs from any source (a file or a ``datasets`` split)."""
+def parse_rows(rows: Iterable[tuple[int, Any]], source: str, require_reward: bool, unit: str = "line") -> list[Record]:
+    """Validate ``(line_number, decoded_row)`` pairs from any source (a file, or a ``datasets`` split with
+    ``unit="row"`` and 0-based row indices)."""
     records, lines = [], []
     for line, row in rows:
-        records.append(parse_record(row, source, line, require_reward))
+        records.append(parse_record(row, source, line, require_reward, unit))
         lines.append(line)
     if not records:
         raise DataError(source, None, None, "has no records")
-    _check_unique_ids(records, lines, source)
+    _check_unique_ids(records, lines, source, unit)
     return records
 
 
@@ -220,9 +262,26 @@ def load_jsonl(path: str | Path, require_reward: bool = False) -> list[Record]:
     return parse_rows(json_lines(path), str(path), require_reward)
 
 
-def records_from_dataset(dataset, source: str = "dataset", require_reward: bool = False) -> list[Record]:
-    """Validate the rows of a Hugging Face ``datasets.Dataset`` (line = row index + 1)."""
-    return parse_rows(((i + 1, dict(row)) for i, row in enumerate(dataset)), source, require_reward)
+def dataset_rows(dataset, batch_size: int = 1024, first: int = 0) -> Iterable[tuple[int, dict]]:
+    """``(first + row index, row)`` of a ``datasets.Dataset``, read a batch of columns at a time (Arrow's
+    fast path; one row's dict lives only while it is validated)."""
+    if not hasattr(dataset, "iter") or not hasattr(dataset, "column_names"):
+        raise DataError(str(type(dataset).__name__), None, None,
+                        "expected a datasets.Dataset (e.g. Dataset.from_list(rows) or load_dataset(...)[split])")
+    index = first
+    for batch in dataset.iter(batch_size=batch_size):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            yield index, dict(zip(names, values))
+            index += 1
+
+
+def records_from_dataset(dataset, source: str = "dataset", require_reward: bool = False,
+                         unit: str = "row") -> list[Record]:
+    """Validate the rows of a 🤗 ``datasets.Dataset`` with the checks of a JSON Lines file; errors name
+    ``source``, the row index (as ``dataset[i]``) and the column. ``unit="line"``: a JSON Lines file read
+    through ``datasets``, errors naming its line (row index + 1)."""
+    return parse_rows(dataset_rows(dataset, first=1 if unit == "line" else 0), source, require_reward, unit)
 
 
 def load_jsonl_with_datasets(path: str | Path, require_reward: bool = False) -> list[Record]:
@@ -238,7 +297,7 @@ def load_jsonl_with_datasets(path: str | Path, require_reward: bool = False) -> 
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(str(path), None, None, f"datasets cannot read this file ({first}); "
                                                "the default reader names the bad line") from None
-    return records_from_dataset(dataset, str(path), require_reward)
+    return records_from_dataset(dataset, str(path), require_reward, unit="line")
 
 
 def records_to_dataset(records: list[Record]):
@@ -246,7 +305,7 @@ def records_to_dataset(records: list[Record]):
     import datasets
 
     return datasets.Dataset.from_list([
-        {"id": r.id, "prompt": r.prompt, "response": r.response, "reward": r.reward,
+        {"id": r.id, "prompt": r.prompt, "completion": r.response, "reward": r.reward,
          "reward_components": r.reward_components or None} for r in records
     ])
 
@@ -256,6 +315,27 @@ class TaskData:
     train: list[Record]
     val: list[Record]
     test: list[Record] | None
+
+    @classmethod
+    def from_datasets(cls, train=None, eval=None, test=None, require_train_reward: bool = True) -> "TaskData":
+        """Validated records from 🤗 ``datasets.Dataset`` splits in TRL's prompt-completion form (the
+        rows of a task directory's files, as columns). ``eval`` is the validation split (pi_ref's
+        generations for V(x), model selection); ``train`` may be left out to only evaluate. A bad row
+        raises :class:`DataError` naming the split, the row index and the column, e.g.
+        ``train_dataset row 2: column 'reward': expected a finite number ...``."""
+        if isinstance(eval, Mapping):  # a DatasetDict: its validation split, and its test split unless given
+            name = next((n for n in EVAL_SPLITS if n in eval), None)
+            if name is None:
+                raise DataError("eval_dataset", None, None, f"has splits {', '.join(eval)}: expected one named "
+                                                            f"{' or '.join(EVAL_SPLITS)}")
+            test = eval.get("test") if test is None else test
+            eval = eval[name]
+        if eval is None:
+            raise DataError("eval_dataset", None, None, "missing: the validation split is needed (for the value "
+                                                        "estimate and to choose the best model)")
+        return cls(train=records_from_dataset(train, "train_dataset", require_train_reward) if train is not None else [],
+                   val=records_from_dataset(eval, "eval_dataset"),
+                   test=records_from_dataset(test, "test_dataset") if test is not None else None)
 
 
 def load_task_dir(input_dir: str | Path, split_files: dict[str, str] | None = None,

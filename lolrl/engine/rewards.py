@@ -75,6 +75,7 @@ __all__ = [
     "RewardComponent",
     "RewardFunction",
     "load_reward",
+    "reward_from_funcs",
     "render_text",
 ]
 
@@ -210,6 +211,42 @@ class RewardFunction:
     def __repr__(self) -> str:
         terms = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in self.components)
         return f"RewardFunction({terms})"
+
+
+def reward_from_funcs(reward_funcs, reward_weights: Sequence[float] | None = None) -> RewardFunction | None:
+    """The reward of the trainer's ``reward_funcs=`` (TRL's GRPO convention): a callable, a reward spec
+    string (:func:`load_reward`), a :class:`RewardFunction`, or a list of them, summed with
+    ``reward_weights`` (one weight per element, default 1; a spec's own weights are multiplied by it).
+    Components are named after their callables (a repeated name gets ``_2``, ``_3``, ...)."""
+    if reward_funcs is None:
+        if reward_weights is not None:
+            raise RewardSpecError("reward_weights given without reward_funcs")
+        return None
+    if isinstance(reward_funcs, RewardFunction) and reward_weights is None:
+        return reward_funcs
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise RewardSpecError("reward_funcs is an empty list")
+    weights = [1.0] * len(funcs) if reward_weights is None else [float(w) for w in reward_weights]
+    if len(weights) != len(funcs):
+        raise RewardSpecError(f"{len(weights)} reward_weights for {len(funcs)} reward_funcs: give one weight each")
+    components: list[RewardComponent] = []
+    for i, (func, weight) in enumerate(zip(funcs, weights)):
+        if isinstance(func, str):
+            parts = load_reward(func).components
+        elif isinstance(func, RewardFunction):
+            parts = func.components
+        elif callable(func):
+            parts = [RewardComponent(_callable_name(func), 1.0, func, _callable_source(func))]
+        else:
+            raise RewardSpecError(f"reward_funcs[{i}] is a {type(func).__name__}: expected a callable, a reward spec "
+                                  "string or a RewardFunction")
+        for part in parts:
+            name, n = part.name, 2
+            while name in {c.name for c in components}:
+                name, n = f"{part.name}_{n}", n + 1
+            components.append(RewardComponent(name, weight * part.weight, part.fn, part.source, part.version))
+    return RewardFunction(components)
 
 
 # --------------------------------------------------------------------------- scoring helpers

@@ -142,13 +142,40 @@ class TrainingSignal:
 class OfflineRLTrainer:
     """Train with any of ``nll, wbc, r_gold, r_lol, a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl``.
 
+    TRL's form, on 🤗 ``datasets`` in prompt-completion form (:meth:`TaskData.from_datasets`):
+
+    >>> trainer = OfflineRLTrainer(model="path/to/nll_model", args=OfflineRLConfig(output_dir="out",
+    ...                            algorithm="a_lol"), train_dataset=train, eval_dataset=val,
+    ...                            reward_funcs=[fn1, fn2], reward_weights=[1.0, 0.5])
+    >>> results = trainer.train()
+
+    or the scripts' form, on validated records (:func:`lolrl.engine.data.load_task_dir`) and a reward
+    (:func:`lolrl.engine.rewards.load_reward`):
+
     >>> trainer = OfflineRLTrainer(OfflineRLConfig(model_name="path/to/nll_model", output_dir="out",
     ...                                            algorithm="a_lol"), data, reward)
     >>> results = trainer.run()
     """
 
-    def __init__(self, config: OfflineRLConfig, data: TaskData, reward=None, accelerator=None, postprocess=None,
-                 task: TaskInfo | None = None):
+    def __init__(self, config: OfflineRLConfig | None = None, data: TaskData | None = None, reward=None,
+                 accelerator=None, postprocess=None, task: TaskInfo | None = None, *, model: str | None = None,
+                 args: OfflineRLConfig | None = None, train_dataset=None, eval_dataset=None, test_dataset=None,
+                 reward_funcs=None, reward_weights=None):
+        config = self._config_of(config, args, model)
+        if train_dataset is not None or eval_dataset is not None or test_dataset is not None:
+            if data is not None:
+                raise ConfigError("give the data once: data= (records) or train_dataset= / eval_dataset= (datasets)")
+            data = TaskData.from_datasets(train_dataset if config.do_train else None, eval_dataset,
+                                          test_dataset if config.do_test else None,
+                                          require_train_reward=config.algorithm != "nll")
+        if data is None:
+            raise ConfigError("no data: give train_dataset= and eval_dataset= (datasets), or data= (records)")
+        if reward_funcs is not None or reward_weights is not None:
+            if reward is not None:
+                raise ConfigError("give the reward once: reward= or reward_funcs=")
+            from lolrl.engine.rewards import reward_from_funcs
+
+            reward = reward_from_funcs(reward_funcs, reward_weights)
         self.config = config
         self.data = data
         self.reward = reward
@@ -181,6 +208,28 @@ class OfflineRLTrainer:
         self.keeper = BestModelKeeper(self.output_dir, config.save_dir,
                                       self.task.val_metric if reward is not None else "neg_nll_per_token")
         self.best_state: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _config_of(config: OfflineRLConfig | None, args: OfflineRLConfig | None, model) -> OfflineRLConfig:
+        """The run's settings: ``config`` (positional) or ``args=`` (TRL's name), with ``model=`` as its
+        ``model_name``."""
+        if (config is None) == (args is None):
+            raise ConfigError("give the settings once: OfflineRLTrainer(config, ...) or OfflineRLTrainer(args=...)")
+        config = config or args
+        if model is not None:
+            if not isinstance(model, (str, Path)):
+                raise ConfigError(f"model= takes a model folder or hub id, got a {type(model).__name__} "
+                                  "(a loaded model object is not supported: save it with save_pretrained)")
+            if config.model_name not in (None, str(model)):
+                raise ConfigError(f"model={str(model)!r} and args.model_name={config.model_name!r}: give one")
+            config = dataclasses.replace(config, model_name=str(model))
+        if not config.model_name:
+            raise ConfigError("no model: give model= (or OfflineRLConfig(model_name=...))")
+        return config
+
+    def train(self) -> dict[str, dict]:
+        """Train and evaluate (:meth:`run`): the name TRL's trainers give it."""
+        return self.run()
 
     # ----------------------------------------------------------------------------------- set-up
     def _make_accelerator(self):
@@ -611,8 +660,8 @@ class OfflineRLTrainer:
         return (every == 0 and validated) or (every > 0 and self.global_step % every == 0)
 
     # -------------------------------------------------------------------------------- training
-    def train(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow], signal: TrainingSignal,
-              checkpoint: Path | None = None) -> bool:
+    def _train_loop(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow], signal: TrainingSignal,
+                    checkpoint: Path | None = None) -> bool:
         """The optimisation loop; returns False when it stopped early on ``stop_after_steps``."""
         config, acc = self.config, self.accelerator
         size = config.group_size  # the sampler draws training items: single rows, or groups of candidates
@@ -783,7 +832,7 @@ class OfflineRLTrainer:
                 # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
                 reuse = self._reference_generations(val_rows) if self.reward is not None else None
                 self.validate(val_rows, 0, 0.0, reuse)
-            if not self.train(train_rows, val_rows, signal, checkpoint):
+            if not self._train_loop(train_rows, val_rows, signal, checkpoint):
                 self._end_run()
                 return {}
             self._restore_best()

@@ -38,6 +38,18 @@ def reward_columns(records: list[Record]) -> dict[str, list]:
     return columns
 
 
+def completion_text(completion) -> str:
+    """A completion as plain text: a string as is, a conversational one its messages' contents."""
+    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+
+
+def completions_for_reward(records: list[Record], completions: list) -> list:
+    """Completions in the form of the records' own: text generated for a conversational row reaches the
+    reward as TRL's GRPO passes it, ``[{"role": "assistant", "content": text}]``."""
+    return [[{"role": "assistant", "content": c}] if r.is_chat_completion and isinstance(c, str) else c
+            for r, c in zip(records, completions)]
+
+
 def gold_texts(records: list[Record], markers: tuple[str | None, ...] = ()) -> list[str]:
     """The records' gold responses as text to compare generations with: every end marker (the task's,
     e.g. the paper tasks' ``<|endoftext|>``, which the original removed too, and the tokenizer's EOS
@@ -45,7 +57,7 @@ def gold_texts(records: list[Record], markers: tuple[str | None, ...] = ()) -> l
     markers = [m for m in markers if m]
     texts = []
     for record in records:
-        text = record.response
+        text = completion_text(record.response)
         for marker in markers:
             text = text.replace(marker, "")
         texts.append(text.strip())
@@ -57,7 +69,8 @@ def score_on_main(reward, records: list[Record], completions: list[str], batch_s
     """Score on the main process and share the result, so every process takes the same decisions."""
     result = [None]
     if accelerator.is_main_process:
-        result = [reward(prompts=[r.prompt for r in records], completions=completions, batch_size=batch_size,
+        result = [reward(prompts=[r.prompt for r in records], completions=completions_for_reward(records, completions),
+                         batch_size=batch_size,
                          desc=desc, **reward_columns(records))]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
