@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -230,6 +231,16 @@ def push_folder(folder: str | os.PathLike, hub: HubSettings, default_name: str, 
         raise UserError(f"--push_to_hub: uploading {folder} to '{wanted}' failed: {str(exc).splitlines()[0]}") from None
     logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
     return repo_id
+
+
+def push_best(folder: str | os.PathLike, hub: HubSettings, default_name: str, label: str, metric: str,
+              best: float, what: str = "model") -> str:
+    """--push_to_hub at the end of a run: :func:`push_folder` of the best ``what`` saved in ``folder``,
+    refused in one line when no validation gave a finite ``metric`` (then nothing was saved)."""
+    if not math.isfinite(best):
+        raise UserError(f"--push_to_hub: no validation gave a finite {metric}, so no best {what} was saved in "
+                        f"{folder}: nothing to upload")
+    return push_folder(folder, hub, default_name, f"lolrl {label}: best validation {metric} {best:.4g}")
 
 
 def offline_settings(config) -> dict[str, Any]:

@@ -45,8 +45,9 @@ from lolrl.engine.evaluation import (
 from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
-from lolrl.engine.model_card import offline_card, push_folder, write_card
+from lolrl.engine.model_card import offline_card, push_best, write_card
 from lolrl.engine.modeling import (
+    base_load_dtype,
     choose_logprob_kernel,
     choose_packing,
     enable_activation_checkpointing,
@@ -243,16 +244,15 @@ class OfflineRLTrainer:
         in this same autocast, and not all of them call that forward (the output layer runs in chunks; peft's
         ``generate`` calls the base model's, without it): so each enters it explicitly. pi_ref's log-probs
         in fp32 against a bf16 loss scattered the first-step importance weights (0.73 to 1.41 on SmolLM2 in
-        issue 22's audit);
-        in the loss's precision they are exactly 1 (tests/test_precision.py)."""
+        issue 22's audit); in the loss's precision they are exactly 1 (tests/test_precision.py)."""
         return self.accelerator.autocast()
 
     def _load_policy(self) -> None:
         config = self.config
         # bf16/fp16 run under autocast. Full fine-tuning keeps fp32 master weights (as transformers' Trainer
         # does); with LoRA the frozen base is loaded in the low precision and the adapters stay fp32.
-        low_precision_base = config.lora.enabled or config.adapter_path is not None or config.load_in_4bit
-        model = load_model(config.model_name, dtype=config.dtype if low_precision_base else "fp32",
+        dtype = base_load_dtype(config.dtype, config.lora, config.adapter_path, config.load_in_4bit)
+        model = load_model(config.model_name, dtype=dtype,
                            lora=config.lora, adapter_path=config.adapter_path, load_in_4bit=config.load_in_4bit,
                            quantization=config.quantization, device_index=self.accelerator.local_process_index)
         if config.disable_dropout:
@@ -445,7 +445,7 @@ class OfflineRLTrainer:
             return TrainingSignal(rewards, None, None, weights)
 
         key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(scoring=True),
-                                   "train": cache_lib.records_digest(train), "value": config.uses_advantage and {
+                                   "train": self._train_digest, "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
                                        "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
                                        "generation": config.generation.as_dict(), "samples": config.value_samples,
@@ -631,9 +631,9 @@ class OfflineRLTrainer:
     def push_to_hub(self) -> None:
         """--push_to_hub: the save folder (model or adapter, tokenizer, card) to the hub, from the main process."""
         config = self.config
-        decided_on_main(self.accelerator, lambda: push_folder(
-            config.save_dir, config.hub, Path(config.output_dir).resolve().name,
-            f"lolrl {config.algorithm}: best validation {self.keeper.metric} {self.keeper.best:.4g}"))
+        decided_on_main(self.accelerator, lambda: push_best(
+            config.save_dir, config.hub, Path(config.output_dir).resolve().name, config.algorithm, self.keeper.metric,
+            self.keeper.best))
 
     def find_checkpoint(self) -> Path | None:
         return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)
@@ -855,9 +855,6 @@ class OfflineRLTrainer:
             self.write_card(results)
         try:
             if config.do_train and config.hub.push_to_hub:
-                if not math.isfinite(self.keeper.best):
-                    raise ConfigError(f"--push_to_hub: no validation gave a finite {self.keeper.metric}, so no best "
-                                      f"model was saved in {config.save_dir}: nothing to upload")
                 self.push_to_hub()
         finally:
             self._end_run()

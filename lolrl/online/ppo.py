@@ -73,7 +73,7 @@ from lolrl.engine.modeling import (
     response_outputs,
     set_dropout,
 )
-from lolrl.engine.model_card import CardContents, HubSettings, push_folder, write_card
+from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
 from lolrl.engine.runtime import backward, check_report_to, end_run, flat_config, make_accelerator, micro_batch
 from lolrl.engine.runtime import prepare_for_training, step_scheduler
 from lolrl.engine.validation import (
@@ -597,7 +597,7 @@ class PPOTrainer:
             base_model=config.model_name, algorithm="ppo", trainer="PPOTrainer", settings=config.card_settings(),
             adapter=config.lora.enabled or config.adapter_path is not None, start_adapter=config.adapter_path,
             rows={"train prompts": len(self.train_records), "validation": len(self.val_records)},
-            data_digest=cache_lib.records_digest(self.train_records), tags=["ppo", "online-rl"]))
+            data_digest=self._train_digest, tags=["ppo", "online-rl"]))
 
     def _save_best(self) -> None:
         self.best_state = self._trainable_state()
@@ -630,8 +630,12 @@ class PPOTrainer:
         return self.output_dir / "checkpoints"
 
     @functools.cached_property
+    def _train_digest(self) -> str:
+        return cache_lib.records_digest(self.train_records)
+
+    @functools.cached_property
     def _run_key(self) -> str:
-        return run_key(self.config.to_dict(), train=cache_lib.records_digest(self.train_records),
+        return run_key(self.config.to_dict(), train=self._train_digest,
                        val=cache_lib.records_digest(self.val_records))
 
     def find_checkpoint(self) -> Path | None:
@@ -723,11 +727,8 @@ class PPOTrainer:
             plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png")
         try:
             if config.hub.push_to_hub:
-                if not math.isfinite(self.keeper.best):
-                    raise ConfigError("--push_to_hub: no validation gave a finite reward, so no best adapter was saved "
-                                      f"in {config.save_dir}: nothing to upload")
-                decided_on_main(acc, lambda: push_folder(config.save_dir, config.hub, self.output_dir.resolve().name,
-                                                         f"lolrl ppo: best validation reward {self.keeper.best:.4g}"))
+                decided_on_main(acc, lambda: push_best(config.save_dir, config.hub, self.output_dir.resolve().name,
+                                                       "ppo", "reward", self.keeper.best, what="adapter"))
         finally:
             self._end_run()
         best = {"best_step_measure": self.keeper.best}
