@@ -70,20 +70,22 @@ def test_two_process_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_pa
                                                                           toy_reward_spec):
     from safetensors.torch import load_file
 
-    from lolrl.utils.checkpoint import latest_checkpoint
+    from lolrl.utils.checkpoint import latest_hf_checkpoint as latest_checkpoint
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     _launch_resumable(whole, tiny_models, toy_dir, toy_reward_spec, 29521)
     _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, 29522, "--stop_after_steps", "2")
     stopped = latest_checkpoint(split / "checkpoints")
-    assert stopped.name == "step_000002"
-    rng = load_file(str(stopped / "rng.safetensors"))
-    assert {"torch_0", "torch_1"} <= rng.keys() and not torch.equal(rng["torch_0"], rng["torch_1"])
-    assert json.loads((stopped / "state.json").read_text())["sharded_by"] is None  # DDP: the safetensors format
+    assert stopped.name == "checkpoint-2"
+    # the Trainer's checkpoint: each process's RNG states (dropout), sealed by the manifest
+    states = [torch.load(stopped / f"rng_state_{rank}.pth", weights_only=False)["cpu"] for rank in (0, 1)]
+    assert not torch.equal(states[0], states[1])
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "lolrl_seal.json"} <= set(manifest["files"])
     assert "resuming from" in _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, 29523).stderr
-    a = load_file(str(latest_checkpoint(whole / "checkpoints") / "trainable.safetensors"))
-    b = load_file(str(latest_checkpoint(split / "checkpoints") / "trainable.safetensors"))
-    assert a.keys() == b.keys() and latest_checkpoint(split / "checkpoints").name == "step_000004"
+    a = load_file(str(latest_checkpoint(whole / "checkpoints") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(split / "checkpoints") / "model.safetensors"))
+    assert a.keys() == b.keys() and latest_checkpoint(split / "checkpoints").name == "checkpoint-4"
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
 

@@ -29,9 +29,7 @@ def any_reward():
 def loaded_policy(config, data):
     from lolrl.engine.trainer import OfflineRLTrainer
 
-    trainer = OfflineRLTrainer(config, data, any_reward())
-    trainer._load_policy()
-    return trainer.model
+    return OfflineRLTrainer(args=config, data=data, reward=any_reward()).model
 
 
 def test_the_engine_default_is_one_setting_for_every_algorithm(tmp_path):
@@ -39,8 +37,8 @@ def test_the_engine_default_is_one_setting_for_every_algorithm(tmp_path):
 
     for name, spec in TABLE.items():
         extra = {"group_size": 2} if spec.grouped else {}
-        assert OfflineRLConfig("m", str(tmp_path / name), algorithm=name, **extra).disable_dropout is True, name
-        assert OfflineRLConfig("m", str(tmp_path / name), algorithm=name, disable_dropout=False,
+        assert OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, **extra).disable_dropout is True, name
+        assert OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, disable_dropout=False,
                                **extra).disable_dropout is False
 
 

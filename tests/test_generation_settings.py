@@ -84,7 +84,7 @@ def test_every_generation_config_field_is_decided():
 def test_value_sampling_is_pure_sampling(tmp_path, tiny_models):
     config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path), algorithm="a_lol",
                              value_samples=2)
-    settings = OfflineRLTrainer.value_sampling_settings(type("T", (), {"config": config})())
+    settings = OfflineRLTrainer.value_sampling_settings(type("T", (), {"args": config})())
     assert (settings.do_sample, settings.num_beams, settings.temperature, settings.top_p, settings.top_k,
             settings.repetition_penalty) == (True, 1, 1.0, 1.0, 0, 1.0)
     assert settings.max_new_tokens == config.generation.max_new_tokens
@@ -110,9 +110,8 @@ def test_every_decoding_setting_is_in_the_cache_key(tmp_path, tiny_models, toy_d
 
     def targets(generation):
         config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / "run"), algorithm="a_lol",
-                                 max_resp_length=6, val_batch_size=8, value_samples=2, generation=generation)
-        trainer = OfflineRLTrainer(config, load_task_dir(toy_dir), RewardFunction.from_callables({"n": n_words}))
-        trainer._load_policy()
+                                 max_resp_length=6, per_device_eval_batch_size=8, value_samples=2, generation=generation)
+        trainer = OfflineRLTrainer(args=config, data=load_task_dir(toy_dir), reward=RewardFunction.from_callables({"n": n_words}))
         before = len(calls)
         values = trainer.value_targets(trainer.row_tokenizer(trainer._val_records()))
         return values, len(calls) > before  # whether it generated and scored (a cache miss)

@@ -55,7 +55,7 @@ def test_accumulated_micro_batches_give_the_update_of_one_batch(tmp_path, tiny_m
     update proportional to the gradient), no clipping, dropout off, fp32, a linear schedule with warmup."""
     from safetensors.torch import load_file
 
-    from lolrl.utils.checkpoint import latest_checkpoint
+    from lolrl.utils.checkpoint import latest_hf_checkpoint as latest_checkpoint
 
     common = ["-e", "2", "-lr", "0.5", "--optim", "sgd", "--max_grad_norm", "0", "--disable_dropout",
               "--no_length_grouping", "--packing", "off", "--warmup_ratio", "0.25", "--save_steps", "4",
@@ -69,8 +69,8 @@ def test_accumulated_micro_batches_give_the_update_of_one_batch(tmp_path, tiny_m
         plan = json.loads((out / "training_plan.json").read_text())
         assert (plan["global_batch"], plan["optimizer_steps"]) == (rows * nproc, 4)
         checkpoint = latest_checkpoint(out / "checkpoints")
-        assert checkpoint.name == "step_000004"
-        weights[name] = load_file(str(checkpoint / "trainable.safetensors"))
+        assert checkpoint.name == "checkpoint-4"
+        weights[name] = load_file(str(checkpoint / "model.safetensors"))
     from safetensors.torch import load_file as load
 
     start = load(str(Path(tiny_models["causal"]) / "model.safetensors"))

@@ -176,14 +176,14 @@ def base_config(tmp_path, tiny_models, **changes) -> OfflineRLConfig:
 
 
 KEYED = {  # a setting that changes pi_ref's numbers -> the run's config changes (4-bit available)
-    "dtype": {"dtype": "bf16"},
+    "dtype": {"bf16": True},
     "load_in_4bit": {"load_in_4bit": True},
     "quant_type": {"load_in_4bit": True, "quantization": QuantizationSettings(quant_type="fp4")},
     "double_quant": {"load_in_4bit": True, "quantization": QuantizationSettings(double_quant=False)},
     "compute_dtype": {"load_in_4bit": True, "quantization": QuantizationSettings(compute_dtype="fp16")},
     "prepare_kbit_training": {"load_in_4bit": True, "quantization": QuantizationSettings(prepare_kbit_training=False)},
     "max_prompt_length": {"max_prompt_length": 7},
-    "full_fine_tune_in_bf16": {"dtype": "bf16", "lora": LoraSettings(r=0)},  # the base then loads in fp32
+    "full_fine_tune_in_bf16": {"bf16": True, "lora": LoraSettings(r=0)},  # the base then loads in fp32
 }
 
 
@@ -192,7 +192,7 @@ def test_every_numerics_setting_is_in_the_key(name, tmp_path, tiny_models, monke
     monkeypatch.setattr(modeling, "can_load_in_4bit", lambda: True)
     reference = {"load_in_4bit": True} if "quantization" in KEYED[name] else {}
     if name == "full_fine_tune_in_bf16":
-        reference = {"dtype": "bf16"}
+        reference = {"bf16": True}
     before = numerics_key(base_config(tmp_path, tiny_models, **reference))
     after = numerics_key(base_config(tmp_path, tiny_models, **KEYED[name]))
     assert before != after, name

@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lolrl.tasks.paper.cli import main
-from lolrl.utils.checkpoint import latest_checkpoint
+from lolrl.utils.checkpoint import latest_hf_checkpoint as latest_checkpoint
 
 
 def argv(toy_dir, model, out, reward, *extra):
@@ -17,7 +17,7 @@ def argv(toy_dir, model, out, reward, *extra):
 
 
 def final_params(out: Path) -> dict:
-    return load_file(str(latest_checkpoint(out / "checkpoints") / "trainable.safetensors"))
+    return load_file(str(latest_checkpoint(out / "checkpoints") / "model.safetensors"))
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_models, toy_dir, toy_reward_spec, caplog):
@@ -25,7 +25,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_mod
     assert main(argv(toy_dir, tiny_models["causal"], whole, toy_reward_spec)) == 0
     assert main(argv(toy_dir, tiny_models["causal"], split, toy_reward_spec, "--stop_after_steps", "4")) == 0
     assert not (split / "eval_results.json").exists()  # stopped: no final evaluation yet
-    assert latest_checkpoint(split / "checkpoints").name == "step_000004"
+    assert latest_checkpoint(split / "checkpoints").name == "checkpoint-4"
     with caplog.at_level("INFO"):
         assert main(argv(toy_dir, tiny_models["causal"], split, toy_reward_spec)) == 0
     assert "resuming from" in caplog.text
@@ -38,7 +38,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_mod
     whole_val = (whole / "validation_stats.jsonl").read_text().splitlines()
     split_val = (split / "validation_stats.jsonl").read_text().splitlines()
     assert len(whole_val) == len(split_val)
-    assert len(list((split / "checkpoints").glob("step_*"))) == 2  # --keep_checkpoints 2
+    assert len(list((split / "checkpoints").glob("checkpoint-*"))) == 2  # --keep_checkpoints 2
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys):
@@ -58,13 +58,13 @@ def test_resume_flag_without_checkpoint_is_an_error(tmp_path, tiny_models, toy_d
 def test_interrupted_checkpoint_write_is_ignored(tmp_path, tiny_models, toy_dir, toy_reward_spec):
     out = tmp_path / "o"
     assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "--stop_after_steps", "2")) == 0
-    # a save killed half-way leaves a temporary folder (and no state.json): never read
-    partial = out / "checkpoints" / ".tmp_step_000003"
-    partial.mkdir()
-    (partial / "trainable.safetensors").write_bytes(b"garbage")
-    incomplete = out / "checkpoints" / "step_000009"
+    # a save killed half-way leaves a checkpoint without its manifest (written last): never read
+    incomplete = out / "checkpoints" / "checkpoint-9"
     incomplete.mkdir()
-    assert latest_checkpoint(out / "checkpoints").name == "step_000002"
+    (incomplete / "model.safetensors").write_bytes(b"garbage")
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint-2"
+    assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "--stop_after_steps", "3")) == 0
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint-3"
 
 
 @pytest.mark.slow
@@ -98,7 +98,7 @@ def test_a_run_folder_moved_elsewhere_resumes_there(tmp_path, tiny_models, toy_d
 
     with caplog.at_level("INFO"):
         assert main(args(moved)) == 0
-    assert "resuming from" in caplog.text and "step_000004" in caplog.text
+    assert "resuming from" in caplog.text and "checkpoint-4" in caplog.text
     whole = tmp_path / "whole"
     assert main(argv(toy_dir, tiny_models["causal"], whole, toy_reward_spec)) == 0
     a, b = final_params(whole), final_params(moved / "out")

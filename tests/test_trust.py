@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lolrl.tasks.paper.cli import main
-from lolrl.utils.checkpoint import latest_checkpoint
+from lolrl.utils.checkpoint import latest_hf_checkpoint as latest_checkpoint
 from lolrl.utils.errors import UserError
 from lolrl.utils.finite import NonFiniteError, StepGuard, check_finite_state
 
@@ -27,7 +27,7 @@ def one_line_errors(stderr: str) -> list[str]:
 
 
 def trainable(out: Path) -> dict:
-    return load_file(str(latest_checkpoint(out / "checkpoints") / "trainable.safetensors"))
+    return load_file(str(latest_checkpoint(out / "checkpoints") / "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------ 1. non-finite
@@ -113,14 +113,14 @@ def test_flipped_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_models
     out = tmp_path / "o"
     run = argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "--save_steps", "1")
     assert main(run + ["--stop_after_steps", "3"]) == 0
-    newest = out / "checkpoints" / "step_000003"
-    flip_byte(newest / "trainable.safetensors")
+    newest = out / "checkpoints" / "checkpoint-3"
+    flip_byte(newest / "model.safetensors")
     with caplog.at_level("INFO"):
         assert main(run + ["--stop_after_steps", "4"]) == 0
-    assert "step_000003 is damaged" in caplog.text and "resuming from" in caplog.text
-    assert "step_000002" in caplog.text.split("resuming from", 1)[1].splitlines()[0]
+    assert "checkpoint-3 is damaged" in caplog.text and "resuming from" in caplog.text
+    assert "checkpoint-2" in caplog.text.split("resuming from", 1)[1].splitlines()[0]
     # every checkpoint damaged: refused with one line, nothing overwritten
-    for path in (out / "checkpoints").glob("step_*/state.json"):
+    for path in (out / "checkpoints").glob("checkpoint-*/lolrl_seal.json"):
         path.write_text('{"step": "three"}')
     assert main(run) == 2
     assert "no intact checkpoint" in one_line_errors(capsys.readouterr().err)[0]
@@ -326,7 +326,7 @@ def run_killed(args: list[str], fault: str):
 
 @pytest.mark.parametrize("fault", [
     "after_checkpoint_save:2",
-    pytest.param("before_checkpoint_rename:3", marks=pytest.mark.slow),
+    pytest.param("mid_checkpoint_save:3", marks=pytest.mark.slow),
     pytest.param("before_manifest:2", marks=pytest.mark.slow),
 ])
 def test_a_run_killed_at_a_named_point_resumes_to_the_same_parameters(tmp_path, tiny_models, toy_dir,

@@ -59,9 +59,8 @@ def test_report_says_whether_v_beats_a_constant():
 
 def _trainer(tmp_path, model, data_dir, reward, **settings):
     config = OfflineRLConfig(model_name=model, output_dir=str(tmp_path / "run"), algorithm="a_lol",
-                             max_resp_length=6, val_batch_size=8, **settings)
-    trainer = OfflineRLTrainer(config, load_task_dir(data_dir), reward)
-    trainer._load_policy()
+                             max_resp_length=6, per_device_eval_batch_size=8, **settings)
+    trainer = OfflineRLTrainer(args=config, data=load_task_dir(data_dir), reward=reward)
     return trainer
 
 
@@ -118,7 +117,7 @@ def test_run_warns_and_records_an_uninformative_value(tmp_path, tiny_models, toy
         return [0.5] * len(completions)  # V(x) cannot beat a constant on a constant
 
     trainer = _trainer(tmp_path, tiny_models["causal"], toy_dir, RewardFunction.from_callables({"c": constant}),
-                       max_steps=1, batch_size=8)
+                       max_steps=1, per_device_train_batch_size=8)
     with caplog.at_level(logging.WARNING):
         trainer.prepare_training_signal(trainer.row_tokenizer(trainer.data.train),
                                         trainer.row_tokenizer(trainer._val_records()))

@@ -112,7 +112,7 @@ def build_base_model(output_dir: Path, settings: DemoSettings, task: PipelineTas
 
 
 def _config(settings: DemoSettings, task: PipelineTask, **overrides) -> OfflineRLConfig:
-    base = dict(batch_size=settings.batch_size, val_batch_size=64, max_resp_length=settings.max_resp_length,
+    base = dict(per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64, max_resp_length=settings.max_resp_length,
                 max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps, val_log_frequency=2,
                 lora=settings.lora,
                 # Sampling, not beam search: the table then measures the policy's whole distribution
@@ -127,7 +127,7 @@ def _config(settings: DemoSettings, task: PipelineTask, **overrides) -> OfflineR
 def _train(config: OfflineRLConfig, data, reward) -> dict:
     from lolrl.engine.trainer import OfflineRLTrainer
 
-    return OfflineRLTrainer(config, data, reward).run()
+    return OfflineRLTrainer(args=config, data=data, reward=reward).run()
 
 
 def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequence[int] | dict = (0,),
@@ -154,7 +154,7 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequenc
     print("[demo] stage 1: NLL on all training rows -> the reference policy pi_ref")
     nll_dir = out / "runs" / "nll"
     nll_results = _train(_config(settings, task, model_name=str(base), output_dir=str(nll_dir), algorithm="nll",
-                                 n_epochs=settings.nll_epochs, learning_rate=settings.nll_learning_rate,
+                                 num_train_epochs=settings.nll_epochs, learning_rate=settings.nll_learning_rate,
                                  seed=0), data, reward)
     reference = nll_dir / "model"
     rows.append(_result_row("nll (reference)", 0, nll_results, task))
@@ -165,9 +165,9 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequenc
             print(f"[demo] stage 2: {name}, seed {seed}, from pi_ref")
             run_dir = out / "runs" / f"{name}_seed{seed}"
             results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
-                                     algorithm=algorithm, n_epochs=settings.rl_epochs,
+                                     algorithm=algorithm, num_train_epochs=settings.rl_epochs,
                                      learning_rate=settings.rl_learning_rate, seed=seed, **variant,
-                                     cache_dir=str(out / "cache"), eval_in_beginning=True), data, reward)
+                                     cache_dir=str(out / "cache"), eval_on_start=True), data, reward)
             _print_advantages(run_dir)
             rows.append({**_result_row(name, seed, results, task), **_run_facts(run_dir)})
     write_results(out, rows, task)

@@ -1,13 +1,25 @@
-"""The configuration of one offline policy-gradient run (all algorithms share it, TRL style)."""
+"""The configuration of one offline run: a ``transformers.TrainingArguments`` with A-LoL's own settings.
+
+As TRL's configs (``DPOConfig``, ``GRPOConfig``), :class:`OfflineRLConfig` subclasses
+``TrainingArguments``: the optimizer, schedule, batch sizes, accumulation, precision (``bf16`` /
+``fp16``), logging, checkpoints, trackers (``report_to``) and the hub keep the Trainer's names and
+meaning. The fields declared here are what lolrl adds: the algorithm and its objective, the value
+estimate, validation by generation and reward, the stage caches and the trust guarantees. A few
+inherited defaults are the paper's (each restated below with the reason).
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
 
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.losses import GROUPED_ALGORITHMS, KL_ESTIMATORS, TABLE, Algorithm
 from lolrl.engine.model_card import HubSettings
-from lolrl.engine.modeling import DTYPES, LoraSettings, QuantizationSettings, check_logprob_kernel
+from lolrl.engine.modeling import LoraSettings, QuantizationSettings, check_logprob_kernel
 from lolrl.engine.runtime import check_report_to
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.errors import ConfigError
@@ -21,116 +33,131 @@ DISABLE_DROPOUT_HELP = ("dropout off (LoRA's too) in the model trained, for ever
                         "the model's dropout for every algorithm, as the original")
 
 
+def _f(default, help: str, **metadata):
+    """A field with its help (and choices, range) in the metadata, as TRL's configs declare them."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = default if callable(default) and not isinstance(default, (list, dict)) else (lambda: default)
+        return field(default_factory=factory, metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _has_accelerator_device() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 @dataclass
-class OfflineRLConfig:
-    """Every setting of a run. Defaults follow the paper where the original code contradicts it:
-    importance weights clipped to [1-0.9, 1+0.9], priority sampling on for A-LoL, a finite
-    ``kl_beta`` for ``a_lol_kl``, dropout off for every algorithm; see the README's table of defaults."""
+class OfflineRLConfig(TrainingArguments):
+    """Every setting of an offline run (all eight algorithms share it). Defaults follow the paper where
+    the original code contradicts it: importance weights clipped to [1-0.9, 1+0.9], priority sampling
+    on for A-LoL, a finite ``kl_beta`` for ``a_lol_kl``, dropout off for every algorithm."""
 
-    model_name: str | None = None  # None: the trainer's model= gives it
-    output_dir: str | None = None  # required (None is refused: it is here for OfflineRLConfig(output_dir=...))
-    algorithm: str = "nll"
-    tokenizer_name: str | None = None
-    save_dir: str | None = None  # default: {output_dir}/model
-    cache_dir: str | None = None  # default: {output_dir}/cache
-    use_cache: bool = True
-    task_name: str | None = None
-    reward: str | None = None  # reward spec, see lolrl.engine.rewards
+    # ------------------------------------------------------------------ TrainingArguments, our defaults
+    per_device_train_batch_size: int = _f(16, "rows per process per micro-batch (the original's -bs)")
+    per_device_eval_batch_size: int = _f(64, "rows per process per generation / scoring batch (-v_bs)")
+    num_train_epochs: float = _f(4, "epochs over the (priority-shortened) training rows (-e)")
+    learning_rate: float = _f(2e-5, "AdamW learning rate (-lr)")
+    weight_decay: float = _f(0.01, "weight decay, not on biases and norms (the original's AdamW: 0.01)")
+    optim: str = _f("adamw_torch", "a transformers optimizer name; the paged and 8-bit ones need CUDA and "
+                    "bitsandbytes (else adamw_torch with the same lr, betas, eps, weight decay, and a warning)")
+    seed: int = _f(901, "seed of every stage (the original's 901)")
+    logging_steps: float = _f(10, "log every N optimizer steps")
+    save_steps: float = _f(0, "checkpoint every N optimizer steps; 0: at every validation (save_strategy "
+                              "'no': never)")
+    save_total_limit: int | None = _f(2, "checkpoints kept")
+    report_to: None | str | list[str] = _f("none", "trackers: tensorboard, wandb, ... or none")
+    remove_unused_columns: bool = _f(False, "kept False: the stages' columns reach the loss")
 
-    # lengths
-    max_prompt_length: int = 512
-    max_resp_length: int = 128
+    # ------------------------------------------------------------------------------------ model
+    model_name: str | None = _f(None, "pi_ref: hub id or path (the trainer's model= gives it too)")
+    tokenizer_name: str | None = _f(None, "tokenizer, when not the model's")
+    adapter_path: str | None = _f(None, "start from (and train) this peft adapter")
+    lora: LoraSettings = _f(LoraSettings, "LoRA settings (r=0: train all weights)")
+    load_in_4bit: bool = _f(False, "QLoRA: NF4 base on CUDA (plain LoRA without CUDA, with a warning)")
+    quantization: QuantizationSettings = _f(QuantizationSettings, "how load_in_4bit quantises")
+    disable_dropout: bool = _f(True, DISABLE_DROPOUT_HELP)
+    max_prompt_length: int = _f(512, "prompt tokens kept (the last ones)", min=1)
+    max_resp_length: int = _f(128, "response tokens (training and generation)", min=1)
 
-    # optimisation
-    n_epochs: int = 4
-    max_steps: int = -1  # optimizer steps; -1 = the epochs decide
-    batch_size: int = 16
-    accumulation_steps: int = 1
-    learning_rate: float = 2e-5
-    optim: str = "adamw_torch"  # a transformers optimizer name (lolrl.engine.optim); the original generation script's
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8  # the original generation script's AdamW(eps=1e-8, weight_decay=0.01)
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.0
-    lr_scheduler: str = "linear"
-    dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    # dropout off in the model trained, for every algorithm alike (and pi_ref's own NLL run): the importance
-    # weight is then exactly 1 at step 0, as TRL's DPO, KTO and reward trainers; False keeps the model's dropout
-    # (the original's behaviour, for every algorithm)
-    disable_dropout: bool = True
-    seed: int = 901
+    # ------------------------------------------------------------------------- task and reward
+    algorithm: str = _f("nll", "objective", choices=tuple(TABLE))
+    task_name: str | None = _f(None, "the task's name (a paper task, hh, or any)")
+    reward: str | None = _f(None, "reward spec scoring generations (lolrl.engine.rewards); None: the gold NLL "
+                                  "selects the best model")
+    save_dir: str | None = _f(None, "where the best model is saved (default OUTPUT/model)")
+    cache_dir: str | None = _f(None, "the stages' caches (default OUTPUT/cache)")
+    stage_cache: bool = _f(True, "reuse the stages' caches (reference pass, value head, generations)")
 
-    # objectives
-    ppo_clip: float | None = 0.9
-    kl_beta: float | None = None  # a_lol_kl only; None -> 0.1
-    kl_estimator: str = "k1"  # the paper's beta * (L_ref - L_theta); k3 an option
-    gold_floor: float = 0.1
-    # grouped algorithms (pro): each training item is `group_size` consecutive rows, candidates for one prompt
-    group_size: int = 1
-    sft_weight: float = 0.05
-    sampling_strategy: str | None = None  # None: good_priority for A-LoL, None (uniform) otherwise
+    # -------------------------------------------------------------------------------- objective
+    ppo_clip: float | None = _f(0.9, "clip importance weights to [1-c, 1+c]; 0: weight 1; None: unclipped",
+                                min=0.0, max=1.0)
+    ppo_clip_given: bool = _f(False, "the user set ppo_clip (a_lol_kl refuses a clip then)")
+    kl_beta: float | None = _f(None, "a_lol_kl's beta (None: 0.1)")
+    kl_estimator: str = _f("k1", "a_lol_kl's KL estimate: k1 the paper's beta*(L_ref - L_theta)",
+                           choices=KL_ESTIMATORS)
+    gold_floor: float = _f(0.1, "r_gold's lower bound on token probabilities")
+    group_size: int = _f(1, "grouped algorithms (pro): candidates per prompt, consecutive rows")
+    sft_weight: float = _f(0.05, "grouped algorithms: weight of the SFT term")
+    sampling_strategy: str | None = _f(None, "None: good_priority for A-LoL, uniform otherwise",
+                                       choices=STRATEGIES)
+    length_grouping: bool = _f(True, "batches of rows of similar length")
+    packing: str = _f("auto", "pack rows without padding: auto (when provably exact), on, off",
+                      choices=("auto", "on", "off"))
+    logprob_kernel: str = _f("auto", "output-layer log-probs: auto, liger, chunked")
 
-    # value estimate
-    value_epochs: int = 20
-    value_learning_rate: float = 1e-3
-    value_folds: int = 5  # k-fold cross-validation over the validation prompts: V(x)'s epochs and its report
-    # generations: V(x) fits the reward of pi_ref's generations on the validation prompts (the paper);
-    # data: V(x) fits the stored rewards of the validation records' own responses (no reward model needed)
-    value_source: str = "generations"
-    # generations per validation prompt for V(x)'s targets: 1 = pi_ref's output with the validation decoding
-    # (the original: one beam-search output); K > 1 = K sampled outputs (temperature 1 unless the decoding
-    # samples), V(x) fit to their mean reward, an estimate of E_{pi_ref}[R | x]
-    value_samples: int = 1
-    # attention: the original's attention-pooling head, trained by gradient steps for the cross-validated epoch count;
-    # ridge: closed-form ridge regression on the mean-pooled states, its penalty chosen by leave-one-out error
-    value_head: str = "attention"
+    # ---------------------------------------------------------------------------- value estimate
+    value_epochs: int = _f(20, "value-head epochs (the most the cross-validation may pick)")
+    value_learning_rate: float = _f(1e-3, "value-head learning rate")
+    value_folds: int = _f(5, "folds of the value head's cross-validation over the validation prompts")
+    value_source: str = _f("generations", "V(x)'s targets: rewards of pi_ref's generations on the validation "
+                           "prompts (the paper) or the validation records' stored rewards",
+                           choices=("generations", "data"))
+    value_samples: int = _f(1, "generations per validation prompt for V(x)'s targets (1: the validation decoding)")
+    value_head: str = _f("attention", "attention (the original's) or ridge", choices=("attention", "ridge"))
 
-    # validation, generation and evaluation
-    val_batch_size: int = 64
-    val_log_frequency: int = 2  # validations per epoch (evenly spaced), as the original
-    eval_steps: int = 0  # > 0: validate every N optimizer steps instead of val_log_frequency per epoch
-    step_scale_rows: int | None = None  # with max_steps and priority sampling: scale steps by positive rows / this
-    eval_in_beginning: bool = False
-    max_val_examples: int | None = None
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    do_train: bool = True
-    do_test: bool = True
-
-    # checkpoints: 0 = at every validation, N > 0 = every N optimizer steps, -1 = never
-    save_steps: int = 0
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto: continue from OUTPUT/checkpoints when one exists; must; never
-    stop_after_steps: int = -1  # stop (checkpointed) after this many optimizer steps; the next run resumes
-    max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before the run stops
-
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    adapter_path: str | None = None
-    load_in_4bit: bool = False  # QLoRA: NF4 base on CUDA (plain LoRA without CUDA, with a warning)
-    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # how load_in_4bit quantises
-    logging_steps: int = 10
-    report_to: str = "none"  # trackers (Accelerate's): tensorboard (event files under OUTPUT/lolrl), wandb, ...
-    hub: HubSettings = field(default_factory=HubSettings)  # --push_to_hub: the save folder, with its card, at the end
-    length_grouping: bool = True
-    packing: str = "auto"  # auto: pack rows without padding when the model provably supports it; on; off
-    # the output layer's log-probs: auto = Liger's fused kernel when installed on CUDA, else chunked; liger; chunked
-    logprob_kernel: str = "auto"
+    # ----------------------------------------------------------------------- validation, test
+    val_log_frequency: int = _f(2, "validations per epoch, evenly spaced (when eval_strategy is 'no')")
+    step_scale_rows: int | None = _f(None, "with max_steps and priority sampling: scale steps by positive rows / this")
+    max_val_examples: int | None = _f(None, "validate on the first N validation rows only")
+    generation: GenerationSettings = _f(GenerationSettings, "decoding of validation and test generations")
+    do_train: bool = _f(True, "train (False: only evaluate the model)")
+    do_predict: bool = _f(True, "evaluate the best model on the test split at the end")
+    resume: str = _f("auto", "auto: continue from the newest intact checkpoint when one exists; must; never",
+                     choices=("auto", "must", "never"))
+    stop_after_steps: int = _f(-1, "stop, checkpointed, after this many optimizer steps; the same command resumes")
+    max_nonfinite_steps: int = _f(3, "optimizer steps in a row with a NaN/inf loss or gradient before the run stops")
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("OfflineRLConfig needs an output_dir (where the run writes its results)")
+        if not _has_accelerator_device():
+            # said, not left to chance: bf16 autocast on the CPU, and `torchrun` / `accelerate launch` then run
+            # several CPU processes (gloo), as Accelerate's cpu=True does
+            self.use_cpu = True
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "model")
         self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
         if self.algorithm not in TABLE:
             raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(TABLE)})")
-        if self.sampling_strategy is None:
-            self.sampling_strategy = "good_priority" if self.uses_advantage else "uniform"
         self.sampling_strategy = canonical_strategy(self.sampling_strategy)
+        if self.sampling_strategy is None or (self.sampling_strategy == "uniform" and not self._strategy_given()):
+            self.sampling_strategy = "good_priority" if self.uses_advantage else "uniform"
         if self.spec.kl and self.kl_beta is None:
             self.kl_beta = 0.1
+        from lolrl.engine.optim import optimizer_names, resolve
+
+        if self.optim not in optimizer_names():
+            raise ConfigError(f"--optim: unknown optimizer '{self.optim}' (expected a transformers optimizer name, "
+                              "e.g. adamw_torch or paged_adamw_32bit)")
+        self.optim = resolve(self.optim)
+        check_report_to(",".join(self.report_to) if isinstance(self.report_to, list) else self.report_to)
+        HubSettings.of(self).check()
         self.validate()
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # TrainingArguments' own checks: one line, as ours
+            raise ConfigError(str(exc).splitlines()[0]) from None
+
+    def _strategy_given(self) -> bool:
+        return False
 
     def validate(self) -> None:
         if (self.algorithm in GROUPED_ALGORITHMS) != (self.group_size > 1):
@@ -151,15 +178,8 @@ class OfflineRLConfig:
             raise ConfigError(f"unknown KL estimator '{self.kl_estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
         if self.ppo_clip is not None and not 0 <= self.ppo_clip < 1:
             raise ConfigError(f"--ppo_clip must be in [0, 1), got {self.ppo_clip}")
-        from lolrl.engine.optim import optimizer_names
-
-        if self.optim not in optimizer_names():
-            raise ConfigError(f"--optim: unknown optimizer '{self.optim}' (expected a transformers optimizer name, "
-                              "e.g. adamw_torch or paged_adamw_32bit)")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype '{self.dtype}' (expected one of {', '.join(DTYPES)})")
-        for name in ("batch_size", "accumulation_steps", "val_batch_size", "val_log_frequency", "max_resp_length",
-                     "max_prompt_length"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+                     "val_log_frequency", "max_resp_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.resume not in ("auto", "must", "never"):
@@ -168,8 +188,6 @@ class OfflineRLConfig:
             raise ConfigError(f"--packing must be auto, on or off, got '{self.packing}'")
         check_logprob_kernel(self.logprob_kernel)
         self.quantization.check()
-        self.hub.check()
-        check_report_to(self.report_to)
         if self.value_samples < 1:
             raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
         if self.value_samples > 1 and self.value_source == "data":
@@ -184,14 +202,19 @@ class OfflineRLConfig:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.num_train_epochs < 0:
+            raise ConfigError(f"--num_train_epochs must be >= 0, got {self.num_train_epochs}")
+        if self.save_steps < 0:
+            raise ConfigError(f"--save_steps must be >= 0 (save_strategy 'no' never saves), got {self.save_steps}")
         check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir},
                            self.save_dir if self.do_train else None,  # evaluating only: nothing is saved
                            {"starting model": self.model_name, "adapter": self.adapter_path})
-        if self.n_epochs < 0:
-            raise ConfigError(f"--n_epochs must be >= 0, got {self.n_epochs}")
 
-    # Whether the user set --ppo_clip explicitly (the CLI sets this); the library default is 0.9.
-    ppo_clip_given: bool = False
+    # ------------------------------------------------------------------------------ derived
+    @property
+    def dtype(self) -> str:
+        """The run's precision: bf16 or fp16 (autocast, as the Trainer's ``bf16`` / ``fp16``) or fp32."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     @property
     def spec(self) -> Algorithm:
@@ -210,6 +233,35 @@ class OfflineRLConfig:
     def effective_clip(self) -> float | None:
         return self.ppo_clip if self.spec.clip else None
 
+    @property
+    def hub(self) -> HubSettings:
+        return HubSettings.of(self)
+
+    @property
+    def checkpoint_at_validation(self) -> bool:
+        """``save_steps`` 0 (the default): a checkpoint at every validation, as the original saved there."""
+        return self.save_strategy == "steps" and self.save_steps == 0
+
     def to_dict(self) -> dict:
-        """Every setting (args.json, the trackers' hyper-parameters), the hub token hidden."""
-        return {**asdict(self), "hub": self.hub.shown()}
+        """Every setting (args.json, the trackers' hyper-parameters), nested settings as mappings, the
+        hub token hidden (TrainingArguments hides every ``*_token``)."""
+        values = super().to_dict()
+        for name in ("lora", "quantization", "generation"):
+            values[name] = dataclasses.asdict(getattr(self, name))
+        return values
+
+    def run_settings(self) -> dict:
+        """The settings that can change a run's result, for its run key (not the Trainer's bookkeeping)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _BOOKKEEPING}
+
+
+# TrainingArguments fields that never change a result (where logs go, how often, which devices): left out
+# of a run's key, so that a resumed run may change them.
+_BOOKKEEPING = frozenset({
+    "logging_dir", "logging_strategy", "logging_first_step", "log_level", "log_level_replica", "log_on_each_node",
+    "disable_tqdm", "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+    "local_rank", "ddp_backend", "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub", "hub_token", "hub_model_id",
+    "hub_private_repo", "hub_strategy", "hub_always_push", "hub_revision", "resume_from_checkpoint",
+    "skip_memory_metrics", "save_strategy", "save_on_each_node", "use_cpu", "debug", "include_num_input_tokens_seen",
+})

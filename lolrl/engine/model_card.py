@@ -259,10 +259,11 @@ def offline_settings(config) -> dict[str, Any]:
     if config.uses_advantage:
         out.update({"value_source": config.value_source, "value_head": config.value_head,
                     "value_samples": config.value_samples, "value_epochs": config.value_epochs})
-    out.update({"learning_rate": config.learning_rate, "optim": config.optim, "lr_scheduler": config.lr_scheduler,
-                "warmup_ratio": config.warmup_ratio, "n_epochs": config.n_epochs, "max_steps": config.max_steps,
-                "batch_size (per process)": config.batch_size, "accumulation_steps": config.accumulation_steps,
-                "precision (dtype)": config.dtype})
+    out.update({"learning_rate": config.learning_rate, "optim": str(config.optim),
+                "lr_scheduler_type": str(config.lr_scheduler_type), "warmup_steps": config.warmup_steps,
+                "num_train_epochs": config.num_train_epochs, "max_steps": config.max_steps,
+                "per_device_train_batch_size": config.per_device_train_batch_size,
+                "gradient_accumulation_steps": config.gradient_accumulation_steps, "precision (dtype)": config.dtype})
     lora = config.lora
     if lora.enabled:
         out["LoRA"] = f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target_modules={lora.target_modules or 'default'}"

@@ -103,3 +103,30 @@ class EpochSampler:
         lo, hi = self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size
         return [indices[s:s + self.global_batch][lo:hi] for s in range(0, len(indices), self.global_batch)]
 
+
+
+class PrioritySampler(torch.utils.data.Sampler):
+    """The Trainer's train sampler: one epoch's global draw of :class:`EpochSampler` (uniform or priority,
+    length-grouped), ``steps_per_epoch * global_batch`` item indices. Accelerate's data loader gives
+    process ``p`` batch ``p, p + N, ...`` of ``per_device`` items: slice ``p`` of every global batch, as
+    :meth:`EpochSampler.batches`. The epoch is set by :meth:`set_epoch` (the Trainer, and the trainer's
+    schedule callback), so a resumed run draws the same batches."""
+
+    def __init__(self, n_items: int, batch_size: int, num_processes: int = 1, weights: np.ndarray | None = None,
+                 seed: int = 0, lengths: list[int] | None = None):
+        self.plan = EpochSampler(n_items, batch_size, num_processes, 0, weights, seed, lengths)
+        self.epoch = 0
+
+    def __getattr__(self, name):  # rows_per_epoch, steps_per_epoch, global_batch, weights
+        if name == "plan":
+            raise AttributeError(name)
+        return getattr(self.plan, name)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.plan.steps_per_epoch * self.plan.global_batch
+
+    def __iter__(self):
+        return iter(self.plan.global_indices(self.epoch))

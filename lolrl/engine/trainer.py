@@ -1,40 +1,39 @@
-"""The offline policy-gradient trainer: one engine for all eight algorithms, on Accelerate.
+"""The offline policy-gradient trainer: a ``transformers.Trainer`` for all eight algorithms.
 
-Stages (each cached under a key of its inputs, see :mod:`lolrl.utils.cache`):
+As TRL's trainers, :class:`OfflineRLTrainer` subclasses ``transformers.Trainer`` and
+:class:`~lolrl.engine.config.OfflineRLConfig` subclasses ``TrainingArguments``: the optimizer, the
+schedule, accumulation, clipping, mixed precision, DDP / FSDP / DeepSpeed, checkpoint save and
+resume, trackers and progress bars are the Trainer's. What lolrl adds:
 
-1. tokenise the records (validated already) and load the policy, which starts as pi_ref;
-2. reference pass: pi_ref's log-prob of every training response token, once;
-3. value estimate (A-LoL): pi_ref generates on the validation prompts, the reward scores the
-   generations, a head V(x) on pi_ref's prompt states is fit to them; training advantages
-   A = R - V(x) come from the same reference pass;
-4. training: the sampler picks rows, the policy alone runs forward, one loss function by name;
-5. validation on a schedule (generate, score, keep the best checkpoint) and the final evaluation.
-
-The same code runs on a CPU, one GPU or several processes under ``accelerate launch``.
+1. the stages before training (:mod:`lolrl.engine.stages`), run once and cached: pi_ref's
+   generations on the validation prompts, V(x), the reference pass, the advantages. They land as
+   columns of the training dataset (``ref_logprobs``, ``advantage``, ``reward``), as TRL's DPO
+   trainer precomputes reference log-probs;
+2. ``compute_loss``: the one table of algorithms (:mod:`lolrl.engine.losses`);
+3. the train sampler: priority sampling (probability proportional to A+, the epoch shortened to
+   the positive share), deterministic per epoch, so a resumed run sees the same batches;
+4. ``evaluate``: generate on the validation prompts and score with the reward; the task's metric
+   (``metric_for_best_model``) selects the best model, saved to ``save_dir`` with a model card;
+5. the trust guarantees (:mod:`lolrl.engine.callbacks`): the non-finite step guard, checkpoints
+   sealed by a manifest and a run key and verified before resume (a damaged one falls back to the
+   previous intact one), the folder lock, per-stage seeding, one-line user errors.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import TrainOutput
 
-from lolrl.engine.collation import (
-    Collator,
-    TokenizedRow,
-    Tokenizer,
-    check_prompts_renderable,
-)
+from lolrl.engine.callbacks import CheckpointSeal, StopAfterSteps, ValidationSchedule, nonfinite_guarded
+from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer, check_prompts_renderable
 from lolrl.engine.config import ConfigError, OfflineRLConfig
-from lolrl.engine.data import Record, TaskData, check_reward_scale, reward_matrix
+from lolrl.engine.data import Record, TaskData, reward_matrix
 from lolrl.engine.evaluation import (
     plot_loss_curves,
     plot_reward_distributions,
@@ -42,7 +41,6 @@ from lolrl.engine.evaluation import (
     summarize_generations,
     write_results_table,
 )
-from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
 from lolrl.engine.model_card import offline_card, push_best, write_card
@@ -58,28 +56,16 @@ from lolrl.engine.modeling import (
     response_logprobs,
     set_dropout,
 )
-from lolrl.engine.reference import prompt_states, reference_pass
-from lolrl.engine.runtime import backward, end_run, flat_config, make_accelerator, micro_batch
-from lolrl.engine.runtime import prepare_for_training, step_scheduler
-from lolrl.engine.sampling import EpochSampler, sampling_weights
+from lolrl.engine.reference import reference_pass
+from lolrl.engine.runtime import end_trainer_run
+from lolrl.engine.sampling import PrioritySampler
+from lolrl.engine.stages import ReferenceStages, TrainingSignal, advantage_statistics  # noqa: F401 (re-exported)
 from lolrl.engine.task import TaskInfo
-from lolrl.engine.validation import (
-    BestModelKeeper,
-    generate_and_score,
-    gold_texts,
-    score_on_main,
-    scored_generations_check,
-)
-from lolrl.engine.value import (
-    INFORMATIVE_R2,
-    MIN_VALUE_PROMPTS,
-    ValueFitSettings,
-    fit_value_head,
-    make_value_head,
-)
+from lolrl.engine.validation import BestModelKeeper, gold_texts
+from lolrl.engine.value import MIN_VALUE_PROMPTS
 from lolrl.utils import cache as cache_lib
-from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
-from lolrl.utils.finite import StepGuard, check_finite_state
+from lolrl.utils.checkpoint import drop_log_tail, find_resumable_hf, inject_fault, run_key
+from lolrl.utils.finite import check_finite_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import ensure_folder, hold_folders
 from lolrl.utils.processes import decided_on_main
@@ -87,32 +73,6 @@ from lolrl.utils.seeding import seed_stage, stage_rng
 from lolrl.utils.sharded import restore_trainable, shards_parameters, trainable_state
 
 logger = logging.getLogger(__name__)
-
-
-def advantage_statistics(advantages: np.ndarray) -> dict:
-    """Mean, spread, deciles and the share of rows the A-LoL objective drops (A <= 0)."""
-    return {
-        "n": int(advantages.size), "mean": float(advantages.mean()), "median": float(np.median(advantages)),
-        "std": float(advantages.std()), "min": float(advantages.min()), "max": float(advantages.max()),
-        "percentiles": {str(p): float(np.percentile(advantages, p)) for p in range(0, 101, 10)},
-        "share_negative": float(np.mean(advantages < 0)),
-        "share_non_positive": float(np.mean(advantages <= 0)),
-    }
-
-
-def _check_reference_cache(rows: int, with_values: bool, payload: dict, tensors: dict) -> None:
-    """The reference-pass cache holds ``rows`` log-prob runs (offsets into one flat tensor) and values."""
-    offsets, flat = payload["offsets"], tensors["logprobs"]
-    if not (isinstance(offsets, list) and len(offsets) == rows + 1 and offsets[0] == 0
-            and all(isinstance(o, int) and a <= o for a, o in zip(offsets, offsets[1:]))):
-        raise ValueError(f"expected {rows + 1} increasing offsets")
-    if flat.ndim != 1 or not flat.is_floating_point() or flat.shape[0] != offsets[-1]:
-        raise ValueError(f"log-probs of shape {tuple(flat.shape)} for offsets ending at {offsets[-1]}")
-    if with_values and ("values" not in tensors or tuple(tensors["values"].shape) != (rows,)):
-        raise ValueError(f"expected {rows} values")
-    if not isinstance(payload.get("reports", {}), dict):
-        raise TypeError("reports is not an object")
-
 
 SPREAD_STATS = ("importance_weight", "raw_ratio")  # logged with their min and max over the window's rows too
 
@@ -129,46 +89,90 @@ def window_summary(window: dict[str, list[float]]) -> dict[str, float]:
     return summary
 
 
-@dataclass
-class TrainingSignal:
-    """What the loss needs per training row, computed once before training."""
+class TrainingRows(torch.utils.data.Dataset):
+    """The training items as the Trainer's data loader reads them: item ``i`` is row ``i`` (or, for the
+    grouped algorithms, the ``group_size`` consecutive rows of group ``i``) with its stage columns, from a
+    ``datasets.Dataset`` (Arrow) holding ``prompt_ids``, ``response_ids`` and the stages' ``reward``,
+    ``advantage``, ``ref_logprobs`` and ``sft`` where the algorithm reads them."""
 
-    rewards: np.ndarray | None
-    advantages: np.ndarray | None
-    ref_logprobs: list[torch.Tensor] | None
-    sample_weights: np.ndarray | None
-    sft_rows: np.ndarray | None = None  # grouped algorithms: the row of each group that the SFT term trains on
+    def __init__(self, table, group_size: int = 1):
+        self.table, self.size = table, group_size
+
+    def __len__(self) -> int:
+        return len(self.table) // self.size
+
+    def __getitem__(self, item: int) -> list[dict]:
+        return [self.table[item * self.size + k] for k in range(self.size)]
+
+    def item_lengths(self) -> list[int]:
+        lengths = [len(p) + len(r) for p, r in zip(self.table["prompt_ids"], self.table["response_ids"])]
+        return [sum(lengths[i:i + self.size]) for i in range(0, len(lengths), self.size)]
 
 
-class OfflineRLTrainer:
-    """Train with any of ``nll, wbc, r_gold, r_lol, a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl``.
+def training_table(rows: list[TokenizedRow], signal: TrainingSignal):
+    """The training rows and their stage columns as one Arrow table (``datasets.Dataset``)."""
+    from datasets import Dataset
 
-    TRL's form, on 🤗 ``datasets`` in prompt-completion form (:meth:`TaskData.from_datasets`):
+    columns = {"index": [r.index for r in rows], "prompt_ids": [r.prompt_ids for r in rows],
+               "response_ids": [r.response_ids for r in rows]}
+    if signal.rewards is not None:
+        columns["reward"] = signal.rewards.tolist()
+    if signal.advantages is not None:
+        columns["advantage"] = signal.advantages.tolist()
+    if signal.ref_logprobs is not None:
+        columns["ref_logprobs"] = [lp.tolist() for lp in signal.ref_logprobs]
+    if signal.sft_rows is not None:
+        columns["sft"] = signal.sft_rows.tolist()
+    return Dataset.from_dict(columns)
+
+
+class BatchCollator:
+    """Training items -> the loss's batch: the model inputs (:class:`Collator`) and the stage columns."""
+
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __call__(self, items: list[list[dict]]) -> dict:
+        rows = [row for item in items for row in item]
+        batch = self.collator([TokenizedRow(r["index"], r["prompt_ids"], r["response_ids"]) for r in rows])
+        if "reward" in rows[0]:
+            batch["rewards"] = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+        if "advantage" in rows[0]:
+            batch["advantages"] = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32)
+        if "ref_logprobs" in rows[0]:  # the policy's log-probs' [rows, longest response] layout
+            batch["ref_logprobs"] = torch.nn.utils.rnn.pad_sequence(
+                [torch.tensor(r["ref_logprobs"], dtype=torch.float32) for r in rows], batch_first=True)
+        if "sft" in rows[0]:
+            batch["sft_rows"] = torch.tensor([r["sft"] for r in rows])
+        return batch
+
+
+class OfflineRLTrainer(ReferenceStages, Trainer):
+    """Train with any of ``nll, wbc, r_gold, r_lol, a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl`` (and the
+    grouped ``pro``), TRL's way, on 🤗 ``datasets`` in prompt-completion form:
 
     >>> trainer = OfflineRLTrainer(model="path/to/nll_model", args=OfflineRLConfig(output_dir="out",
     ...                            algorithm="a_lol"), train_dataset=train, eval_dataset=val,
     ...                            reward_funcs=[fn1, fn2], reward_weights=[1.0, 0.5])
-    >>> results = trainer.train()
+    >>> trainer.train()
 
-    or the scripts' form, on validated records (:func:`lolrl.engine.data.load_task_dir`) and a reward
-    (:func:`lolrl.engine.rewards.load_reward`):
-
-    >>> trainer = OfflineRLTrainer(OfflineRLConfig(model_name="path/to/nll_model", output_dir="out",
-    ...                                            algorithm="a_lol"), data, reward)
-    >>> results = trainer.run()
+    or on validated records (:func:`lolrl.engine.data.load_task_dir`) and a reward
+    (:func:`lolrl.engine.rewards.load_reward`), as the scripts do:
+    ``OfflineRLTrainer(args=config, data=data, reward=reward).run()``, which returns the final
+    evaluation's tables.
     """
 
-    def __init__(self, config: OfflineRLConfig | None = None, data: TaskData | None = None, reward=None,
-                 accelerator=None, postprocess=None, task: TaskInfo | None = None, *, model: str | None = None,
-                 args: OfflineRLConfig | None = None, train_dataset=None, eval_dataset=None, test_dataset=None,
-                 reward_funcs=None, reward_weights=None):
-        config = self._config_of(config, args, model)
+    def __init__(self, model: str | None = None, args: OfflineRLConfig | None = None, data: TaskData | None = None,
+                 reward=None, *, train_dataset=None, eval_dataset=None, test_dataset=None, reward_funcs=None,
+                 reward_weights=None, callbacks: list[TrainerCallback] | None = None, postprocess=None,
+                 task: TaskInfo | None = None):
+        args = self._args_of(model, args)
         if train_dataset is not None or eval_dataset is not None or test_dataset is not None:
             if data is not None:
                 raise ConfigError("give the data once: data= (records) or train_dataset= / eval_dataset= (datasets)")
-            data = TaskData.from_datasets(train_dataset if config.do_train else None, eval_dataset,
-                                          test_dataset if config.do_test else None,
-                                          require_train_reward=config.algorithm != "nll")
+            data = TaskData.from_datasets(train_dataset if args.do_train else None, eval_dataset,
+                                          test_dataset if args.do_predict else None,
+                                          require_train_reward=args.algorithm != "nll")
         if data is None:
             raise ConfigError("no data: give train_dataset= and eval_dataset= (datasets), or data= (records)")
         if reward_funcs is not None or reward_weights is not None:
@@ -177,112 +181,130 @@ class OfflineRLTrainer:
             from lolrl.engine.rewards import reward_from_funcs
 
             reward = reward_from_funcs(reward_funcs, reward_weights)
-        self.config = config
-        self.data = data
-        self.reward = reward
-        self.postprocess = postprocess  # applied to every generation before scoring (e.g. the HH stop rule)
-        self.task = task or TaskInfo(config.task_name)  # what the engine knows of the task
-        if config.uses_advantage and reward is None and config.value_source == "generations":
-            raise ConfigError(f"{config.algorithm} fits a value estimate on scored generations: it needs a reward "
-                              "(or --value_source data, to fit it on the validation records' stored rewards)")
-        if config.uses_advantage and config.value_source == "data" and any(
-                r.reward is None for r in self._val_records_of(data)):
-            raise ConfigError("--value_source data fits V(x) on the validation records' rewards: every validation "
-                              "record needs one")
-        if config.uses_advantage and config.do_train and len(self._val_records_of(data)) < MIN_VALUE_PROMPTS:
-            raise ConfigError(f"{config.algorithm} fits the value estimate on validation prompts: it needs at least "
-                              f"{MIN_VALUE_PROMPTS}")
-        if config.do_train and data.train and any(r.reward is None for r in data.train) and config.algorithm != "nll":
-            raise ConfigError(f"{config.algorithm} needs a reward on every training row")
-        self.accelerator = accelerator or self._make_accelerator()
-        self.output_dir = ensure_folder(config.output_dir, "output folder")
-        self.is_main = self.accelerator.is_main_process
-        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, accelerator=self.accelerator)
-        self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
+        self.data, self.reward, self.postprocess = data, reward, postprocess  # postprocess: e.g. the HH stop rule
+        self.task = task or TaskInfo(args.task_name)  # what the engine knows of the task
+        self._check_data(args, data, reward)
+        self.output_dir = ensure_folder(args.output_dir, "output folder")
+        tokenizer = load_tokenizer(args.model_name, args.tokenizer_name)
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
-                check_prompts_renderable(self.tokenizer, records, split)
+                check_prompts_renderable(tokenizer, records, split)
         # METEOR's matching stages depend on what NLTK finds installed: say which, once, up front.
         logger.info("meteor_matching: %s", default_matcher().stages)
-        self.model = None
-        self.global_step = 0
-        self.keeper = BestModelKeeper(self.output_dir, config.save_dir,
+        self.keeper = BestModelKeeper(self.output_dir, args.save_dir,
                                       self.task.val_metric if reward is not None else "neg_nll_per_token")
+        if args.metric_for_best_model is None:
+            args.metric_for_best_model = self.keeper.metric
+        elif args.metric_for_best_model.removeprefix("eval_") != self.keeper.metric:
+            self.keeper.metric = args.metric_for_best_model.removeprefix("eval_")
+        args.greater_is_better = True  # every validation measure is: higher is better
+        if args.activation_checkpointing and args.activation_checkpointing_kwargs is None:
+            args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        from transformers import set_seed
+
+        set_seed(args.seed)  # a new LoRA adapter's initialisation
+        policy = self._load_policy(args, tokenizer)
+        self.schedule, self.stop, self.seal = ValidationSchedule(self), StopAfterSteps(), CheckpointSeal(self)
+        super().__init__(model=policy, args=args, data_collator=BatchCollator(self.collator),
+                         eval_dataset=self.data.val,  # evaluate() generates on it (the Trainer only holds it)
+                         processing_class=tokenizer, callbacks=[self.schedule, self.stop, self.seal, *(callbacks or [])])
+        self.tokenizer = tokenizer
+        self.cache = cache_lib.Cache(args.cache_dir, enabled=args.stage_cache, accelerator=self.accelerator)
+        self.logprob_kernel, why = choose_logprob_kernel(self.model, args.logprob_kernel, self.accelerator.device,
+                                                         sharded=shards_parameters(self.accelerator))
+        logger.info("log-probs: %s (%s)", self.logprob_kernel, why)
         self.best_state: dict[str, torch.Tensor] | None = None
+        self._window: dict[str, list[float]] = {}
+        self._step_losses: list[float] = []
+        self._reuse: tuple | None = None  # pi_ref's validation generations, which are step 0's
+        self.stopped_early = False
 
     @staticmethod
-    def _config_of(config: OfflineRLConfig | None, args: OfflineRLConfig | None, model) -> OfflineRLConfig:
-        """The run's settings: ``config`` (positional) or ``args=`` (TRL's name), with ``model=`` as its
-        ``model_name``."""
-        if (config is None) == (args is None):
-            raise ConfigError("give the settings once: OfflineRLTrainer(config, ...) or OfflineRLTrainer(args=...)")
-        config = config or args
+    def _args_of(model, args: OfflineRLConfig | None) -> OfflineRLConfig:
+        """The run's settings, with ``model=`` as their ``model_name``."""
+        if args is None:
+            raise ConfigError("no settings: give args=OfflineRLConfig(output_dir=..., ...)")
         if model is not None:
             if not isinstance(model, (str, Path)):
                 raise ConfigError(f"model= takes a model folder or hub id, got a {type(model).__name__} "
                                   "(a loaded model object is not supported: save it with save_pretrained)")
-            if config.model_name not in (None, str(model)):
-                raise ConfigError(f"model={str(model)!r} and args.model_name={config.model_name!r}: give one")
-            config = dataclasses.replace(config, model_name=str(model))
-        if not config.model_name:
+            if args.model_name not in (None, str(model)):
+                raise ConfigError(f"model={str(model)!r} and args.model_name={args.model_name!r}: give one")
+            args.model_name = str(model)
+        if not args.model_name:
             raise ConfigError("no model: give model= (or OfflineRLConfig(model_name=...))")
-        return config
+        return args
 
-    def train(self) -> dict[str, dict]:
-        """Train and evaluate (:meth:`run`): the name TRL's trainers give it."""
-        return self.run()
+    @staticmethod
+    def _check_data(args: OfflineRLConfig, data: TaskData, reward) -> None:
+        val = data.val[: args.max_val_examples] if args.max_val_examples else data.val
+        if args.uses_advantage and reward is None and args.value_source == "generations":
+            raise ConfigError(f"{args.algorithm} fits a value estimate on scored generations: it needs a reward "
+                              "(or --value_source data, to fit it on the validation records' stored rewards)")
+        if args.uses_advantage and args.value_source == "data" and any(r.reward is None for r in val):
+            raise ConfigError("--value_source data fits V(x) on the validation records' rewards: every validation "
+                              "record needs one")
+        if args.uses_advantage and args.do_train and len(val) < MIN_VALUE_PROMPTS:
+            raise ConfigError(f"{args.algorithm} fits the value estimate on validation prompts: it needs at least "
+                              f"{MIN_VALUE_PROMPTS}")
+        if args.do_train and data.train and any(r.reward is None for r in data.train) and args.algorithm != "nll":
+            raise ConfigError(f"{args.algorithm} needs a reward on every training row")
+
+    @property
+    def config(self) -> OfflineRLConfig:
+        """The run's settings (``self.args``)."""
+        return self.args
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
     # ----------------------------------------------------------------------------------- set-up
-    def _make_accelerator(self):
-        return make_accelerator(self.config, self.config.accumulation_steps)
-
     def training_precision(self):
         """The numerics of the training loss (the accelerator's autocast under bf16/fp16, nothing in fp32),
         for every pass whose output is compared with the policy's: pi_ref's log-probs, the prompt states V(x)
         is fit on and applied to, pi_ref's validation generations (reused as step 0's validation), every
-        validation and the gold NLL. They run before ``accelerator.prepare``, which wraps the model's forward
-        in this same autocast, and not all of them call that forward (the output layer runs in chunks; peft's
-        ``generate`` calls the base model's, without it): so each enters it explicitly. pi_ref's log-probs
+        validation and the gold NLL. Not all of them call the model's forward (the output layer runs in
+        chunks; peft's ``generate`` calls the base model's), so each enters it explicitly. pi_ref's log-probs
         in fp32 against a bf16 loss scattered the first-step importance weights (0.73 to 1.41 on SmolLM2 in
         issue 22's audit); in the loss's precision they are exactly 1 (tests/test_precision.py)."""
         return self.accelerator.autocast()
 
-    def _load_policy(self) -> None:
-        config = self.config
+    def _load_policy(self, args: OfflineRLConfig, tokenizer):
         # bf16/fp16 run under autocast. Full fine-tuning keeps fp32 master weights (as transformers' Trainer
         # does); with LoRA the frozen base is loaded in the low precision and the adapters stay fp32.
-        dtype = base_load_dtype(config.dtype, config.lora, config.adapter_path, config.load_in_4bit)
-        model = load_model(config.model_name, dtype=dtype,
-                           lora=config.lora, adapter_path=config.adapter_path, load_in_4bit=config.load_in_4bit,
-                           quantization=config.quantization, device_index=self.accelerator.local_process_index)
-        if config.disable_dropout:
+        dtype = base_load_dtype(args.dtype, args.lora, args.adapter_path, args.load_in_4bit)
+        model = load_model(args.model_name, dtype=dtype, lora=args.lora, adapter_path=args.adapter_path,
+                           load_in_4bit=args.load_in_4bit, quantization=args.quantization,
+                           device_index=args.local_process_index)
+        if args.disable_dropout:
             set_dropout(model, 0.0)
-        if config.gradient_checkpointing:
+        if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.encoder_decoder = model_is_encoder_decoder(model)
-        self.row_tokenizer = Tokenizer(self.tokenizer, self.encoder_decoder, config.max_prompt_length,
-                                       config.max_resp_length)
+        self.row_tokenizer = Tokenizer(tokenizer, self.encoder_decoder, args.max_prompt_length, args.max_resp_length)
         quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
             getattr(model, "base_model", None), "is_loaded_in_4bit", False)
-        self.model = model if quantized else model.to(self.accelerator.device)  # 4-bit weights are placed on load
-        self.collator = Collator(self.tokenizer.pad_token_id, self.encoder_decoder,
-                                 getattr(model.config, "decoder_start_token_id", None), pack=self._use_packing())
-        self.logprob_kernel, why = choose_logprob_kernel(self.model, config.logprob_kernel, self.accelerator.device,
-                                                         sharded=shards_parameters(self.accelerator))
-        logger.info("log-probs: %s (%s)", self.logprob_kernel, why)
+        model = model if quantized else model.to(args.device)  # 4-bit weights are placed on load
+        self.collator = Collator(tokenizer.pad_token_id, self.encoder_decoder,
+                                 getattr(model.config, "decoder_start_token_id", None),
+                                 pack=self._use_packing(args, model, tokenizer))
+        return model
 
-    def _use_packing(self) -> str | bool:
+    def _use_packing(self, args: OfflineRLConfig, model, tokenizer) -> str | bool:
         """Packed rows (no padding) with a variable-length attention kernel; else length-grouped padding.
         The probe runs as training does (under autocast: flash kernels take bf16/fp16 only)."""
-        mode = self.config.packing
+        mode = args.packing
         if mode == "on" and self.encoder_decoder:
             raise ConfigError("--packing on is for decoder-only models")
         probe = self.row_tokenizer((self.data.train or self.data.val)[:4])
-        with self.training_precision():
-            pack = choose_packing(self.model, probe, self.tokenizer.pad_token_id, mode,
-                                  tolerance=1e-4 if self.config.dtype == "fp32" else 1e-3)
+        autocast = torch.autocast(args.device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
+                                  enabled=args.bf16 or args.fp16)
+        with autocast:
+            pack = choose_packing(model, probe, tokenizer.pad_token_id, mode,
+                                  tolerance=1e-4 if args.dtype == "fp32" else 1e-3)
         if mode == "on" and not pack:
-            raise ConfigError(f"--packing on: '{self.config.model_name}' does not give the same log-probs packed "
+            raise ConfigError(f"--packing on: '{args.model_name}' does not give the same log-probs packed "
                               "as padded (its attention ignores position-id packing); use --packing auto or off")
         logger.info("batches: %s", f"packed without padding ({pack}; verified exact on this model)" if pack
                     else "padded, grouped by length")
@@ -291,465 +313,69 @@ class OfflineRLTrainer:
     def _model_key(self, scoring: bool = False) -> dict:
         """What pi_ref's numbers depend on (:func:`lolrl.engine.modeling.numerics_key`); ``scoring``: a
         pass through the collator and the log-prob kernel (not a generation), which they key too."""
-        return numerics_key(self.config, kernel=self.logprob_kernel if scoring else None,
+        return numerics_key(self.args, kernel=self.logprob_kernel if scoring else None,
                             packing=self.collator.pack if scoring else None,
-                            max_resp_length=self.config.max_resp_length)
+                            max_resp_length=self.args.max_resp_length)
 
-    # ----------------------------------------------------------------------------- the reference
-    def _val_records_of(self, data: TaskData) -> list[Record]:
-        return data.val[: self.config.max_val_examples] if self.config.max_val_examples else data.val
-
-    def _val_records(self) -> list[Record]:
-        return self._val_records_of(self.data)
-
-    def _score(self, records: list[Record], completions: list[str], desc: str) -> dict[str, list[float]]:
-        return score_on_main(self.reward, records, completions, self.config.val_batch_size, self.accelerator, desc)
-
-    def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
-        with self.training_precision():
-            return generate_and_score(self.model, self.tokenizer, records, rows, self.config.generation,
-                                      self.config.val_batch_size, self.accelerator, self.reward, self.postprocess,
-                                      desc)
-
-    def _reference_generations(self, val_rows: list[TokenizedRow]) -> tuple[list[str], dict[str, list[float]]]:
-        """pi_ref's generations on the validation prompts and their rewards (cached)."""
-        val = self._val_records()
-        key = cache_lib.hash_json({"stage": "reference_generations", **self._model_key(),
-                                   "val": cache_lib.records_digest(val), "reward": self.reward.cache_key(),
-                                   "generation": self.config.generation.as_dict()})
-        hit = self.cache.load("reference_val_generations", key, scored_generations_check(len(val)))
-        if hit is not None:
-            return hit[0]["completions"], hit[0]["rewards"]
-        with stage_rng(self.config.seed, "reference_generations"):
-            completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
-        self.cache.save("reference_val_generations", key, {"completions": completions, "rewards": rewards})
-        return completions, rewards
-
-    def value_targets(self, val_rows: list[TokenizedRow]) -> list[float]:
-        """What V(x) is fit to on each validation prompt: the stored reward (``value_source="data"``),
-        the reward of pi_ref's validation-decoding output (``value_samples=1``, the original), or the mean
-        reward of ``value_samples`` sampled outputs (cached)."""
-        config = self.config
-        val = self._val_records()
-        if config.value_source == "data":
-            return [r.reward for r in val]
-        if config.value_samples == 1:
-            return self._reference_generations(val_rows)[1]["final_reward"]
-        k, n = config.value_samples, len(val)
-        sampling = self.value_sampling_settings()
-        key = cache_lib.hash_json({"stage": "value_samples", **self._model_key(), "val": cache_lib.records_digest(val),
-                                   "reward": self.reward.cache_key(), "generation": sampling.as_dict(), "k": k,
-                                   "seed": config.seed})
-        hit = self.cache.load("value_samples", key, scored_generations_check(k * n))
-        if hit is not None:
-            rewards = hit[0]["rewards"]["final_reward"]
-        else:
-            rows = [dataclasses.replace(row, index=j * n + i) for j in range(k) for i, row in enumerate(val_rows)]
-            with stage_rng(config.seed, "value_samples"), self.training_precision():
-                completions = generate(self.model, self.tokenizer, rows, sampling, config.val_batch_size,
-                                       self.accelerator, desc=f"reference on val: {k} samples")
-            if self.postprocess is not None:
-                completions = [self.postprocess(c) for c in completions]
-            scores = self._score(val * k, completions, "reference samples: reward")
-            self.cache.save("value_samples", key, {"completions": completions, "rewards": scores})
-            rewards = scores["final_reward"]
-        per_prompt = np.array(rewards, dtype=np.float64).reshape(k, n)
-        targets = per_prompt.mean(axis=0).tolist()
-        logger.info("value targets: mean reward of %d samples per prompt (mean within-prompt std %.4f, "
-                    "std of the prompt means %.4f)", k, float(per_prompt.std(axis=0).mean()), float(np.std(targets)))
-        return targets
-
-    def value_sampling_settings(self) -> GenerationSettings:
-        """The validation decoding's length and stop tokens, sampled from pi_ref itself (temperature 1, no
-        top-k, top-p 1, no repetition penalty), unless the validation decoding already samples: then its
-        own sampling settings, with one beam."""
-        settings = self.config.generation
-        if settings.do_sample:
-            return dataclasses.replace(settings, num_beams=1)
-        return dataclasses.replace(settings, do_sample=True, num_beams=1, temperature=1.0, top_p=1.0, top_k=0,
-                                   repetition_penalty=1.0)
-
-    def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[torch.nn.Module, dict]:
-        config = self.config
-        settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
-                                    folds=config.value_folds, seed=config.seed, head=config.value_head)
-        started = time.perf_counter()
-        with self.training_precision():  # the states the reference pass applies V(x) to are computed so too
-            states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.val_batch_size,
-                                   self.accelerator, desc="value features")
-        states_seconds = time.perf_counter() - started
-        payload = [None]
-        if self.is_main:
-            with stage_rng(config.seed, "value_fit"):
-                head, report = fit_value_head(states, targets, settings, device=self.accelerator.device)
-            payload = [({k: v.cpu() for k, v in head.state_dict().items()},
-                        report.as_dict() | {"prompt_states_seconds": states_seconds})]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(payload)
-        state, report = payload[0]
-        head = make_value_head(config.value_head, states[0].shape[-1])
-        head.load_state_dict(state)
-        head.eval()
-        chosen = (f"ridge penalty {report['ridge_alpha']:.3g}" if report["head"] == "ridge"
-                  else f"{report['best_epoch']} epochs")
-        logger.info("value head (%s): %d-fold cross-validated MSE %.4f vs %.4f for a constant (R^2 %.3f, rank "
-                    "correlation %.3f); fit on all %d validation prompts with %s; prompt states %.1f s, fit %.1f s",
-                    report["head"], report["folds"], report["cv_mse"], report["constant_mse"], report["cv_r2"],
-                    report["cv_spearman"], report["n_fit"], chosen, report["prompt_states_seconds"],
-                    report["fit_seconds"])
-        if not report["informative"]:
-            logger.warning("V(x) is no better than a constant on new prompts (%d-fold cross-validated R^2 %.3f < %.2f "
-                           "over %d validation prompts): the advantage then only keeps rows whose reward is above "
-                           "the mean; try --value_samples 4 (or more), more validation prompts, --value_head ridge, "
-                           "or more value-head epochs", report["folds"], report["cv_r2"], INFORMATIVE_R2,
-                           report["n_fit"])
-        return head, report
-
-    def check_reward_agreement(self, sample_size: int = 64) -> dict:
-        """Score a sample of training responses with ``--reward`` and compare with the data's rewards.
-
-        V(x) learns the scale of ``--reward`` while A = R - V(x) takes R from the data: if the two
-        disagree, the advantages mix two scales. This is cheap and says so loudly."""
-        train = self.data.train
-        sample = [train[i] for i in np.random.default_rng(self.config.seed).permutation(len(train))[:sample_size]]
-        scored = self._score(sample, [r.response for r in sample], "reward check")["final_reward"]
-        diff = np.abs(np.array(scored) - np.array([r.reward for r in sample]))
-        report = {"rows": len(sample), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
-                  "data_reward_mean": float(np.mean([r.reward for r in sample])),
-                  "scored_reward_mean": float(np.mean(scored))}
-        if report["max_abs_diff"] > 1e-3 * max(1.0, abs(report["data_reward_mean"])):
-            logger.warning("--reward disagrees with the training data's rewards on %d sampled rows (mean |diff| %.4f, "
-                           "data mean %.4f vs scored mean %.4f): the value estimate and the advantages use "
-                           "different reward scales", len(sample), report["mean_abs_diff"],
-                           report["data_reward_mean"], report["scored_reward_mean"])
-        return report
-
-    def _write_reports(self, reports: dict) -> None:
-        if self.is_main:
-            for name, report in reports.items():
-                atomic_write_json(self.output_dir / f"{name}.json", report)
-
-    def prepare_training_signal(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow]) -> TrainingSignal:
-        """Reference log-probs, value estimate, advantages and sampling weights, computed once."""
-        config = self.config
-        train = self.data.train
-        rewards = np.array([r.reward for r in train], dtype=np.float64) if config.algorithm != "nll" else None
-        if rewards is not None:
-            check_reward_scale(rewards, [r.id for r in train], "training rewards")
-        if config.group_size > 1:
-            return TrainingSignal(rewards, None, None, None, self._sft_rows(train))
-        if not (config.uses_reference or config.uses_advantage):
-            weights = sampling_weights(config.sampling_strategy, rewards, len(train))
-            return TrainingSignal(rewards, None, None, weights)
-
-        key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(scoring=True),
-                                   "train": self._train_digest, "value": config.uses_advantage and {
-                                       "val": cache_lib.records_digest(self._val_records()),
-                                       "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
-                                       "generation": config.generation.as_dict(), "samples": config.value_samples,
-                                       "epochs": config.value_epochs, "lr": config.value_learning_rate,
-                                       "folds": config.value_folds, "seed": config.seed,
-                                       **({"head": config.value_head} if config.value_head != "attention" else {})}})
-        hit = self.cache.load("reference_pass", key, functools.partial(_check_reference_cache, len(train),
-                                                                      config.uses_advantage))
-        if hit is not None:
-            payload, tensors = hit
-            reports = payload.get("reports", {})
-            self._write_reports(reports)
-            offsets = payload["offsets"]
-            flat = tensors["logprobs"]
-            ref_logprobs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(train))]
-            values = tensors["values"].double().numpy() if "values" in tensors else None
-        else:
-            head, reports = None, {}
-            if config.uses_advantage:
-                if config.value_source == "generations":
-                    reports["reward_check"] = self.check_reward_agreement()
-                head, reports["value_fit"] = self._fit_value(val_rows, self.value_targets(val_rows))
-                self._write_reports(reports)
-            started = time.perf_counter()
-            with self.training_precision():
-                outputs = reference_pass(self.model, train_rows, self.collator, config.val_batch_size, head,
-                                         self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
-            logger.info("reference pass over %d training rows: %.1f s", len(train_rows), time.perf_counter() - started)
-            ref_logprobs, values = outputs.logprobs, outputs.values
-            offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
-            tensors = {"logprobs": torch.cat(ref_logprobs)}
-            if values is not None:
-                tensors["values"] = torch.tensor(values)
-            self.cache.save("reference_pass", key, {"offsets": offsets, "reports": reports}, tensors)
-
-        advantages = None
-        if config.uses_advantage:
-            advantages = rewards - values
-            check_reward_scale(advantages, [r.id for r in train], "training advantages (R - V(x))")
-            stats = advantage_statistics(advantages)
-            fit = reports.get("value_fit", {})
-            stats["value_fit"] = {k: fit.get(k) for k in ("cv_r2", "cv_spearman", "informative")}
-            if self.is_main:
-                atomic_write_json(self.output_dir / "advantage_stats.json", stats)
-            logger.info("training advantages: mean %.4f, median %.4f; %.1f%% negative (dropped by A-LoL)",
-                        stats["mean"], stats["median"], 100 * stats["share_negative"])
-        priority_values = advantages if config.uses_advantage else rewards
-        weights = sampling_weights(config.sampling_strategy, priority_values, len(train))
-        return TrainingSignal(rewards, advantages, ref_logprobs if config.uses_reference else None, weights)
-
-    def _sft_rows(self, train: list[Record]) -> np.ndarray:
-        """Check the grouped layout (consecutive candidates of one prompt, one flagged ``meta["sft"]``)."""
-        size = self.config.group_size
-        if len(train) % size:
-            raise ConfigError(f"{len(train)} training rows do not split into groups of {size} candidates")
-        flags = np.array([bool(r.meta.get("sft")) for r in train])
-        for start in range(0, len(train), size):
-            group = train[start:start + size]
-            if len({json.dumps(r.prompt) for r in group}) != 1 or flags[start:start + size].sum() != 1:
-                raise ConfigError(f"training rows {start}..{start + size - 1} ({group[0].id}...) are not one prompt's "
-                                  f"{size} candidates with exactly one meta['sft'] row")
-        return flags
-
-    # ------------------------------------------------------------------------------ validation
-    def validate(self, val_rows: list[TokenizedRow], step: int, epoch: float, generations=None) -> bool:
-        """Generate on the validation prompts and score (the task's metric selects the best model; without
-        a reward, the gold responses' NLL per token); keep the model when it improves. ``generations`` =
-        (completions, rewards) already made by this very model, to reuse. Returns whether it improved."""
-        val = self._val_records()
-        if self.reward is None:
-            summary = {"neg_nll_per_token": -self.gold_nll_per_token(val_rows)}
-        else:
-            with stage_rng(self.config.seed, f"validation_{step}"):
-                completions, rewards = generations or self._generate_and_score(val, val_rows, "validation")
-            summary = summarize_generations(completions, rewards, golds=self._gold_texts(val))
-        measure = summary[self.keeper.metric]
-        improved = self.keeper.record(step, epoch, summary, measure, self._save_best, self.accelerator)
-        if improved:
-            self.write_card()  # what is known now: the best validation measure and its step (best.json)
-        return improved
-
-    def gold_nll_per_token(self, rows: list[TokenizedRow]) -> float:
-        """Mean NLL per token of the gold responses (the measure when no reward is given)."""
-        with self.training_precision():
-            outputs = reference_pass(self.model, rows, self.collator, self.config.val_batch_size, None,
-                                     self.accelerator, desc="validation NLL", kernel=self.logprob_kernel)
-        tokens = sum(len(lp) for lp in outputs.logprobs)
-        return -float(sum(lp.sum() for lp in outputs.logprobs)) / max(tokens, 1)
-
-    def _full_state(self) -> dict[str, torch.Tensor]:
-        """The whole state dict, gathered from shards under FSDP / ZeRO-3 (a collective: every process calls it)."""
-        return self.accelerator.get_state_dict(self.model)
-
-    def _trainable_state(self, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        return trainable_state(self.accelerator, self.model, full_state)
-
-    def _save_best(self) -> None:
-        state = self._full_state()
-        best = self._trainable_state(state)
-        # under sharding only the main process holds the gathered weights: its verdict is every process's
-        what = f"the best model (for {self.config.save_dir})"
-        decided_on_main(self.accelerator, lambda: check_finite_state(best, what))
-        self.best_state = best
-        self.save_model(self.config.save_dir, state)
-
-    def save_model(self, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
-        """The model (or only its adapter) and tokenizer, ready for ``from_pretrained``; main process writes."""
-        state = self._full_state() if state is None else state
-
-        def write() -> None:
-            check_finite_state(state, f"the model for {directory}")
-            model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(directory)
-
-        decided_on_main(self.accelerator, write)  # a refusal stops every process, not the main one alone
-
-    # -------------------------------------------------------------------------------- training
-    def _optimizer(self, total_steps: int):
-        """The prepared model and optimizer, and the schedule over ``total_steps`` optimizer steps (not
-        prepared: see :func:`prepare_for_training`; stepped once per optimizer step)."""
-        from transformers import get_scheduler
-
-        from lolrl.engine.optim import build_optimizer
-
-        c = self.config
-        optimizer = build_optimizer(self.model, c.optim, c.learning_rate, (c.adam_beta1, c.adam_beta2), c.adam_epsilon,
-                                    c.weight_decay)
-        self.model, optimizer = prepare_for_training(self.accelerator, self.model, optimizer, c.max_grad_norm)
-        scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=int(c.warmup_ratio * total_steps),
-                                  num_training_steps=total_steps)
-        return optimizer, scheduler
-
-    def _batch_tensors(self, indices: list[int], rows: list[TokenizedRow], signal: TrainingSignal) -> dict:
-        size = self.config.group_size  # indices count training items: groups of `size` consecutive rows
-        indices = [i * size + k for i in indices for k in range(size)]
-        batch = {k: v.to(self.accelerator.device) for k, v in self.collator([rows[i] for i in indices]).items()}
-        device = self.accelerator.device
-        if signal.rewards is not None:
-            batch["rewards"] = torch.tensor(signal.rewards[indices], dtype=torch.float32, device=device)
-        if signal.advantages is not None:
-            batch["advantages"] = torch.tensor(signal.advantages[indices], dtype=torch.float32, device=device)
-        if signal.ref_logprobs is not None:  # same [rows, longest response] layout as the policy's log-probs
-            batch["ref_logprobs"] = torch.nn.utils.rnn.pad_sequence(
-                [signal.ref_logprobs[i] for i in indices], batch_first=True).to(device)
-        if signal.sft_rows is not None:
-            batch["sft_rows"] = torch.tensor(signal.sft_rows[indices], device=device)
-        return batch
-
-    def _loss(self, batch: dict):
-        config = self.config
-        with self.training_precision():  # the one definition of the loss's numerics
-            logprobs, mask, _ = response_logprobs(self.model, batch, kernel=self.logprob_kernel)
-            return compute_loss(config.algorithm, logprobs, mask, rewards=batch.get("rewards"),
-                                advantages=batch.get("advantages"), ref_logprobs=batch.get("ref_logprobs"),
-                                clip=config.effective_clip, kl_beta=config.kl_beta, kl_estimator=config.kl_estimator,
-                                gold_floor=config.gold_floor, group_size=config.group_size,
-                                sft_rows=batch.get("sft_rows"), sft_weight=config.sft_weight)
-
-    # ----------------------------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------------------- the Trainer's hooks
     @property
     def checkpoint_dir(self) -> Path:
+        """Where the Trainer's checkpoints go: ``OUTPUT/checkpoints/checkpoint-N``."""
         return self.output_dir / "checkpoints"
 
-    @functools.cached_property
-    def _train_digest(self) -> str:
-        return cache_lib.records_digest(self.data.train)
+    def _get_output_dir(self, trial=None) -> str:
+        return str(self.checkpoint_dir)
 
-    @functools.cached_property
-    def _run_key(self) -> str:
-        return run_key(self.config.to_dict(), train=self._train_digest, val=cache_lib.records_digest(self._val_records()))
+    def _get_train_sampler(self, train_dataset=None):
+        return self.sampler
 
-    # ----------------------------------------------------------------------------- model card
-    def write_card(self, results: dict[str, dict] | None = None) -> None:
-        """SAVE/README.md (:mod:`lolrl.engine.model_card`): at each new best, and with the final metrics at the end."""
-        if not self.is_main:
-            return
-        rows = {"train": len(self.data.train), "validation": len(self._val_records())}
-        if self.config.do_test and self.data.test:
-            rows["test"] = len(self.data.test)
-        write_card(self.config.save_dir, offline_card(self.config, rows, self._train_digest, results))
+    def get_train_dataloader(self):
+        """The Trainer's loader over :class:`TrainingRows`, drawn by the priority sampler (a global order;
+        Accelerate gives each process its share of every global batch)."""
+        from torch.utils.data import DataLoader
 
-    def push_to_hub(self) -> None:
-        """--push_to_hub: the save folder (model or adapter, tokenizer, card) to the hub, from the main process."""
-        config = self.config
-        decided_on_main(self.accelerator, lambda: push_best(
-            config.save_dir, config.hub, Path(config.output_dir).resolve().name, config.algorithm, self.keeper.metric,
-            self.keeper.best))
+        loader = DataLoader(self.train_dataset, batch_size=self._train_batch_size, sampler=self.sampler,
+                            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
+                            drop_last=False)
+        return self.accelerator.prepare(loader)
 
-    def find_checkpoint(self) -> Path | None:
-        return find_resumable(self.checkpoint_dir, self.config.resume, self._run_key, self.accelerator)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The algorithm's loss (:func:`lolrl.engine.losses.compute_loss`) on the policy's log-probs; the
+        per-row statistics go to the next log."""
+        args = self.args
+        with self.training_precision():  # the one definition of the loss's numerics
+            logprobs, mask, _ = response_logprobs(model, inputs, kernel=self.logprob_kernel)
+            loss, stats = compute_loss(args.algorithm, logprobs, mask, rewards=inputs.get("rewards"),
+                                       advantages=inputs.get("advantages"), ref_logprobs=inputs.get("ref_logprobs"),
+                                       clip=args.effective_clip, kl_beta=args.kl_beta, kl_estimator=args.kl_estimator,
+                                       gold_floor=args.gold_floor, group_size=args.group_size,
+                                       sft_rows=inputs.get("sft_rows"), sft_weight=args.sft_weight)
+        for name, value in stats.items():
+            self._window.setdefault(name, []).extend(value.float().cpu().tolist())
+        self._step_losses.append(float(loss.detach()))
+        return (loss, {}) if return_outputs else loss
 
-    def _save_checkpoint(self, optimizer, scheduler, epoch: int, next_group: int) -> None:
-        trainable = self._trainable_state()  # a collective under FSDP / ZeRO-3: every process gathers
-        best = self.keeper.best if math.isfinite(self.keeper.best) else None
-        progress = {"epoch": epoch, "next_group": next_group, "best_measure": best, "run_key": self._run_key}
-        save_training_state(self.accelerator, self.checkpoint_dir, self.global_step, trainable, self.model, optimizer,
-                            scheduler, progress, self.best_state, self.config.keep_checkpoints)
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (``--optim``, weight decay off for biases and norms), its ``step`` guarded:
+        a step with a non-finite loss or gradient is skipped, N in a row stop the run (:func:`nonfinite_guarded`)."""
+        optimizer = super().create_optimizer(model)
+        nonfinite_guarded(optimizer, self)
+        return optimizer
 
-    def _resume(self, checkpoint: Path, optimizer, scheduler) -> tuple[int, int]:
-        state, best = resume_training_state(self.accelerator, checkpoint, self.model, optimizer, scheduler)
-        self.global_step = state["step"]
-        measure = state["progress"]["best_measure"]
-        self.keeper.best = -math.inf if measure is None else measure
-        self.best_state = best
-        if self.is_main:
-            drop_log_tail(self.output_dir, self.global_step)
-        return state["progress"]["epoch"], state["progress"]["next_group"]
-
-    def _should_checkpoint(self, validated: bool) -> bool:
-        every = self.config.save_steps
-        return (every == 0 and validated) or (every > 0 and self.global_step % every == 0)
-
-    # -------------------------------------------------------------------------------- training
-    def _train_loop(self, train_rows: list[TokenizedRow], val_rows: list[TokenizedRow], signal: TrainingSignal,
-                    checkpoint: Path | None = None) -> bool:
-        """The optimisation loop; returns False when it stopped early on ``stop_after_steps``."""
-        config, acc = self.config, self.accelerator
-        size = config.group_size  # the sampler draws training items: single rows, or groups of candidates
-        item_lengths = [sum(r.length for r in train_rows[i:i + size]) for i in range(0, len(train_rows), size)]
-        sampler = EpochSampler(len(item_lengths), config.batch_size, acc.num_processes, acc.process_index,
-                               signal.sample_weights, config.seed, item_lengths if config.length_grouping else None)
-        micro_per_epoch = sampler.steps_per_epoch
-        opt_per_epoch = math.ceil(micro_per_epoch / config.accumulation_steps)
-        total = opt_per_epoch * config.n_epochs
-        eval_steps = config.eval_steps
-        if config.max_steps > 0:
-            total = min(total, config.max_steps) if config.n_epochs else config.max_steps
-            if config.step_scale_rows and signal.sample_weights is not None:
-                # the HH recipe: a step budget for all prompts shrinks (or grows) with the positive share
-                share = sampler.rows_per_epoch / config.step_scale_rows
-                total, eval_steps = max(1, int(total * share)), max(1, int(eval_steps * share)) if eval_steps > 0 else 0
-        epochs = math.ceil(total / opt_per_epoch) if opt_per_epoch else 0
-        # vf validations per epoch, evenly spaced, the last at the epoch's end (fewer if the epoch is shorter)
-        val_points = {max(1, round(k * opt_per_epoch / config.val_log_frequency))
-                      for k in range(1, config.val_log_frequency + 1)}
-        optimizer, scheduler = self._optimizer(max(total, 1))
-        if self.is_main:
-            atomic_write_json(self.output_dir / "training_plan.json", {
-                "rows": len(train_rows), "rows_per_epoch": sampler.rows_per_epoch, "global_batch": sampler.global_batch,
-                "micro_steps_per_epoch": micro_per_epoch, "optimizer_steps_per_epoch": opt_per_epoch,
-                "optimizer_steps": total, "epochs": epochs, "validations_per_epoch": len(val_points)})
-        logger.info("training %s: %d optimizer steps (%d per epoch, %d of %d rows per epoch)", config.algorithm,
-                    total, opt_per_epoch, sampler.rows_per_epoch, len(train_rows))
-        progress = tqdm(total=total, desc=f"train {config.algorithm}", disable=not acc.is_local_main_process)
-        if checkpoint is None:  # training's own stream, whatever the stages before it did (or a cache skipped)
-            seed_stage(config.seed, "train")
-        start_epoch, start_group = self._resume(checkpoint, optimizer, scheduler) if checkpoint else (0, 0)
-        progress.update(self.global_step)
-        window: dict[str, list[float]] = {}
-        guard, losses = StepGuard(config.max_nonfinite_steps, acc, "training"), []
-        started = time.time()
-        self.model.train()
-        for epoch in range(start_epoch, epochs):
-            batches = sampler.batches(epoch)
-            first = start_group * config.accumulation_steps if epoch == start_epoch else 0
-            for group_start in range(first, len(batches), config.accumulation_steps):
-                if self.global_step >= total:
-                    break
-                group = batches[group_start:group_start + config.accumulation_steps]
-                for j, indices in enumerate(group):
-                    with micro_batch(acc, self.model, last=j == len(group) - 1):
-                        loss, stats = self._loss(self._batch_tensors(indices, train_rows, signal))
-                        backward(acc, loss, len(group))
-                    losses.append(float(loss.detach()))
-                    for name, value in stats.items():
-                        window.setdefault(name, []).extend(value.float().cpu().tolist())
-                if guard.allow_step(losses, self.model, self.global_step + 1):
-                    if config.max_grad_norm:
-                        acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    step_scheduler(acc, scheduler)
-                optimizer.zero_grad()
-                losses = []
-                self.global_step += 1
-                progress.update(1)
-                step_in_epoch = group_start // config.accumulation_steps + 1
-                scheduled = (self.global_step % eval_steps == 0) if eval_steps > 0 else step_in_epoch in val_points
-                validate = scheduled or self.global_step == total
-                if self.global_step % config.logging_steps == 0 or validate:
-                    self._log(window, epoch + step_in_epoch / opt_per_epoch, scheduler, started, progress)
-                    window = {}
-                if validate:
-                    self.validate(val_rows, self.global_step, epoch + step_in_epoch / opt_per_epoch)
-                    self.model.train()
-                stopping = self.global_step == config.stop_after_steps
-                if self._should_checkpoint(validate) or stopping:
-                    self._save_checkpoint(optimizer, scheduler, epoch, step_in_epoch)
-                if stopping:
-                    progress.close()
-                    logger.info("stopped after %d optimizer steps as asked; run the same command to resume",
-                                self.global_step)
-                    return False
-        progress.close()
-        return True
-
-    def _log(self, window: dict[str, list[float]], epoch: float, scheduler, started: float, progress) -> None:
-        entry = {"step": self.global_step, "epoch": round(epoch, 4), "lr": scheduler.get_last_lr()[0],
-                 "elapsed_s": round(time.time() - started, 2)}
-        entry.update(window_summary(self._gathered(window)))
-        progress.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "nll", "advantage", "importance_weight") if k in entry})
-        if self.is_main:
-            append_jsonl(self.output_dir / "train_log.jsonl", entry)
-        self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.global_step)
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with the window's per-row statistics (gathered from every process) on a training
+        log, which also goes to ``OUTPUT/train_log.jsonl`` (``lr``: the rate after the step)."""
+        if "loss" in logs and "eval_loss" not in logs and not any(k.startswith("train_") for k in logs):
+            window = self._gathered(self._window)
+            self._window = {}
+            stats = window_summary(window)
+            logs = {**logs, **{k: v for k, v in stats.items() if k != "loss"}, "row_loss": stats.get("loss")}
+            entry = {"step": self.state.global_step, "epoch": round(float(self.state.epoch or 0.0), 4),
+                     "lr": self.lr_scheduler.get_last_lr()[0],
+                     "elapsed_s": round(time.time() - self._started, 2), **stats}
+            if self.is_main:
+                append_jsonl(self.output_dir / "train_log.jsonl", entry)
+        super().log(logs, start_time)
 
     def _gathered(self, window: dict[str, list[float]]) -> dict[str, list[float]]:
         """Every process's per-row statistics of the window (a collective: every process logs at the same steps)."""
@@ -763,9 +389,91 @@ class OfflineRLTrainer:
                 merged.setdefault(name, []).extend(values)
         return merged
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Validation: generate on the validation prompts and score them (without a reward: the gold responses'
+        NLL per token); log it, and save the model to ``save_dir`` when the task's metric improves."""
+        step = self.state.global_step
+        summary = self.validation_summary(step)
+        measure = summary[self.keeper.metric]
+        epoch = float(self.state.epoch or 0.0)
+        if self.keeper.record(step, epoch, summary, measure, self._save_best, self.accelerator):
+            self.write_card()  # what is known now: the best validation measure and its step (best.json)
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def validation_summary(self, step: int) -> dict:
+        val = self._val_records()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.reward is None:
+                return {"neg_nll_per_token": -self.gold_nll_per_token(self.val_rows)}
+            with stage_rng(self.args.seed, f"validation_{step}"):
+                reuse, self._reuse = (self._reuse if step == 0 else None), None
+                completions, rewards = reuse or self._generate_and_score(val, self.val_rows, "validation")
+            return summarize_generations(completions, rewards, golds=self._gold_texts(val))
+        finally:
+            if was_training:
+                self.model.train()
+
+    def gold_nll_per_token(self, rows: list[TokenizedRow]) -> float:
+        """Mean NLL per token of the gold responses (the measure when no reward is given)."""
+        with self.training_precision():
+            outputs = reference_pass(self.model_wrapped, rows, self.collator, self.args.per_device_eval_batch_size,
+                                     None, self.accelerator, desc="validation NLL", kernel=self.logprob_kernel)
+        tokens = sum(len(lp) for lp in outputs.logprobs)
+        return -float(sum(lp.sum() for lp in outputs.logprobs)) / max(tokens, 1)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        inject_fault("mid_checkpoint_save")  # the fault-injection tests: killed with the model written, not the rest
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """A checkpoint's model files: never with a non-finite weight."""
+        check_finite_state({n: p for n, p in self.model.named_parameters() if p.requires_grad},
+                           f"the checkpoint {output_dir}")
+        super()._save(output_dir, state_dict)
+
+    # --------------------------------------------------------------------------- the best model
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The whole state dict, gathered from shards under FSDP / ZeRO-3 (a collective: every process calls it)."""
+        return self.accelerator.get_state_dict(self.model_wrapped)
+
+    def _save_best(self) -> None:
+        state = self._full_state()
+        best = trainable_state(self.accelerator, self.model_wrapped, state)
+        # under sharding only the main process holds the gathered weights: its verdict is every process's
+        what = f"the best model (for {self.args.save_dir})"
+        decided_on_main(self.accelerator, lambda: check_finite_state(best, what))
+        self.best_state = best
+        self.save_best_model(self.args.save_dir, state)
+
+    def save_best_model(self, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The model (or only its adapter) and tokenizer, ready for ``from_pretrained``; main process writes."""
+        state = self._full_state() if state is None else state
+
+        def write() -> None:
+            check_finite_state(state, f"the model for {directory}")
+            self.accelerator.unwrap_model(self.model_wrapped).save_pretrained(directory, state_dict=state,
+                                                                              safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+
+        decided_on_main(self.accelerator, write)  # a refusal stops every process, not the main one alone
+
+    def _restore_best(self) -> None:
+        if self.best_state is None:
+            return
+        if not restore_trainable(self.accelerator, self.model_wrapped, self.best_state):
+            logger.warning("the final evaluation uses the last weights, not the best validation's: restoring them "
+                           "into FSDP1 / DeepSpeed shards is not implemented (the best model is in %s)",
+                           self.args.save_dir)
+
     # ------------------------------------------------------------------------------ evaluation
-    def evaluate(self, split: str, records: list[Record], rows: list[TokenizedRow]) -> dict[str, dict]:
+    def evaluate_split(self, split: str, records: list[Record], rows: list[TokenizedRow]) -> dict[str, dict]:
         """Generate on a split, score, and summarise generated and gold responses."""
+        self.model.eval()
         completions, rewards = self._generate_and_score(records, rows, f"evaluate {split}")
         golds = self._gold_texts(records)
         knowledge = self._knowledge(records)
@@ -793,47 +501,73 @@ class OfflineRLTrainer:
             return None
         return [self.task.knowledge(r.prompt) for r in records]
 
-    def _restore_best(self) -> None:
-        if self.best_state is None:
+    # ----------------------------------------------------------------------------- model card
+    @property
+    def _train_digest(self) -> str:
+        if not hasattr(self, "_train_digest_value"):
+            self._train_digest_value = cache_lib.records_digest(self.data.train)
+        return self._train_digest_value
+
+    @property
+    def run_key(self) -> str:
+        """What a checkpoint must agree with to be resumed (:func:`lolrl.utils.checkpoint.run_key`)."""
+        if not hasattr(self, "_run_key_value"):
+            self._run_key_value = run_key(self.args.run_settings(), train=self._train_digest,
+                                          val=cache_lib.records_digest(self._val_records()))
+        return self._run_key_value
+
+    def write_card(self, results: dict[str, dict] | None = None) -> None:
+        """SAVE/README.md (:mod:`lolrl.engine.model_card`): at each new best, and with the final metrics at the end."""
+        if not self.is_main:
             return
-        if not restore_trainable(self.accelerator, self.model, self.best_state):
-            logger.warning("the final evaluation uses the last weights, not the best validation's: restoring them "
-                           "into FSDP1 / DeepSpeed shards is not implemented (the best model is in %s)",
-                           self.config.save_dir)
+        rows = {"train": len(self.data.train), "validation": len(self._val_records())}
+        if self.args.do_predict and self.data.test:
+            rows["test"] = len(self.data.test)
+        write_card(self.args.save_dir, offline_card(self.args, rows, self._train_digest, results))
+
+    def push_to_hub(self, *args, **kwargs) -> None:
+        """--push_to_hub: the save folder (model or adapter, tokenizer, card) to the hub, from the main process."""
+        config = self.args
+        decided_on_main(self.accelerator, lambda: push_best(
+            config.save_dir, config.hub, Path(config.output_dir).resolve().name, config.algorithm, self.keeper.metric,
+            self.keeper.best))
+
+    def init_hf_repo(self, token=None):
+        """The Trainer's checkpoint uploads stay off: the best model is uploaded once, at the end
+        (:meth:`push_to_hub`)."""
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        pass
 
     # ------------------------------------------------------------------------------------ run
-    def _end_run(self) -> None:
-        """The wrapped (DDP) model goes before the process group does (see :func:`end_run`)."""
-        self.model = self.accelerator.unwrap_model(self.model)
-        end_run(self.accelerator)
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> TrainOutput:
+        """Train and evaluate (:meth:`run`); returns the Trainer's ``TrainOutput``, its metrics the final
+        evaluation's (``val/generated/final_reward``, ...)."""
+        results = self.run()
+        metrics = {f"{table}/{k}": v for table, values in results.items() for k, v in values.items()
+                   if isinstance(v, (int, float))}
+        return TrainOutput(self.state.global_step, float(metrics.get("train_loss", 0.0)), metrics)
 
     def run(self) -> dict[str, dict]:
-        """The whole pipeline: reference signal, training with validation, final evaluation. The output
-        and save folders are locked for the run (a second run on either is refused)."""
-        folders = {"output folder": self.output_dir, **({"save folder": self.config.save_dir}
-                                                          if self.config.do_train else {})}
+        """The whole pipeline: the stages, training with validation, the final evaluation. The output and
+        save folders are locked for the run (a second run on either is refused). Returns the final
+        evaluation's tables ({} when the run stopped early, on ``stop_after_steps``)."""
+        folders = {"output folder": self.output_dir, **({"save folder": self.args.save_dir}
+                                                          if self.args.do_train else {})}
         with hold_folders(folders, self.is_main):
-            return self._run()
+            try:
+                return self._run()
+            finally:
+                end_trainer_run(self)
 
     def _run(self) -> dict[str, dict]:
-        config = self.config
+        args = self.args
         if self.is_main:
-            atomic_write_json(self.output_dir / "args.json", config.to_dict())
-        self._load_policy()
+            atomic_write_json(self.output_dir / "args.json", args.to_dict())
         val_records = self._val_records()
-        val_rows = self.row_tokenizer(val_records)
-        if config.do_train:
-            train_rows = self.row_tokenizer(self.data.train)
-            signal = self.prepare_training_signal(train_rows, val_rows)
-            checkpoint = self.find_checkpoint()
-            if config.report_to not in (None, "none"):  # before the first validation, which logs val/ too
-                self.accelerator.init_trackers("lolrl", config=flat_config(config.to_dict()))
-            if config.eval_in_beginning and checkpoint is None:
-                # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
-                reuse = self._reference_generations(val_rows) if self.reward is not None else None
-                self.validate(val_rows, 0, 0.0, reuse)
-            if not self._train_loop(train_rows, val_rows, signal, checkpoint):
-                self._end_run()
+        self.val_rows = self.row_tokenizer(val_records)
+        if args.do_train:
+            if not self._train():
                 return {}
             self._restore_best()
             if self.is_main:
@@ -843,19 +577,77 @@ class OfflineRLTrainer:
                 plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png",
                                       metric=self.keeper.metric)
         results: dict[str, dict] = {}
-        splits = [("val", val_records, val_rows)]
-        if config.do_test and self.data.test:
+        splits = [("val", val_records, self.val_rows)]
+        if args.do_predict and self.data.test:
             splits.append(("test", self.data.test, self.row_tokenizer(self.data.test)))
         for split, records, rows in splits:
-            results.update(self.evaluate(split, records, rows))
+            results.update(self.evaluate_split(split, records, rows))
         if self.is_main:
             paths = write_results_table(self.output_dir, "eval_results", results)
             logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
-        if config.do_train and math.isfinite(self.keeper.best):  # a best model was saved: its card gets the results
+        if args.do_train and math.isfinite(self.keeper.best):  # a best model was saved: its card gets the results
             self.write_card(results)
-        try:
-            if config.do_train and config.hub.push_to_hub:
-                self.push_to_hub()
-        finally:
-            self._end_run()
+        if args.do_train and args.push_to_hub:
+            self.push_to_hub()
         return results
+
+    def _train(self) -> bool:
+        """The stages, then the Trainer's loop; False when it stopped early on ``stop_after_steps``."""
+        args = self.args
+        train_rows = self.row_tokenizer(self.data.train)
+        signal = self.prepare_training_signal(train_rows, self.val_rows)
+        table = training_table(train_rows, signal)
+        self.train_dataset = TrainingRows(table, args.group_size)
+        self.sampler = PrioritySampler(len(self.train_dataset), args.per_device_train_batch_size,
+                                       self.accelerator.num_processes, signal.sample_weights, args.seed,
+                                       self.train_dataset.item_lengths() if args.length_grouping else None)
+        self._plan(len(train_rows))
+        checkpoint = find_resumable_hf(self.checkpoint_dir, args.resume, self.run_key, self.accelerator)
+        if checkpoint is not None:
+            self.seal.resuming_from(checkpoint)
+            if self.is_main:
+                drop_log_tail(self.output_dir, int(checkpoint.name.split("-")[-1]))
+        if args.eval_on_start and checkpoint is None:
+            # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
+            if self.reward is not None:
+                self._reuse = self._reference_generations(self.val_rows)
+            self.evaluate()
+        if checkpoint is None:  # training's own stream, whatever the stages before it did (or a cache skipped)
+            seed_stage(args.seed, "train")
+        self._started = time.time()
+        eval_on_start, args.eval_on_start = args.eval_on_start, False  # done above, once, with pi_ref's generations
+        try:
+            super().train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            args.eval_on_start = eval_on_start
+        if self.stop.stopped:
+            logger.info("stopped after %d optimizer steps as asked; run the same command to resume",
+                        self.state.global_step)
+            return False
+        return True
+
+    def _plan(self, rows: int) -> None:
+        """The optimizer steps (``max_steps`` caps the epochs; the HH recipe scales a step budget by the positive
+        share), the validation points, and ``OUTPUT/training_plan.json``."""
+        args, sampler = self.args, self.sampler
+        micro_per_epoch = sampler.steps_per_epoch
+        opt_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
+        epochs = math.ceil(args.num_train_epochs)
+        total = opt_per_epoch * epochs
+        if args.max_steps > 0:
+            total = min(total, args.max_steps) if epochs else args.max_steps
+            if args.step_scale_rows and sampler.weights is not None:
+                share = sampler.rows_per_epoch / args.step_scale_rows
+                total = max(1, int(total * share))
+                if args.eval_steps:
+                    args.eval_steps = max(1, int(args.eval_steps * share))
+        args.max_steps = max(total, 1)
+        self.schedule.plan(opt_per_epoch, args.val_log_frequency, args.max_steps)
+        if self.is_main:
+            atomic_write_json(self.output_dir / "training_plan.json", {
+                "rows": rows, "rows_per_epoch": sampler.rows_per_epoch, "global_batch": sampler.global_batch,
+                "micro_steps_per_epoch": micro_per_epoch, "optimizer_steps_per_epoch": opt_per_epoch,
+                "optimizer_steps": args.max_steps, "epochs": math.ceil(args.max_steps / opt_per_epoch),
+                "validations_per_epoch": len(self.schedule.points)})
+        logger.info("training %s: %d optimizer steps (%d per epoch, %d of %d rows per epoch)", args.algorithm,
+                    args.max_steps, opt_per_epoch, sampler.rows_per_epoch, rows)

@@ -56,7 +56,7 @@ _FAULT_COUNTS: dict[str, int] = {}
 def inject_fault(point: str) -> None:
     """Kill this process (SIGKILL, as a cluster scheduler or the OOM killer does) when the environment
     variable ``LOLRL_FAULT`` is ``point`` (the first time it is reached) or ``point:N`` (the N-th time);
-    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save."""
+    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save (PPO's checkpoints); mid_checkpoint_save (the offline trainer's: the model written, the optimizer not yet)."""
     wanted = os.environ.get(FAULT_ENV)
     if not wanted or wanted.split(":")[0] != point:
         return
@@ -249,8 +249,9 @@ def resume_training_state(accelerator, path: Path, model, optimizer, scheduler
 # The one list of what a run key leaves out (every trainer's, see :func:`run_key`): settings that only say
 # when to stop, what to log, whether to reuse caches, or where the run's own folders are. A run resumed
 # with other values, or from its output folder moved or copied elsewhere, is the same run.
-NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "report_to", "logging_steps",
-                  "use_cache", "do_test", "max_nonfinite_steps", "output_dir", "save_dir", "cache_dir", "hub")
+NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "save_total_limit", "report_to",
+                  "logging_steps", "use_cache", "stage_cache", "do_test", "do_predict", "max_nonfinite_steps",
+                  "output_dir", "save_dir", "cache_dir", "hub", "logging_dir")
 # Settings that name an input by its path: keyed by its contents (a moved copy is the same input, other
 # weights at the same path are not).
 INPUT_PATHS = ("model_name", "tokenizer_name", "adapter_path")
@@ -340,3 +341,75 @@ def drop_log_tail(output_dir: Path, step: int, names=("train_log.jsonl", "valida
         path = output_dir / name
         if path.exists():
             write_jsonl(path, [e for e in read_jsonl(path) if e.get("step", 0) <= step])
+
+
+# ---------------------------------------------------------------------- the Trainer's checkpoints
+# The offline trainer's checkpoints are transformers.Trainer's (OUTPUT/checkpoint-N: model or adapter,
+# optimizer, scheduler, RNG states, trainer_state.json), sealed by lolrl.engine.callbacks.CheckpointSeal
+# with SEAL (the run key, the best measure), best.safetensors and, last, the manifest.
+SEAL = "lolrl_seal.json"
+HF_PREFIX = "checkpoint-"
+
+
+def hf_checkpoints(directory: Path) -> list[Path]:
+    """The Trainer's checkpoint folders in ``directory``, oldest first."""
+    found = [p for p in Path(directory).glob(f"{HF_PREFIX}*") if p.is_dir() and p.name[len(HF_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(HF_PREFIX):]))
+
+
+def latest_hf_checkpoint(directory: Path) -> Path | None:
+    """The newest sealed checkpoint (it is verified when resumed, see :func:`find_resumable_hf`)."""
+    done = [p for p in hf_checkpoints(directory) if (p / MANIFEST).is_file()]
+    return done[-1] if done else None
+
+
+def read_seal(path: Path) -> dict:
+    """A checkpoint's seal, checked for its fields (else :class:`IntegrityError`)."""
+    try:
+        seal = json.loads((path / SEAL).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"{path / SEAL}: unreadable") from None
+    best = seal.get("best_measure") if isinstance(seal, dict) else None
+    if not isinstance(seal, dict) or not isinstance(seal.get("run_key"), str) or not (
+            best is None or isinstance(best, (int, float))):
+        raise IntegrityError(f"{path / SEAL}: malformed")
+    return seal
+
+
+def find_resumable_hf(directory: Path, mode: str, key: str, accelerator=None) -> Path | None:
+    """The Trainer checkpoint to resume (``mode``: auto, must, never): the newest that verifies against its
+    manifest (a damaged or unsealed one is skipped with a message), refusing one written by another run,
+    and refusing to start when checkpoints exist but none is intact. The main process chooses; every
+    process gets its choice (or its refusal)."""
+    from lolrl.utils.processes import decided_on_main
+
+    found = decided_on_main(accelerator, lambda: _newest_intact_hf(Path(directory), mode, key))
+    if found is not None:
+        logger.info("resuming from %s (pass --no_resume to start over)", found)
+    return found
+
+
+def _newest_intact_hf(directory: Path, mode: str, key: str) -> Path | None:
+    from lolrl.utils.errors import ConfigError
+
+    candidates = [] if mode == "never" else hf_checkpoints(directory)
+    if mode == "never":
+        for old in hf_checkpoints(directory):  # starting over: the Trainer would rotate them with the new ones
+            shutil.rmtree(old, ignore_errors=True)
+    if mode == "must" and not candidates:
+        raise ConfigError(f"--resume: no checkpoint in {directory}")
+    for found in reversed(candidates):
+        try:
+            verify_manifest(found)
+            seal = read_seal(found)
+        except IntegrityError as exc:
+            logger.warning("checkpoint %s is damaged (%s): trying the previous one", found.name, exc)
+            continue
+        if seal["run_key"] != key:
+            raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
+                              "resume with the same flags, or pass --no_resume (or another output folder)")
+        return found
+    if candidates:
+        raise IntegrityError(f"no intact checkpoint in {directory} ({len(candidates)} damaged or incomplete): "
+                             "pass --no_resume to start over (or another output folder)")
+    return None

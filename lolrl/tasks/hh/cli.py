@@ -318,7 +318,8 @@ def run_offline(args: HHArguments, build) -> int:
         config, data = build(args, train_rows, dev_rows)
         from lolrl.engine.trainer import OfflineRLTrainer
 
-        trainer = OfflineRLTrainer(config, data, validation_reward(args), postprocess=hh_postprocess(args))
+        trainer = OfflineRLTrainer(args=config, data=data, reward=validation_reward(args),
+                                   postprocess=hh_postprocess(args))
         results = trainer.run()
     except UserError as exc:
         return report_user_error(exc)

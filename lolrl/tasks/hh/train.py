@@ -88,21 +88,25 @@ def precision(args) -> dict:
 def offline_config(args, **settings) -> OfflineRLConfig:
     """The engine's configuration for an HH script from its settings dataclass
     (:class:`lolrl.tasks.hh.cli.HHArguments`) plus the script's own ``settings``."""
+    numerics = precision(args)
     return OfflineRLConfig(
         model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
         save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir, task_name="hh",
-        max_prompt_length=args.max_prompt_length, max_resp_length=MAX_RESPONSE_LENGTH, n_epochs=0,
-        max_steps=args.max_steps, eval_steps=args.eval_steps, batch_size=args.per_device_train_batch_size,
-        accumulation_steps=args.gradient_accumulation_steps, val_batch_size=args.per_device_eval_batch_size,
+        max_prompt_length=args.max_prompt_length, max_resp_length=MAX_RESPONSE_LENGTH, num_train_epochs=0,
+        max_steps=args.max_steps, eval_strategy="steps" if args.eval_steps > 0 else "no",
+        eval_steps=args.eval_steps or None, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
         logging_steps=args.logging_steps, report_to=args.report_to,
-        lr_scheduler=args.lr_scheduler_type, seed=args.seed, max_val_examples=args.max_val_examples,
-        generation=generation_settings(args.model_name_or_path), eval_in_beginning=True,
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_test=False,
-        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing, **precision(args),
-        disable_dropout=args.disable_dropout,
-        logprob_kernel=args.logprob_kernel, hub=HubSettings.of(args), **settings)
+        lr_scheduler_type=args.lr_scheduler_type, seed=args.seed, max_val_examples=args.max_val_examples,
+        generation=generation_settings(args.model_name_or_path), eval_on_start=True,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_predict=False,
+        stop_after_steps=args.stop_after_steps, activation_checkpointing=args.gradient_checkpointing,
+        bf16=numerics["dtype"] == "bf16", load_in_4bit=numerics["load_in_4bit"],
+        quantization=numerics["quantization"], disable_dropout=args.disable_dropout,
+        logprob_kernel=args.logprob_kernel, **HubSettings.of(args).__dict__, **settings)
 
 
 def task_data(train, val) -> TaskData:

@@ -60,7 +60,7 @@ class GenerationTaskArguments(HubSettings, QuantizationSettings):
     save_dir: str | None = setting(None, "where the best model is saved (default OUTPUT/model)", aliases=["-s"])
     cache_dir: str | None = setting(None, "reference/value/advantage caches (default OUTPUT/cache)", aliases=["-cd"])
     no_cache: bool = setting(False, "recompute every cached stage")
-    dtype: str = setting(default_of(_C, "dtype"), "parameter dtype", choices=DTYPES)
+    dtype: str = setting("fp32", "parameter dtype", choices=DTYPES)
     bf16: bool = setting(False, "same as --dtype bf16")
     fp16: bool = setting(False, "same as --dtype fp16")
     lora_r: int = setting(default_of(_L, "r"), "LoRA rank; 0 trains all weights", min=0)
@@ -107,10 +107,10 @@ class GenerationTaskArguments(HubSettings, QuantizationSettings):
                                                             "paper's objective", aliases=["-but"])
     # training
     train: bool = setting(False, "train; without it only evaluate the model at -s/-m", aliases=["-t"])
-    n_epochs: int = setting(default_of(_C, "n_epochs"), "epochs", aliases=["-e"], min=0)
+    n_epochs: int = setting(int(default_of(_C, "num_train_epochs")), "epochs", aliases=["-e"], min=0)
     max_steps: int = setting(default_of(_C, "max_steps"), "stop after this many optimizer steps (-1: the epochs)")
-    batch_size: int = setting(default_of(_C, "batch_size"), "per-process batch size", aliases=["-bs"], min=1)
-    accumulation_steps: int = setting(default_of(_C, "accumulation_steps"), "batches per optimizer step",
+    batch_size: int = setting(default_of(_C, "per_device_train_batch_size"), "per-process batch size", aliases=["-bs"], min=1)
+    accumulation_steps: int = setting(default_of(_C, "gradient_accumulation_steps"), "batches per optimizer step",
                                       aliases=["-as"], min=1)
     learning_rate: float = setting(default_of(_C, "learning_rate"), "learning rate", aliases=["-lr"], min=0.0)
     optim: str = setting(default_of(_C, "optim"), "a transformers optimizer name (the original: AdamW)")
@@ -119,8 +119,8 @@ class GenerationTaskArguments(HubSettings, QuantizationSettings):
     adam_epsilon: float = setting(default_of(_C, "adam_epsilon"), "Adam epsilon (the original's 1e-8)")
     weight_decay: float = setting(default_of(_C, "weight_decay"), "weight decay (not on biases and norms)", min=0.0)
     max_grad_norm: float = setting(default_of(_C, "max_grad_norm"), "gradient-norm clip", min=0.0)
-    warmup_ratio: float = setting(default_of(_C, "warmup_ratio"), "share of steps warming up", min=0.0, max=1.0)
-    lr_scheduler: str = setting(default_of(_C, "lr_scheduler"), "a transformers scheduler name")
+    warmup_ratio: float = setting(0.0, "share of steps warming up", min=0.0, max=1.0)
+    lr_scheduler: str = setting(str(default_of(_C, "lr_scheduler_type")), "a transformers scheduler name")
     disable_dropout: bool = setting(default_of(_C, "disable_dropout"), DISABLE_DROPOUT_HELP,
                                     no_aliases=["--keep_dropout"])
     no_length_grouping: bool = setting(False, "batches in data order instead of grouped by length")
@@ -129,21 +129,21 @@ class GenerationTaskArguments(HubSettings, QuantizationSettings):
                            choices=("auto", "on", "off"))
     logprob_kernel: str = setting(default_of(_C, "logprob_kernel"), LOGPROB_KERNEL_HELP, choices=LOGPROB_KERNELS)
     seed: int = setting(default_of(_C, "seed"), "random seed", aliases=["-seed"])
-    save_steps: int = setting(default_of(_C, "save_steps"), "checkpoint (model/adapter, optimizer, scheduler, sampler, "
+    save_steps: int = setting(int(default_of(_C, "save_steps")), "checkpoint (model/adapter, optimizer, scheduler, sampler, "
                               "RNG) every N optimizer steps; 0: at every validation; -1: never")
-    keep_checkpoints: int = setting(default_of(_C, "keep_checkpoints"), "how many checkpoints to keep", min=1)
+    keep_checkpoints: int = setting(default_of(_C, "save_total_limit"), "how many checkpoints to keep", min=1)
     resume: str = setting(default_of(_C, "resume"), "continue from the latest checkpoint in OUTPUT/checkpoints: "
                           "auto (whenever one exists), must (--resume alone) or never (--no_resume)",
                           choices=("auto", "must", "never"), const="must", no_aliases=["--no_resume"],
                           no_value="never")
     stop_after_steps: int = setting(default_of(_C, "stop_after_steps"), "stop, checkpointed, after this many "
                                     "optimizer steps (e.g. to fit a batch job's time limit); the same command resumes")
-    logging_steps: int = setting(default_of(_C, "logging_steps"), "log every N optimizer steps", min=1)
+    logging_steps: int = setting(int(default_of(_C, "logging_steps")), "log every N optimizer steps", min=1)
     report_to: str = setting(default_of(_C, "report_to"), "trackers for accelerate: tensorboard, wandb, ... or none")
     # validation and generation
     eval_in_beginning: bool = setting(False, "validate the starting model first; a checkpoint must then beat it",
                                       aliases=["-ev_b"])
-    val_batch_size: int = setting(default_of(_C, "val_batch_size"), "validation batch size", aliases=["-v_bs"], min=1)
+    val_batch_size: int = setting(default_of(_C, "per_device_eval_batch_size"), "validation batch size", aliases=["-v_bs"], min=1)
     val_log_frequency: int = setting(default_of(_C, "val_log_frequency"), "validations per epoch", aliases=["-vf"],
                                      min=1)
     num_beams: int = setting(default_of(_G, "num_beams"), "beams", min=1)
@@ -198,26 +198,29 @@ def config_from_args(args: GenerationTaskArguments) -> OfflineRLConfig:
     return OfflineRLConfig(
         model_name=model_name, output_dir=args.output_dir, algorithm=args.learning_algorithm,
         tokenizer_name=args.model_tokenizer, save_dir=args.save_dir, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache, task_name=task_info(args.task_name).name,
+        stage_cache=not args.no_cache, task_name=task_info(args.task_name).name,
         reward=None if args.reward in (None, "none") else args.reward,
-        max_prompt_length=args.max_prompt_length, max_resp_length=args.max_resp_length, n_epochs=args.n_epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
+        max_prompt_length=args.max_prompt_length, max_resp_length=args.max_resp_length,
+        num_train_epochs=args.n_epochs, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.accumulation_steps,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
-        warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler, dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing, disable_dropout=args.disable_dropout, seed=args.seed,
+        warmup_steps=min(args.warmup_ratio, 1 - 1e-9), lr_scheduler_type=args.lr_scheduler, bf16=args.dtype == "bf16",
+        fp16=args.dtype == "fp16", activation_checkpointing=args.gradient_checkpointing,
+        disable_dropout=args.disable_dropout, seed=args.seed,
         ppo_clip=args.ppo_clip, ppo_clip_given=clip_given, kl_beta=args.kl_beta,
         kl_estimator=args.kl_estimator, gold_floor=args.gold_floor, sampling_strategy=sampling,
         value_epochs=args.a2c_n_value_head_epochs, value_learning_rate=args.value_learning_rate,
         value_folds=args.value_folds, value_source=args.value_source,
-        value_samples=args.value_samples, value_head=args.value_head, val_batch_size=args.val_batch_size,
-        val_log_frequency=args.val_log_frequency, eval_in_beginning=args.eval_in_beginning,
+        value_samples=args.value_samples, value_head=args.value_head, per_device_eval_batch_size=args.val_batch_size,
+        val_log_frequency=args.val_log_frequency, eval_on_start=args.eval_in_beginning,
         max_val_examples=args.max_val_examples, generation=generation, do_train=args.train,
-        do_test=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
+        do_predict=not args.no_test, lora=lora, adapter_path=args.adapter_path, logging_steps=args.logging_steps,
         report_to=args.report_to, length_grouping=not args.no_length_grouping, packing=args.packing,
-        logprob_kernel=args.logprob_kernel, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+        logprob_kernel=args.logprob_kernel, save_strategy="no" if args.save_steps < 0 else "steps",
+        save_steps=max(args.save_steps, 0), save_total_limit=args.keep_checkpoints, resume=args.resume,
         stop_after_steps=args.stop_after_steps, load_in_4bit=args.load_in_4bit,
-        quantization=QuantizationSettings.of(args), hub=HubSettings.of(args))
+        quantization=QuantizationSettings.of(args), **HubSettings.of(args).__dict__)
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:
@@ -251,7 +254,7 @@ def _paper_task_reward(args: GenerationTaskArguments, config: OfflineRLConfig):
     from lolrl.tasks.paper.rewards import TFIDF_FILE, PaperRewardModels, build_task_reward
 
     task = task_info(args.task_name)
-    models = PaperRewardModels.from_args(args, batch_size=config.val_batch_size)
+    models = PaperRewardModels.from_args(args, batch_size=config.per_device_eval_batch_size)
     try:
         reward = build_task_reward(task.name, models, Path(args.input_dir) / TFIDF_FILE
                                    if task.name != "comet" else None)
@@ -285,7 +288,7 @@ def run(args: GenerationTaskArguments) -> tuple[dict, OfflineRLConfig, bool]:
         logger.warning("-r/--reward_function is ignored (the original code ignored it too)")
     data = load_task_dir(args.input_dir, task_info(args.task_name).split_files,
                          require_train_reward=config.do_train and config.algorithm != "nll",
-                         need_test=config.do_test, use_datasets=args.use_datasets)
+                         need_test=config.do_predict, use_datasets=args.use_datasets)
     if args.reward is None and is_paper_task(args.task_name):
         reward = _paper_task_reward(args, config)
     else:
@@ -294,7 +297,7 @@ def run(args: GenerationTaskArguments) -> tuple[dict, OfflineRLConfig, bool]:
     from lolrl.engine.trainer import OfflineRLTrainer
 
     _setup_logging(config.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0)  # before models load
-    trainer = OfflineRLTrainer(config, data, reward, task=task_info(args.task_name))
+    trainer = OfflineRLTrainer(args=config, data=data, reward=reward, task=task_info(args.task_name))
     return trainer.run(), config, trainer.is_main
 
 
