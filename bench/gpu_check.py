@@ -172,7 +172,7 @@ def check_resume(name: str, launch: list[str], models: dict, task: Path, work: P
     """Uninterrupted 4 steps vs 2 steps, stop, resume to 4: the trainable parameters must be equal."""
     from safetensors.torch import load_file
 
-    from lolrl.utils.checkpoint import latest_checkpoint
+    from lolrl.utils.checkpoint import latest_hf_checkpoint
 
     whole, split = work / f"{name}_whole", work / f"{name}_split"
     started = time.time()
@@ -185,12 +185,15 @@ def check_resume(name: str, launch: list[str], models: dict, task: Path, work: P
             return report(name, "FAIL", last_error(proc))
     if "resuming from" not in proc.stderr + proc.stdout:
         return report(name, "FAIL", "the second run of the stopped one did not resume from its checkpoint")
-    final = latest_checkpoint(split / "checkpoints")
-    written_by = json.loads((final / "state.json").read_text()).get("sharded_by")
+    final = latest_hf_checkpoint(split / "checkpoints")
+    names = {p.name for p in final.iterdir()}
+    written_by = ("fsdp" if any(n.startswith("pytorch_model_fsdp") for n in names) else
+                  "deepspeed" if any(n.startswith("global_step") for n in names) else None)
     if written_by != engine:
-        return report(name, "FAIL", f"the checkpoint says sharded_by={written_by}, expected {engine}")
-    a = load_file(str(latest_checkpoint(whole / "checkpoints") / "trainable.safetensors"))
-    b = load_file(str(latest_checkpoint(split / "checkpoints") / "trainable.safetensors"))
+        return report(name, "FAIL", f"the Trainer's checkpoint is in the {written_by or 'plain'} format, expected {engine}")
+    # the best models (gathered by every engine into a plain folder): equal when the resume was exact
+    a = load_file(str(whole / "model" / "model.safetensors"))
+    b = load_file(str(split / "model" / "model.safetensors"))
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() else float("inf")
     report(name, "PASS" if diff <= 1e-6 else "FAIL",
            f"stopped at 2, resumed to 4 vs uninterrupted: max |diff| {diff:.2e} over {len(a)} tensors "

@@ -152,12 +152,12 @@ def test_conversational_run_passes_messages_and_columns_to_reward(tmp_path, chat
     args = OfflineRLConfig(output_dir=str(tmp_path / "run"), algorithm="wbc", num_train_epochs=1, per_device_train_batch_size=4, max_steps=1,
                            max_resp_length=8, val_log_frequency=1, do_predict=False,
                            generation=GenerationSettings(max_new_tokens=8))
-    results = OfflineRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
-                               eval_dataset=Dataset.from_list(data[:4]), reward_funcs=says_topic).train()
+    output = OfflineRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
+                              eval_dataset=Dataset.from_list(data[:4]), reward_funcs=says_topic).train()
     completions, topics = seen[-1]
     assert topics == ["hiking", "chess", "cooking", "music"]
     assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions)
-    assert all(isinstance(c[0]["content"], str) for c in completions) and "says_topic" in results["val/generated"]
+    assert all(isinstance(c[0]["content"], str) for c in completions) and "val/generated/says_topic" in output.metrics
 
 
 def _train_log(directory: Path) -> list[dict]:
@@ -214,8 +214,9 @@ def test_readme_python_example_runs_as_written(tmp_path, tiny_models, toy_dir, m
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(readme_python_example(), "README.md", "exec"), namespace)
-    results, trainer = namespace["results"], namespace["trainer"]
-    assert math.isfinite(results["test/generated"]["final_reward"])
+    output, trainer = namespace["output"], namespace["trainer"]
+    assert math.isfinite(output.metrics["test/generated/final_reward"])
+    assert output.global_step == trainer.state.global_step > 0
     assert trainer.config.generation.do_sample  # sampled decoding, where pi_ref leaves room to improve
     assert (tmp_path / "runs" / "api_a_lol" / "model" / "model.safetensors").exists()
     assert (tmp_path / "runs" / "api_a_lol" / "advantage_stats.json").exists()

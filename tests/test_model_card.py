@@ -133,10 +133,10 @@ def test_card_with_results_and_push_of_the_save_folder(tmp_path, tiny_models, to
     assert ".*" in upload_args["ignore_patterns"]  # the run's lock file stays home
 
     # checkpoints verify as before (the card is in the save folder, not in a checkpoint's manifest)
-    from lolrl.utils.checkpoint import checkpoints
+    from lolrl.utils.checkpoint import hf_checkpoints
     from lolrl.utils.manifest import verify_manifest
 
-    found = checkpoints(out / "checkpoints")
+    found = hf_checkpoints(out / "checkpoints")
     assert found and all("README.md" not in verify_manifest(c)["files"] for c in found)
 
 
@@ -159,9 +159,9 @@ def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_models, toy_dir
     logged = sorted(scalars["train/loss"])
     assert [s for s, _ in logged] == [e["step"] for e in log] == [1, 2]
     assert [v for _, v in logged] == pytest.approx([e["loss"] for e in log], rel=1e-6)  # float32 in the event file
-    # every validation, the starting model's at step 0 (-ev_b) included
+    # every validation, the starting model's at step 0 (-ev_b) included, under the Trainer's eval/ prefix
     validations = [json.loads(line) for line in (out / "validation_stats.jsonl").read_text().splitlines()]
-    assert sorted(s for s, _ in scalars["val/final_reward"]) == [v["step"] for v in validations] == [0, 2]
+    assert sorted(s for s, _ in scalars["eval/final_reward"]) == [v["step"] for v in validations] == [0, 2]
 
 
 @pytest.mark.slow

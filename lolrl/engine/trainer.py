@@ -20,6 +20,7 @@ resume, trackers and progress bars are the Trainer's. What lolrl adds:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -109,21 +110,37 @@ class TrainingRows(torch.utils.data.Dataset):
         return [sum(lengths[i:i + self.size]) for i in range(0, len(lengths), self.size)]
 
 
-def training_table(rows: list[TokenizedRow], signal: TrainingSignal):
-    """The training rows and their stage columns as one Arrow table (``datasets.Dataset``)."""
-    from datasets import Dataset
+def training_table(rows: list[TokenizedRow], signal: TrainingSignal, path: Path):
+    """The training rows and their stage columns as one Arrow file at ``path``, written row by row and read
+    back memory-mapped (``datasets.Dataset.from_file``): the table is not held in RAM."""
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
 
-    columns = {"index": [r.index for r in rows], "prompt_ids": [r.prompt_ids for r in rows],
-               "response_ids": [r.response_ids for r in rows]}
+    features = {"index": Value("int64"), "prompt_ids": Sequence(Value("int32")),
+                "response_ids": Sequence(Value("int32"))}
     if signal.rewards is not None:
-        columns["reward"] = signal.rewards.tolist()
+        features["reward"] = Value("float64")
     if signal.advantages is not None:
-        columns["advantage"] = signal.advantages.tolist()
+        features["advantage"] = Value("float64")
     if signal.ref_logprobs is not None:
-        columns["ref_logprobs"] = [lp.tolist() for lp in signal.ref_logprobs]
+        features["ref_logprobs"] = Sequence(Value("float32"))
     if signal.sft_rows is not None:
-        columns["sft"] = signal.sft_rows.tolist()
-    return Dataset.from_dict(columns)
+        features["sft"] = Value("bool")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ArrowWriter(features=Features(features), path=str(path)) as writer:
+        for i, row in enumerate(rows):
+            entry = {"index": row.index, "prompt_ids": row.prompt_ids, "response_ids": row.response_ids}
+            if signal.rewards is not None:
+                entry["reward"] = float(signal.rewards[i])
+            if signal.advantages is not None:
+                entry["advantage"] = float(signal.advantages[i])
+            if signal.ref_logprobs is not None:
+                entry["ref_logprobs"] = signal.ref_logprobs[i].float().tolist()
+            if signal.sft_rows is not None:
+                entry["sft"] = bool(signal.sft_rows[i])
+            writer.write(entry)
+        writer.finalize()
+    return Dataset.from_file(str(path))
 
 
 class BatchCollator:
@@ -221,9 +238,13 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
 
     @staticmethod
     def _args_of(model, args: OfflineRLConfig | None) -> OfflineRLConfig:
-        """The run's settings, with ``model=`` as their ``model_name``."""
+        """The run's settings (a copy: the run fills in its step budget and metric), with ``model=`` as their
+        ``model_name``."""
         if args is None:
             raise ConfigError("no settings: give args=OfflineRLConfig(output_dir=..., ...)")
+        if not isinstance(args, OfflineRLConfig):
+            raise ConfigError(f"args= takes an OfflineRLConfig, got a {type(args).__name__}")
+        args = copy.copy(args)
         if model is not None:
             if not isinstance(model, (str, Path)):
                 raise ConfigError(f"model= takes a model folder or hub id, got a {type(model).__name__} "
@@ -369,7 +390,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
             window = self._gathered(self._window)
             self._window = {}
             stats = window_summary(window)
-            logs = {**logs, **{k: v for k, v in stats.items() if k != "loss"}, "row_loss": stats.get("loss")}
+            logs = {**logs, **{k: v for k, v in stats.items() if k != "loss"},
+                    **({"row_loss": stats["loss"]} if "loss" in stats else {})}
             entry = {"step": self.state.global_step, "epoch": round(float(self.state.epoch or 0.0), 4),
                      "lr": self.lr_scheduler.get_last_lr()[0],
                      "elapsed_s": round(time.time() - self._started, 2), **stats}
@@ -596,8 +618,7 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         args = self.args
         train_rows = self.row_tokenizer(self.data.train)
         signal = self.prepare_training_signal(train_rows, self.val_rows)
-        table = training_table(train_rows, signal)
-        self.train_dataset = TrainingRows(table, args.group_size)
+        self.train_dataset = TrainingRows(self._training_table(train_rows, signal), args.group_size)
         self.sampler = PrioritySampler(len(self.train_dataset), args.per_device_train_batch_size,
                                        self.accelerator.num_processes, signal.sample_weights, args.seed,
                                        self.train_dataset.item_lengths() if args.length_grouping else None)
@@ -625,6 +646,17 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
                         self.state.global_step)
             return False
         return True
+
+    def _training_table(self, train_rows: list[TokenizedRow], signal: TrainingSignal):
+        """The training dataset, written once by the main process (``OUTPUT/train_table.arrow``), memory-mapped
+        by every process."""
+        path = self.output_dir / "train_table.arrow"
+        with self.accelerator.main_process_first():
+            if self.is_main:
+                return training_table(train_rows, signal, path)
+        from datasets import Dataset
+
+        return Dataset.from_file(str(path))
 
     def _plan(self, rows: int) -> None:
         """The optimizer steps (``max_steps`` caps the epochs; the HH recipe scales a step budget by the positive
