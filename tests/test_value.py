@@ -137,6 +137,70 @@ def test_zero_epochs_keeps_the_initial_head():
     assert report.best_epoch == 0 and report.fold_epochs == [0] * 5 and report.n_fit == 20
 
 
+def test_select_epochs_by_hand():
+    """Fold f's epoch count minimises its inner errors (heads that never saw f, on other folds), never its
+    own out-of-fold errors; the final one minimises every fold's out-of-fold error."""
+    from lolrl.engine.value import select_epochs
+
+    outer = np.array([[1.0, 6.0, 9.0],   # each fold's own minimum (epoch 0, 1, 2) is never its choice below
+                      [8.0, 2.0, 9.0],
+                      [9.0, 8.0, 3.0]])
+    inner = np.array([[5.0, 4.0, 1.0],
+                      [0.5, 3.0, 2.0],
+                      [2.0, 1.0, 7.0]])
+    # folds: argmin of each inner row -> 2, 0, 1; final: outer column sums 18, 16, 21 -> 1
+    assert select_epochs(outer, inner) == ([2, 0, 1], 1)
+    flat = np.ones((3, 3))
+    assert select_epochs(flat, flat) == ([0, 0, 0], 0)  # ties: the fewest epochs
+
+
+def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
+    """2k + 1 fits: k heads each without one fold, k heads each without a neighbour pair {f, f + 1 mod k},
+    then the final head on every prompt. Fold f's epochs are chosen by the two pair heads without f on
+    the pair's other fold; its out-of-fold prediction is its own head's at those epochs. Recomputed here
+    from the same fits, by hand."""
+    import lolrl.engine.value as value
+
+    states = _states(25, seed=6)
+    targets = [_target(s) for s in states]
+    settings = ValueFitSettings(epochs=6, learning_rate=1e-2, batch_size=8, dropout=0.1, seed=3)
+    calls = []
+    train = value.train_attention_head
+
+    def counted(states, targets, train_idx, watched, epochs, settings, fit_id=0):
+        calls.append((tuple(train_idx), epochs, fit_id))
+        return train(states, targets, train_idx, watched, epochs, settings, fit_id)
+
+    monkeypatch.setattr(value, "train_attention_head", counted)
+    head, report = value.fit_value_head(states, targets, settings)
+    fold = value.fold_assignment(25, 5, 3)
+    without = [tuple(np.flatnonzero(fold != f)) for f in range(5)]
+    pairs = [(f, (f + 1) % 5) for f in range(5)]
+    without_pair = [tuple(np.flatnonzero((fold != f) & (fold != g))) for f, g in pairs]
+    assert calls == ([(without[f], 6, 1 + f) for f in range(5)] + [(without_pair[f], 6, 6 + f) for f in range(5)]
+                     + [(tuple(range(25)), report.best_epoch, 0)])
+    y, t = np.array(targets), torch.tensor(targets)
+    members = [np.flatnonzero(fold == f) for f in range(5)]
+
+    def error(curve, f):
+        return ((curve - y[members[f]]) ** 2).sum(axis=1)
+
+    outer = [train(states, t, np.array(without[f]), [members[f]], 6, settings, 1 + f)[1][0] for f in range(5)]
+    inner = np.zeros((5, 7))
+    for i, (f, g) in enumerate(pairs):
+        _, (on_f, on_g) = train(states, t, np.array(without_pair[i]), [members[f], members[g]], 6, settings, 6 + i)
+        inner[f] += error(on_g, g)  # the head without f and g, scored on g, selects for f
+        inner[g] += error(on_f, f)
+    # fold 0 is selected by the heads without {4, 0} (on fold 4) and without {0, 1} (on fold 1)
+    expected = [int(np.argmin(inner[f])) for f in range(5)]
+    assert report.fold_epochs == expected
+    assert report.best_epoch == int(np.argmin(sum(error(outer[f], f) for f in range(5))))
+    oof = np.empty(25)
+    for f in range(5):
+        oof[members[f]] = outer[f][expected[f]]
+    assert report.cv_mse == pytest.approx(float(np.mean((oof - y) ** 2)), rel=1e-6)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_noise_targets_get_no_credit(seed):
     """Pure-noise targets on 30 prompts: the cross-validated R^2 is at most about 0, while the old figure
