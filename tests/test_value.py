@@ -201,6 +201,30 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     assert report.cv_mse == pytest.approx(float(np.mean((oof - y) ** 2)), rel=1e-6)
 
 
+def test_the_cpu_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    """The head's small operations run on one intra-op thread on CPU (no thread barriers to wait on a
+    shared machine); the caller's thread count is back afterwards, also after an error."""
+    import lolrl.engine.value as value
+
+    seen = []
+    train = value.train_attention_head
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(value, "train_attention_head", spy)
+    torch.set_num_threads(2)
+    states = _states(10, seed=8)
+    value.fit_value_head(states, [_target(s) for s in states], ValueFitSettings(epochs=1))
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    monkeypatch.setattr(value, "train_attention_head", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        value.fit_value_head(states, [_target(s) for s in states], ValueFitSettings(epochs=1))
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_noise_targets_get_no_credit(seed):
     """Pure-noise targets on 30 prompts: the cross-validated R^2 is at most about 0, while the old figure
