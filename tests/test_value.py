@@ -62,6 +62,24 @@ def test_value_does_not_depend_on_padding():
         assert abs(head(changed, mask)[0].item() - batched[0].item()) > 1e-4
 
 
+def test_training_dropout_draws_on_real_states_only():
+    """In training mode the dropout mask covers the real prompt states only: the same seed gives the same
+    V(x) however much padding the batch carries (the padding's draws were a third of the fit's time)."""
+    torch.manual_seed(0)
+    head = ValueHead(H, dropout=0.5).train()
+    states = _states(3, seed=7)
+    padded, mask = pad_states(states)
+    wider = torch.cat([padded, torch.zeros(3, 6, H)], dim=1)
+    wider_mask = torch.cat([mask, torch.zeros(3, 6, dtype=torch.bool)], dim=1)
+    torch.manual_seed(1)
+    narrow_values = head(padded, mask)
+    torch.manual_seed(1)
+    wide_values = head(wider, wider_mask)
+    torch.testing.assert_close(wide_values, narrow_values, rtol=0, atol=1e-6)
+    torch.manual_seed(2)
+    assert (head(padded, mask) - narrow_values).abs().max() > 1e-4  # dropout is on: other draws, other values
+
+
 def test_predict_returns_one_value_per_input_and_ignores_batching():
     torch.manual_seed(1)
     head = ValueHead(H)
