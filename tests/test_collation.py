@@ -180,6 +180,23 @@ def test_prompt_passes_group_rows_by_prompt_length():
     assert [[len(r.prompt_ids) for r in b] for b in by_row] == [[2, 9], [2, 9]]  # stable sort on equal totals
 
 
+def test_prompt_states_batches_bound_their_padding():
+    """Prompts of 10, 11, 12, 20, 40, 41 tokens, batch size 4, at most 1.25 padded tokens per real one
+    (by hand: {10, 11, 12}: 36 <= 1.25 * 33; + 20: 80 > 1.25 * 53, new batch; {20}: + 40: 80 > 75, new;
+    {40, 41}: 82 <= 101). Without the bound: [10, 11, 12, 20] padded to 80 for 53 tokens, [40, 41]."""
+    from lolrl.engine.collation import TokenizedRow, length_grouped_batches
+    from lolrl.engine.reference import PROMPT_PADDING
+
+    rows = [TokenizedRow(i, [1] * p, [2]) for i, p in enumerate([40, 10, 20, 12, 41, 11])]
+    bounded = length_grouped_batches(rows, 4, prompt_only=True, max_padding=1.25)
+    assert [[len(r.prompt_ids) for r in b] for b in bounded] == [[10, 11, 12], [20], [40, 41]]
+    plain = length_grouped_batches(rows, 4, prompt_only=True)
+    assert [[len(r.prompt_ids) for r in b] for b in plain] == [[10, 11, 12, 20], [40, 41]]
+    assert [[len(r.prompt_ids) for r in b] for b in length_grouped_batches(rows, 2, True, 1.25)] == \
+        [[10, 11], [12, 20], [40, 41]]  # the batch size still caps a batch; {12, 20}: 40 <= 1.25 * 32 (inclusive)
+    assert PROMPT_PADDING == 1.25
+
+
 # ----------------------------------------------------------------- special tokens and truncation (issue 22)
 TEMPLATES = {"bos": ("<s> $A", {"bos_token": "<s>", "eos_token": "<eos>"}),  # Llama-style: BOS first
              "eos": ("$A </s>", {"eos_token": "</s>"}),  # T5-style: EOS last

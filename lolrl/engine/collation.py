@@ -271,12 +271,27 @@ def padding_ratio(batch: dict[str, torch.Tensor]) -> float:
     return fed / real
 
 
-def length_grouped_batches(rows: list[TokenizedRow], batch_size: int,
-                           prompt_only: bool = False) -> list[list[TokenizedRow]]:
+def length_grouped_batches(rows: list[TokenizedRow], batch_size: int, prompt_only: bool = False,
+                           max_padding: float | None = None) -> list[list[TokenizedRow]]:
     """Batches of rows of similar length, in length order: the inference passes pad almost nothing.
-    ``prompt_only``: by prompt length, for passes over the prompts alone (prompt states, generation)."""
-    ordered = sorted(rows, key=(lambda r: len(r.prompt_ids)) if prompt_only else (lambda r: r.length))
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    ``prompt_only``: by prompt length, for passes over the prompts alone (prompt states, generation).
+    ``max_padding``: a batch also ends before a row that would make its padded tokens (rows x longest)
+    exceed ``max_padding`` x its real tokens: few rows of scattered lengths would otherwise share one
+    batch padded to the longest (16 HH prompts: 1.9x their tokens)."""
+    length = (lambda r: len(r.prompt_ids)) if prompt_only else (lambda r: r.length)
+    ordered = sorted(rows, key=length)
+    if max_padding is None:
+        return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches, real = [], 0
+    for row in ordered:  # ascending: the new row is the batch's longest
+        if batches and len(batches[-1]) < batch_size and \
+                (len(batches[-1]) + 1) * length(row) <= max_padding * (real + length(row)):
+            batches[-1].append(row)
+            real += length(row)
+        else:
+            batches.append([row])
+            real = length(row)
+    return batches
 
 
 def group_by_length(indices: list[int], lengths: list[int], batch_size: int, window: int = 50,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,14 @@ class ValueHead(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B]."""
-        states = self.dropout(states.to(self.query.dtype))
+        states = states.to(self.query.dtype)
+        if self.training and self.dropout.p > 0:
+            # dropout on the real tokens' states only: the padding is masked out of the pooling anyway, and
+            # drawing its mask too (a batch of prompts is ~half padding) doubled the fit's cost
+            real = mask.bool()
+            dropped = torch.zeros_like(states)
+            dropped[real] = self.dropout(states[real])
+            states = dropped
         pooled = self.pool(states, mask)
         score = self.out(self.dropout(pooled))[:, 0, 0]
         return self.target_mean + self.target_std * score
@@ -231,7 +239,8 @@ def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, trai
     head.target_mean.fill_(part.mean())
     head.target_std.fill_(part.std(unbiased=False).clamp(min=1e-6))
     head.to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0,
+                                  foreach=True)  # one kernel per step for all parameters, on CPU too
     targets_d = targets.to(device)
     watched_batches = [_batches([states[i] for i in idx], 64) for idx in watched]
     curves = [[_predict_padded(head, b)] for b in watched_batches]
@@ -259,27 +268,60 @@ def _cv_figures(predictions: np.ndarray, targets: np.ndarray, fold: np.ndarray) 
     return sse / len(targets), baseline / len(targets), r2, spearman(predictions, targets)
 
 
+def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[list[int], int]:
+    """``(fold_epochs, best_epoch)``. ``judged_errors`` [k, epochs + 1]: fold f's squared error after each
+    epoch under the head that predicts it (trained without f); ``inner_errors`` [k, epochs + 1]: for fold
+    f, the summed error after each epoch of heads that never saw f, on folds other than f. Fold f's epoch
+    count minimises its ``inner_errors`` row (f's targets neither train nor select it); the final one
+    minimises the sum of ``judged_errors`` over the folds. Ties: the fewest epochs."""
+    return [int(np.argmin(row)) for row in inner_errors], int(np.argmin(judged_errors.sum(axis=0)))
+
+
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
                    settings: ValueFitSettings = ValueFitSettings(),
                    device: torch.device | str | None = None) -> tuple[nn.Module, ValueFitReport]:
     """Fit V on (prompt states, reward of pi_ref's generation) with ``settings.head`` and report it by
-    nested k-fold cross-validation (``settings.folds`` folds, ``settings.seed``); the returned head is fit
-    on every prompt.
+    k-fold cross-validation (``settings.folds`` folds, ``settings.seed``); the returned head is fit on
+    every prompt.
 
-    Attention head: for every fold f a head trained without f gives f's predictions after each epoch;
-    for every pair of folds {f, g} a head trained without both gives g's (and f's). Fold f's reported
-    prediction is its head's at the epoch count that minimises the other folds' error under the pair
-    heads, which never saw f: f's targets neither train nor select what is scored on f. The final epoch
-    count minimises the error of all folds' out-of-fold predictions, and the final head is trained on
-    every prompt for that many epochs. k + k(k-1)/2 + 1 small fits in all (16 for k = 5).
+    Attention head: for every neighbour pair of folds {f, f + 1 mod k} a head trained without both
+    predicts both after each epoch. Fold f is predicted by the head without {f, f + 1}, at the epoch
+    count that minimises the error of the two heads that never saw f on their other fold ({f - 1, f} on
+    f - 1, {f, f + 1} on f + 1; :func:`select_epochs`): f's targets neither train nor select what is
+    scored on f. The figure is that of a head fit on (k - 2) / k of the prompts (conservative for the
+    final head's). The final epoch count minimises the error of all folds' out-of-fold predictions, and
+    the final head is trained on every prompt for that many epochs. k + 1 small fits in all (6 for
+    k = 5; issue 22's fold heads plus every pair of folds took 16).
 
     The fit runs on ``device`` (default: where the states are); the head's attention costs
     O(heads x hidden) per prompt token (:meth:`ValueHead.pool`)."""
     if settings.head == "ridge":
         return fit_ridge_value_head(states, targets, settings)
     make_value_head(settings.head, 1)  # a clear error for an unknown kind
-    started = time.perf_counter()
     device = torch.device(device) if device is not None else states[0].device
+    with _one_cpu_thread(device):
+        return _fit_attention_head(states, targets, settings, device)
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On CPU, one intra-op thread while the head is fit: its operations are small ([batch, prompt, hidden]),
+    so threads gain little, and on a shared machine each operation's thread barrier waits for a descheduled
+    thread (measured on 2 busy cores: 140-300 ms a training step with 2 threads, 18 ms with one)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settings: ValueFitSettings,
+                        device: torch.device) -> tuple[ValueHead, ValueFitReport]:
+    started = time.perf_counter()
     states = [s.to(device) for s in states]
     n = len(states)
     fold = fold_assignment(n, settings.folds, settings.seed)
@@ -287,40 +329,32 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     y = np.asarray(targets, dtype=np.float64)
     targets_t = torch.tensor(targets, dtype=torch.float32)
     members = [np.flatnonzero(fold == f) for f in range(k)]
-    progress = tqdm(total=k + k * (k - 1) // 2 + 1, desc="value head (cross-validated)", leave=False)
-    outer = []  # outer[f]: [epochs + 1, |f|] predictions on fold f of a head trained without f
-    for f in range(k):
-        outer.append(train_attention_head(states, targets_t, np.flatnonzero(fold != f), [members[f]],
-                                          settings.epochs, settings, fit_id=1 + f)[1][0])
+    progress = tqdm(total=k + 1, desc="value head (cross-validated)", leave=False)
+    judged = [None] * k  # judged[f]: [epochs + 1, |f|] predictions on f of the head without {f, f + 1}
+    inner_errors = np.zeros((k, settings.epochs + 1))  # inner_errors[f]: SSE per epoch of heads without f, not on f
+    for f in range(k):  # the neighbour pairs {f, f + 1 mod k}
+        g = (f + 1) % k
+        _, (on_f, on_g) = train_attention_head(states, targets_t, np.flatnonzero((fold != f) & (fold != g)),
+                                               [members[f], members[g]], settings.epochs, settings, fit_id=1 + f)
+        judged[f] = on_f
+        inner_errors[f] += ((on_g - y[members[g]]) ** 2).sum(axis=1)
+        inner_errors[g] += ((on_f - y[members[f]]) ** 2).sum(axis=1)
         progress.update(1)
-    inner_error = np.zeros((k, settings.epochs + 1))  # inner_error[f]: other folds' SSE per epoch, without f
-    fit_id = 1 + k
+    judged_errors = np.stack([((judged[f] - y[members[f]]) ** 2).sum(axis=1) for f in range(k)])
+    fold_epochs, best_epoch = select_epochs(judged_errors, inner_errors)
+    out_of_fold, selected = np.empty(n), np.empty(n)
     for f in range(k):
-        for g in range(f + 1, k):
-            _, (on_f, on_g) = train_attention_head(states, targets_t, np.flatnonzero((fold != f) & (fold != g)),
-                                                   [members[f], members[g]], settings.epochs, settings, fit_id)
-            inner_error[f] += ((on_g - y[members[g]]) ** 2).sum(axis=1)
-            inner_error[g] += ((on_f - y[members[f]]) ** 2).sum(axis=1)
-            fit_id += 1
-            progress.update(1)
-    fold_epochs = [int(np.argmin(inner_error[f])) for f in range(k)]
-    out_of_fold = np.empty(n)
-    for f in range(k):
-        out_of_fold[members[f]] = outer[f][fold_epochs[f]]
-    pooled_error = sum(((outer[f] - y[members[f]]) ** 2).sum(axis=1) for f in range(k))
-    best_epoch = int(np.argmin(pooled_error))
-    selected = np.empty(n)
-    for f in range(k):
-        selected[members[f]] = outer[f][best_epoch]
-    head, (fitted,) = train_attention_head(states, targets_t, np.arange(n), [np.arange(n)], best_epoch, settings,
-                                           fit_id=0)
+        out_of_fold[members[f]] = judged[f][fold_epochs[f]]
+        selected[members[f]] = judged[f][best_epoch]
+    head, _ = train_attention_head(states, targets_t, np.arange(n), [], best_epoch, settings, fit_id=0)
     progress.update(1)
     progress.close()
+    fitted = predict(head, states)
     head.cpu().eval()
     cv_mse, constant_mse, cv_r2, cv_spearman = _cv_figures(out_of_fold, y, fold)
     report = ValueFitReport(best_epoch=best_epoch, cv_mse=cv_mse, constant_mse=constant_mse, cv_r2=cv_r2,
                             cv_spearman=cv_spearman, folds=k, n_fit=n,
-                            insample_r2=r_squared(fitted[-1], y, float(y.mean())),
+                            insample_r2=r_squared(fitted, y, float(y.mean())),
                             target_mean=float(head.target_mean), target_std=float(head.target_std),
                             fit_seconds=time.perf_counter() - started,
                             selected_r2=_cv_figures(selected, y, fold)[2], fold_epochs=fold_epochs)
