@@ -7,9 +7,11 @@
     python bench/throughput.py --model_path DIR            # any saved causal LM (e.g. a ~1B Llama on a GPU)
 
 Methods (each in its own process, so its peak memory is its own), on the same model, rows and batch:
-* ``nll``, ``a_lol`` (``a_lol_seq`` on request): this library's step (policy forward/backward; the
-  reference log-probs and advantages come from a pass made once before: that one-time pass is
-  timed, and so is the value stage, prompt states of a quarter as many rows plus the head's fit);
+* ``nll``, ``a_lol`` (``a_lol_seq`` on request): this library's ``OfflineRLTrainer`` (a
+  ``transformers.Trainer``) as a user runs it, timed through its ``training_step`` as TRL's are; the
+  reference log-probs and advantages come from the stages made once before: the reference pass is
+  timed, and so is the value stage (prompt states of a quarter as many validation rows plus the
+  head's fit, on their stored rewards);
 * ``original_style``: the original code's step, built here for comparison only: prompts padded on
   the left, responses on the right, a reference forward (all hidden states) and the value head in
   every step, full-vocabulary logits;
@@ -224,14 +226,13 @@ def value_stage(model, rows, pad_id: int, batch_size: int, result: dict) -> None
     result["value_stage_s"] = result["prompt_states_s"] + report.fit_seconds
 
 
-def run_ours(method: str, args, rounds: Rounds) -> dict:
-    import numpy as np
+def run_original_style(method: str, args, rounds: Rounds) -> dict:
+    """The original code's step, built here for comparison only (see the module's docstring)."""
     import torch
 
-    from lolrl.engine.collation import Collator, group_by_length, padding_ratio
+    from lolrl.engine.collation import group_by_length
     from lolrl.engine.losses import compute_loss
-    from lolrl.engine.modeling import choose_packing, load_model, response_logprobs
-    from lolrl.engine.reference import reference_pass
+    from lolrl.engine.modeling import load_model
     from lolrl.engine.value import ValueHead
 
     torch.manual_seed(0)
@@ -252,65 +253,98 @@ def run_ours(method: str, args, rounds: Rounds) -> dict:
     order = group_by_length(pool[:n], lengths, args.batch_size, window=50, seed=0)
     batches = [[rows[i] for i in order[s:s + args.batch_size]] for s in range(0, n, args.batch_size)]
 
-    if method == "original_style":
-        reference = load_model(args.model_dir).to(device).eval()
-        head = ValueHead(model.config.hidden_size).to(device)
-        result["layout"] = "left/right padded"
+    reference = load_model(args.model_dir).to(device).eval()
+    head = ValueHead(model.config.hidden_size).to(device)
+    result["layout"] = "left/right padded"
 
-        def step(batch_rows):
-            ids, mask, resp, resp_mask, lq = (t.to(device) if hasattr(t, "to") else t
-                                              for t in original_batch(batch_rows, tokenizer.pad_token_id))
-            rounds.before_step(int(mask.sum()), int(ids.numel()))
-            with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, lq - 1:-1].float()
-                logprobs = logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1) * resp_mask
-                with torch.no_grad():
-                    out = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-                    ref = out.logits[:, lq - 1:-1].float().log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
-                    value = head(out.hidden_states[-1][:, :lq].float(), torch.ones_like(mask[:, :lq]))
-                loss, _ = compute_loss("a_lol", logprobs, resp_mask, advantages=(1.0 - value).abs(),
-                                       ref_logprobs=ref * resp_mask, clip=0.9)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    else:
-        pack = choose_packing(model, batches[0][:4], tokenizer.pad_token_id, os.environ.get("LOLRL_PACKING", "auto"))
-        collator = Collator(tokenizer.pad_token_id, False, pack=pack)
-        result["layout"] = "packed" if pack else "length-grouped"
-        result["padding_grouped"] = float(np.mean([padding_ratio(Collator(tokenizer.pad_token_id, False)(b))
-                                                   for b in batches]))
-        cache = None
-        if method != "nll":
-            started = time.perf_counter()
-            cache = reference_pass(model, [rows[i] for i in order], collator, 16).logprobs
-            cache = dict(zip(order, cache))
-            result["reference_pass_s"] = time.perf_counter() - started
-            result["reference_rows"] = len(order)
-            value_stage(model, [rows[i] for i in order[: len(order) // 4]], tokenizer.pad_token_id, 16, result)
-        model.train()
-
-        def step(batch_rows):
-            batch = {k: v.to(device) for k, v in collator(batch_rows).items()}
-            rounds.before_step(int((batch["prompt_lengths"] + batch["response_lengths"]).sum()),
-                               int(batch["input_ids"].numel()))
-            idx = batch["index"].tolist()
-            with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-                logprobs, mask, _ = response_logprobs(model, batch)
-                kwargs = {}
-                if cache is not None:
-                    kwargs = {"advantages": advantages[idx].to(device), "clip": 0.9,
-                              "ref_logprobs": torch.nn.utils.rnn.pad_sequence([cache[i] for i in idx],
-                                                                              batch_first=True).to(device)}
-                loss, _ = compute_loss(method, logprobs, mask, **kwargs)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    def step(batch_rows):
+        ids, mask, resp, resp_mask, lq = (t.to(device) if hasattr(t, "to") else t
+                                          for t in original_batch(batch_rows, tokenizer.pad_token_id))
+        rounds.before_step(int(mask.sum()), int(ids.numel()))
+        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, lq - 1:-1].float()
+            logprobs = logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1) * resp_mask
+            with torch.no_grad():
+                out = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                ref = out.logits[:, lq - 1:-1].float().log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
+                value = head(out.hidden_states[-1][:, :lq].float(), torch.ones_like(mask[:, :lq]))
+            loss, _ = compute_loss("a_lol", logprobs, resp_mask, advantages=(1.0 - value).abs(),
+                                   ref_logprobs=ref * resp_mask, clip=0.9)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
     if checkpointing(args, ours=True):
         result["layout"] += ", gradient checkpointing"
     for batch_rows in batches:
         step(batch_rows)
     result.update(params=sum(p.numel() for p in model.parameters()), peak_memory_mb=peak_memory_mb(device),
+                  device=torch.cuda.get_device_name() if cuda else "cpu")
+    return result
+
+
+def run_trainer(method: str, args, rounds: Rounds) -> dict:
+    """lolrl's ``OfflineRLTrainer`` (a ``transformers.Trainer``) as a user runs it, timed through its
+    ``training_step`` as TRL's trainers are: the stages first (the reference pass; for A-LoL the value stage,
+    V(x) fit on the stored rewards of a quarter as many validation rows, plus their prompt states), then
+    one epoch over the same rows as TRL's workers, uniformly sampled, length-grouped."""
+    import numpy as np
+    import torch
+
+    from lolrl import OfflineRLConfig, OfflineRLTrainer
+    from lolrl.engine.collation import padding_ratio
+    from lolrl.engine.data import Record, TaskData
+    from lolrl.engine.generation import GenerationSettings
+    from lolrl.engine.modeling import LoraSettings
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    pairs = json.loads((Path(args.workdir) / "rows.json").read_text())
+    pool = list(range(len(pairs)))
+    random.Random(1).shuffle(pool)
+    n = rounds.total_steps * args.batch_size
+    rewards = (torch.rand(len(pairs), generator=torch.Generator().manual_seed(0)) + 0.1).tolist()
+    train = [Record(str(i), pairs[i][0], pairs[i][1], rewards[i]) for i in pool[:n]]
+    val = [Record(f"v{i}", pairs[i][0], pairs[i][1], rewards[i]) for i in pool[n:n + max(n // 4, 16)]]
+    out = Path(args.workdir) / f"trainer_{method}"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    config = OfflineRLConfig(
+        model_name=args.model_dir, output_dir=str(out), algorithm=method, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=16, max_steps=rounds.total_steps, num_train_epochs=1, learning_rate=1e-5,
+        lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0, logging_steps=10_000,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=0, bf16=cuda, do_predict=False,
+        activation_checkpointing=checkpointing(args, ours=True), lora=LoraSettings(r=args.lora_r, dropout=0.0),
+        max_prompt_length=MAX_PROMPT, max_resp_length=MAX_RESPONSE, value_source="data", stage_cache=False,
+        sampling_strategy="uniform", val_log_frequency=1, generation=GenerationSettings(max_new_tokens=1, num_beams=1))
+    padding = []
+
+    class Timed(OfflineRLTrainer):
+        def training_step(self, model, inputs, *rest, **kwargs):
+            real = int((inputs["prompt_lengths"] + inputs["response_lengths"]).sum())
+            rounds.before_step(real, int(inputs["input_ids"].numel()))
+            padding.append(padding_ratio(inputs))
+            return super().training_step(model, inputs, *rest, **kwargs)
+
+    trainer = Timed(args=config, data=TaskData(train=train, val=val, test=None))
+    trainer.model.config.use_cache = False
+    started = time.perf_counter()
+    trainer.run()
+    result = {"method": method, "train_s": time.perf_counter() - started,
+              "layout": "packed" if trainer.collator.pack else "length-grouped",
+              "padding_grouped": float(np.mean(padding)) if padding else 0.0}
+    if "reference_pass" in trainer.stage_seconds:
+        result["reference_pass_s"] = trainer.stage_seconds["reference_pass"]
+        result["reference_rows"] = len(train)
+    fit_path = out / "value_fit.json"
+    if fit_path.exists():
+        fit = json.loads(fit_path.read_text())
+        result.update(prompt_states_s=fit["prompt_states_seconds"], value_fit_s=fit["fit_seconds"],
+                      value_stage_s=fit["prompt_states_seconds"] + fit["fit_seconds"])
+    if checkpointing(args, ours=True):
+        result["layout"] += ", gradient checkpointing"
+    result.update(params=sum(p.numel() for p in trainer.model.parameters()), peak_memory_mb=peak_memory_mb(device),
                   device=torch.cuda.get_device_name() if cuda else "cpu")
     return result
 
@@ -388,7 +422,8 @@ def worker(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = Rounds(args.steps, args.rounds, torch.cuda.is_available())
-    result = (run_trl if args.worker in PEERS else run_ours)(args.worker, args, rounds)
+    run = run_trl if args.worker in PEERS else run_original_style if args.worker == "original_style" else run_trainer
+    result = run(args.worker, args, rounds)
     if rounds.done != args.rounds:
         raise SystemExit(f"worker {args.worker}: {rounds.done} of {args.rounds} rounds ran")
     say({"final": result})

@@ -70,3 +70,13 @@ def test_a_user_callback_sees_steps_logs_validations_and_checkpoints(tmp_path, t
     assert trainer.args.metric_for_best_model == "final_reward"
     assert math.isfinite(output.metrics["val/generated/final_reward"])
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-3" / "manifest.json").exists()
+
+
+def test_sampling_default_is_the_papers_and_an_explicit_choice_stays(tmp_path):
+    def strategy(algorithm, **kwargs):
+        return OfflineRLConfig(output_dir=str(tmp_path), algorithm=algorithm, **kwargs).sampling_strategy
+
+    assert (strategy("a_lol"), strategy("wbc"), strategy("nll")) == ("good_priority", "uniform", "uniform")
+    assert strategy("a_lol", sampling_strategy="uniform") == "uniform"
+    assert strategy("a_lol", sampling_strategy="None") == "uniform"  # the original's spelling
+    assert strategy("wbc", sampling_strategy="good_random") == "good_random"

@@ -137,9 +137,9 @@ class OfflineRLConfig(TrainingArguments):
         self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
         if self.algorithm not in TABLE:
             raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(TABLE)})")
-        self.sampling_strategy = canonical_strategy(self.sampling_strategy)
-        if self.sampling_strategy is None or (self.sampling_strategy == "uniform" and not self._strategy_given()):
+        if self.sampling_strategy is None:  # the paper's default; an explicit "uniform" (or the original's "None") stays
             self.sampling_strategy = "good_priority" if self.uses_advantage else "uniform"
+        self.sampling_strategy = canonical_strategy(self.sampling_strategy)
         if self.spec.kl and self.kl_beta is None:
             self.kl_beta = 0.1
         from lolrl.engine.optim import optimizer_names, resolve
@@ -155,9 +155,6 @@ class OfflineRLConfig(TrainingArguments):
             super().__post_init__()
         except ValueError as exc:  # TrainingArguments' own checks: one line, as ours
             raise ConfigError(str(exc).splitlines()[0]) from None
-
-    def _strategy_given(self) -> bool:
-        return False
 
     def validate(self) -> None:
         if (self.algorithm in GROUPED_ALGORITHMS) != (self.group_size > 1):

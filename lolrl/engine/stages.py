@@ -78,6 +78,8 @@ class TrainingSignal:
 class ReferenceStages:
     """pi_ref's stages (a part of the trainer, see the module's docstring)."""
 
+    stage_seconds: dict[str, float]  # the stages this run computed (not loaded from the cache): seconds each
+
     def _val_records_of(self, data: TaskData) -> list[Record]:
         return data.val[: self.args.max_val_examples] if self.args.max_val_examples else data.val
 
@@ -255,7 +257,8 @@ class ReferenceStages:
             with self.training_precision():
                 outputs = reference_pass(self.model, train_rows, self.collator, config.per_device_eval_batch_size, head,
                                          self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
-            logger.info("reference pass over %d training rows: %.1f s", len(train_rows), time.perf_counter() - started)
+            self.stage_seconds["reference_pass"] = time.perf_counter() - started
+            logger.info("reference pass over %d training rows: %.1f s", len(train_rows), self.stage_seconds["reference_pass"])
             ref_logprobs, values = outputs.logprobs, outputs.values
             offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
             tensors = {"logprobs": torch.cat(ref_logprobs)}

@@ -234,7 +234,7 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         self._window: dict[str, list[float]] = {}
         self._step_losses: list[float] = []
         self._reuse: tuple | None = None  # pi_ref's validation generations, which are step 0's
-        self.stopped_early = False
+        self.stage_seconds = {}
 
     @staticmethod
     def _args_of(model, args: OfflineRLConfig | None) -> OfflineRLConfig:
@@ -252,6 +252,7 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
             if args.model_name not in (None, str(model)):
                 raise ConfigError(f"model={str(model)!r} and args.model_name={args.model_name!r}: give one")
             args.model_name = str(model)
+            args.validate()  # the checks that read the starting model (a save folder inside it is refused)
         if not args.model_name:
             raise ConfigError("no model: give model= (or OfflineRLConfig(model_name=...))")
         return args
@@ -628,15 +629,15 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
             self.seal.resuming_from(checkpoint)
             if self.is_main:
                 drop_log_tail(self.output_dir, int(checkpoint.name.split("-")[-1]))
-        if args.eval_on_start and checkpoint is None:
-            # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding.
-            if self.reward is not None:
-                self._reuse = self._reference_generations(self.val_rows)
-            self.evaluate()
+        if args.eval_on_start and checkpoint is None and self.reward is not None:
+            # A-LoL already generated with the starting model (pi_ref) on val, with the same decoding: the
+            # Trainer's eval_on_start validation reuses them
+            self._reuse = self._reference_generations(self.val_rows)
         if checkpoint is None:  # training's own stream, whatever the stages before it did (or a cache skipped)
             seed_stage(args.seed, "train")
         self._started = time.time()
-        eval_on_start, args.eval_on_start = args.eval_on_start, False  # done above, once, with pi_ref's generations
+        eval_on_start = args.eval_on_start
+        args.eval_on_start = eval_on_start and checkpoint is None  # a resumed run validated its start already
         try:
             super().train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finally:
