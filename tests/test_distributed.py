@@ -53,16 +53,17 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy
     assert [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()] == [2]
 
 
-def _launch_resumable(out, tiny_models, toy_dir, toy_reward_spec, port, *extra):
-    """Two gloo CPU processes, wbc with --keep_dropout (dropout on: every process's RNG must be restored), 4 steps."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _launch_resumable(out, tiny_models, toy_dir, toy_reward_spec, port, *extra, fault=None):
+    """Two gloo CPU processes, wbc with --keep_dropout (dropout on: every process's RNG must be restored), 4 steps.
+    ``fault``: kill the processes at a named point (``LOLRL_FAULT``); the launch then fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **({"LOLRL_FAULT": fault} if fault else {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
            "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", "wbc", "-t",
            "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "6", "--num_beams", "1", "-vf", "1", "--max_steps", "4",
            "-lr", "1e-3", "--save_steps", "1", "--no_test", "--keep_dropout", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode != 0) if fault else (proc.returncode == 0), proc.stderr[-3000:]
     return proc
 
 
@@ -86,6 +87,28 @@ def test_two_process_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_pa
     a = load_file(str(latest_checkpoint(whole / "checkpoints") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(split / "checkpoints") / "model.safetensors"))
     assert a.keys() == b.keys() and latest_checkpoint(split / "checkpoints").name == "checkpoint-4"
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+
+
+def test_two_process_run_killed_while_checkpointing_resumes_to_the_same_parameters(tmp_path, tiny_models, toy_dir,
+                                                                                 toy_reward_spec):
+    """Both processes SIGKILLed inside the third checkpoint (the Trainer's model written, its optimizer not:
+    no manifest), then rerun: it resumes from the second and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    from lolrl.utils.checkpoint import latest_hf_checkpoint
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _launch_resumable(whole, tiny_models, toy_dir, toy_reward_spec, 29524)
+    _launch_resumable(killed, tiny_models, toy_dir, toy_reward_spec, 29525, fault="mid_checkpoint_save:3")
+    assert (killed / "checkpoints" / "checkpoint-3").is_dir()  # written in part, never sealed
+    assert latest_hf_checkpoint(killed / "checkpoints").name == "checkpoint-2"
+    rerun = _launch_resumable(killed, tiny_models, toy_dir, toy_reward_spec, 29526)
+    assert "resuming from" in rerun.stderr and "checkpoint-2" in rerun.stderr.split("resuming from", 1)[1]
+    a = load_file(str(latest_hf_checkpoint(whole / "checkpoints") / "model.safetensors"))
+    b = load_file(str(latest_hf_checkpoint(killed / "checkpoints") / "model.safetensors"))
+    assert a.keys() == b.keys() and latest_hf_checkpoint(killed / "checkpoints").name == "checkpoint-4"
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
 
