@@ -65,7 +65,7 @@ from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import BestModelKeeper, gold_texts
 from lolrl.engine.value import MIN_VALUE_PROMPTS
 from lolrl.utils import cache as cache_lib
-from lolrl.utils.checkpoint import drop_log_tail, find_resumable_hf, inject_fault, run_key
+from lolrl.utils.checkpoint import drop_log_tail, find_resumable, inject_fault, run_key
 from lolrl.utils.finite import check_finite_state
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import ensure_folder, hold_folders
@@ -624,7 +624,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
                                        self.accelerator.num_processes, signal.sample_weights, args.seed,
                                        self.train_dataset.item_lengths() if args.length_grouping else None)
         self._plan(len(train_rows))
-        checkpoint = find_resumable_hf(self.checkpoint_dir, args.resume, self.run_key, self.accelerator)
+        checkpoint = find_resumable(self.checkpoint_dir, args.resume, self.run_key, self.accelerator,
+                                    trainer_layout=True)
         if checkpoint is not None:
             self.seal.resuming_from(checkpoint)
             if self.is_main:

@@ -1,6 +1,9 @@
-"""Training checkpoints that survive a crash: safe formats only, written whole or not at all.
+"""Training checkpoints that survive a crash: verified before they are resumed.
 
-A checkpoint folder ``OUTPUT/checkpoints/step_000120`` holds
+The offline trainer (a ``transformers.Trainer``) writes the Trainer's checkpoints
+``OUTPUT/checkpoints/checkpoint-N``, sealed by :class:`lolrl.engine.callbacks.CheckpointSeal`
+(:data:`SEAL`, ``best.safetensors``, the manifest last; see the end of this module). PPO, which
+keeps its own loop, writes its own: a checkpoint folder ``OUTPUT/checkpoints/step_000120`` holds
 
 * ``trainable.safetensors``: the trainable parameters (all weights, or only the LoRA adapter);
 * ``optimizer.safetensors`` + ``state.json``: the optimizer's tensors and everything else as JSON
@@ -270,33 +273,41 @@ def run_key(settings: dict, **data_digests: str) -> str:
     return hash_json({"settings": kept, "data": data_digests})
 
 
-def find_resumable(directory: Path, mode: str, key: str, accelerator=None) -> Path | None:
+def find_resumable(directory: Path, mode: str, key: str, accelerator=None, trainer_layout: bool = False
+                   ) -> Path | None:
     """The checkpoint to resume (``mode``: auto, must, never): the newest that verifies against its
     manifest (a damaged one is skipped with a message), refusing one written by another run, and
     refusing to start when checkpoints exist but none is intact. With several processes the main one
-    chooses and every process gets its choice (or its refusal)."""
+    chooses and every process gets its choice (or its refusal). ``trainer_layout``: the offline
+    trainer's (``checkpoint-N`` folders of ``transformers.Trainer``, sealed with :data:`SEAL`), else
+    PPO's (``step_N`` with ``state.json``)."""
     from lolrl.utils.processes import decided_on_main
 
-    found = decided_on_main(accelerator, lambda: _newest_intact(directory, mode, key))
+    found = decided_on_main(accelerator, lambda: _newest_intact(Path(directory), mode, key, trainer_layout))
     if found is not None:
         logger.info("resuming from %s (pass --no_resume to start over)", found)
     return found
 
 
-def _newest_intact(directory: Path, mode: str, key: str) -> Path | None:
+def _newest_intact(directory: Path, mode: str, key: str, trainer_layout: bool) -> Path | None:
     from lolrl.utils.errors import ConfigError
 
-    candidates = [] if mode == "never" else checkpoints(directory)
+    listed = hf_checkpoints if trainer_layout else checkpoints
+    if mode == "never" and trainer_layout:
+        for old in listed(directory):  # starting over: the Trainer would rotate them among the new ones
+            shutil.rmtree(old, ignore_errors=True)
+    candidates = [] if mode == "never" else listed(directory)
     if mode == "must" and not candidates:
         raise ConfigError(f"--resume: no checkpoint in {directory}")
     for found in reversed(candidates):
         try:
             verify_manifest(found)
-            state = _read_state(found)
+            written_by = read_seal(found)["run_key"] if trainer_layout else _read_state(found)["progress"].get(
+                "run_key")
         except IntegrityError as exc:
             logger.warning("checkpoint %s is damaged (%s): trying the previous one", found.name, exc)
             continue
-        if state["progress"].get("run_key") != key:
+        if written_by != key:
             raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
                               "resume with the same flags, or pass --no_resume (or another output folder)")
         return found
@@ -358,7 +369,7 @@ def hf_checkpoints(directory: Path) -> list[Path]:
 
 
 def latest_hf_checkpoint(directory: Path) -> Path | None:
-    """The newest sealed checkpoint (it is verified when resumed, see :func:`find_resumable_hf`)."""
+    """The newest sealed checkpoint (it is verified when resumed, see :func:`find_resumable`)."""
     done = [p for p in hf_checkpoints(directory) if (p / MANIFEST).is_file()]
     return done[-1] if done else None
 
@@ -374,42 +385,3 @@ def read_seal(path: Path) -> dict:
             best is None or isinstance(best, (int, float))):
         raise IntegrityError(f"{path / SEAL}: malformed")
     return seal
-
-
-def find_resumable_hf(directory: Path, mode: str, key: str, accelerator=None) -> Path | None:
-    """The Trainer checkpoint to resume (``mode``: auto, must, never): the newest that verifies against its
-    manifest (a damaged or unsealed one is skipped with a message), refusing one written by another run,
-    and refusing to start when checkpoints exist but none is intact. The main process chooses; every
-    process gets its choice (or its refusal)."""
-    from lolrl.utils.processes import decided_on_main
-
-    found = decided_on_main(accelerator, lambda: _newest_intact_hf(Path(directory), mode, key))
-    if found is not None:
-        logger.info("resuming from %s (pass --no_resume to start over)", found)
-    return found
-
-
-def _newest_intact_hf(directory: Path, mode: str, key: str) -> Path | None:
-    from lolrl.utils.errors import ConfigError
-
-    candidates = [] if mode == "never" else hf_checkpoints(directory)
-    if mode == "never":
-        for old in hf_checkpoints(directory):  # starting over: the Trainer would rotate them with the new ones
-            shutil.rmtree(old, ignore_errors=True)
-    if mode == "must" and not candidates:
-        raise ConfigError(f"--resume: no checkpoint in {directory}")
-    for found in reversed(candidates):
-        try:
-            verify_manifest(found)
-            seal = read_seal(found)
-        except IntegrityError as exc:
-            logger.warning("checkpoint %s is damaged (%s): trying the previous one", found.name, exc)
-            continue
-        if seal["run_key"] != key:
-            raise ConfigError(f"the checkpoint {found} was written by a run with other settings or data: "
-                              "resume with the same flags, or pass --no_resume (or another output folder)")
-        return found
-    if candidates:
-        raise IntegrityError(f"no intact checkpoint in {directory} ({len(candidates)} damaged or incomplete): "
-                             "pass --no_resume to start over (or another output folder)")
-    return None
