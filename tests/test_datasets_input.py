@@ -220,3 +220,5 @@ def test_readme_python_example_runs_as_written(tmp_path, tiny_models, toy_dir, m
     assert trainer.config.generation.do_sample  # sampled decoding, where pi_ref leaves room to improve
     assert (tmp_path / "runs" / "api_a_lol" / "model" / "model.safetensors").exists()
     assert (tmp_path / "runs" / "api_a_lol" / "advantage_stats.json").exists()
+    recorded = json.loads((tmp_path / "runs" / "api_a_lol" / "args.json").read_text())["reward"]
+    assert all(name in recorded for name in ("safety", "on_topic", "fluency"))  # the reward_funcs, by name

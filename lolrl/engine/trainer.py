@@ -198,6 +198,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
             from lolrl.engine.rewards import reward_from_funcs
 
             reward = reward_from_funcs(reward_funcs, reward_weights)
+        if reward is not None and args.reward is None:  # args.json, the run key and the card say which reward
+            args.reward = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in reward.components)
         self.data, self.reward, self.postprocess = data, reward, postprocess  # postprocess: e.g. the HH stop rule
         self.task = task or TaskInfo(args.task_name)  # what the engine knows of the task
         self._check_data(args, data, reward)
