@@ -246,7 +246,6 @@ def run_original_style(method: str, args, rounds: Rounds) -> dict:
     random.Random(1).shuffle(pool)
     lengths = [r.length for r in rows]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    advantages = torch.rand(len(rows), generator=torch.Generator().manual_seed(0)) + 0.1
     result = {"method": method}
     # As in training: a window of (up to) 50 batches is grouped by length and shuffled by batch; the rows
     # are the first of the shuffled pool, the same rows the TRL workers get.
