@@ -222,3 +222,16 @@ def test_readme_python_example_runs_as_written(tmp_path, tiny_models, toy_dir, m
     assert (tmp_path / "runs" / "api_a_lol" / "advantage_stats.json").exists()
     recorded = json.loads((tmp_path / "runs" / "api_a_lol" / "args.json").read_text())["reward"]
     assert all(name in recorded for name in ("safety", "on_topic", "fluency"))  # the reward_funcs, by name
+
+
+def test_chat_rows_without_a_chat_template_name_their_source_and_row(tmp_path, tiny_models):
+    """The tiny test tokenizer has no chat template: a conversational dataset is refused before any model
+    loads, naming the dataset and the row."""
+    from lolrl.engine.data import DataError
+
+    data = [{"id": f"r{i}", "prompt": [{"role": "user", "content": "hi"}], "completion": "hello", "reward": 1.0}
+            for i in range(4)]
+    args = OfflineRLConfig(output_dir=str(tmp_path / "run"), algorithm="wbc")
+    with pytest.raises(DataError, match=r"train_dataset: field 'prompt': row 'r0' is a list of chat messages"):
+        OfflineRLTrainer(model=tiny_models["causal"], args=args, train_dataset=Dataset.from_list(data),
+                         eval_dataset=Dataset.from_list(data))

@@ -66,10 +66,12 @@ def render_chat(tokenizer, prompt: list[dict], completion: list[dict] | None = N
 
 
 def check_prompts_renderable(tokenizer, records: list[Record], source: str) -> None:
-    """Chat prompts need a chat template; say so before any model loads."""
+    """Chat prompts need a chat template; say so before any model loads, naming the split's source (a file,
+    a dataset) and the first such row by its id."""
     if any(r.is_chat for r in records) and not getattr(tokenizer, "chat_template", None):
-        line = next(i for i, r in enumerate(records) if r.is_chat) + 1
-        raise DataError(source, line, "prompt", "is a list of chat messages but the tokenizer has no chat template")
+        first = next(r for r in records if r.is_chat)
+        raise DataError(source, None, "prompt", f"row {first.id!r} is a list of chat messages but the tokenizer has "
+                                                "no chat template")
 
 
 class Tokenizer:

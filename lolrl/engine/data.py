@@ -315,6 +315,11 @@ class TaskData:
     train: list[Record]
     val: list[Record]
     test: list[Record] | None
+    # where each split came from, for messages: {"train": "DIR/train.jsonl" or "train_dataset", ...}
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source(self, split: str) -> str:
+        return self.sources.get(split, split)
 
     @classmethod
     def from_datasets(cls, train=None, eval=None, test=None, require_train_reward: bool = True) -> "TaskData":
@@ -335,7 +340,8 @@ class TaskData:
                                                         "estimate and to choose the best model)")
         return cls(train=records_from_dataset(train, "train_dataset", require_train_reward) if train is not None else [],
                    val=records_from_dataset(eval, "eval_dataset"),
-                   test=records_from_dataset(test, "test_dataset") if test is not None else None)
+                   test=records_from_dataset(test, "test_dataset") if test is not None else None,
+                   sources={"train": "train_dataset", "val": "eval_dataset", "test": "test_dataset"})
 
 
 def load_task_dir(input_dir: str | Path, split_files: dict[str, str] | None = None,
@@ -351,7 +357,7 @@ def load_task_dir(input_dir: str | Path, split_files: dict[str, str] | None = No
     train = loader(input_dir / names["train"], require_reward=require_train_reward)
     val = loader(input_dir / names["val"])
     test = loader(input_dir / names["test"]) if need_test else None
-    return TaskData(train=train, val=val, test=test)
+    return TaskData(train=train, val=val, test=test, sources={split: str(input_dir / name) for split, name in names.items()})
 
 
 def reward_matrix(records: list[Record]) -> dict[str, list[float]]:

@@ -207,7 +207,7 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         tokenizer = load_tokenizer(args.model_name, args.tokenizer_name)
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
-                check_prompts_renderable(tokenizer, records, split)
+                check_prompts_renderable(tokenizer, records, data.source(split))
         # METEOR's matching stages depend on what NLTK finds installed: say which, once, up front.
         logger.info("meteor_matching: %s", default_matcher().stages)
         self.keeper = BestModelKeeper(self.output_dir, args.save_dir,
