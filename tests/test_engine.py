@@ -21,7 +21,11 @@ def test_the_trainer_and_its_config_are_the_transformers_ones(tmp_path):
     assert config.dtype == "bf16" and config.sampling_strategy == "good_priority" and config.ppo_clip == 0.9
     saved = json.loads(json.dumps(config.to_dict()))  # args.json: every setting, nested ones as mappings
     assert saved["gradient_accumulation_steps"] == 3 and saved["lora"]["r"] == 0 and saved["generation"]["num_beams"] == 2
-    assert "optim" in config.run_settings() and "logging_dir" not in config.run_settings()
+    from lolrl.utils.checkpoint import run_key
+
+    key = run_key(config.to_dict())  # what a checkpoint must agree with to resume: results, not bookkeeping
+    assert run_key({**config.to_dict(), "logging_dir": "elsewhere"}) == key
+    assert run_key({**config.to_dict(), "optim": "sgd"}) != key
 
 
 def test_the_config_refuses_in_one_line(tmp_path):

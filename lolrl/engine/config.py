@@ -246,19 +246,3 @@ class OfflineRLConfig(TrainingArguments):
         for name in ("lora", "quantization", "generation"):
             values[name] = dataclasses.asdict(getattr(self, name))
         return values
-
-    def run_settings(self) -> dict:
-        """The settings that can change a run's result, for its run key (not the Trainer's bookkeeping)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _BOOKKEEPING}
-
-
-# TrainingArguments fields that never change a result (where logs go, how often, which devices): left out
-# of a run's key, so that a resumed run may change them.
-_BOOKKEEPING = frozenset({
-    "logging_dir", "logging_strategy", "logging_first_step", "log_level", "log_level_replica", "log_on_each_node",
-    "disable_tqdm", "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
-    "local_rank", "ddp_backend", "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory",
-    "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub", "hub_token", "hub_model_id",
-    "hub_private_repo", "hub_strategy", "hub_always_push", "hub_revision", "resume_from_checkpoint",
-    "skip_memory_metrics", "save_strategy", "save_on_each_node", "use_cpu", "debug", "include_num_input_tokens_seen",
-})

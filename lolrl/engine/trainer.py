@@ -21,6 +21,7 @@ resume, trackers and progress bars are the Trainer's. What lolrl adds:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -104,10 +105,6 @@ class TrainingRows(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int) -> list[dict]:
         return [self.table[item * self.size + k] for k in range(self.size)]
-
-    def item_lengths(self) -> list[int]:
-        lengths = [len(p) + len(r) for p, r in zip(self.table["prompt_ids"], self.table["response_ids"])]
-        return [sum(lengths[i:i + self.size]) for i in range(0, len(lengths), self.size)]
 
 
 def training_table(rows: list[TokenizedRow], signal: TrainingSignal, path: Path):
@@ -350,9 +347,6 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
     def _get_output_dir(self, trial=None) -> str:
         return str(self.checkpoint_dir)
 
-    def _get_train_sampler(self, train_dataset=None):
-        return self.sampler
-
     def get_train_dataloader(self):
         """The Trainer's loader over :class:`TrainingRows`, drawn by the priority sampler (a global order;
         Accelerate gives each process its share of every global batch)."""
@@ -527,19 +521,15 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         return [self.task.knowledge(r.prompt) for r in records]
 
     # ----------------------------------------------------------------------------- model card
-    @property
+    @functools.cached_property
     def _train_digest(self) -> str:
-        if not hasattr(self, "_train_digest_value"):
-            self._train_digest_value = cache_lib.records_digest(self.data.train)
-        return self._train_digest_value
+        return cache_lib.records_digest(self.data.train)
 
-    @property
+    @functools.cached_property
     def run_key(self) -> str:
         """What a checkpoint must agree with to be resumed (:func:`lolrl.utils.checkpoint.run_key`)."""
-        if not hasattr(self, "_run_key_value"):
-            self._run_key_value = run_key(self.args.run_settings(), train=self._train_digest,
-                                          val=cache_lib.records_digest(self._val_records()))
-        return self._run_key_value
+        return run_key(self.args.to_dict(), train=self._train_digest,
+                       val=cache_lib.records_digest(self._val_records()))
 
     def write_card(self, results: dict[str, dict] | None = None) -> None:
         """SAVE/README.md (:mod:`lolrl.engine.model_card`): at each new best, and with the final metrics at the end."""
@@ -624,7 +614,9 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         self.train_dataset = TrainingRows(self._training_table(train_rows, signal), args.group_size)
         self.sampler = PrioritySampler(len(self.train_dataset), args.per_device_train_batch_size,
                                        self.accelerator.num_processes, signal.sample_weights, args.seed,
-                                       self.train_dataset.item_lengths() if args.length_grouping else None)
+                                       [sum(r.length for r in train_rows[i:i + args.group_size])
+                                        for i in range(0, len(train_rows), args.group_size)]
+                                       if args.length_grouping else None)
         self._plan(len(train_rows))
         checkpoint = find_resumable(self.checkpoint_dir, args.resume, self.run_key, self.accelerator,
                                     trainer_layout=True)

@@ -254,7 +254,16 @@ def resume_training_state(accelerator, path: Path, model, optimizer, scheduler
 # with other values, or from its output folder moved or copied elsewhere, is the same run.
 NOT_IN_RUN_KEY = ("resume", "stop_after_steps", "save_steps", "keep_checkpoints", "save_total_limit", "report_to",
                   "logging_steps", "use_cache", "stage_cache", "do_test", "do_predict", "max_nonfinite_steps",
-                  "output_dir", "save_dir", "cache_dir", "hub", "logging_dir")
+                  "output_dir", "save_dir", "cache_dir", "hub",
+                  # the offline config's TrainingArguments fields of the same kind (where logs go, how often,
+                  # which devices, the hub)
+                  "logging_dir", "logging_strategy", "logging_first_step", "log_level", "log_level_replica",
+                  "log_on_each_node", "disable_tqdm", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+                  "trackio_static_space_id", "local_rank", "ddp_backend", "ddp_timeout", "dataloader_num_workers",
+                  "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+                  "push_to_hub", "hub_token", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_always_push",
+                  "hub_revision", "resume_from_checkpoint", "skip_memory_metrics", "save_strategy",
+                  "save_on_each_node", "use_cpu", "debug", "include_num_input_tokens_seen")
 # Settings that name an input by its path: keyed by its contents (a moved copy is the same input, other
 # weights at the same path are not).
 INPUT_PATHS = ("model_name", "tokenizer_name", "adapter_path")
