@@ -139,7 +139,8 @@ class GenerationTaskArguments(HubSettings, QuantizationSettings):
     stop_after_steps: int = setting(default_of(_C, "stop_after_steps"), "stop, checkpointed, after this many "
                                     "optimizer steps (e.g. to fit a batch job's time limit); the same command resumes")
     logging_steps: int = setting(int(default_of(_C, "logging_steps")), "log every N optimizer steps", min=1)
-    report_to: str = setting(default_of(_C, "report_to"), "trackers for accelerate: tensorboard, wandb, ... or none")
+    report_to: str = setting(default_of(_C, "report_to"),
+                             "trackers (the Trainer's report_to): tensorboard, wandb, ... or none")
     # validation and generation
     eval_in_beginning: bool = setting(False, "validate the starting model first; a checkpoint must then beat it",
                                       aliases=["-ev_b"])
