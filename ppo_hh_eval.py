@@ -24,7 +24,7 @@ TOKENIZER_OF = {"reciprocate/ppo_hh_neox-20B": "EleutherAI/gpt-neox-20b"}
 def main(argv=None) -> int:
     args = parse_hh(PPOEvalArguments, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_test_evaluation(args, tokenizer_name=args.tokenizer_name or TOKENIZER_OF.get(args.model_name_or_path),
+    return run_test_evaluation(args, tokenizer_name=args.tokenizer_name or TOKENIZER_OF.get(args.model_name),
                                how="anthropic", max_prompt_length=PROMPT_LIMIT, stop_token_ids=[])
 
 

@@ -14,21 +14,19 @@ one).
 """
 import sys
 
-from lolrl.tasks.hh.cli import PROHHArguments, parse_hh, run_offline
+from lolrl.tasks.hh.cli import PROHHConfig, PROHHData, parse_hh, run_offline
 from lolrl.tasks.hh.data import pro_records
-from lolrl.tasks.hh.train import offline_config, task_data, validation_records
+from lolrl.tasks.hh.train import task_data, validation_records
 
 
-def build(args: PROHHArguments, train_rows, dev_rows):
-    config = offline_config(args, algorithm="pro", group_size=args.training_stage_num, sft_weight=args.sft_weight,
-                            sampling_strategy="uniform")
-    train = pro_records(train_rows, args.prompt_format, "all", "train", sigmoid_rewards=False,
-                        n_candidates=args.training_stage_num)
-    return config, task_data(train, validation_records(args, dev_rows))
+def build(data_args: PROHHData, config: PROHHConfig, train_rows, dev_rows):
+    train = pro_records(train_rows, data_args.prompt_format, "all", "train", sigmoid_rewards=False,
+                        n_candidates=config.group_size)
+    return task_data(train, validation_records(data_args, dev_rows))
 
 
 def main(argv=None) -> int:
-    return run_offline(parse_hh(PROHHArguments, argv, __doc__), build)
+    return run_offline(*parse_hh((PROHHData, PROHHConfig), argv, __doc__), build)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_every_decoding_setting_is_in_the_cache_key(tmp_path, tiny_models, toy_d
 
     base = GenerationSettings(max_new_tokens=6, num_beams=1, repetition_penalty=1.0, do_sample=True)
     changes = dict(max_new_tokens=5, num_beams=2, repetition_penalty=1.3, temperature=0.7, top_p=0.9, top_k=7,
-                   stop_token_ids=[3])
+                   stop_token_ids=[3], stop_texts=["."])
     assert set(changes) | {"do_sample"} == {f.name for f in dataclasses.fields(GenerationSettings)}
     keys = {repr(base.as_dict())} | {repr(dataclasses.replace(base, **{k: v}).as_dict()) for k, v in changes.items()}
     assert len(keys) == len(changes) + 1

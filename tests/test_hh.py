@@ -276,13 +276,13 @@ def test_hh_a_lol_kl_beta(tmp_path, tiny_models, caplog, flags, algorithm, beta)
     sys.path.insert(0, str(ROOT))
     from lolrl_qlora_llama_hh import build
 
-    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+    from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
 
     rows = [pro_row()] * 2
-    args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
-                                      str(tmp_path / "out"), "--algorithm", "a_lol_kl", *flags], None)
     with caplog.at_level(logging.INFO):
-        config, _ = build(args, rows, rows)
+        data_args, config = parse_hh((ALoLHHData, ALoLHHConfig), ["--model_name_or_path", tiny_models["llama"],
+                                     "--output_dir", str(tmp_path / "out"), "--algorithm", "a_lol_kl", *flags], None)
+        build(data_args, config, rows, rows)
     assert (config.algorithm, config.kl_beta) == (algorithm, beta)
     assert f"a_lol_kl: KL beta {beta:g}" in caplog.text
     assert ("engine's default" in caplog.text) == (not flags)
@@ -300,27 +300,26 @@ def test_hh_kl_spellings_of_the_original(tmp_path, tiny_models, flags, algorithm
     sys.path.insert(0, str(ROOT))
     from lolrl_qlora_llama_hh import build
 
-    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+    from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
 
     rows = [pro_row()] * 2
-    args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
-                                      str(tmp_path / "out"), *flags], None)
-    config, _ = build(args, rows, rows)
+    data_args, config = parse_hh((ALoLHHData, ALoLHHConfig), ["--model_name_or_path", tiny_models["llama"],
+                                 "--output_dir", str(tmp_path / "out"), *flags], None)
+    build(data_args, config, rows, rows)
     assert (config.algorithm, config.kl_beta) == (algorithm, beta)
 
 
-def test_hh_a_lol_kl_refuses_a_clip(tmp_path, tiny_models):
+def test_hh_a_lol_kl_refuses_a_clip(tmp_path, tiny_models, capsys):
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import build
 
-    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
-    from lolrl.utils.errors import ConfigError
+    from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
 
     for flags in (["--algorithm", "a_lol_kl", "--ppo_clip", "0.5"], ["--algorithm", "a_lol", "--kl_beta", "0.1"]):
-        args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
-                                          str(tmp_path / "out"), *flags], None)
-        with pytest.raises(ConfigError, match="clip"):
-            build(args, [pro_row()] * 2, [pro_row()] * 2)
+        with pytest.raises(SystemExit) as stop:  # refused while the command line is parsed, in one line
+            parse_hh((ALoLHHData, ALoLHHConfig), ["--model_name_or_path", tiny_models["llama"], "--output_dir",
+                                                  str(tmp_path / "out"), *flags], None)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "clip" in err and len(err.splitlines()) == 1, err
 
 
 def _hh_training_fixture(tmp_path, tiny_models, n_train=16):
@@ -439,7 +438,7 @@ def test_hh_value_source_data_generates_and_scores_each_dev_prompt_once(tmp_path
     sys.path.insert(0, str(ROOT))
     from lolrl_qlora_llama_hh import main as hh_main
 
-    from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+    from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
     from lolrl.tasks.hh.data import sigmoid
     from lolrl.tasks.hh.train import validation_records
 
@@ -467,7 +466,7 @@ def test_hh_value_source_data_generates_and_scores_each_dev_prompt_once(tmp_path
     assert len(validations) >= 2 and len(scored) == 6 and set(scored.values()) == {stages}, (stages, scored)
     fit = json.loads((tmp_path / "out" / "value_fit.json").read_text())
     assert fit["n_fit"] == 6
-    records = validation_records(parse_hh(ALoLHHArguments, [], None), dev, "mean")
+    records = validation_records(parse_hh((ALoLHHData, ALoLHHConfig), [], None)[0], dev, "mean")
     assert [r.response for r in records] == [f"answer {i}" for i in range(6)]  # the gold: the sft_index suffix
     assert [r.reward for r in records] == pytest.approx([(sigmoid(a) + sigmoid(b)) / 2 for a, b in
                                                          (row["reward"] for row in dev)])

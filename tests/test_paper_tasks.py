@@ -508,7 +508,7 @@ def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models
 
     from lolrl.engine.config import OfflineRLConfig
     from lolrl.engine.data import TaskData
-    from lolrl.tasks.paper import cli
+    from lolrl.tasks.paper.tasks import task_info
 
     data = tmp_path / "comet"
     data.mkdir()
@@ -521,14 +521,18 @@ def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models
     assert _train(["-i", str(data), "-tn", "COMET", "-m", models["policy"], "-o", str(out), "-algo", "nll",
                    "-ccm", comet_critic["dir"]]) == 0
     assert "p_valid_model" in json.loads((out / "eval_results.json").read_text())["test/generated"]
-    args = cli.parse_args(["-i", str(data), "-tn", "comet", "-m", models["policy"], "-o", str(out)])
-    config = OfflineRLConfig(model_name=models["policy"], output_dir=str(out), task_name="comet")
-    val = load_jsonl(data / "val.jsonl")
-    task_data = TaskData(train=[], val=val * 3000, test=None)
-    cli._apply_task_settings(args, config, task_data)
-    assert len(task_data.val) == 10000  # a seeded random sample of 10,000, as the original
     period = AutoTokenizer.from_pretrained(models["policy"])(".", add_special_tokens=False)["input_ids"]
-    assert config.generation.stop_token_ids == period
+    assert json.loads((out / "args.json").read_text())["generation"]["stop_token_ids"] == period
+    # the engine applies the task's settings: a seeded random sample of 10,000 val rows, as the original
+    from lolrl.engine.trainer import OfflineRLTrainer
+
+    config = OfflineRLConfig(model_name=models["policy"], output_dir=str(tmp_path / "sample"), task_name="comet",
+                             do_train=False, do_predict=False)
+    val = load_jsonl(data / "val.jsonl")
+    trainer = OfflineRLTrainer(args=config, data=TaskData(train=[], val=val * 3000, test=None), task=task_info("comet"),
+                               reward=None)
+    assert len(trainer.data.val) == 10000
+    assert trainer.args.generation.stop_token_ids == period
 
 
 def test_paper_task_without_tfidf_is_a_one_line_error(reddit_dir, models, tmp_path, capsys):

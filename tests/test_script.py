@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import status_of
 from safetensors.torch import load_file
 
 from lolrl.engine.losses import ALGORITHMS
@@ -119,7 +120,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_models, toy_dir, toy_re
             del argv[i:i + 2]
         if value is not None:
             argv += [flag, value]
-    assert main(argv) == 2
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
 
@@ -131,7 +132,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_models, toy_dir, toy_re
 def test_missing_adapter_is_one_error_line(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys, adapter, message):
     """Found when the model loads (after the run's first log lines): an error line, no traceback."""
     argv = args_for(toy_dir, tiny_models["causal"], tmp_path / "o", "nll", toy_reward_spec) + ["--adapter_path", adapter]
-    assert main(argv) == 2
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("error:") and message in err.splitlines()[-1] and "Traceback" not in err
 
@@ -145,7 +146,7 @@ def test_bad_row_reported_before_model_loads(tmp_path, toy_dir, toy_reward_spec,
         handle.write('{"id": "z", "prompt": "p", "response": "r", "reward": "high"}\n')
     # the model path does not exist either: the data error must come first
     argv = args_for(data, str(tmp_path / "missing_model"), tmp_path / "o", "wbc", toy_reward_spec)
-    assert main(argv) == 2
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:49: field 'reward'" in err
 

@@ -29,10 +29,13 @@ class ModelLoadError(UserError):
 
 @dataclass
 class LoraSettings:
-    r: int = 0  # 0 disables LoRA
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: str | None = None  # comma-separated; None lets peft pick per architecture
+    """LoRA (peft); the scripts' flags ``--lora_r``, ``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``."""
+
+    r: int = setting(0, "LoRA rank; 0 trains all weights", min=0)
+    alpha: float = setting(16, "LoRA alpha")
+    dropout: float = setting(0.05, "LoRA dropout (0 with --disable_dropout, the default)", min=0.0, max=1.0)
+    target_modules: str | None = setting(None, "comma-separated module names; none: peft's choice for the "
+                                               "architecture")
 
     @property
     def enabled(self) -> bool:

@@ -21,9 +21,11 @@ resume, trackers and progress bars are the Trainer's. What lolrl adds:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from lolrl.engine.evaluation import (
     summarize_generations,
     write_results_table,
 )
+from lolrl.engine.generation import stop_text_ids
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
 from lolrl.engine.model_card import offline_card, push_best, write_card
@@ -199,9 +202,17 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
             args.reward = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in reward.components)
         self.data, self.reward, self.postprocess = data, reward, postprocess  # postprocess: e.g. the HH stop rule
         self.task = task or TaskInfo(args.task_name)  # what the engine knows of the task
+        if self.task.val_sample and args.max_val_examples is None and len(data.val) > self.task.val_sample:
+            # e.g. COMET, as the original: validate on a seeded sample of its 10,000 val rows
+            data.val = random.Random(args.seed).sample(data.val, self.task.val_sample)
+            logger.info("task %s: validating on a random sample of %d val rows", self.task.name, self.task.val_sample)
         self._check_data(args, data, reward)
         self.output_dir = ensure_folder(args.output_dir, "output folder")
         tokenizer = load_tokenizer(args.model_name, args.tokenizer_name)
+        stops = [*args.generation.stop_texts, *self.task.stop_texts]
+        if stops:  # e.g. COMET's '.': generation ends there too
+            ids = [i for i in stop_text_ids(tokenizer, stops) if i not in args.generation.stop_token_ids]
+            args.generation = dataclasses.replace(args.generation, stop_token_ids=[*args.generation.stop_token_ids, *ids])
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
                 check_prompts_renderable(tokenizer, records, data.source(split))

@@ -102,12 +102,12 @@ def run_test_evaluation(args, adapter_path: str | None = None, tokenizer_name: s
     model named by ``args``, run :func:`evaluate_hh`, print the table; user errors print one line
     and return 2."""
     from lolrl.engine.evaluation import format_markdown_table
-    from lolrl.engine.modeling import QuantizationSettings, load_tokenizer
+    from lolrl.engine.modeling import load_tokenizer
     from lolrl.tasks.hh.reward_model import HHRewardModel
 
     try:
-        tokenizer = load_tokenizer(args.model_name_or_path, tokenizer_name)
-        model = load_model_for_eval(args.model_name_or_path, adapter_path, QuantizationSettings.of(args))
+        tokenizer = load_tokenizer(args.model_name, tokenizer_name)
+        model = load_model_for_eval(args.model_name, adapter_path, args.quantization)
         reward = HHRewardModel(args.reward_model, batch_size=args.rm_batch_size)
         summaries = evaluate_hh(model, tokenizer, reward, args.test_dir, args.output_dir,
                                 batch_size=args.per_device_eval_batch_size, exclude_bad=args.exclude_bad_indices,

@@ -14,11 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lolrl.engine.config import OfflineRLConfig
 from lolrl.engine.data import Record, TaskData
 from lolrl.engine.generation import GenerationSettings
-from lolrl.engine.model_card import HubSettings
-from lolrl.engine.modeling import LoraSettings, QuantizationSettings
 from lolrl.engine.rewards import RewardFunction
 from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file, sigmoid, stop_ids
 
@@ -63,15 +60,14 @@ def generation_settings(model_name: str) -> GenerationSettings:
                               stop_token_ids=stop_ids(load_tokenizer(model_name)))
 
 
-def validation_reward(args) -> RewardFunction | None:
+def validation_reward(spec: str | None, reward_model: str | None, batch_size: int) -> RewardFunction | None:
     """``--reward`` (a spec, or none), else the OpenAssistant-style ``--reward_model``."""
     from lolrl.engine.rewards import load_reward
     from lolrl.tasks.hh.reward_model import TRAINING_RM, HHRewardModel
 
-    if args.reward is not None:
-        return None if args.reward.lower() == "none" else load_reward(args.reward)
-    return RewardFunction.from_callables(
-        {"reward": HHRewardModel(args.reward_model or TRAINING_RM, batch_size=args.per_device_eval_batch_size)})
+    if spec is not None:
+        return None if spec.lower() == "none" else load_reward(spec)
+    return RewardFunction.from_callables({"reward": HHRewardModel(reward_model or TRAINING_RM, batch_size=batch_size)})
 
 
 def precision(args) -> dict:
@@ -82,31 +78,7 @@ def precision(args) -> dict:
     cuda = torch.cuda.is_available()
     if not cuda:
         logging.getLogger(__name__).warning("no CUDA device: plain LoRA on an fp32 base instead of 4-bit QLoRA")
-    return {"dtype": "bf16" if cuda else "fp32", "load_in_4bit": cuda, "quantization": QuantizationSettings.of(args)}
-
-
-def offline_config(args, **settings) -> OfflineRLConfig:
-    """The engine's configuration for an HH script from its settings dataclass
-    (:class:`lolrl.tasks.hh.cli.HHArguments`) plus the script's own ``settings``."""
-    numerics = precision(args)
-    return OfflineRLConfig(
-        model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
-        save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir, task_name="hh",
-        max_prompt_length=args.max_prompt_length, max_resp_length=MAX_RESPONSE_LENGTH, num_train_epochs=0,
-        max_steps=args.max_steps, eval_strategy="steps" if args.eval_steps > 0 else "no",
-        eval_steps=args.eval_steps or None, per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
-        logging_steps=args.logging_steps, report_to=args.report_to,
-        lr_scheduler_type=args.lr_scheduler_type, seed=args.seed, max_val_examples=args.max_val_examples,
-        generation=generation_settings(args.model_name_or_path), eval_on_start=True,
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), do_predict=False,
-        stop_after_steps=args.stop_after_steps, activation_checkpointing=args.gradient_checkpointing,
-        bf16=numerics["dtype"] == "bf16", load_in_4bit=numerics["load_in_4bit"],
-        quantization=numerics["quantization"], disable_dropout=args.disable_dropout,
-        logprob_kernel=args.logprob_kernel, **HubSettings.of(args).__dict__, **settings)
+    return {"dtype": "bf16" if cuda else "fp32", "load_in_4bit": cuda, "quantization": args.quantization}
 
 
 def task_data(train, val) -> TaskData:
