@@ -49,7 +49,7 @@ from lolrl.engine.evaluation import (
     summarize_generations,
 )
 from lolrl.engine.generation import GenerationSettings, generate_token_ids
-from lolrl.engine.losses import (
+from lolrl.online.losses import (
     PPO_KL_PENALTIES,
     adaptive_kl_coef,
     gae_advantages,
