@@ -274,9 +274,8 @@ def test_hh_a_lol_kl_beta(tmp_path, tiny_models, caplog, flags, algorithm, beta)
     import logging
 
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import build
-
     from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+    from lolrl_qlora_llama_hh import build
 
     rows = [pro_row()] * 2
     args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
@@ -298,9 +297,8 @@ def test_hh_a_lol_kl_beta(tmp_path, tiny_models, caplog, flags, algorithm, beta)
 ])
 def test_hh_kl_spellings_of_the_original(tmp_path, tiny_models, flags, algorithm, beta):
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import build
-
     from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
+    from lolrl_qlora_llama_hh import build
 
     rows = [pro_row()] * 2
     args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
@@ -311,10 +309,9 @@ def test_hh_kl_spellings_of_the_original(tmp_path, tiny_models, flags, algorithm
 
 def test_hh_a_lol_kl_refuses_a_clip(tmp_path, tiny_models):
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import build
-
     from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
     from lolrl.utils.errors import ConfigError
+    from lolrl_qlora_llama_hh import build
 
     for flags in (["--algorithm", "a_lol_kl", "--ppo_clip", "0.5"], ["--algorithm", "a_lol", "--kl_beta", "0.1"]):
         args = parse_hh(ALoLHHArguments, ["--model_name_or_path", tiny_models["llama"], "--output_dir",
@@ -437,11 +434,10 @@ def test_hh_value_source_data_generates_and_scores_each_dev_prompt_once(tmp_path
     evaluation) generates and scores each dev prompt once (before: once per suffix), and V(x) is fit
     per prompt on the mean stored reward of its suffixes."""
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import main as hh_main
-
     from lolrl.tasks.hh.cli import ALoLHHArguments, parse_hh
     from lolrl.tasks.hh.data import sigmoid
     from lolrl.tasks.hh.train import validation_records
+    from lolrl_qlora_llama_hh import main as hh_main
 
     args = _hh_training_fixture(tmp_path, tiny_models)
     dev = [pro_row((f"answer {i}", f"other {i}"), (0.3 * i - 1, 1 - 0.2 * i)) for i in range(6)]

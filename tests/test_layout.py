@@ -39,7 +39,7 @@ def _modules():
 
 def test_no_relative_imports_and_every_lolrl_import_resolves():
     names = {m for m, _ in _modules()}
-    for module, path in _modules():
+    for _, path in _modules():
         for node in ast.walk(ast.parse(path.read_text())):
             assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path}:{node.lineno}: relative import"
         for target, _, line in _imports(path):

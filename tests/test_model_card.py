@@ -59,7 +59,7 @@ def test_card_front_matter_settings_and_citation():
     text = render_card(card, "my-model")
     meta = front_matter(text)
     assert meta["base_model"] == "openai-community/gpt2" and meta["library_name"] == "peft"
-    assert {"lolrl", "a-lol", "a-lol", "trl-style", "lora"} <= set(meta["tags"])
+    assert {"lolrl", "a-lol", "offline-rl", "trl-style", "lora"} <= set(meta["tags"])
     assert "| importance weight clip (ppo_clip) | 0.9 |" in text and "| learning_rate | 2e-05 |" in text
     assert "- train rows: 100" in text and "`abc123`" in text
     assert "Best validation final_reward: 0.5 at optimizer step 40" in text

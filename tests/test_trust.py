@@ -127,8 +127,8 @@ def test_flipped_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_models
 
 
 def test_strict_load_refuses_foreign_parameters():
-    from lolrl.utils.trainable import load_trainable
     from lolrl.utils.manifest import IntegrityError
+    from lolrl.utils.trainable import load_trainable
 
     model = torch.nn.Linear(2, 2)
     load_trainable(model, {"weight": torch.zeros(2, 2), "bias": torch.ones(2)}, "x")

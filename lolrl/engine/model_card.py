@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from lolrl.engine.evaluation import format_markdown_table
 from lolrl.utils.cli import setting
 from lolrl.utils.errors import ConfigError, UserError
 from lolrl.utils.io import atomic_write_text
@@ -155,8 +156,6 @@ def _value(value: Any) -> str:
 
 def render_card(card: CardContents, folder_name: str) -> str:
     """The card's text (YAML front matter, then Markdown)."""
-    from lolrl.engine.evaluation import format_markdown_table
-
     what = "a LoRA adapter" if card.adapter else "a model"
     lines = ["---", _yaml(card.front_matter()), "---", "", f"# {folder_name}", "",
              f"This is {what} trained from {model_label(card.base_model)} with **{card.algorithm}**"

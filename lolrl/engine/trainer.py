@@ -59,6 +59,7 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.reference import reference_pass
+from lolrl.engine.rewards import reward_from_funcs
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.engine.sampling import PrioritySampler
 from lolrl.engine.stages import ReferenceStages, TrainingSignal, advantage_statistics  # noqa: F401 (re-exported)
@@ -192,8 +193,6 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         if reward_funcs is not None or reward_weights is not None:
             if reward is not None:
                 raise ConfigError("give the reward once: reward= or reward_funcs=")
-            from lolrl.engine.rewards import reward_from_funcs
-
             reward = reward_from_funcs(reward_funcs, reward_weights)
         if reward is not None and args.reward is None:  # args.json, the run key and the card say which reward
             args.reward = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in reward.components)

@@ -17,8 +17,8 @@ from lolrl.engine.evaluation import summarize_generations
 from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.rewards import RESERVED_COLUMNS
 from lolrl.utils.finite import check_finite_model
-from lolrl.utils.processes import decided_on_main
 from lolrl.utils.io import append_jsonl, atomic_write_json
+from lolrl.utils.processes import decided_on_main
 
 logger = logging.getLogger(__name__)
 

@@ -49,16 +49,7 @@ from lolrl.engine.evaluation import (
     summarize_generations,
 )
 from lolrl.engine.generation import GenerationSettings, generate_token_ids
-from lolrl.online.losses import (
-    PPO_KL_PENALTIES,
-    adaptive_kl_coef,
-    gae_advantages,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_token_rewards,
-    ppo_value_loss,
-)
+from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
 from lolrl.engine.modeling import (
     LoraSettings,
     QuantizationSettings,
@@ -73,9 +64,17 @@ from lolrl.engine.modeling import (
     response_outputs,
     set_dropout,
 )
-from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
-from lolrl.engine.runtime import backward, check_report_to, end_run, flat_config, make_accelerator, micro_batch
-from lolrl.engine.runtime import prepare_for_training, step_scheduler
+from lolrl.engine.optim import build_optimizer
+from lolrl.engine.runtime import (
+    backward,
+    check_report_to,
+    end_run,
+    flat_config,
+    make_accelerator,
+    micro_batch,
+    prepare_for_training,
+    step_scheduler,
+)
 from lolrl.engine.validation import (
     BestModelKeeper,
     generate_and_score,
@@ -83,13 +82,23 @@ from lolrl.engine.validation import (
     reward_columns,
     scored_generations_check,
 )
+from lolrl.online.losses import (
+    PPO_KL_PENALTIES,
+    adaptive_kl_coef,
+    gae_advantages,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_token_rewards,
+    ppo_value_loss,
+)
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
-from lolrl.utils.seeding import seed_stage, stage_rng
 from lolrl.utils.processes import decided_on_main, on_any_process
+from lolrl.utils.seeding import seed_stage, stage_rng
 from lolrl.utils.sharded import shards_parameters, trainable_state
 
 logger = logging.getLogger(__name__)
@@ -384,8 +393,6 @@ class PPOTrainer:
         """The prepared model and optimizer, and the schedule over every optimizer step of the run (not
         prepared: see :func:`prepare_for_training`; stepped once per optimizer step)."""
         from transformers import get_scheduler
-
-        from lolrl.engine.optim import build_optimizer
 
         config = self.config
         optimizer = build_optimizer(self.model, config.optim, config.learning_rate,

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lolrl.utils.cli import setting
+from lolrl.utils.cli import DataclassParser, setting
 from lolrl.utils.errors import UserError, report_user_error
+from lolrl.utils.io import atomic_write_json
 
 ANCHORS = ("embeddings", "encoder", "pooler")
 HEAD_LAYERS = {"dense": "dense", "dense_1": "out_proj"}
@@ -126,7 +127,6 @@ def convert(keras_weights: str | Path, output_dir: str | Path, config_name: str,
     from transformers import AutoConfig, AutoTokenizer, RobertaModel
 
     from lolrl.tasks.paper.rewards import COMET_HEAD_FILE
-    from lolrl.utils.io import atomic_write_json
 
     config = AutoConfig.from_pretrained(config_name)
     config.num_labels = 1
@@ -161,8 +161,6 @@ class ConvertArguments:
 
 
 def build_parser():
-    from lolrl.utils.cli import DataclassParser
-
     return DataclassParser(ConvertArguments, description="Convert the Keras COMET critic to a Hugging Face "
                            "RoBERTa folder plus its head (custom_roberta_classification_head.safetensors)")
 

@@ -33,6 +33,7 @@ from lolrl.tasks.paper.data import (
     split_reddit,
 )
 from lolrl.tasks.paper.rewards import (
+    DEFAULT_MODELS,
     EOS,
     TFIDF_FILE,
     CometCritic,
@@ -264,8 +265,6 @@ _MODEL_FLAGS = {"cola": ("-cm", "cola_classifier_model", "CoLA classifier (fluen
 
 def _model(key: str):
     """One of the original's classifier flags, defaulting (None) to the README's model."""
-    from lolrl.tasks.paper.rewards import DEFAULT_MODELS
-
     short, _, what = _MODEL_FLAGS[key]
     return setting(None, f"{what}: hub id or path (default {DEFAULT_MODELS[key]})", aliases=[short])
 

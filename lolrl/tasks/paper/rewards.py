@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from lolrl.engine.rewards import RewardComponent, RewardFunction, RewardSpecError
+from lolrl.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -522,8 +523,6 @@ class TfidfScorer:
         return cls({t: math.log((1 + n) / (1 + d)) + 1.0 for t, d in sorted(df.items())})
 
     def save(self, path: str | Path) -> Path:
-        from lolrl.utils.io import atomic_write_text
-
         atomic_write_text(path, json.dumps({"format": "lolrl-tfidf-1", "idf": self.idf}) + "\n")
         return Path(path)
 
