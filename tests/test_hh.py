@@ -383,7 +383,8 @@ def test_dpo_script_with_trl(tmp_path, tiny_models, reference_free):
     assert all(0 <= v["meteor"] <= 1 for v in validations)  # RewardValidationCallback: against the chosen responses
     best = out / "best_adapter"
     assert (best / "adapter_model.safetensors").exists() and not (best / "ref").exists()  # the policy adapter only
-    state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+    last = sorted((out / "checkpoints").glob("checkpoint-*"))[-1]
+    state = json.loads(last.joinpath("trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss" in e]
     assert logged and all(math.isfinite(e["loss"]) for e in logged)
     if not reference_free:  # at step 1 the policy is the reference: the implicit reward margin starts at 0
@@ -407,7 +408,8 @@ def test_preference_report_on_hand_numbers():
 def test_pair_records_put_the_higher_reward_first():
     from lolrl.tasks.hh.preference import pair_records
 
-    chosen, rejected = pair_records([pro_row(("x", "y"), (0.1, 0.9)), pro_row(("p", "q"), (2.0, 1.0)), pro_row(("t", "t"), (1, 1))])
+    chosen, rejected = pair_records([pro_row(("x", "y"), (0.1, 0.9)), pro_row(("p", "q"), (2.0, 1.0)),
+                                     pro_row(("t", "t"), (1, 1))])
     assert [r.response for r in chosen] == ["y", "p"] and [r.response for r in rejected] == ["x", "q"]
 
 

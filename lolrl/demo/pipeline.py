@@ -110,7 +110,8 @@ def build_base_model(output_dir: Path, settings: DemoSettings, task: PipelineTas
 
 
 def _config(settings: DemoSettings, task: PipelineTask, **overrides) -> OfflineRLConfig:
-    base = dict(per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64, max_resp_length=settings.max_resp_length,
+    base = dict(per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64,
+                max_resp_length=settings.max_resp_length,
                 max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps, val_log_frequency=2,
                 lora=settings.lora,
                 # Sampling, not beam search: the table then measures the policy's whole distribution

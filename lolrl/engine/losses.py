@@ -7,7 +7,8 @@ Notation (all tensors have a batch dimension B and a token dimension T):
 * ``mask[b, t]`` = :math:`m_t \in \{0, 1\}`, 1 on real response tokens.
 * :math:`L^\theta = -\sum_t m_t \log\pi_\theta(y_t|\cdot)`: the sequence NLL (a sum, not a mean).
 * :math:`R`: the reward of the row; :math:`A^+ = \max(R - V(x), 0)`: its positive advantage.
-* :math:`\mathrm{sg}[\cdot]`: stop-gradient; :math:`\mathrm{clip}_\varepsilon(z)=\min(\max(z,1-\varepsilon),1+\varepsilon)`.
+* :math:`\mathrm{sg}[\cdot]`: stop-gradient;
+  :math:`\mathrm{clip}_\varepsilon(z)=\min(\max(z,1-\varepsilon),1+\varepsilon)`.
 
 Each function returns ``(loss, stats)``: ``loss`` has shape ``[B]`` (the trainer takes its mean
 over the batch) and ``stats`` holds detached per-example tensors for logging. Every weight is a
@@ -75,7 +76,8 @@ MAX_LOG_RATIO = 20.0
 
 
 def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
-    r""":math:`\exp(\mathrm{clamp}(\log r, -20, 20))`: the ratio, finite however long the response (see ``MAX_LOG_RATIO``)."""
+    r""":math:`\exp(\mathrm{clamp}(\log r, -20, 20))`: the ratio, finite however long the response
+    (see ``MAX_LOG_RATIO``)."""
     return log_ratio.clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO).exp()
 
 
@@ -86,7 +88,8 @@ def _sequence_ratio(logprobs, ref_logprobs, mask) -> torch.Tensor:
 
 
 def r_lol_loss(logprobs, mask, rewards, ref_logprobs, clip: float | None = None) -> tuple[torch.Tensor, Stats]:
-    r"""Reward LoL: :math:`\mathcal L = R\cdot\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)])\cdot L^\theta`."""
+    r"""Reward LoL:
+    :math:`\mathcal L = R\cdot\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y|x)/\pi_{ref}(y|x)])\cdot L^\theta`."""
     nll = sequence_nll(logprobs, mask)
     ratio = _sequence_ratio(logprobs, ref_logprobs, mask)
     weight = clip_weight(ratio, clip)
@@ -117,7 +120,11 @@ def a_lol_ref_free_loss(logprobs, mask, advantages) -> tuple[torch.Tensor, Stats
 
 def a_lol_seq_loss(logprobs, mask, advantages, ref_logprobs, clip: float | None = None) -> tuple[torch.Tensor, Stats]:
     r"""A-LoL seq (per-token importance weights; the name is the original's):
-    :math:`\mathcal L = A^+\sum_t m_t\,\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y_t|\cdot)/\pi_{ref}(y_t|\cdot)])\,(-\log\pi_\theta(y_t|\cdot))`."""
+
+    .. math::
+        \mathcal L = A^+\sum_t m_t\,\mathrm{clip}_\varepsilon(\mathrm{sg}[\pi_\theta(y_t|\cdot)/\pi_{ref}(y_t|\cdot)])
+        \,(-\log\pi_\theta(y_t|\cdot)).
+    """
     adv = advantages.clamp(min=0)
     # Mask before exp: a large log-ratio at a padded position would give inf * 0 = NaN.
     token_ratio = bounded_ratio((logprobs.detach() - ref_logprobs) * mask) * mask
@@ -149,7 +156,8 @@ def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k1") -> torch.Ten
     raise ValueError(f"unknown KL estimator '{estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
 
 
-def a_lol_kl_loss(logprobs, mask, advantages, ref_logprobs, kl_beta: float = 0.1, kl_estimator: str = "k1") -> tuple[torch.Tensor, Stats]:
+def a_lol_kl_loss(logprobs, mask, advantages, ref_logprobs, kl_beta: float = 0.1,
+                  kl_estimator: str = "k1") -> tuple[torch.Tensor, Stats]:
     r"""A-LoL KL: the importance weight is replaced by a KL penalty to the reference,
     :math:`\mathcal L = A^+\cdot L^\theta + \beta\,\widehat{KL}(\pi_\theta\|\pi_{ref})` (see :func:`kl_penalty`).
     The default estimator ``k1`` is the paper's :math:`\beta\,(L^{ref} - L^\theta)`; ``k2``/``k3`` are options."""
@@ -265,7 +273,8 @@ def compute_loss(name: str, logprobs: torch.Tensor, mask: torch.Tensor, *, rewar
     given = dict(rewards=rewards, advantages=advantages, ref_logprobs=ref_logprobs, clip=clip, kl_beta=kl_beta,
                  kl_estimator=kl_estimator, gold_floor=gold_floor, group_size=group_size, sft_rows=sft_rows,
                  sft_weight=sft_weight)
-    missing = [n for n in ("rewards", "advantages", "ref_logprobs", "sft_rows") if n in entry.inputs and given[n] is None]
+    needed = ("rewards", "advantages", "ref_logprobs", "sft_rows")
+    missing = [n for n in needed if n in entry.inputs and given[n] is None]
     if missing:
         raise ValueError(f"{name} needs {', '.join(missing)}")
     mask = mask.to(logprobs.dtype)

@@ -265,13 +265,15 @@ def offline_settings(config) -> dict[str, Any]:
                 "gradient_accumulation_steps": config.gradient_accumulation_steps, "precision (dtype)": config.dtype})
     lora = config.lora
     if lora.enabled:
-        out["LoRA"] = f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target_modules={lora.target_modules or 'default'}"
+        out["LoRA"] = (f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+                       f"target_modules={lora.target_modules or 'default'}")
     elif config.adapter_path is None:
         out["LoRA"] = "none (all weights trained)"
     if config.load_in_4bit:
         out["4-bit base (QLoRA)"] = config.quantization.quant_type
     out.update({"max_prompt_length": config.max_prompt_length, "max_resp_length": config.max_resp_length,
-                "validation decoding": f"num_beams={config.generation.num_beams}, do_sample={config.generation.do_sample}",
+                "validation decoding": (f"num_beams={config.generation.num_beams}, "
+                                        f"do_sample={config.generation.do_sample}"),
                 "seed": config.seed})
     return out
 

@@ -6,11 +6,12 @@ completion alone, in [0, 1], higher is better. Use them in a reward spec as ``te
 (``text_reward("readability")``). Each package is an optional extra (``pip install -e .[text]``),
 imported when the component is built; a missing one is a one-line error naming its ``pip install``.
 
-| name | package | raw score | reward |
-|---|---|---|---|
-| ``non_offensive`` | ``alt-profanity-check`` (its packaged linear SVM on TF-IDF, trained on offensive/clean text) | P(offensive) in [0, 1] | ``1 - P(offensive)`` |
-| ``readability`` | ``textstat`` (Flesch reading ease, CMU-dictionary syllables) | about -100 (hard) .. 121 (easy) | ``clip(FRE / 100, 0, 1)`` |
-| ``sentiment`` | ``vaderSentiment`` (VADER lexicon and rules) | compound in [-1, 1] | ``(compound + 1) / 2`` |
+* ``non_offensive``: ``alt-profanity-check`` (its packaged linear SVM on TF-IDF, trained on
+  offensive/clean text); raw score P(offensive) in [0, 1]; reward ``1 - P(offensive)``.
+* ``readability``: ``textstat`` (Flesch reading ease, CMU-dictionary syllables); raw score about
+  -100 (hard) .. 121 (easy); reward ``clip(FRE / 100, 0, 1)``.
+* ``sentiment``: ``vaderSentiment`` (VADER lexicon and rules); raw score compound in [-1, 1];
+  reward ``(compound + 1) / 2``.
 
 An empty completion gets 0 from ``readability`` (textstat's reading ease of no words is not defined)
 and the packages' own value from the others.

@@ -222,7 +222,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         self.schedule, self.stop, self.seal = ValidationSchedule(self), StopAfterSteps(), CheckpointSeal(self)
         super().__init__(model=policy, args=args, data_collator=BatchCollator(self.collator),
                          eval_dataset=self.data.val,  # evaluate() generates on it (the Trainer only holds it)
-                         processing_class=tokenizer, callbacks=[self.schedule, self.stop, self.seal, *(callbacks or [])])
+                         processing_class=tokenizer, callbacks=[self.schedule, self.stop, self.seal,
+                                                                *(callbacks or [])])
         self.tokenizer = tokenizer
         self.cache = cache_lib.Cache(args.cache_dir, enabled=args.stage_cache, accelerator=self.accelerator)
         self.logprob_kernel, why = choose_logprob_kernel(self.model, args.logprob_kernel, self.accelerator.device,
@@ -588,7 +589,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
                 plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png",
                                  keys=["loss", "nll", "advantage", "reward", "importance_weight", "raw_ratio",
                                        "gold_objective", "kl_penalty", "lr"])
-                plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png",
+                plot_validation_curve(self.output_dir / "validation_stats.jsonl",
+                                      self.output_dir / "validation_curve.png",
                                       metric=self.keeper.metric)
         results: dict[str, dict] = {}
         splits = [("val", val_records, self.val_rows)]

@@ -158,7 +158,8 @@ class ValueFitReport:
     a fold comes from a head that never saw its prompts, its epoch count or penalty chosen without them
     too), and what the final head is: fit on every validation prompt with the chosen epoch count."""
 
-    best_epoch: int  # attention head: the epoch count chosen by cross-validation, the final head's (0: initial); ridge: 0
+    # attention head: the epoch count chosen by cross-validation, the final head's (0: initial); ridge: 0
+    best_epoch: int
     cv_mse: float  # MSE of the out-of-fold predictions
     constant_mse: float  # MSE of predicting, on each fold, the mean of the other folds' targets
     cv_r2: float  # 1 - cv_mse / constant_mse: an unbiased estimate of V(x)'s R^2 on new prompts

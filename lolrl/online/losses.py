@@ -97,7 +97,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
     .. math::
         \rho_t = \exp(\log\pi_\theta(y_t|\cdot) - \log\pi_{old}(y_t|\cdot)),\qquad
-        \mathcal L^{clip} = \mathrm{mean}_t \max\big(-\hat A_t\,\rho_t,\; -\hat A_t\,\mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\big).
+        \mathcal L^{clip} = \mathrm{mean}_t \max\big(-\hat A_t\,\rho_t,\;
+        -\hat A_t\,\mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\big).
 
     Stats: ``clipfrac`` (share of tokens where the clipped term is larger), ``approxkl``
     :math:`\tfrac12\,\mathrm{mean}_t(\log\rho_t)^2`, ``policykl`` :math:`-\mathrm{mean}_t\log\rho_t`,

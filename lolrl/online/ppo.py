@@ -468,7 +468,8 @@ class PPOTrainer:
             return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0])) for t in rows_])
 
         mask = (torch.arange(width, device=acc.device)[None, :] < lengths[:, None]).float()
-        old_logprobs, values, ref_logprobs = stack(old_logprobs) * mask, stack(values) * mask, stack(ref_logprobs) * mask
+        old_logprobs, values = stack(old_logprobs) * mask, stack(values) * mask
+        ref_logprobs = stack(ref_logprobs) * mask
         token_rewards, kl = ppo_token_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_coef, config.kl_penalty)
         advantages, returns = gae_advantages(token_rewards, values, mask, config.gamma, config.lam)
         if config.whiten_advantages:

@@ -64,7 +64,8 @@ _FAULT_COUNTS: dict[str, int] = {}
 def inject_fault(point: str) -> None:
     """Kill this process (SIGKILL, as a cluster scheduler or the OOM killer does) when the environment
     variable ``LOLRL_FAULT`` is ``point`` (the first time it is reached) or ``point:N`` (the N-th time);
-    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save (PPO's checkpoints); mid_checkpoint_save (the offline trainer's: the model written, the optimizer not yet)."""
+    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save
+    (PPO's checkpoints); mid_checkpoint_save (the offline trainer's: the model written, the optimizer not yet)."""
     wanted = os.environ.get(FAULT_ENV)
     if not wanted or wanted.split(":")[0] != point:
         return

@@ -134,7 +134,8 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
         precompute_ref_log_probs=not args.reference_free and not args.ref_every_step,
         precompute_ref_batch_size=args.per_device_eval_batch_size, logging_steps=args.logging_steps,
         save_strategy="steps", save_steps=args.eval_steps if args.eval_steps > 0 else 500, save_total_limit=2,
-        report_to=args.report_to, disable_dropout=args.disable_dropout, gradient_checkpointing=args.gradient_checkpointing,
+        report_to=args.report_to, disable_dropout=args.disable_dropout,
+        gradient_checkpointing=args.gradient_checkpointing,
         use_cpu=not cuda, remove_unused_columns=False)
     trainer = dpo_trainer_class(args.reference_free)(
         model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)

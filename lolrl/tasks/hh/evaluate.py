@@ -73,7 +73,9 @@ def evaluate_hh(model, tokenizer, reward_fn, test_dir: str | Path, output_dir: s
         path = test_dir / f"{split}.json"
         if not path.is_file():
             continue
-        rows = [r for i, r in enumerate(read_pro_file(path, allow_empty_suffix=True)) if i not in excluded.get(split, set())][:max_examples]
+        skipped = excluded.get(split, set())
+        rows = [r for i, r in enumerate(read_pro_file(path, allow_empty_suffix=True))
+                if i not in skipped][:max_examples]
         records = pro_records(rows, how=how, name=split)
         tokenized = Tokenizer(tokenizer, False, max_prompt_length, max_new_tokens)(records)
         raw = generate(model, tokenizer, tokenized, settings, batch_size, desc=f"{split}: generate")

@@ -78,7 +78,8 @@ def convert_weights(named: list[tuple[str, np.ndarray]], encoder_shapes: dict[st
     extra = sorted(set(encoder) - set(encoder_shapes))
     if missing or extra:
         raise ConversionError(f"weights do not match the RoBERTa model: missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+                              f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''}")
     for name, shape in encoder_shapes.items():
         if tuple(encoder[name].shape) != tuple(shape):
             raise ConversionError(f"{name}: converted shape {tuple(encoder[name].shape)} != model shape {tuple(shape)}")
