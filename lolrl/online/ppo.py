@@ -9,8 +9,8 @@ One PPO step, as TRL 0.7.1's ``PPOTrainer.step`` that the original called:
 3. one forward pass of the policy (log-probs, per-token values from the value head) and of the
    frozen reference (log-probs) over the raw sampled tokens;
 4. per-token rewards: the KL penalty to the reference on every token, the score on the last
-   (:func:`lolrl.engine.losses.ppo_token_rewards`); GAE advantages and returns
-   (:func:`lolrl.engine.losses.gae_advantages`), advantages whitened over the batch;
+   (:func:`lolrl.online.losses.ppo_token_rewards`); GAE advantages and returns
+   (:func:`lolrl.online.losses.gae_advantages`), advantages whitened over the batch;
 5. ``ppo_epochs`` passes over the batch in shuffled mini-batches, one optimizer step per
    ``mini_batch_size * gradient_accumulation_steps`` rollouts, minimising the clipped surrogate
    plus ``vf_coef`` times the clipped value loss;
