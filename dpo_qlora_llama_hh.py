@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         train_rows, dev_rows = read_hh_files(args)
         val = validation_records(args, dev_rows)
         val = val[: args.max_val_examples] if args.max_val_examples else val
-        result = train_dpo(args, train_rows, val, validation_reward(args.reward, args.reward_model, args.per_device_eval_batch_size), hh_postprocess(args),
+        reward = validation_reward(args.reward, args.reward_model, args.per_device_eval_batch_size)
+        result = train_dpo(args, train_rows, val, reward, hh_postprocess(args),
                            generation_settings(args.model_name))
     except UserError as exc:
         return report_user_error(exc)

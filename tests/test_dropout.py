@@ -37,7 +37,8 @@ def test_the_engine_default_is_one_setting_for_every_algorithm(tmp_path):
 
     for name, spec in TABLE.items():
         extra = {"group_size": 2} if spec.grouped else {}
-        assert OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, **extra).disable_dropout is True, name
+        config = OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, **extra)
+        assert config.disable_dropout is True, name
         assert OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, disable_dropout=False,
                                **extra).disable_dropout is False
 

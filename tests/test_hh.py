@@ -274,9 +274,8 @@ def test_hh_a_lol_kl_beta(tmp_path, tiny_models, caplog, flags, algorithm, beta)
     import logging
 
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import build
-
     from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
+    from lolrl_qlora_llama_hh import build
 
     rows = [pro_row()] * 2
     with caplog.at_level(logging.INFO):
@@ -298,9 +297,8 @@ def test_hh_a_lol_kl_beta(tmp_path, tiny_models, caplog, flags, algorithm, beta)
 ])
 def test_hh_kl_spellings_of_the_original(tmp_path, tiny_models, flags, algorithm, beta):
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import build
-
     from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
+    from lolrl_qlora_llama_hh import build
 
     rows = [pro_row()] * 2
     data_args, config = parse_hh((ALoLHHData, ALoLHHConfig), ["--model_name_or_path", tiny_models["llama"],
@@ -385,7 +383,8 @@ def test_dpo_script_with_trl(tmp_path, tiny_models, reference_free):
     assert all(0 <= v["meteor"] <= 1 for v in validations)  # RewardValidationCallback: against the chosen responses
     best = out / "best_adapter"
     assert (best / "adapter_model.safetensors").exists() and not (best / "ref").exists()  # the policy adapter only
-    state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+    last = sorted((out / "checkpoints").glob("checkpoint-*"))[-1]
+    state = json.loads(last.joinpath("trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss" in e]
     assert logged and all(math.isfinite(e["loss"]) for e in logged)
     if not reference_free:  # at step 1 the policy is the reference: the implicit reward margin starts at 0
@@ -409,7 +408,8 @@ def test_preference_report_on_hand_numbers():
 def test_pair_records_put_the_higher_reward_first():
     from lolrl.tasks.hh.preference import pair_records
 
-    chosen, rejected = pair_records([pro_row(("x", "y"), (0.1, 0.9)), pro_row(("p", "q"), (2.0, 1.0)), pro_row(("t", "t"), (1, 1))])
+    chosen, rejected = pair_records([pro_row(("x", "y"), (0.1, 0.9)), pro_row(("p", "q"), (2.0, 1.0)),
+                                     pro_row(("t", "t"), (1, 1))])
     assert [r.response for r in chosen] == ["y", "p"] and [r.response for r in rejected] == ["x", "q"]
 
 
@@ -436,11 +436,10 @@ def test_hh_value_source_data_generates_and_scores_each_dev_prompt_once(tmp_path
     evaluation) generates and scores each dev prompt once (before: once per suffix), and V(x) is fit
     per prompt on the mean stored reward of its suffixes."""
     sys.path.insert(0, str(ROOT))
-    from lolrl_qlora_llama_hh import main as hh_main
-
     from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
     from lolrl.tasks.hh.data import sigmoid
     from lolrl.tasks.hh.train import validation_records
+    from lolrl_qlora_llama_hh import main as hh_main
 
     args = _hh_training_fixture(tmp_path, tiny_models)
     dev = [pro_row((f"answer {i}", f"other {i}"), (0.3 * i - 1, 1 - 0.2 * i)) for i in range(6)]

@@ -39,7 +39,7 @@ def _modules():
 
 def test_no_relative_imports_and_every_lolrl_import_resolves():
     names = {m for m, _ in _modules()}
-    for module, path in _modules():
+    for _, path in _modules():
         for node in ast.walk(ast.parse(path.read_text())):
             assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path}:{node.lineno}: relative import"
         for target, _, line in _imports(path):
@@ -64,6 +64,81 @@ def test_no_module_imports_a_private_name():
         for target, names, line in _imports(path):
             private = [n for n in names if n.startswith("_")]
             assert not private, f"{path}:{line}: imports private {private} from {target}"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the lolrl modules it imports, anywhere in it (a function-local import counts: it still
+    needs the other module loaded first when it runs). ``from lolrl.x import y`` names the module
+    ``lolrl.x.y`` where ``y`` is one."""
+    modules = {m for m, _ in _modules()}
+    graph = {}
+    for module, path in _modules():
+        targets = set()
+        for target, names, _ in _imports(path):
+            targets |= {t for t in (target, *(f"{target}.{n}" for n in names)) if t in modules}
+        graph[module] = targets - {module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(_one_cycle(graph, sorted(component)))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """A shortest path from the component's first module back to itself, inside the component."""
+    start, inside = component[0], set(component)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for nxt in sorted(graph[node] & inside):
+            if nxt == start:
+                return paths[node] + [start]
+            if nxt not in paths:
+                paths[nxt] = paths[node] + [nxt]
+                queue.append(nxt)
+    raise AssertionError(f"no cycle through {start}")  # a strongly connected component always has one
+
+
+def test_cycle_finder_finds_a_hidden_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles_between_lolrl_modules():
+    """No two modules import each other, directly or round a longer circle, counting function-local
+    imports: a circle hidden inside a function still ties the two modules together."""
+    cycles = _cycles(_import_graph())
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
 def test_import_lolrl_is_light():

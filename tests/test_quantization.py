@@ -151,7 +151,8 @@ def test_quantisation_flags_parse(script):
                    "--prepare_model_for_kbit_training", "False"])
     assert given.quantization == QuantizationSettings(quant_type="fp4", double_quant=True,
                                                                   compute_dtype="bf16", prepare_kbit_training=False)
-    assert parse(["--no_double_quant", "--compute_dtype", "auto"]).quantization.double_quant is False  # the original's --no_ form
+    # the original's --no_ form
+    assert parse(["--no_double_quant", "--compute_dtype", "auto"]).quantization.double_quant is False
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -263,7 +264,8 @@ def test_a_4bit_run_recomputes_the_reference_pass(tmp_path, tiny_models, toy_dir
         caplog.clear()
         argv = ["-i", str(toy_dir), "-tn", "toy", "--reward", "none", "-m", tiny_models["causal"],
                 "-o", str(tmp_path / name), "-algo", "r_lol", "-t", "-e", "1", "--max_steps", "1",
-                "-bs", "16", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1", "--lora_r", "4", "--save_steps", "-1", "--no_test",
+                "-bs", "16", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1", "--lora_r", "4",
+                "--save_steps", "-1", "--no_test",
                 "--cache_dir", str(cache), *extra]
         with caplog.at_level("INFO"):
             assert main(argv) == 0

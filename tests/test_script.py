@@ -38,7 +38,8 @@ def test_every_algorithm_trains(tmp_path, tiny_models, toy_dir, toy_reward_spec,
     assert log[-1]["step"] == 3
     results = json.loads((out / "eval_results.json").read_text())
     assert {"val/generated", "test/generated", "test/gold"} <= set(results)
-    for key in ("safety", "on_topic", "fluency", "final_reward", "distinct_1", "distinct_2", "distinct_3", "avg_response_len"):
+    for key in ("safety", "on_topic", "fluency", "final_reward", "distinct_1", "distinct_2", "distinct_3",
+                "avg_response_len"):
         assert key in results["test/generated"]
     # the saved best model differs from the start: training changed the weights
     start, best = weights(tiny_models[kind]), weights(out / "model")
@@ -131,7 +132,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_models, toy_dir, toy_re
 ])
 def test_missing_adapter_is_one_error_line(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys, adapter, message):
     """Found when the model loads (after the run's first log lines): an error line, no traceback."""
-    argv = args_for(toy_dir, tiny_models["causal"], tmp_path / "o", "nll", toy_reward_spec) + ["--adapter_path", adapter]
+    argv = [*args_for(toy_dir, tiny_models["causal"], tmp_path / "o", "nll", toy_reward_spec),
+            "--adapter_path", adapter]
     assert status_of(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("error:") and message in err.splitlines()[-1] and "Traceback" not in err

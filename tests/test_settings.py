@@ -204,11 +204,13 @@ def test_eval_scripts_label_training_fields_ignored(capsys):
     ("lolrl_qlora_llama_hh.py", ["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     ("lolrl_qlora_llama_hh.py", ["--per_device_train_batch_size", "0"],
      "argument --per_device_train_batch_size: expected a value >= 1, got 0"),
-    ("lolrl_qlora_llama_hh.py", ["--algorithm", "ppo"], "argument --algorithm/-algo/--learning_algorithm: invalid choice: 'ppo'"),
+    ("lolrl_qlora_llama_hh.py", ["--algorithm", "ppo"],
+     "argument --algorithm/-algo/--learning_algorithm: invalid choice: 'ppo'"),
     ("dpo_qlora_llama_hh.py", ["--reference_free", "maybe"], "expected a boolean"),
     ("train_generation_task_with_off_policy_PG.py", ["-bs", "x"],
      "argument --per_device_train_batch_size/-bs/--batch_size: expected an integer"),
-    ("train_generation_task_with_off_policy_PG.py", ["-c", "-0.1"], "argument --ppo_clip/-c: expected a value in [0.0, 1.0]"),
+    ("train_generation_task_with_off_policy_PG.py", ["-c", "-0.1"],
+     "argument --ppo_clip/-c: expected a value in [0.0, 1.0]"),
     ("preprocess_wow_and_add_rewards.py", ["-i", "nope"], "argument --input_task/-i: expected one of"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(script, argv, message, capsys):

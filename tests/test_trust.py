@@ -128,8 +128,8 @@ def test_flipped_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_models
 
 
 def test_strict_load_refuses_foreign_parameters():
-    from lolrl.utils.checkpoint import load_trainable
     from lolrl.utils.manifest import IntegrityError
+    from lolrl.utils.trainable import load_trainable
 
     model = torch.nn.Linear(2, 2)
     load_trainable(model, {"weight": torch.zeros(2, 2), "bias": torch.ones(2)}, "x")
@@ -203,7 +203,8 @@ def test_save_folder_inside_the_starting_model_and_output_file_refused(tmp_path,
                                                                        toy_reward_spec, capsys):
     model = tiny_models["causal"]
     before = sorted(p.name for p in Path(model).iterdir())
-    assert status_of(main, argv(toy_dir, model, tmp_path / "o", toy_reward_spec, "--save_dir", str(Path(model) / "best"))) == 2
+    inside = argv(toy_dir, model, tmp_path / "o", toy_reward_spec, "--save_dir", str(Path(model) / "best"))
+    assert status_of(main, inside) == 2
     assert "inside the starting model" in one_line_errors(capsys.readouterr().err)[0]
     assert status_of(main, argv(toy_dir, model, model, toy_reward_spec)) == 2  # -o the model folder: saves into it
     assert "inside the starting model" in one_line_errors(capsys.readouterr().err)[0]

@@ -28,9 +28,9 @@ from lolrl.utils.lock import check_output_paths
 __all__ = ["ConfigError", "OfflineRLConfig", "DISABLE_DROPOUT_HELP"]
 
 # The --disable_dropout flag of every training script (its default: OfflineRLConfig.disable_dropout).
-DISABLE_DROPOUT_HELP = ("dropout off (LoRA's too) in the model trained, for every algorithm alike (and pi_ref's own NLL run): "
-                        "the importance weight is 1 at step 0; --keep_dropout (or --disable_dropout False) keeps "
-                        "the model's dropout for every algorithm, as the original")
+DISABLE_DROPOUT_HELP = ("dropout off (LoRA's too) in the model trained, for every algorithm alike (and pi_ref's own "
+                        "NLL run): the importance weight is 1 at step 0; --keep_dropout (or --disable_dropout False) "
+                        "keeps the model's dropout for every algorithm, as the original")
 
 
 def _f(default, help: str, **metadata):
@@ -169,7 +169,8 @@ class OfflineRLConfig(TrainingArguments):
         self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
         if self.algorithm not in TABLE:
             raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(TABLE)})")
-        if self.sampling_strategy is None:  # the paper's default; an explicit "uniform" (or the original's "None") stays
+        # the paper's default; an explicit "uniform" (or the original's "None") stays
+        if self.sampling_strategy is None:
             self.sampling_strategy = "good_priority" if self.uses_advantage else "uniform"
         self.sampling_strategy = canonical_strategy(self.sampling_strategy)
         if self.spec.kl and self.kl_beta is None:
@@ -202,9 +203,11 @@ class OfflineRLConfig(TrainingArguments):
         if self.kl_beta is not None and not self.spec.kl:
             raise ConfigError(f"--kl_beta is only used by a_lol_kl, not by '{self.algorithm}'")
         if self.spec.kl and self.ppo_clip_given and self.ppo_clip:
-            raise ConfigError("a_lol_kl has no importance weight to clip: use --ppo_clip 0 (or leave it out) with --kl_beta")
+            raise ConfigError("a_lol_kl has no importance weight to clip: use --ppo_clip 0 (or leave it out) with "
+                              "--kl_beta")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"unknown KL estimator '{self.kl_estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
+            raise ConfigError(f"unknown KL estimator '{self.kl_estimator}' "
+                              f"(expected one of {', '.join(KL_ESTIMATORS)})")
         if self.ppo_clip is not None and not 0 <= self.ppo_clip < 1:
             raise ConfigError(f"--ppo_clip must be in [0, 1), got {self.ppo_clip}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",

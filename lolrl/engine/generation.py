@@ -18,7 +18,6 @@ from lolrl.utils.cli import setting
 
 logger = logging.getLogger(__name__)
 
-
 # Every other ``generate()`` setting that changes which tokens come out, at the value that switches it
 # off. transformers fills a setting that ``generate()`` is not given from the model's own
 # generation_config.json, then from its global defaults (top_k=50 among them): so each one is passed,

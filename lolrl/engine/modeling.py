@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from lolrl.engine import liger
-from lolrl.engine.collation import TOKENIZATION
+from lolrl.engine.collation import TOKENIZATION, Collator
 from lolrl.utils.cache import model_identity
 from lolrl.utils.cli import setting
 from lolrl.utils.errors import ConfigError, UserError
@@ -512,8 +512,6 @@ def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4, la
     per row and no mask; ``varlen``, plus ``cu_seq_lens_q/k`` and ``max_length_q/k``): the log-probs of
     ``rows`` packed must equal their padded log-probs. Checked on the real model, so a model whose
     attention ignores the packing silently gets padded batches instead."""
-    from lolrl.engine.collation import Collator
-
     if getattr(model.config, "is_encoder_decoder", False) or len(rows) < 2:
         return False
     was_training = model.training

@@ -62,6 +62,7 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.reference import reference_pass
+from lolrl.engine.rewards import reward_from_funcs
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.engine.sampling import PrioritySampler
 from lolrl.engine.stages import ReferenceStages, TrainingSignal, advantage_statistics  # noqa: F401 (re-exported)
@@ -195,8 +196,6 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         if reward_funcs is not None or reward_weights is not None:
             if reward is not None:
                 raise ConfigError("give the reward once: reward= or reward_funcs=")
-            from lolrl.engine.rewards import reward_from_funcs
-
             reward = reward_from_funcs(reward_funcs, reward_weights)
         if reward is not None and args.reward is None:  # args.json, the run key and the card say which reward
             args.reward = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in reward.components)
@@ -212,7 +211,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         stops = [*args.generation.stop_texts, *self.task.stop_texts]
         if stops:  # e.g. COMET's '.': generation ends there too
             ids = [i for i in stop_text_ids(tokenizer, stops) if i not in args.generation.stop_token_ids]
-            args.generation = dataclasses.replace(args.generation, stop_token_ids=[*args.generation.stop_token_ids, *ids])
+            args.generation = dataclasses.replace(args.generation,
+                                                  stop_token_ids=[*args.generation.stop_token_ids, *ids])
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
                 check_prompts_renderable(tokenizer, records, data.source(split))
@@ -234,7 +234,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         self.schedule, self.stop, self.seal = ValidationSchedule(self), StopAfterSteps(), CheckpointSeal(self)
         super().__init__(model=policy, args=args, data_collator=BatchCollator(self.collator),
                          eval_dataset=self.data.val,  # evaluate() generates on it (the Trainer only holds it)
-                         processing_class=tokenizer, callbacks=[self.schedule, self.stop, self.seal, *(callbacks or [])])
+                         processing_class=tokenizer, callbacks=[self.schedule, self.stop, self.seal,
+                                                                *(callbacks or [])])
         self.tokenizer = tokenizer
         self.cache = cache_lib.Cache(args.cache_dir, enabled=args.stage_cache, accelerator=self.accelerator)
         self.logprob_kernel, why = choose_logprob_kernel(self.model, args.logprob_kernel, self.accelerator.device,
@@ -600,7 +601,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
                 plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png",
                                  keys=["loss", "nll", "advantage", "reward", "importance_weight", "raw_ratio",
                                        "gold_objective", "kl_penalty", "lr"])
-                plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png",
+                plot_validation_curve(self.output_dir / "validation_stats.jsonl",
+                                      self.output_dir / "validation_curve.png",
                                       metric=self.keeper.metric)
         results: dict[str, dict] = {}
         splits = [("val", val_records, self.val_rows)]

@@ -21,10 +21,10 @@ import torch
 
 from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
 from lolrl.engine.generation import GenerationSettings
-from lolrl.engine.losses import PPO_KL_PENALTIES
 from lolrl.engine.model_card import HubSettings
 from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, LoraSettings, QuantizationSettings
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
+from lolrl.online.losses import PPO_KL_PENALTIES
 from lolrl.tasks.hh.data import RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM

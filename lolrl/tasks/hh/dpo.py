@@ -20,10 +20,14 @@ from pathlib import Path
 import torch
 
 from lolrl.engine.collation import Tokenizer
+from lolrl.engine.modeling import load_model, load_tokenizer
 from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.runtime import end_trainer_run
+from lolrl.engine.validation import RewardValidationCallback
 from lolrl.tasks.hh.data import render
 from lolrl.tasks.hh.preference import PAIR_ORDERS, ordered_pair
+from lolrl.utils.lock import check_output_paths, hold_folders
+from lolrl.utils.processes import launched_as_main
 
 logger = logging.getLogger(__name__)
 __all__ = ["PAIR_ORDERS", "preference_pairs", "train_dpo", "truncate_pairs"]
@@ -99,8 +103,6 @@ def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, ge
     (:class:`lolrl.tasks.hh.cli.DPOHHArguments`). The output
     folder is locked for the run (a second run on it is refused)."""
     from lolrl.tasks.hh.train import adapter_of
-    from lolrl.utils.lock import check_output_paths, hold_folders
-    from lolrl.utils.processes import launched_as_main
 
     check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
                        {"starting model": args.model_name, "adapter": adapter_of(args)})
@@ -112,8 +114,6 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
     from datasets import Dataset
     from trl import DPOConfig
 
-    from lolrl.engine.modeling import load_model, load_tokenizer
-    from lolrl.engine.validation import RewardValidationCallback
     from lolrl.tasks.hh.train import MAX_RESPONSE_LENGTH, adapter_of, precision
 
     output_dir = Path(args.output_dir)
@@ -134,7 +134,8 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
         precompute_ref_log_probs=not args.reference_free and not args.ref_every_step,
         precompute_ref_batch_size=args.per_device_eval_batch_size, logging_steps=args.logging_steps,
         save_strategy="steps", save_steps=args.eval_steps if args.eval_steps > 0 else 500, save_total_limit=2,
-        report_to=args.report_to, disable_dropout=args.disable_dropout, gradient_checkpointing=args.activation_checkpointing,
+        report_to=args.report_to, disable_dropout=args.disable_dropout,
+        gradient_checkpointing=args.activation_checkpointing,
         use_cpu=not cuda, remove_unused_columns=False)
     trainer = dpo_trainer_class(args.reference_free)(
         model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)

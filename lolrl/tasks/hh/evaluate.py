@@ -16,11 +16,13 @@ from lolrl.engine.collation import Tokenizer
 from lolrl.engine.data import DataError, read_text
 from lolrl.engine.evaluation import (
     distinct_n,
+    format_markdown_table,
     mean_length,
     plot_reward_distributions,
     write_results_table,
 )
 from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.modeling import load_model, load_tokenizer
 from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file, stop_ids
 from lolrl.utils.errors import UserError, report_user_error
 from lolrl.utils.io import write_jsonl
@@ -32,8 +34,6 @@ TEST_SPLITS = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejec
 def load_model_for_eval(model_name: str, adapter_path: str | None, quantization):
     """Base model (4-bit through bitsandbytes on CUDA, quantised as ``quantization`` says: the script's
     flags, by default the original's NF4 with fp16 compute; plain fp32 otherwise) with an optional adapter."""
-    from lolrl.engine.modeling import load_model
-
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     return load_model(model_name, dtype=dtype, adapter_path=adapter_path, trainable=False, load_in_4bit=True,
                       quantization=quantization).eval()
@@ -73,7 +73,9 @@ def evaluate_hh(model, tokenizer, reward_fn, test_dir: str | Path, output_dir: s
         path = test_dir / f"{split}.json"
         if not path.is_file():
             continue
-        rows = [r for i, r in enumerate(read_pro_file(path, allow_empty_suffix=True)) if i not in excluded.get(split, set())][:max_examples]
+        skipped = excluded.get(split, set())
+        rows = [r for i, r in enumerate(read_pro_file(path, allow_empty_suffix=True))
+                if i not in skipped][:max_examples]
         records = pro_records(rows, how=how, name=split)
         tokenized = Tokenizer(tokenizer, False, max_prompt_length, max_new_tokens)(records)
         raw = generate(model, tokenizer, tokenized, settings, batch_size, desc=f"{split}: generate")
@@ -101,8 +103,6 @@ def run_test_evaluation(args, adapter_path: str | None = None, tokenizer_name: s
     """The evaluation scripts' body: load the tokenizer, the model (plus adapter) and the test reward
     model named by ``args``, run :func:`evaluate_hh`, print the table; user errors print one line
     and return 2."""
-    from lolrl.engine.evaluation import format_markdown_table
-    from lolrl.engine.modeling import load_tokenizer
     from lolrl.tasks.hh.reward_model import HHRewardModel
 
     try:

@@ -129,14 +129,15 @@ def main(argv=None, description: str | None = None) -> int:
     try:
         train_rows, dev_rows = read_hh_files(args)
         config = ppo_config(args)
-        reward = validation_reward(args.reward, args.reward_model, args.per_device_eval_batch_size)  # --reward SPEC, else the OpenAssistant-style --reward_model
+        reward = validation_reward(  # --reward SPEC, else the OpenAssistant-style --reward_model
+            args.reward, args.reward_model, args.per_device_eval_batch_size)
         if reward is None:
             raise RewardSpecError("online PPO scores its rollouts: --reward none is not possible here")
         train, val = pro_records(train_rows, args.prompt_format, "sft", "train"), validation_records(args, dev_rows)
         if args.trainer != "ppo":
             if args.push_to_hub:
-                raise ConfigError(f"--push_to_hub is for --trainer ppo (lolrl's trainer); with --trainer {args.trainer} "
-                                  "upload OUTPUT/best_adapter yourself")
+                raise ConfigError(f"--push_to_hub is for --trainer ppo (lolrl's trainer); with --trainer "
+                                  f"{args.trainer} upload OUTPUT/best_adapter yourself")
             val = val[: args.max_val_examples] if args.max_val_examples else val
             best = run_trl(args, train, val, reward)
         else:

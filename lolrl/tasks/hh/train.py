@@ -1,5 +1,5 @@
-"""What the HH trainers share (each function takes the script's settings dataclass,
-:class:`lolrl.tasks.hh.cli.HHArguments` or a subclass): data, validation reward, generation and model settings, the engine config.
+"""What the HH trainers share: data, validation reward, generation and model settings (each function takes
+the script's data or training settings, :mod:`lolrl.tasks.hh.cli`).
 
 ``lolrl_qlora_llama_hh.py`` (the A-LoL family and baselines), ``pro_qlora_llama_hh.py`` (PRO,
 on the same engine with groups of candidates) and ``dpo_qlora_llama_hh.py`` (TRL's DPO trainer)
@@ -29,7 +29,8 @@ def adapter_of(args) -> str | None:
 def read_hh_files(args) -> tuple[list[dict], list[dict]]:
     """The PRO-format training records (``cleaner_train.json``) and the validation records."""
     train = read_pro_file(Path(args.train_file_path) / "cleaner_train.json")
-    return train[: args.max_train_examples] if args.max_train_examples else train, read_pro_file(args.eval_file_path, allow_empty_suffix=True)
+    train = train[: args.max_train_examples] if args.max_train_examples else train
+    return train, read_pro_file(args.eval_file_path, allow_empty_suffix=True)
 
 
 def validation_records(args, dev_rows: list[dict], reward: str = "sft") -> list[Record]:

@@ -122,7 +122,8 @@ def _paper_task_reward(args: GenerationTaskArguments, config: PaperRLConfig):
         reward = build_task_reward(config.task_name, models, Path(args.input_dir) / TFIDF_FILE
                                    if config.task_name != "comet" else None)
     except RewardSpecError as exc:
-        raise RewardSpecError(f"task '{config.task_name}': built-in reward recipe: {exc} (or pass --reward SPEC)") from None
+        raise RewardSpecError(f"task '{config.task_name}': built-in reward recipe: {exc} "
+                              "(or pass --reward SPEC)") from None
     config.reward = " + ".join(f"{c.name}={c.source}" for c in reward.components)
     return reward
 
