@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from pathlib import Path
 
 import pytest
@@ -401,3 +402,55 @@ def test_every_page_names_the_engines_default_kl_estimator():
     help_text = paper.build_parser().format_help()
     entry = help_text[help_text.index("\n  --kl_estimator"):].split("\n  --")[1]
     assert f"(default: {default})" in " ".join(entry.split())
+
+
+# ------------------------------------------------------------------------------------------ one definition
+OFFLINE_SCRIPTS = ("train_generation_task_with_off_policy_PG.py", "lolrl_qlora_llama_hh.py", "pro_qlora_llama_hh.py")
+
+
+@pytest.mark.parametrize("script", OFFLINE_SCRIPTS)
+def test_every_config_field_is_a_flag_of_every_offline_script(script):
+    """The offline scripts parse straight into the engine's config: each field of OfflineRLConfig a command line
+    can give (nested LoRA / quantisation / decoding settings as flat flags) is a flag of each, with no copy."""
+    from lolrl.engine.config import OfflineRLConfig
+
+    parser = parser_of(script)
+    config_class = next(t for t in parser.types if issubclass(t, OfflineRLConfig))
+    assert dataclasses.fields(config_class)  # the script's config restates defaults, declares no copy
+    for f in dataclasses.fields(OfflineRLConfig):
+        if not f.init or f.metadata.get("hidden_field"):
+            continue
+        prefix = f.metadata.get("flatten")
+        names = ([prefix + sub.name for sub in dataclasses.fields(f.default_factory())] if prefix is not None
+                 else [f.name])
+        owners = {parser.fields[n].owner for n in names if n in parser.fields}
+        if f.name in parser.fields or owners:
+            assert owners <= {config_class}, (script, f.name)
+        else:  # only fields of types no command line gives (e.g. a ParallelismConfig) are left out
+            from lolrl.utils.cli import _field_type
+
+            hint = typing.get_type_hints(OfflineRLConfig)[f.name]
+            assert not dataclasses.is_dataclass(hint) and _field_type(hint) is None, (script, f.name)
+
+
+def test_no_script_translates_settings_by_hand():
+    """No task module or script builds the engine's config from its own settings (the old config_from_args,
+    offline_config): they parse into it."""
+    import re
+
+    sources = [*sorted((ROOT / "lolrl" / "tasks").rglob("*.py")), *sorted(ROOT.glob("*.py"))]
+    calls = [(p.name, m.group(0)) for p in sources for m in re.finditer(r"\bOfflineRLConfig\(|\bdef (config_from_args|"
+                                                                       r"offline_config)\b", p.read_text())]
+    assert calls == []
+
+
+def test_yaml_keys_may_be_the_original_long_flags(tmp_path):
+    """A preset written with the original's names (batch_size, learning_algorithm, n_epochs, train) reads into the
+    config's fields, nested settings by their flags' names."""
+    path = tmp_path / "c.yaml"
+    path.write_text("input_dir: d\ntask_name: wow\nmodel_name: m\noutput_dir: o\nbatch_size: 4\n"
+                    "learning_algorithm: wbc\nn_epochs: 2\ntrain: true\nlora_r: 8\nnum_beams: 3\n")
+    args, config = paper.build_parser().parse(["--config", str(path)])
+    assert (config.per_device_train_batch_size, config.algorithm, config.num_train_epochs, config.do_train) == (
+        4, "wbc", 2, True)
+    assert (config.lora.r, config.generation.num_beams) == (8, 3)
