@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_FLAGS = json.loads((Path(__file__).parent / "original_flags.json").read_text())["scripts"]
 
 HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig), "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
-              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig), "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
+              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig),
+              "ppo_qlora_llama_hh.py": (hh.PPOHHData, hh.PPOHHConfig),
               "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}
 REQUIRED = {"train_generation_task_with_off_policy_PG.py": ["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o"],
             "preprocess_reddit_comment_scores_and_add_rewards.py": ["-i", "d", "-o", "o", "-m", "m"],
@@ -89,7 +90,12 @@ CONTEXT = {("lolrl_qlora_llama_hh.py", "--kl_beta"): ["--algorithm", "a_lol_kl"]
            ("train_generation_task_with_off_policy_PG.py", "--kl_beta"): ["-algo", "a_lol_kl"],
            # priority sampling needs rewards: the baseline nll (the default) refuses it
            ("train_generation_task_with_off_policy_PG.py", "--train_sampling"): ["-algo", "wbc"],
-           ("lolrl_qlora_llama_hh.py", "--sampling_strategy"): ["--algorithm", "a_lol"]}
+           ("lolrl_qlora_llama_hh.py", "--sampling_strategy"): ["--algorithm", "a_lol"],
+           # PPO's rollout batch must be a multiple of the mini-batch x accumulation (checked as the config is parsed)
+           ("ppo_qlora_llama_hh.py", "--per_device_train_batch_size"): ["--ppo_rollout_batch_size", "12"],
+           ("ppo_qlora_llama_hh.py", "--gradient_accumulation_steps"): ["--ppo_rollout_batch_size", "12"],
+           ("ppo_qlora_llama_hh.py", "--ppo_rollout_batch_size"): ["--per_device_train_batch_size", "1",
+                                                                   "--gradient_accumulation_steps", "1"]}
 # What a flag's value becomes: -ts is priority sampling; report_to is TrainingArguments' list.
 WANT = {"--train_sampling": "good_priority"}
 
