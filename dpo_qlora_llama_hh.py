@@ -14,7 +14,7 @@ every 900. QLoRA on CUDA, plain LoRA in fp32 without CUDA. Interrupted runs resu
 import logging
 import sys
 
-from lolrl.tasks.hh.cli import DPOHHArguments, parse_hh
+from lolrl.tasks.hh.cli import DPOHHConfig, DPOHHData, parse_hh
 from lolrl.tasks.hh.dpo import train_dpo
 from lolrl.tasks.hh.train import (
     generation_settings,
@@ -27,20 +27,20 @@ from lolrl.utils.errors import UserError, report_user_error
 
 
 def main(argv=None) -> int:
-    args = parse_hh(DPOHHArguments, argv, __doc__)
+    data, config = parse_hh((DPOHHData, DPOHHConfig), argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train_rows, dev_rows = read_hh_files(args)
-        val = validation_records(args, dev_rows)
-        val = val[: args.max_val_examples] if args.max_val_examples else val
-        reward = validation_reward(args.reward, args.reward_model, args.per_device_eval_batch_size)
-        result = train_dpo(args, train_rows, val, reward, hh_postprocess(args),
-                           generation_settings(args.model_name))
+        train_rows, dev_rows = read_hh_files(data)
+        val = validation_records(data, dev_rows)
+        val = val[: config.max_val_examples] if config.max_val_examples else val
+        reward = validation_reward(config.reward, data.reward_model, config.per_device_eval_batch_size)
+        result = train_dpo(data, config, train_rows, val, reward, hh_postprocess(data),
+                           generation_settings(config.model_name))
     except UserError as exc:
         return report_user_error(exc)
     best = result["best_validation_reward"]
     print(f"{result['steps']} steps" + (f", best validation reward {best:.4f}" if best is not None else "")
-          + f"; adapter in {args.output_dir}/best_adapter")
+          + f"; adapter in {config.output_dir}/best_adapter")
     return 0
 
 

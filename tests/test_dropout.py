@@ -102,7 +102,7 @@ def test_hh_offline_scripts_share_the_setting(hh_argv, script):
 
 
 class _Captured(Exception):
-    """Raised by a spy in place of a TRL config: the test has the settings it wanted."""
+    """Raised by a spy in place of a TRL config or trainer: the test has the settings it wanted."""
 
 
 def _spy(captured: dict):
@@ -117,16 +117,16 @@ def test_dpo_and_grpo_pass_the_setting_to_trl(hh_argv, monkeypatch, keep):
     import trl
 
     import dpo_qlora_llama_hh
-    from lolrl.tasks.hh import online
+    from lolrl.tasks.hh import dpo, online
     from lolrl.tasks.hh.data import pro_records
     from lolrl.tasks.hh.train import read_hh_files
 
     extra = ["--keep_dropout"] if keep else []
     captured: dict = {}
-    monkeypatch.setattr(trl, "DPOConfig", _spy(captured))
+    monkeypatch.setattr(dpo, "dpo_trainer_class", lambda reference_free: _spy(captured))  # DPOTrainer's arguments
     with pytest.raises(_Captured):
         dpo_qlora_llama_hh.main(hh_argv + ["--max_steps", "1"] + extra)
-    assert captured["disable_dropout"] is not keep
+    assert captured["args"].disable_dropout is not keep  # the parsed DPOConfig, as DPOTrainer gets it
     captured.clear()
     monkeypatch.setattr(trl, "GRPOConfig", _spy(captured))
     data, config = online.parse_hh((online.PPOHHData, online.PPOHHConfig), hh_argv + ["--trainer", "grpo"] + extra,

@@ -26,7 +26,8 @@ from lolrl.tasks.hh import cli as hh
 # bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16); double quantisation commented out.
 ORIGINAL_BNB = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
                 "bnb_4bit_compute_dtype": torch.float16}
-HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig), "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
+HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig),
+              "dpo_qlora_llama_hh.py": (hh.DPOHHData, hh.DPOHHConfig),
               "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig),
               "ppo_qlora_llama_hh.py": (hh.PPOHHData, hh.PPOHHConfig),
               "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}

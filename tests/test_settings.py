@@ -21,7 +21,8 @@ from lolrl.utils.cli import IGNORED, DataclassParser, to_yaml
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_FLAGS = json.loads((Path(__file__).parent / "original_flags.json").read_text())["scripts"]
 
-HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig), "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
+HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig),
+              "dpo_qlora_llama_hh.py": (hh.DPOHHData, hh.DPOHHConfig),
               "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig),
               "ppo_qlora_llama_hh.py": (hh.PPOHHData, hh.PPOHHConfig),
               "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}

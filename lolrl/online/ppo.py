@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
-from lolrl.engine.config import ConfigError, _has_accelerator_device
+from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
 from lolrl.engine.evaluation import (
     plot_loss_curves,
@@ -216,7 +216,7 @@ class PPOConfig(TrainingArguments):
             raise ConfigError("PPOConfig needs a model_name (the starting policy)")
         if not self.output_dir:
             raise ConfigError("PPOConfig needs an output_dir (where the run writes its results)")
-        if not _has_accelerator_device():
+        if not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()):
             self.use_cpu = True  # as OfflineRLConfig: no bf16 device checks against a GPU that is not there
         if self.gradient_checkpointing is not None:  # TrainingArguments' spelling
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None

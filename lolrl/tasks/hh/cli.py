@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from trl import DPOConfig
 
 from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.modeling import LoraSettings, QuantizationSettings
+from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from lolrl.online.ppo import PPOConfig
 from lolrl.tasks.hh.data import RENDERINGS
@@ -212,17 +214,58 @@ class ALoLHHConfig(HHOfflineConfig):
 
 
 @dataclass
-class DPOHHArguments(HHArguments):
-    """dpo_qlora_llama_hh.py: DPO through TRL's DPOTrainer."""
+class DPOHHData(HHData):
+    """dpo_qlora_llama_hh.py's data settings (and the original's flags DPO does not read)."""
+
+    # the original's --max_length (never read) is DPOConfig's max_length here (DPOHHConfig)
+    max_length: int = setting(768, "see DPOHHConfig.max_length", hidden_field=True)
+    a2c_n_value_head_epochs: int = ignored(10)
+    algorithm: str = ignored("nll")
+    sampling_strategy: str | None = ignored(None)
+    training_stage_num: int = ignored(2)
+    pair_order: str = setting("reward", "chosen = the higher-reward suffix, or the first suffix as the original",
+                              choices=PAIR_ORDERS)
+
+
+@dataclass
+class DPOHHConfig(HHTraining, DPOConfig):
+    """dpo_qlora_llama_hh.py: TRL's DPOConfig with the HH scripts' defaults (batch 2 x 8, as the original's DPO);
+    DPOTrainer gets it as parsed, with the derived values set here: checkpoints in OUTPUT/checkpoints (by
+    :func:`lolrl.tasks.hh.dpo.train_dpo`), reference log-probs precomputed unless reference-free or
+    --ref_every_step, bf16 on CUDA."""
 
     per_device_train_batch_size: int = setting(2, "micro-batch size (preference pairs)", min=1)
     gradient_accumulation_steps: int = setting(8, "micro-batches per optimizer step", min=1)
-    beta: float = setting(0.1, "DPO beta", min=0.0)
+    beta: float = restated(DPOConfig, "beta", 0.1, min=0.0)
+    loss_type: list[str] = restated(DPOConfig, "loss_type", ["sigmoid"], "any TRL DPO loss type (sigmoid = DPO, "
+                                                                       "ipo, ...)")
+    max_length: int | None = ignored(None, "TRL truncates nothing: prompts keep their last --max_prompt_length "
+                                           "tokens, responses their first 128 (the original's --max_length)")
     reference_free: bool = setting(False, "reference log-ratio 0 (no reference model)")
-    loss_type: str = setting("sigmoid", "any TRL DPO loss type (sigmoid = DPO, ipo, ...)")
-    pair_order: str = setting("reward", "chosen = the higher-reward suffix, or the first suffix as the original",
-                              choices=PAIR_ORDERS)
     ref_every_step: bool = setting(False, "run the reference adapter in every step instead of precomputing")
+    bf16: bool | None = setting(None, "bf16 autocast; none: on CUDA (the original's 4-bit runs), fp32 elsewhere")
+    gradient_checkpointing: bool | None = setting(None, "TrainingArguments' name: --gradient_checkpointing sets "
+                                                        "activation_checkpointing", hidden_field=True)
+    remove_unused_columns: bool = setting(False, "kept False: the pairs' columns reach TRL", hidden_field=True)
+    save_total_limit: int | None = setting(2, "checkpoints kept", min=1)
+
+    def __post_init__(self) -> None:
+        self.adapter_path = adapter_of(self)
+        check_model_locations(self)
+        cuda = torch.cuda.is_available()  # plain LoRA in fp32 elsewhere (the run's model loading says so)
+        self.bf16, self.use_cpu = cuda if self.bf16 is None else self.bf16, not cuda
+        self.gradient_checkpointing = self.activation_checkpointing
+        self.optim = resolve_optimizer(self.optim)
+        self.precompute_ref_log_probs = not self.reference_free and not self.ref_every_step
+        self.precompute_ref_batch_size = self.per_device_eval_batch_size
+        if self.save_steps == -1:  # never
+            self.save_strategy, self.save_steps = "no", 0
+        elif self.save_steps == 0:  # at the validations (every eval_steps; 500 without them)
+            self.save_steps = self.eval_steps if self.eval_steps and self.eval_steps > 0 else 500
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # TrainingArguments' and TRL's own checks: one line
+            raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 @dataclass
