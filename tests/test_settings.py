@@ -461,3 +461,31 @@ def test_yaml_keys_may_be_the_original_long_flags(tmp_path):
     assert (config.per_device_train_batch_size, config.algorithm, config.num_train_epochs, config.do_train) == (
         4, "wbc", 2, True)
     assert (config.lora.r, config.generation.num_beams) == (8, 3)
+
+
+def test_ppo_and_dpo_parse_straight_into_their_configs():
+    """The online scripts parse into their trainers' configs, with no translation: PPO's config is a
+    TrainingArguments with the offline names (the original's flags its aliases), DPO's is TRL's DPOConfig."""
+    import transformers
+    import trl
+
+    from lolrl.online.ppo import PPOConfig
+    from lolrl.tasks.hh import online
+
+    assert issubclass(PPOConfig, transformers.TrainingArguments) and not hasattr(online, "ppo_config")
+    ppo = parse("ppo_qlora_llama_hh.py", ["--ppo_clip", "0.3", "--kl_beta", "0.1", "--ppo_rollout_batch_size", "32",
+                                          "--top_p", "0.9", "--max_new_tokens", "64", "--no_resume",
+                                          "--per_device_train_batch_size", "8", "--adam_epsilon", "1e-5"])
+    assert isinstance(ppo.parts[1], hh.PPOHHConfig) and isinstance(ppo.parts[1], PPOConfig)
+    assert (ppo.cliprange, ppo.init_kl_coef, ppo.rollout_batch_size, ppo.resume) == (0.3, 0.1, 32, "never")
+    assert (ppo.rollout.top_p, ppo.rollout.top_k, ppo.rollout.do_sample, ppo.rollout.max_new_tokens) == (0.9, 50, True,
+                                                                                                         64)
+    assert (ppo.validation.do_sample, ppo.validation.max_new_tokens, ppo.validation.stop_texts) == (False, 64,
+                                                                                                    [" ###"])
+    assert (ppo.per_device_train_batch_size, ppo.adam_epsilon, ppo.learning_rate, ppo.max_grad_norm) == (8, 1e-5,
+                                                                                                         2e-5, 0.0)
+    dpo = parse("dpo_qlora_llama_hh.py", ["--beta", "0.2", "--reference_free", "--pair_order", "first"])
+    assert isinstance(dpo.parts[1], trl.DPOConfig) and isinstance(dpo.parts[1], hh.DPOHHConfig)
+    assert (dpo.beta, dpo.reference_free, dpo.precompute_ref_log_probs, dpo.pair_order) == (0.2, True, False, "first")
+    assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps, dpo.loss_type) == (2, 8, ["sigmoid"])
+    assert parse("dpo_qlora_llama_hh.py", []).precompute_ref_log_probs is True
