@@ -82,20 +82,19 @@ def hh_argv(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("script", ["lolrl_qlora_llama_hh", "pro_qlora_llama_hh"])
 def test_hh_offline_scripts_share_the_setting(hh_argv, script):
-    import importlib
-
     from lolrl.tasks.hh import cli as hh
+    from lolrl.tasks.hh.offline import alol_data, pro_data
     from lolrl.tasks.hh.train import read_hh_files
 
-    module = importlib.import_module(script)
     alol = script.startswith("lolrl")
+    build = alol_data if alol else pro_data
     classes = (hh.ALoLHHData, hh.ALoLHHConfig) if alol else (hh.PROHHData, hh.PROHHConfig)
     algorithms = [a for a in ALGORITHMS if a != "a_lol_kl"] if alol else [None]
     for algo in algorithms:
         chosen = ["--algorithm", algo, "--value_source", "data"] if algo else []
         for extra, rate in (([], 0.0), (["--keep_dropout"], 0.05), (["--disable_dropout", "False"], 0.05)):
             data_args, config = hh.parse_hh(classes, hh_argv + chosen + extra, None)
-            data = module.build(data_args, config, *read_hh_files(data_args))
+            data = build(data_args, config, *read_hh_files(data_args))
             assert config.disable_dropout is (rate == 0.0), (algo, extra)
             if algo in (None, "nll", "a_lol"):  # the loaded policy too: PRO, the baseline, an importance-weighted
                 assert max(dropout_rates(loaded_policy(config, data))) == rate, (algo, extra)

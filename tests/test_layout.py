@@ -153,3 +153,23 @@ def test_public_names_still_import_from_the_package_root():
 
     for name in lolrl.__all__:
         assert getattr(lolrl, name) is not None
+
+
+ROOT = PACKAGE.parent
+
+
+def test_readme_first_screen_holds_the_set_up_demo_and_test_commands():
+    """The README's first 40 lines: the set-up command, a demo that runs offline, and the test command CI runs."""
+    head = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash setup.sh" in head and "bash setup.sh" in ci
+    assert "lolrl demo --output_dir" in head
+    test_command = "HF_HUB_OFFLINE=1 python -m pytest tests"
+    assert test_command in head and test_command in ci
+
+
+def test_no_module_or_script_points_outside_the_repository_for_documentation():
+    """Docstrings and scripts name docs/ pages, not ../shared (data paths there stay optional, in bench/ only)."""
+    sources = [*PACKAGE.rglob("*.py"), *ROOT.glob("*.py")]
+    outside = [str(p.relative_to(ROOT)) for p in sources if "../shared" in p.read_text() or "/shared/" in p.read_text()]
+    assert outside == []

@@ -347,10 +347,7 @@ def test_hh_defaults_are_the_originals_effective_optimizer():
 
 
 def test_demo_preset_parses():
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from demo import DemoArguments
+    from lolrl.demo.cli import DemoArguments
 
     config = DataclassParser(DemoArguments).parse_one(["--config", str(ROOT / "configs" / "demo.yaml")])
     assert (config.model, config.algorithms) == ("tiny", "a_lol,wbc")

@@ -29,9 +29,9 @@ from lolrl.online.ppo import PPOConfig
 from lolrl.tasks.hh.data import RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM
-from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, adapter_of, hh_postprocess, read_hh_files, validation_reward
+from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, adapter_of
 from lolrl.utils.cli import DataclassParser, default_of, ignored, restated, setting
-from lolrl.utils.errors import ConfigError, UserError, report_user_error
+from lolrl.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 HH_STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
@@ -142,7 +142,8 @@ def check_model_locations(args) -> None:
             continue
         looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
         if looks_local and not os.path.exists(os.path.expanduser(value)):
-            raise ConfigError(f"--{name} {value!r}: no such folder")
+            flags = "/".join([f"--{name}", *fields[name].metadata.get("aliases", [])])
+            raise ConfigError(f"{flags} {value!r}: no such folder")
 
 
 @dataclass
@@ -420,24 +421,3 @@ def check_kl_spelling(args: OfflineRLConfig) -> str:
         raise ConfigError("--kl_beta > 0 means A-LoL KL: use it with --algorithm a_lol_kl, or with --algorithm a_lol "
                           "and --ppo_clip 0 (the original's spelling)")
     return "a_lol_kl"
-
-
-def run_offline(data_args: HHData, config: HHOfflineConfig, build) -> int:
-    """Read the data, build the run's ``TaskData`` with ``build(data_args, config, train_rows, dev_rows)``, train on
-    the engine with the HH validation reward; user errors end in one line and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        train_rows, dev_rows = read_hh_files(data_args)
-        data = build(data_args, config, train_rows, dev_rows)
-        from lolrl.engine.trainer import OfflineRLTrainer
-
-        reward = validation_reward(config.reward, data_args.reward_model, config.per_device_eval_batch_size)
-        trainer = OfflineRLTrainer(args=config, data=data, reward=reward, postprocess=hh_postprocess(data_args))
-        results = trainer.run()
-    except UserError as exc:
-        return report_user_error(exc)
-    if results:
-        reward = results["val/generated"].get("final_reward")
-        print((f"validation reward of the best adapter: {reward:.4f}; " if reward is not None else "")
-              + f"adapter in {config.save_dir}")
-    return 0

@@ -1,7 +1,8 @@
 """Evaluation on the HH test splits: greedy generation, the original stop rule and clean-up,
 scores from the test reward model, per-split tables and a plot.
 
-Shared by ``qlora_llama_hh_eval.py`` (base + adapter) and ``ppo_hh_eval.py`` (a full model, Anthropic format).
+Shared by ``lolrl hh eval`` (base + adapter; ``qlora_llama_hh_eval.py``) and ``lolrl hh eval-full-model`` (a full
+model, Anthropic format; ``ppo_hh_eval.py``).
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from lolrl.engine.evaluation import (
 )
 from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.modeling import load_model, load_tokenizer
+from lolrl.tasks.hh.cli import HHEvalArguments, PPOEvalArguments, parse_hh
 from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file, stop_ids
 from lolrl.utils.errors import UserError, report_user_error
 from lolrl.utils.io import write_jsonl
+from lolrl.utils.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 TEST_SPLITS = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejection")
@@ -117,3 +120,44 @@ def run_test_evaluation(args, adapter_path: str | None = None, tokenizer_name: s
     print(format_markdown_table(summaries))
     print(f"results in {args.output_dir}")
     return 0
+
+
+ADAPTER_EVAL_HELP = """Evaluate a (Q)LoRA adapter on the HH test splits, scored by the test reward model.
+
+    lolrl hh eval --adapter_path checkpoints/a_lol/best_adapter --output_dir outputs/hh_eval/a_lol
+
+Greedy decoding (128 new tokens, stop at '###'), the original's prompt rendering and clean-up,
+sigmoid of OpenAssistant's Pythia-6.9B reward model. Writes <split>_eval_results.jsonl per split,
+hh_eval_results.{json,csv,md} (mean/std reward, distinct-1/2, mean length) and a plot.
+4-bit NF4 on CUDA; on a machine without CUDA the base model loads in fp32 (and says so)."""
+
+FULL_MODEL_EVAL_HELP = """Evaluate a full (non-adapter) causal LM, e.g. a released PPO checkpoint, on the HH test
+splits.
+
+    lolrl hh eval-full-model --model_name_or_path reciprocate/ppo_hh_pythia-6B --output_dir outputs/hh_eval/ppo
+
+As the original ``ppo_hh_eval.py``: prompts in the Anthropic format (``Human: ... Assistant:``,
+no system line), left-truncated to 384 tokens, greedy decoding of 128 new tokens stopping at EOS
+only, the clean-up that also cuts at the next ``Assistant:`` turn, scored by the 6.9B
+OpenAssistant test reward model. The same evaluation code and outputs as ``lolrl hh eval``.
+4-bit NF4 on CUDA; fp32 on a machine without CUDA (it says so)."""
+
+FULL_MODEL_PROMPT_LIMIT = 384  # the original's 512 - 128
+# The original evaluates this checkpoint with the GPT-NeoX-20B tokenizer (the checkpoint ships none).
+TOKENIZER_OF = {"reciprocate/ppo_hh_neox-20B": "EleutherAI/gpt-neox-20b"}
+
+
+def adapter_main(argv: list[str] | None = None) -> int:
+    """``lolrl hh eval`` (qlora_llama_hh_eval.py): base model + adapter."""
+    args = parse_hh(HHEvalArguments, argv, ADAPTER_EVAL_HELP)
+    setup_logging()
+    return run_test_evaluation(args, adapter_path=args.adapter_path, tokenizer_name=args.tokenizer_name,
+                               how=args.prompt_format)
+
+
+def full_model_main(argv: list[str] | None = None) -> int:
+    """``lolrl hh eval-full-model`` (ppo_hh_eval.py): a full causal LM in the Anthropic format."""
+    args = parse_hh(PPOEvalArguments, argv, FULL_MODEL_EVAL_HELP)
+    setup_logging()
+    return run_test_evaluation(args, tokenizer_name=args.tokenizer_name or TOKENIZER_OF.get(args.model_name),
+                               how="anthropic", max_prompt_length=FULL_MODEL_PROMPT_LIMIT, stop_token_ids=[])

@@ -8,7 +8,6 @@ problem prints one line and exits with status 2.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from lolrl.engine.rewards import RewardSpecError, load_reward
 from lolrl.tasks.paper.tasks import is_paper_task, task_info
 from lolrl.utils.cli import DataclassParser, ignored, restated, setting
 from lolrl.utils.errors import UserError, report_user_error
+from lolrl.utils.logs import setup_logging
 
 logger = logging.getLogger("lolrl")
 
@@ -87,24 +87,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerationTaskArguments, 
     return build_parser().parse(argv)
 
 
-def _setup_logging(output_dir: str, is_main: bool) -> None:
-    """Log the library to stderr and OUTPUT/train_output.log; calling it again replaces both handlers."""
-    library = logging.getLogger("lolrl")
-    for handler in [h for h in library.handlers if getattr(h, "_lolrl", False)]:
-        library.removeHandler(handler)
-        handler.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if is_main:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "train_output.log"))
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in handlers:
-        handler._lolrl = True
-        handler.setFormatter(formatter)
-        library.addHandler(handler)
-    library.setLevel(logging.INFO if is_main else logging.WARNING)
-
-
 def _check_reward_given(config: PaperRLConfig) -> None:
     if config.reward is not None or is_paper_task(config.task_name):
         return  # a paper task without --reward uses its built-in recipe
@@ -141,7 +123,7 @@ def run(args: GenerationTaskArguments, config: PaperRLConfig) -> tuple[dict, boo
         reward = load_reward(config.reward) if config.reward not in (None, "none") else None
     from lolrl.engine.trainer import OfflineRLTrainer
 
-    _setup_logging(config.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0)  # before models load
+    setup_logging(config.output_dir)  # before models load
     trainer = OfflineRLTrainer(args=config, data=data, reward=reward, task=task)
     return trainer.run(), trainer.is_main
 

@@ -345,3 +345,18 @@ def dialogue_parser() -> DataclassParser:
 
 def comet_parser() -> DataclassParser:
     return DataclassParser(CometArguments, description=CometArguments.__doc__)
+
+
+def reddit_main(argv: list[str] | None = None) -> int:
+    """``lolrl preprocess reddit`` (preprocess_reddit_comment_scores_and_add_rewards.py)."""
+    return run_main(preprocess_reddit, reddit_parser(), argv)
+
+
+def dialogue_main(argv: list[str] | None = None) -> int:
+    """``lolrl preprocess wow`` (preprocess_wow_and_add_rewards.py): wow, faithdial, faithdial_wow."""
+    return run_main(preprocess_dialogue, dialogue_parser(), argv)
+
+
+def comet_main(argv: list[str] | None = None) -> int:
+    """``lolrl preprocess comet`` (preprocess_comet_and_add_rewards.py)."""
+    return run_main(preprocess_comet, comet_parser(), argv)
