@@ -30,7 +30,20 @@ from lolrl.utils.lock import check_output_paths, hold_folders
 from lolrl.utils.processes import launched_as_main
 
 logger = logging.getLogger(__name__)
-__all__ = ["PAIR_ORDERS", "preference_pairs", "train_dpo", "truncate_pairs"]
+__all__ = ["PAIR_ORDERS", "main", "preference_pairs", "train_dpo", "truncate_pairs"]
+
+DPO_HELP = """DPO on Helpful-and-Harmless with a (Q)LoRA LLaMA, through TRL's DPOTrainer.
+
+    lolrl hh dpo --output_dir results/dpo            # reference = the starting adapter
+    lolrl hh dpo --reference_free --output_dir results/dpo_ref_free
+
+Pairs: the two suffixes of each ``cleaner_train.json`` record, the higher-reward one chosen.
+The reference is the starting adapter (a frozen copy on the same base; its log-probs are computed
+once before training unless ``--ref_every_step``). Validation, best adapter (``OUTPUT/best_adapter``)
+and defaults as the original: beta 0.1, batch 2 x 8 accumulation, lr 2e-4, 9000 steps, validation
+every 900. QLoRA on CUDA, plain LoRA in fp32 without CUDA. Interrupted runs resume from
+``OUTPUT/checkpoints``.
+"""
 
 
 def preference_pairs(rows: list[dict], how: str = "llama", order: str = "reward") -> list[dict]:
@@ -145,3 +158,32 @@ def _train_dpo(data, config, train_rows: list[dict], val_records, reward, postpr
         trainer.accelerator.wait_for_everyone()
     end_trainer_run(trainer)
     return {"best_validation_reward": validator.best if validator else None, "steps": trainer.state.global_step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lolrl hh dpo`` (``dpo_qlora_llama_hh.py``): parse straight into (DPOHHData, DPOHHConfig) and train."""
+    from lolrl.tasks.hh.cli import DPOHHConfig, DPOHHData, parse_hh
+    from lolrl.tasks.hh.train import (
+        generation_settings,
+        hh_postprocess,
+        read_hh_files,
+        validation_records,
+        validation_reward,
+    )
+    from lolrl.utils.errors import UserError, report_user_error
+
+    data, config = parse_hh((DPOHHData, DPOHHConfig), argv, DPO_HELP)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        train_rows, dev_rows = read_hh_files(data)
+        val = validation_records(data, dev_rows)
+        val = val[: config.max_val_examples] if config.max_val_examples else val
+        reward = validation_reward(config.reward, data.reward_model, config.per_device_eval_batch_size)
+        result = train_dpo(data, config, train_rows, val, reward, hh_postprocess(data),
+                           generation_settings(config.model_name))
+    except UserError as exc:
+        return report_user_error(exc)
+    best = result["best_validation_reward"]
+    print(f"{result['steps']} steps" + (f", best validation reward {best:.4f}" if best is not None else "")
+          + f"; adapter in {config.output_dir}/best_adapter")
+    return 0
