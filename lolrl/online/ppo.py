@@ -119,7 +119,7 @@ class PPOConfig(TrainingArguments):
     ``per_device_train_batch_size``, ``adam_epsilon``, ``lr_scheduler_type``, ``lora``, ``quantization``, ...).
     PPO keeps its own rollout loop (:class:`PPOTrainer`): it reads these settings, not the Trainer. Defaults are
     the original HH run's: its ``PPOConfig`` where it set a value, TRL 0.7.1's defaults elsewhere (see
-    ``../shared/docs/hh-task.md`` §8)."""
+    docs/hh.md, "Online: PPO, GRPO, RLOO")."""
 
     # ------------------------------------------------------------------ TrainingArguments, PPO's defaults
     output_dir: str | None = setting(None, "logs, validation statistics, checkpoints; the best adapter goes to "
