@@ -4,8 +4,9 @@
 training fields under TrainingArguments' names, with the original's defaults, declared once for
 every HH script. The offline scripts (``lolrl_qlora_llama_hh.py``, ``pro_qlora_llama_hh.py``) parse
 straight into the engine's config (:class:`ALoLHHConfig`, :class:`PROHHConfig`, subclasses of
-``OfflineRLConfig``) plus their data settings; DPO, PPO and the evaluation scripts into one
-:class:`HHArguments` subclass each. A field the original parsed but never read is accepted and
+``OfflineRLConfig``) plus their data settings; DPO into TRL's ``DPOConfig`` (:class:`DPOHHConfig`), PPO into
+:class:`lolrl.online.ppo.PPOConfig` (:class:`PPOHHConfig`), each with its data settings; the evaluation scripts
+into one :class:`HHArguments` subclass each. A field the original parsed but never read is accepted and
 labelled so in ``--help`` (:func:`ignored`). Parsing: :class:`lolrl.utils.cli.DataclassParser`
 (``--flag False``, ``--no_flag``, ``--config FILE.yaml``, one-line errors with exit status 2).
 """
@@ -113,13 +114,18 @@ class HHTraining:
 
 
 @dataclass
-class HHArguments(HHTraining, HHData):
-    """Settings of the HH scripts whose trainer is not lolrl's offline one (DPO, PPO, evaluation)."""
+class UnreadOfflineFlags:
+    """The original's offline flags that the DPO, PPO and evaluation scripts parsed and never read."""
 
     a2c_n_value_head_epochs: int = ignored(10)
     algorithm: str = ignored("nll")
     sampling_strategy: str | None = ignored(None)
     training_stage_num: int = ignored(2)
+
+
+@dataclass
+class HHArguments(HHTraining, HHData, UnreadOfflineFlags):
+    """Settings of the HH evaluation scripts."""
 
     def __post_init__(self) -> None:
         self.adapter_path = adapter_of(self)
@@ -215,15 +221,11 @@ class ALoLHHConfig(HHOfflineConfig):
 
 
 @dataclass
-class DPOHHData(HHData):
+class DPOHHData(HHData, UnreadOfflineFlags):
     """dpo_qlora_llama_hh.py's data settings (and the original's flags DPO does not read)."""
 
     # the original's --max_length (never read) is DPOConfig's max_length here (DPOHHConfig)
     max_length: int = setting(768, "see DPOHHConfig.max_length", hidden_field=True)
-    a2c_n_value_head_epochs: int = ignored(10)
-    algorithm: str = ignored("nll")
-    sampling_strategy: str | None = ignored(None)
-    training_stage_num: int = ignored(2)
     pair_order: str = setting("reward", "chosen = the higher-reward suffix, or the first suffix as the original",
                               choices=PAIR_ORDERS)
 
@@ -293,13 +295,9 @@ class PROHHConfig(HHOfflineConfig):
 
 
 @dataclass
-class PPOHHData(HHData):
+class PPOHHData(HHData, UnreadOfflineFlags):
     """ppo_qlora_llama_hh.py's data settings (and the original's flags PPO does not read)."""
 
-    a2c_n_value_head_epochs: int = ignored(10)
-    algorithm: str = ignored("nll")
-    sampling_strategy: str | None = ignored(None)
-    training_stage_num: int = ignored(2)
     batched_gen: bool = ignored(False)
 
 
