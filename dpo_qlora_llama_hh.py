@@ -16,7 +16,7 @@ import sys
 
 from lolrl.tasks.hh.cli import DPOHHArguments, parse_hh
 from lolrl.tasks.hh.dpo import train_dpo
-from lolrl.tasks.hh.train import (
+from lolrl.tasks.hh.shared import (
     generation_settings,
     hh_postprocess,
     read_hh_files,

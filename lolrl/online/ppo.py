@@ -43,11 +43,6 @@ from tqdm.auto import tqdm
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
-from lolrl.engine.evaluation import (
-    plot_loss_curves,
-    plot_validation_curve,
-    summarize_generations,
-)
 from lolrl.engine.generation import GenerationSettings, generate_token_ids
 from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
 from lolrl.engine.modeling import (
@@ -65,6 +60,11 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.optim import build_optimizer
+from lolrl.engine.reports import (
+    plot_loss_curves,
+    plot_validation_curve,
+    summarize_generations,
+)
 from lolrl.engine.runtime import (
     backward,
     check_report_to,

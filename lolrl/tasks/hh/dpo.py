@@ -102,7 +102,7 @@ def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, ge
     the best adapter goes to ``OUTPUT/best_adapter``. ``args``: the script's settings
     (:class:`lolrl.tasks.hh.cli.DPOHHArguments`). The output
     folder is locked for the run (a second run on it is refused)."""
-    from lolrl.tasks.hh.train import adapter_of
+    from lolrl.tasks.hh.shared import adapter_of
 
     check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
                        {"starting model": args.model_name, "adapter": adapter_of(args)})
@@ -114,7 +114,7 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
     from datasets import Dataset
     from trl import DPOConfig
 
-    from lolrl.tasks.hh.train import MAX_RESPONSE_LENGTH, adapter_of, precision
+    from lolrl.tasks.hh.shared import MAX_RESPONSE_LENGTH, adapter_of, precision
 
     output_dir = Path(args.output_dir)
     tokenizer = load_tokenizer(args.model_name)

@@ -13,7 +13,7 @@ from lolrl.engine.rewards import RewardSpecError
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.tasks.hh.cli import PPOHHArguments, parse_hh
 from lolrl.tasks.hh.data import pro_records
-from lolrl.tasks.hh.train import (
+from lolrl.tasks.hh.shared import (
     adapter_of,
     generation_settings,
     hh_postprocess,
