@@ -84,7 +84,7 @@ def hh_argv(tmp_path, tiny_models):
 def test_hh_offline_scripts_share_the_setting(hh_argv, script):
     from lolrl.tasks.hh import cli as hh
     from lolrl.tasks.hh.offline import alol_data, pro_data
-    from lolrl.tasks.hh.train import read_hh_files
+    from lolrl.tasks.hh.shared import read_hh_files
 
     alol = script.startswith("lolrl")
     build = alol_data if alol else pro_data
@@ -118,7 +118,7 @@ def test_dpo_and_grpo_pass_the_setting_to_trl(hh_argv, monkeypatch, keep):
     import dpo_qlora_llama_hh
     from lolrl.tasks.hh import dpo, online
     from lolrl.tasks.hh.data import pro_records
-    from lolrl.tasks.hh.train import read_hh_files
+    from lolrl.tasks.hh.shared import read_hh_files
 
     extra = ["--keep_dropout"] if keep else []
     captured: dict = {}
@@ -141,7 +141,7 @@ def test_ppo_policy_and_value_head_follow_the_setting(hh_argv, keep):
     from lolrl.online.ppo import PPOTrainer
     from lolrl.tasks.hh import online
     from lolrl.tasks.hh.data import pro_records
-    from lolrl.tasks.hh.train import read_hh_files
+    from lolrl.tasks.hh.shared import read_hh_files
 
     data, config = online.parse_hh((online.PPOHHData, online.PPOHHConfig),
                                    hh_argv + (["--keep_dropout"] if keep else []), None)

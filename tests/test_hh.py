@@ -433,7 +433,7 @@ def test_hh_value_source_data_generates_and_scores_each_dev_prompt_once(tmp_path
     from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, parse_hh
     from lolrl.tasks.hh.data import sigmoid
     from lolrl.tasks.hh.offline import alol_main as hh_main
-    from lolrl.tasks.hh.train import validation_records
+    from lolrl.tasks.hh.shared import validation_records
 
     args = _hh_training_fixture(tmp_path, tiny_models)
     dev = [pro_row((f"answer {i}", f"other {i}"), (0.3 * i - 1, 1 - 0.2 * i)) for i in range(6)]

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lolrl.engine import meteor
-from lolrl.engine.evaluation import (
+from lolrl.engine.reports import (
     coverage_and_density,
     extractive_fragment_lengths,
     knowledge_overlap_summary,

@@ -69,7 +69,7 @@ def bnb_fields(config) -> dict:
 def test_hh_scripts_default_to_the_original_4bit_numerics(script, tmp_path, tiny_models, fake_4bit):
     """Each HH script's defaults give the original's BitsAndBytesConfig where ``from_pretrained`` gets it,
     and no prepare_model_for_kbit_training (the training scripts load a trainable model)."""
-    from lolrl.tasks.hh.train import precision
+    from lolrl.tasks.hh.shared import precision
 
     args = parse_settings(HH_SCRIPTS[script], ["--output_dir", str(tmp_path / "out")])
     settings = precision(args)

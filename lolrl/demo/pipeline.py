@@ -22,9 +22,9 @@ from lolrl.demo.smollm2 import materialise
 from lolrl.demo.tiny import build_llama_lm, train_tokenizer
 from lolrl.engine.config import OfflineRLConfig
 from lolrl.engine.data import load_task_dir
-from lolrl.engine.evaluation import format_markdown_table, pyplot, save_figure
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.reports import format_markdown_table, pyplot, save_figure
 from lolrl.engine.rewards import load_reward
 from lolrl.utils.io import atomic_write_text
 

@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from lolrl.engine.evaluation import format_markdown_table
+from lolrl.engine.reports import format_markdown_table
 from lolrl.utils.cli import setting
 from lolrl.utils.errors import ConfigError, UserError
 from lolrl.utils.io import atomic_write_text

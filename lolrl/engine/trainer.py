@@ -38,13 +38,6 @@ from lolrl.engine.callbacks import CheckpointSeal, StopAfterSteps, ValidationSch
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer, check_prompts_renderable
 from lolrl.engine.config import ConfigError, OfflineRLConfig
 from lolrl.engine.data import Record, TaskData, reward_matrix
-from lolrl.engine.evaluation import (
-    plot_loss_curves,
-    plot_reward_distributions,
-    plot_validation_curve,
-    summarize_generations,
-    write_results_table,
-)
 from lolrl.engine.generation import stop_text_ids
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
@@ -62,6 +55,13 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.reference import reference_pass
+from lolrl.engine.reports import (
+    plot_loss_curves,
+    plot_reward_distributions,
+    plot_validation_curve,
+    summarize_generations,
+    write_results_table,
+)
 from lolrl.engine.rewards import reward_from_funcs
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.engine.sampling import PrioritySampler

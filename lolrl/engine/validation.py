@@ -13,8 +13,8 @@ from pathlib import Path
 
 from lolrl.engine.collation import TokenizedRow
 from lolrl.engine.data import DataError, Record
-from lolrl.engine.evaluation import summarize_generations
 from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.reports import summarize_generations
 from lolrl.engine.rewards import RESERVED_COLUMNS
 from lolrl.utils.finite import check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json

@@ -45,11 +45,6 @@ from transformers import TrainingArguments
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
-from lolrl.engine.evaluation import (
-    plot_loss_curves,
-    plot_validation_curve,
-    summarize_generations,
-)
 from lolrl.engine.generation import GenerationSettings, generate_token_ids, with_stop_texts
 from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
 from lolrl.engine.modeling import (
@@ -70,6 +65,11 @@ from lolrl.engine.modeling import (
 )
 from lolrl.engine.optim import build_optimizer
 from lolrl.engine.optim import resolve as resolve_optimizer
+from lolrl.engine.reports import (
+    plot_loss_curves,
+    plot_validation_curve,
+    summarize_generations,
+)
 from lolrl.engine.runtime import (
     backward,
     check_report_to,

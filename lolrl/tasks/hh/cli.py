@@ -30,7 +30,7 @@ from lolrl.online.ppo import PPOConfig
 from lolrl.tasks.hh.data import RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM
-from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, adapter_of
+from lolrl.tasks.hh.shared import MAX_PROMPT_LENGTH, adapter_of
 from lolrl.utils.cli import DataclassParser, default_of, ignored, restated, setting
 from lolrl.utils.errors import ConfigError
 

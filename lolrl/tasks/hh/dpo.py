@@ -125,7 +125,7 @@ def train_dpo(data, config, train_rows: list[dict], val_records, reward, postpro
 def _train_dpo(data, config, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
     from datasets import Dataset
 
-    from lolrl.tasks.hh.train import MAX_RESPONSE_LENGTH, precision
+    from lolrl.tasks.hh.shared import MAX_RESPONSE_LENGTH, precision
 
     output_dir = Path(config.output_dir)
     tokenizer = load_tokenizer(config.model_name)
@@ -163,7 +163,7 @@ def _train_dpo(data, config, train_rows: list[dict], val_records, reward, postpr
 def main(argv: list[str] | None = None) -> int:
     """``lolrl hh dpo`` (``dpo_qlora_llama_hh.py``): parse straight into (DPOHHData, DPOHHConfig) and train."""
     from lolrl.tasks.hh.cli import DPOHHConfig, DPOHHData, parse_hh
-    from lolrl.tasks.hh.train import (
+    from lolrl.tasks.hh.shared import (
         generation_settings,
         hh_postprocess,
         read_hh_files,

@@ -15,15 +15,15 @@ import torch
 
 from lolrl.engine.collation import Tokenizer
 from lolrl.engine.data import DataError, read_text
-from lolrl.engine.evaluation import (
+from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.modeling import load_model, load_tokenizer
+from lolrl.engine.reports import (
     distinct_n,
     format_markdown_table,
     mean_length,
     plot_reward_distributions,
     write_results_table,
 )
-from lolrl.engine.generation import GenerationSettings, generate
-from lolrl.engine.modeling import load_model, load_tokenizer
 from lolrl.tasks.hh.cli import HHEvalArguments, PPOEvalArguments, parse_hh
 from lolrl.tasks.hh.data import postprocess, pro_records, read_pro_file, stop_ids
 from lolrl.utils.errors import UserError, report_user_error

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lolrl.engine.data import TaskData
 from lolrl.tasks.hh.cli import ALoLHHConfig, ALoLHHData, HHData, HHOfflineConfig, PROHHConfig, PROHHData, parse_hh
 from lolrl.tasks.hh.data import pro_records
-from lolrl.tasks.hh.train import hh_postprocess, read_hh_files, validation_records, validation_reward
+from lolrl.tasks.hh.shared import hh_postprocess, read_hh_files, validation_records, validation_reward
 from lolrl.utils.errors import UserError, report_user_error
 from lolrl.utils.logs import setup_logging
 

@@ -15,7 +15,7 @@ from lolrl.engine.runtime import end_trainer_run
 from lolrl.online.ppo import PPOConfig
 from lolrl.tasks.hh.cli import HHTraining, PPOHHConfig, PPOHHData, parse_hh
 from lolrl.tasks.hh.data import pro_records
-from lolrl.tasks.hh.train import hh_postprocess, read_hh_files, validation_records, validation_reward
+from lolrl.tasks.hh.shared import hh_postprocess, read_hh_files, validation_records, validation_reward
 from lolrl.utils.errors import ConfigError, UserError, report_user_error
 
 PPO_HELP = """Online PPO on Helpful-and-Harmless with a (Q)LoRA LLaMA: the paper's RLHF baseline.

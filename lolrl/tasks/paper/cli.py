@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # one line, status 2; anything else is a bug and keeps its traceback
         return report_user_error(exc)
     if is_main and results:
-        from lolrl.engine.evaluation import format_markdown_table
+        from lolrl.engine.reports import format_markdown_table
 
         print(format_markdown_table(results))
         print(f"outputs in {Path(config.output_dir).resolve()}; best model in {Path(config.save_dir).resolve()}")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lolrl.engine.evaluation import pyplot, save_figure
+from lolrl.engine.reports import pyplot, save_figure
 from lolrl.engine.rewards import RewardFunction
 from lolrl.tasks.paper.data import (
     ATOMIC10X_FILE,

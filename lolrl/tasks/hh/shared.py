@@ -1,9 +1,7 @@
-"""What the HH trainers share: data, validation reward, generation and model settings (each function takes
-the script's data or training settings, :mod:`lolrl.tasks.hh.cli`).
-
-``lolrl_qlora_llama_hh.py`` (the A-LoL family and baselines), ``pro_qlora_llama_hh.py`` (PRO,
-on the same engine with groups of candidates) and ``dpo_qlora_llama_hh.py`` (TRL's DPO trainer)
-are thin front ends over this module and :mod:`lolrl.tasks.hh.cli`, so a flag means the same thing in each.
+"""What the HH runs share: reading the data, the validation records and reward, generation and precision
+settings (each function takes the run's data or training settings, :mod:`lolrl.tasks.hh.cli`). The runs:
+:mod:`lolrl.tasks.hh.offline` (A-LoL family, PRO), :mod:`lolrl.tasks.hh.dpo`, :mod:`lolrl.tasks.hh.online` (PPO,
+GRPO, RLOO) and :mod:`lolrl.tasks.hh.evaluate`.
 """
 from __future__ import annotations
 
