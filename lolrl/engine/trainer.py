@@ -21,7 +21,6 @@ resume, trackers and progress bars are the Trainer's. What lolrl adds:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
 import math
@@ -38,7 +37,7 @@ from lolrl.engine.callbacks import CheckpointSeal, StopAfterSteps, ValidationSch
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer, check_prompts_renderable
 from lolrl.engine.config import ConfigError, OfflineRLConfig
 from lolrl.engine.data import Record, TaskData, reward_matrix
-from lolrl.engine.generation import stop_text_ids
+from lolrl.engine.generation import with_stop_texts
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
 from lolrl.engine.model_card import offline_card, push_best, write_card
@@ -208,11 +207,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         self._check_data(args, data, reward)
         self.output_dir = ensure_folder(args.output_dir, "output folder")
         tokenizer = load_tokenizer(args.model_name, args.tokenizer_name)
-        stops = [*args.generation.stop_texts, *self.task.stop_texts]
-        if stops:  # e.g. COMET's '.': generation ends there too
-            ids = [i for i in stop_text_ids(tokenizer, stops) if i not in args.generation.stop_token_ids]
-            args.generation = dataclasses.replace(args.generation,
-                                                  stop_token_ids=[*args.generation.stop_token_ids, *ids])
+        # e.g. COMET's '.', HH's ' ###': generation ends there too
+        args.generation = with_stop_texts(args.generation, tokenizer, self.task.stop_texts)
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
                 check_prompts_renderable(tokenizer, records, data.source(split))

@@ -27,7 +27,7 @@ from lolrl.engine.modeling import LoraSettings, QuantizationSettings
 from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
 from lolrl.online.ppo import PPOConfig
-from lolrl.tasks.hh.data import RENDERINGS
+from lolrl.tasks.hh.data import NEXT_TURN_STOP, RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM
 from lolrl.tasks.hh.shared import MAX_PROMPT_LENGTH, adapter_of
@@ -161,7 +161,8 @@ class HHOfflineConfig(HHTraining, OfflineRLConfig):
     eval_on_start: bool = restated(OfflineRLConfig, "eval_on_start", True, "as the original")
     do_predict: bool = restated(OfflineRLConfig, "do_predict", False, "the HH test is qlora_llama_hh_eval.py's")
     generation: GenerationSettings = restated(
-        OfflineRLConfig, "generation", GenerationSettings(num_beams=1, repetition_penalty=1.0, stop_texts=[" ###"]),
+        OfflineRLConfig, "generation",
+        GenerationSettings(num_beams=1, repetition_penalty=1.0, stop_texts=[NEXT_TURN_STOP]),
         "greedy, stopping at the next ' ###' turn, as the original validates")
     bf16: bool | None = setting(None, "bf16 autocast; none: on CUDA (the original's 4-bit runs), fp32 elsewhere")
     load_in_4bit: bool | None = restated(OfflineRLConfig, "load_in_4bit", None, "none: on CUDA")
@@ -319,7 +320,7 @@ class PPOHHConfig(HHTraining, PPOConfig):
                                                              "0.2 applied")
     init_kl_coef: float = restated(PPOConfig, "init_kl_coef", 0.2, "the original's --kl_beta, TRL's init_kl_coef")
     rollout: GenerationSettings = restated(
-        PPOConfig, "rollout", dataclasses.replace(default_of(PPOConfig, "rollout"), stop_texts=[" ###"]),
+        PPOConfig, "rollout", dataclasses.replace(default_of(PPOConfig, "rollout"), stop_texts=[NEXT_TURN_STOP]),
         "top-p 0.95, top-k 50 (what the original's rollouts got from transformers' defaults), 128 tokens, stopping "
         "at the next ' ###' turn")
     bf16: bool | None = setting(None, "bf16 autocast; none: on CUDA (the original's 4-bit runs), fp32 elsewhere")

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from lolrl.engine.data import REWARD_LIMIT, DataError, Record, json_lines
+from lolrl.engine.generation import stop_text_ids
 
 PROMPTER, ASSISTANT = "<|prompter|>", "<|assistant|>"
 SYSTEM_PREFIX = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -55,19 +56,14 @@ def render(turns: list[str], how: str = "llama"):
 # llama rendering's own " ### Human" (a model that was not stopped at '###' continues the dialogue so).
 NEXT_TURN = re.compile(r"\n ?Human:|(?:^|\s)### Human")
 NEXT_TURN_ANTHROPIC = re.compile(NEXT_TURN.pattern + r"|\n ?Assistant:")
+NEXT_TURN_STOP = " ###"  # generation stops at the token that begins the next '### Human' turn
 
 
 def stop_ids(tokenizer) -> list[int]:
     """The id of the token that begins the next ``### Human`` turn (835, ``▁###``, for LLaMA), so that
     generation stops there; ``[]`` when no single token is ``' ###'`` (then the post-processing alone
-    cuts the text there).
-
-    The token is found as the last id of ``encode("a ###")`` (checked to be one token after ``"a"``),
-    not by ``encode(" ###")``: SentencePiece tokenizers (transformers 4.x's LLaMA tokenizer) add a
-    ``▁`` of their own to the leading space, so that is two tokens, ``['▁', '▁###']``."""
-    head = tokenizer.encode("a", add_special_tokens=False)
-    ids = tokenizer.encode("a ###", add_special_tokens=False)
-    return ids[-1:] if len(ids) == len(head) + 1 and ids[:len(head)] == head else []
+    cuts the text there). The engine's rule for every stop text (:func:`lolrl.engine.generation.stop_text_ids`)."""
+    return stop_text_ids(tokenizer, [NEXT_TURN_STOP])
 
 
 def postprocess(text: str, anthropic: bool = False) -> str:
