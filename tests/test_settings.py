@@ -438,13 +438,13 @@ def test_every_config_field_is_a_flag_of_every_offline_script(script):
 
 
 def test_no_script_translates_settings_by_hand():
-    """No task module or script builds the engine's config from its own settings (the old config_from_args,
-    offline_config): they parse into it."""
+    """No task module or script builds a trainer's config from its own settings (the old config_from_args,
+    offline_config, ppo_config, the hand-built DPOConfig): they parse into it."""
     import re
 
     sources = [*sorted((ROOT / "lolrl" / "tasks").rglob("*.py")), *sorted(ROOT.glob("*.py"))]
-    calls = [(p.name, m.group(0)) for p in sources for m in re.finditer(r"\bOfflineRLConfig\(|\bdef (config_from_args|"
-                                                                       r"offline_config)\b", p.read_text())]
+    pattern = r"\b(OfflineRLConfig|PPOConfig|DPOConfig)\(|\bdef (config_from_args|offline_config|ppo_config)\b"
+    calls = [(p.name, m.group(0)) for p in sources for m in re.finditer(pattern, p.read_text())]
     assert calls == []
 
 
