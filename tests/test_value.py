@@ -402,3 +402,83 @@ def test_ridge_cross_validated_r2_is_close_to_the_truth(truth):
     _, report = fit_value_head(states, targets.tolist(), ValueFitSettings(head="ridge", seed=0))
     assert report.cv_r2 == pytest.approx(truth, abs=0.1)
     assert report.cv_r2 <= report.insample_r2
+
+
+# ------------------------------------------------------------------------------- the fit's fast path
+def _padded_values(head: ValueHead, padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """V(x) the straightforward way: the whole batch padded to its longest prompt and pooled at once, dropout
+    drawn on the real states in row order."""
+    states = padded
+    if head.training and head.dropout.p > 0:
+        real = mask.bool()
+        states = torch.zeros_like(padded)
+        states[real] = head.dropout(padded[real])
+    return head.target_mean + head.target_std * head.out(head.dropout(head.pool(states, mask)))[:, 0, 0]
+
+
+def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0):
+    """:func:`train_attention_head` without its speed-ups: every batch padded again at every step, each
+    watched set predicted on its own, in padded batches, after every epoch."""
+    torch.manual_seed(settings.seed * 7919 + fit_id)
+    rng = np.random.default_rng([settings.seed, fit_id])
+    head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
+    part = targets[torch.as_tensor(train_idx)]
+    head.target_mean.fill_(part.mean())
+    head.target_std.fill_(part.std(unbiased=False).clamp(min=1e-6))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0, foreach=True)
+
+    def curves_now():
+        head.eval()
+        with torch.no_grad():
+            return [_padded_values(head, *pad_states([states[i] for i in idx])).numpy() for idx in watched]
+
+    curves = [curves_now()]
+    for _ in range(epochs):
+        head.train()
+        order = rng.permutation(train_idx)
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start:start + settings.batch_size]
+            loss = torch.nn.functional.mse_loss(_padded_values(head, *pad_states([states[i] for i in batch])),
+                                                targets[torch.as_tensor(batch)])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        curves.append(curves_now())
+    return head, [np.stack([c[w] for c in curves]) for w in range(len(watched))]
+
+
+def test_the_fast_fit_equals_the_straightforward_one(monkeypatch):
+    """The fit's speed-ups (rows pooled in groups of similar length, the attention's weights projected once a
+    forward, every watched fold predicted in one pass) change no result: the same dropout draws, the same
+    epochs, the same report and V(x) as padding each whole batch and predicting each fold on its own, to 1e-6.
+    Prompt lengths from 2 to 120 tokens, so that a batch splits into several groups."""
+    import lolrl.engine.value as value
+
+    g = torch.Generator().manual_seed(11)
+    lengths = [2, 3, 5, 8, 120, 4, 60, 7, 90, 3, 30, 2, 15, 110, 6, 45, 9, 3, 75, 12, 5, 100, 4, 20]
+    states = [torch.randn(n, H, generator=g) for n in lengths]
+    targets = [_target(s) for s in states]
+    settings = ValueFitSettings(epochs=5, learning_rate=1e-2, batch_size=8, dropout=0.1, seed=4)
+    assert len(value.padding_bounded_groups(lengths[:8], max_padding=value.GROUP_PADDING)) > 2
+    fast_head, fast = fit_value_head(states, targets, settings)
+    monkeypatch.setattr(value, "train_attention_head", _straightforward_training)
+    slow_head, slow = fit_value_head(states, targets, settings)
+    assert fast.best_epoch == slow.best_epoch and fast.fold_epochs == slow.fold_epochs
+    for name in ("cv_mse", "constant_mse", "cv_r2", "cv_spearman", "insample_r2", "selected_r2"):
+        assert getattr(fast, name) == pytest.approx(getattr(slow, name), abs=1e-6), name
+    np.testing.assert_allclose(predict(fast_head, states), predict(slow_head, states), atol=1e-6, rtol=0)
+    padded, mask = pad_states(states)
+    with torch.no_grad():
+        np.testing.assert_allclose(_padded_values(slow_head.eval(), padded, mask).numpy(),
+                                   predict(slow_head, states), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[5, 4, 5, 4, 4], [2, 40, 3, 25, 2, 9]])  # one group (unsorted), several
+def test_rows_pooled_in_length_groups_keep_their_order(lengths):
+    torch.manual_seed(5)
+    head = ValueHead(H).eval()
+    states = [torch.randn(n, H) for n in lengths]
+    with torch.no_grad():
+        alone = torch.cat([head.forward_rows([s]) for s in states])
+        torch.testing.assert_close(head.forward_rows(states), alone, rtol=0, atol=1e-6)
+        torch.testing.assert_close(head(*pad_states(states)), alone, rtol=0, atol=1e-6)

@@ -280,20 +280,29 @@ def length_grouped_batches(rows: list[TokenizedRow], batch_size: int, prompt_onl
     ``max_padding``: a batch also ends before a row that would make its padded tokens (rows x longest)
     exceed ``max_padding`` x its real tokens: few rows of scattered lengths would otherwise share one
     batch padded to the longest (16 HH prompts: 1.9x their tokens)."""
-    length = (lambda r: len(r.prompt_ids)) if prompt_only else (lambda r: r.length)
-    ordered = sorted(rows, key=length)
+    lengths = [len(r.prompt_ids) if prompt_only else r.length for r in rows]
+    return [[rows[i] for i in batch] for batch in padding_bounded_groups(lengths, batch_size, max_padding)]
+
+
+def padding_bounded_groups(lengths: list[int], batch_size: int | None = None,
+                           max_padding: float | None = None) -> list[list[int]]:
+    """The indices of ``lengths`` in ascending length order (ties in index order), cut into groups of at most
+    ``batch_size`` (None: no bound) that also end before an item that would make the group's padded size
+    (items x longest) exceed ``max_padding`` x its real size (None: no bound)."""
+    ordered = sorted(range(len(lengths)), key=lengths.__getitem__)
+    size = batch_size or max(len(ordered), 1)
     if max_padding is None:
-        return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-    batches, real = [], 0
-    for row in ordered:  # ascending: the new row is the batch's longest
-        if batches and len(batches[-1]) < batch_size and \
-                (len(batches[-1]) + 1) * length(row) <= max_padding * (real + length(row)):
-            batches[-1].append(row)
-            real += length(row)
+        return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    groups, real = [], 0
+    for i in ordered:  # ascending: the new item is the group's longest
+        padded = (len(groups[-1]) + 1) * lengths[i] if groups else 0
+        if groups and len(groups[-1]) < size and padded <= max_padding * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
         else:
-            batches.append([row])
-            real = length(row)
-    return batches
+            groups.append([i])
+            real = lengths[i]
+    return groups
 
 
 def group_by_length(indices: list[int], lengths: list[int], batch_size: int, window: int = 50,

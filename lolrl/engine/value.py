@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lolrl.engine.collation import padding_bounded_groups
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,6 +35,11 @@ def _num_heads(hidden_size: int, wanted: int = 8) -> int:
     while hidden_size % heads:
         heads //= 2
     return heads
+
+
+# The attention head pools rows in groups of similar length, each padded to at most this many times its real
+# tokens (None: a batch is one group, padded to its longest row).
+GROUP_PADDING: float | None = 1.25
 
 
 class ValueHead(nn.Module):
@@ -46,39 +53,63 @@ class ValueHead(nn.Module):
         self.out = nn.Linear(hidden_size, 1)
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_std", torch.ones(()))
+        self._weights = None  # set by forward_rows for its groups (:meth:`_single_query`)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B]."""
-        states = states.to(self.query.dtype)
+        """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B] (:meth:`forward_rows`
+        on each row's real states)."""
+        real = mask.bool()
+        return self.forward_rows(list(states[real].split(real.sum(1).tolist())))
+
+    def forward_rows(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """V(x) [B] of each row's real states ``rows`` ([L_b, H] each, no padding). In training, dropout draws
+        on the real states only, in row order (drawing its mask over the padding too doubled the fit's cost).
+        Each row is pooled with rows of similar length (:data:`GROUP_PADDING`): a batch's few long prompts
+        no longer pad every other prompt to their length (HH's validation prompts: 13 to 512 tokens, a batch
+        padded ~4x its real tokens); the pooling is per row, so the grouping changes no value."""
+        lengths = [row.shape[0] for row in rows]
+        flat = torch.cat(rows).to(self.query.dtype)
         if self.training and self.dropout.p > 0:
-            # dropout on the real tokens' states only: the padding is masked out of the pooling anyway, and
-            # drawing its mask too (a batch of prompts is ~half padding) doubled the fit's cost
-            real = mask.bool()
-            dropped = torch.zeros_like(states)
-            dropped[real] = self.dropout(states[real])
-            states = dropped
-        pooled = self.pool(states, mask)
+            flat = self.dropout(flat)
+        rows = flat.split(lengths)
+        groups = padding_bounded_groups(lengths, max_padding=GROUP_PADDING)
+        self._weights = self._single_query()  # once for every group (and one gradient for them in the backward)
+        try:
+            pooled = torch.cat([self.pool(*pad_states([rows[i] for i in group])) for group in groups])
+        finally:
+            self._weights = None
+        order = [i for group in groups for i in group]  # the rows by length
+        if order != sorted(order):  # back to the rows' order
+            place = torch.empty(len(order), dtype=torch.long)
+            place[order] = torch.arange(len(order))
+            pooled = pooled[place.to(pooled.device)]
         score = self.out(self.dropout(pooled))[:, 0, 0]
         return self.target_mean + self.target_std * score
 
-    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``self.attention(q, states, states, key_padding_mask=~mask)`` with its own weights, reassociated
-        for a single query: the query is pushed through the key projection once (q W_k, [heads, H]) and
-        the values are projected after pooling (sum_l a_l S_l) W_v, so the cost per prompt token is
-        O(heads x H) instead of the O(H^2) of projecting every state to keys and values. [B, 1, H]."""
+    def _single_query(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's weights as its one query uses them: the key direction q W_k per head [heads, H],
+        the key bias's score per head [heads], the value projection [heads, dim, H] and its bias [heads, dim]."""
         attention = self.attention
-        batch, _, width = states.shape
+        width = self.query.shape[0]
         heads = attention.num_heads
         dim = width // heads
         w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
         b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
         query = ((self.query @ w_q.T + b_q) / math.sqrt(dim)).view(heads, dim)
         key_direction = torch.einsum("hd,hde->he", query, w_k.view(heads, dim, width))
-        scores = torch.einsum("ble,he->bhl", states, key_direction) + (query * b_k.view(heads, dim)).sum(-1)[:, None]
+        return key_direction, (query * b_k.view(heads, dim)).sum(-1), w_v.view(heads, dim, width), b_v.view(heads, dim)
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``self.attention(q, states, states, key_padding_mask=~mask)`` with its own weights, reassociated
+        for a single query: the query is pushed through the key projection once (q W_k, [heads, H]) and
+        the values are projected after pooling (sum_l a_l S_l) W_v, so the cost per prompt token is
+        O(heads x H) instead of the O(H^2) of projecting every state to keys and values. [B, 1, H]."""
+        key_direction, key_bias, w_v, b_v = self._weights if self._weights is not None else self._single_query()
+        batch, _, width = states.shape
+        scores = (states @ key_direction.T).transpose(1, 2) + key_bias[:, None]  # [B, heads, L]
         weights = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(dim=-1)
-        mixed = torch.einsum("bhl,ble->bhe", weights, states)
-        values = torch.einsum("bhe,hde->bhd", mixed, w_v.view(heads, dim, width)) + b_v.view(heads, dim)
-        return attention.out_proj(values.reshape(batch, 1, width))
+        values = torch.einsum("bhe,hde->bhd", weights @ states, w_v) + b_v
+        return self.attention.out_proj(values.reshape(batch, 1, width))
 
 
 class RidgeValueHead(nn.Module):
@@ -211,19 +242,15 @@ def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _batches(states: list[torch.Tensor], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [pad_states(states[start:start + batch_size]) for start in range(0, len(states), batch_size)]
-
-
 @torch.no_grad()
-def _predict_padded(head: ValueHead, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+def predict(head: nn.Module, states: list[torch.Tensor], batch_size: int = 64) -> np.ndarray:
+    """V(x) of each prompt's states ([L_i, H]), ``batch_size`` prompts at a time, in eval mode."""
     head.eval()
-    values = [head(padded, mask).float().cpu() for padded, mask in batches]
-    return torch.cat(values).numpy() if values else np.zeros(0)
-
-
-def predict(head: ValueHead, states: list[torch.Tensor], batch_size: int = 64) -> np.ndarray:
-    return _predict_padded(head, _batches(states, batch_size))
+    values = []
+    for start in range(0, len(states), batch_size):
+        rows = states[start:start + batch_size]
+        values.append((head.forward_rows(rows) if isinstance(head, ValueHead) else head(*pad_states(rows))).float())
+    return torch.cat(values).cpu().numpy() if values else np.zeros(0)
 
 
 def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
@@ -243,21 +270,22 @@ def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, trai
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0,
                                   foreach=True)  # one kernel per step for all parameters, on CPU too
     targets_d = targets.to(device)
-    watched_batches = [_batches([states[i] for i in idx], 64) for idx in watched]
-    curves = [[_predict_padded(head, b)] for b in watched_batches]
+    # every watched set predicted in one pass after each epoch (rows of similar length pooled together)
+    seen = [states[i] for idx in watched for i in idx]
+    bounds = np.cumsum([len(idx) for idx in watched])[:-1]
+    curve = [predict(head, seen, max(len(seen), 1))]
     for _ in range(epochs):
         head.train()
         order = rng.permutation(train_idx)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
-            padded, mask = pad_states([states[i] for i in batch])
-            loss = torch.nn.functional.mse_loss(head(padded, mask), targets_d[torch.as_tensor(batch, device=device)])
+            values = head.forward_rows([states[i] for i in batch])
+            loss = torch.nn.functional.mse_loss(values, targets_d[torch.as_tensor(batch, device=device)])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        for curve, batches in zip(curves, watched_batches):
-            curve.append(_predict_padded(head, batches))
-    return head, [np.stack(curve) for curve in curves]
+        curve.append(predict(head, seen, max(len(seen), 1)))
+    return head, np.split(np.stack(curve), bounds, axis=1) if watched else []
 
 
 def _cv_figures(predictions: np.ndarray, targets: np.ndarray, fold: np.ndarray) -> tuple[float, float, float, float]:
