@@ -136,3 +136,33 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_models, lora):
     assert plain and plain.keys() == again.keys() and all("lora" in n for n in plain) == lora
     for name, grad in plain.items():
         torch.testing.assert_close(again[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_training_loss_holds_at_most_one_small_chunk_of_logits(tmp_path, tiny_models, toy_dir):
+    """The training step's output layer runs TRAIN_LOGPROB_CHUNK_TOKENS scored tokens at a time (its backward
+    holds a chunk's logits, softmax and gradient at once; 1024 tokens put the training step's peak memory
+    above TRL's padding-free SFT on the GPT-2 benchmark): no [tokens, vocab] tensor above one such chunk in the
+    forward or the backward, and the loss of the passes without gradient's chunking."""
+    from lolrl.engine.collation import TokenizedRow
+    from lolrl.engine.config import OfflineRLConfig
+    from lolrl.engine.data import load_task_dir
+    from lolrl.engine.trainer import TRAIN_LOGPROB_CHUNK_TOKENS, OfflineRLTrainer
+
+    config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / "run"), algorithm="nll",
+                             packing="off")
+    trainer = OfflineRLTrainer(args=config, data=load_task_dir(toy_dir))
+    model = trainer.model
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    rows = [TokenizedRow(i, torch.randint(5, vocab, (7,), generator=g).tolist(),
+                         torch.randint(5, vocab, (100,), generator=g).tolist()) for i in range(4)]
+    batch = trainer.collator(rows)
+    assert int(batch["target_mask"].sum()) > 1.5 * TRAIN_LOGPROB_CHUNK_TOKENS
+    with _VocabTensors(vocab, {(vocab, hidden), (hidden, vocab)}) as probe:
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+    assert 0 < probe.largest <= TRAIN_LOGPROB_CHUNK_TOKENS * vocab
+    with torch.no_grad():
+        out = response_outputs(model, batch, chunk_size=1024)
+    expected = -(out.logprobs * out.mask).sum(-1).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)

@@ -80,6 +80,11 @@ from lolrl.utils.sharded import restore_trainable, shards_parameters, trainable_
 logger = logging.getLogger(__name__)
 
 SPREAD_STATS = ("importance_weight", "raw_ratio")  # logged with their min and max over the window's rows too
+# Scored tokens per pass of the output layer in the training loss. Its backward recomputes a chunk's logits and
+# holds their softmax and gradient beside them (~4 [chunk, vocab] fp32 blocks at once): at the passes without
+# gradient's 1024 tokens that was ~130 MB on GPT-2's 8000 words, and the training step's peak (the GPT-2
+# benchmark: ~40 MB of peak RSS less with 256, issue 23).
+TRAIN_LOGPROB_CHUNK_TOKENS = 256
 
 
 def window_summary(window: dict[str, list[float]]) -> dict[str, float]:
@@ -370,7 +375,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         per-row statistics go to the next log."""
         args = self.args
         with self.training_precision():  # the one definition of the loss's numerics
-            logprobs, mask, _ = response_logprobs(model, inputs, kernel=self.logprob_kernel)
+            logprobs, mask, _ = response_logprobs(model, inputs, chunk_size=TRAIN_LOGPROB_CHUNK_TOKENS,
+                                                  kernel=self.logprob_kernel)
             loss, stats = compute_loss(args.algorithm, logprobs, mask, rewards=inputs.get("rewards"),
                                        advantages=inputs.get("advantages"), ref_logprobs=inputs.get("ref_logprobs"),
                                        clip=args.effective_clip, kl_beta=args.kl_beta, kl_estimator=args.kl_estimator,
