@@ -419,12 +419,9 @@ def _padded_values(head: ValueHead, padded: torch.Tensor, mask: torch.Tensor) ->
 def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0):
     """:func:`train_attention_head` without its speed-ups: every batch padded again at every step, each
     watched set predicted on its own, in padded batches, after every epoch."""
-    torch.manual_seed(settings.seed * 7919 + fit_id)
-    rng = np.random.default_rng([settings.seed, fit_id])
-    head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
-    part = targets[torch.as_tensor(train_idx)]
-    head.target_mean.fill_(part.mean())
-    head.target_std.fill_(part.std(unbiased=False).clamp(min=1e-6))
+    from lolrl.engine.value import new_fit_head
+
+    head, rng = new_fit_head(states, targets, train_idx, settings, fit_id)  # the same initial head and order
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0, foreach=True)
 
     def curves_now():

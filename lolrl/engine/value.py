@@ -253,6 +253,19 @@ def predict(head: nn.Module, states: list[torch.Tensor], batch_size: int = 64) -
     return torch.cat(values).cpu().numpy() if values else np.zeros(0)
 
 
+def new_fit_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray, settings: ValueFitSettings,
+                 fit_id: int) -> tuple[ValueHead, np.random.Generator]:
+    """A fit's initial head (seeded by ``fit_id``, its output scaled to the targets of ``train_idx``), on the
+    states' device, and the fit's stream for its batch order."""
+    torch.manual_seed(settings.seed * 7919 + fit_id)
+    rng = np.random.default_rng([settings.seed, fit_id])
+    head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
+    part = targets[torch.as_tensor(train_idx)]
+    head.target_mean.fill_(part.mean())
+    head.target_std.fill_(part.std(unbiased=False).clamp(min=1e-6))
+    return head.to(states[0].device), rng
+
+
 def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
                          watched: list[np.ndarray], epochs: int, settings: ValueFitSettings,
                          fit_id: int = 0) -> tuple[ValueHead, list[np.ndarray]]:
@@ -260,13 +273,7 @@ def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, trai
     returns it and, for each index set in ``watched``, its predictions after every epoch, [epochs + 1, n]
     (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout."""
     device = states[0].device
-    torch.manual_seed(settings.seed * 7919 + fit_id)
-    rng = np.random.default_rng([settings.seed, fit_id])
-    head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
-    part = targets[torch.as_tensor(train_idx)]
-    head.target_mean.fill_(part.mean())
-    head.target_std.fill_(part.std(unbiased=False).clamp(min=1e-6))
-    head.to(device)
+    head, rng = new_fit_head(states, targets, train_idx, settings, fit_id)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0,
                                   foreach=True)  # one kernel per step for all parameters, on CPU too
     targets_d = targets.to(device)
