@@ -316,7 +316,10 @@ class ReferenceStages:
         advantages = None
         if config.uses_advantage:
             grouped = ~np.isnan(baselines) if baselines is not None else np.zeros(len(train), dtype=bool)
-            advantages = rewards - np.where(grouped, np.nan_to_num(baselines), values if values is not None else 0.0)
+            baseline = np.asarray(values, dtype=np.float64) if values is not None else np.zeros(len(train))
+            if baselines is not None:
+                baseline = np.where(grouped, baselines, baseline)
+            advantages = rewards - baseline
             check_reward_scale(advantages, [r.id for r in train], "training advantages (R - baseline)")
             stats = advantage_statistics(advantages)
             # how many rows each estimate covered: the other responses' mean (group) or V(x) (value)
