@@ -38,6 +38,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -129,40 +131,40 @@ def model_of(out: Path, run: str) -> Path:
     return out / "runs" / run / "model"
 
 
-def policy_shift(out: Path, run: str, settings: DemoSettings) -> dict[str, float]:
-    """How far a run's kept model is from pi_ref on the test prompts: the mean per-token log-ratio
-    log pi(y) - log pi_ref(y) over its own greedy test responses (the k1 estimate of the per-token KL at
-    the policy's answers) and the change of the mean per-token NLL of the gold test responses."""
-    import torch
-
+def policy_shift(out: Path, run: str, settings: DemoSettings, prompts: int, memo: dict) -> dict[str, float]:
+    """How far a run's kept model is from pi_ref on the first ``prompts`` test prompts: the mean per-token
+    log-ratio log pi(y) - log pi_ref(y) over its own greedy test responses (the k1 estimate of the per-token
+    KL at the policy's answers) and the change of the mean per-token NLL of the gold test responses.
+    ``memo`` keeps pi_ref's log-probs of the gold responses across runs."""
     from lolrl.engine.collation import Collator, Tokenizer
     from lolrl.engine.modeling import load_model, load_tokenizer
     from lolrl.engine.reference import reference_pass
 
-    test = load_jsonl(out / "data" / "test.jsonl")
+    test = load_jsonl(out / "data" / "test.jsonl")[:prompts]
     generated = [json.loads(line)["response"] for line in (out / "runs" / run / "test_generations.jsonl")
-                 .read_text().splitlines() if line]
+                 .read_text().splitlines() if line][:prompts]
     reference = out / "runs" / "nll" / "model"
     tokenizer = load_tokenizer(str(reference))
     rows = Tokenizer(tokenizer, False, settings.max_prompt_length, settings.max_resp_length)
     collator = Collator(tokenizer.pad_token_id, False)
-    batches = {"own": rows(test, generated), "gold": rows(test)}
-    per_token = {}
-    for name, path in (("policy", model_of(out, run)), ("reference", reference)):
-        model = load_model(str(path), trainable=False).eval()
-        with torch.no_grad():
-            for kind, tokenized in batches.items():
-                per_token[name, kind] = reference_pass(model, tokenized, collator, 16, desc=f"{run}: {kind}").logprobs
-        del model
 
-    def mean_gap(kind: str) -> float:
-        policy, ref = torch.cat(per_token["policy", kind]), torch.cat(per_token["reference", kind])
-        return float((policy - ref).mean()) if policy.numel() else 0.0
+    def logprobs(model, tokenized) -> torch.Tensor:
+        return torch.cat(reference_pass(model, tokenized, collator, 16, desc=f"{run}: shift").logprobs)
 
-    return {"kl_per_token": mean_gap("own"), "gold_nll_shift": -mean_gap("gold")}
+    if "reference" not in memo:
+        memo["reference"] = load_model(str(reference), trainable=False)
+        memo["gold"] = logprobs(memo["reference"], rows(test))
+    own = rows(test, generated)
+    policy = load_model(str(model_of(out, run)), trainable=False)
+    on_own, on_gold = logprobs(policy, own), logprobs(policy, rows(test))
+    del policy
+    ref_own = logprobs(memo["reference"], own)
+    return {"kl_per_token": float((on_own - ref_own).mean()) if on_own.numel() else 0.0,
+            "gold_nll_shift": float((memo["gold"] - on_gold).mean())}
 
 
-def comparison_table(out: Path, rows: list[dict], settings: DemoSettings, baseline: str = BASELINE) -> list[dict]:
+def comparison_table(out: Path, rows: list[dict], settings: DemoSettings, shift_prompts: int,
+                     baseline: str = BASELINE) -> list[dict]:
     """One entry per run: means and stds over seeds, the paired interval against ``baseline``, the shift."""
     def folder(row: dict) -> str:
         return {"start": "start", "nll (reference)": "nll"}.get(row["algorithm"],
@@ -170,13 +172,13 @@ def comparison_table(out: Path, rows: list[dict], settings: DemoSettings, baseli
 
     names = list(dict.fromkeys(r["algorithm"] for r in rows))
     base = {r["seed"]: per_prompt(out / "runs" / folder(r)) for r in rows if r["algorithm"] == baseline}
-    table = []
+    table, memo = [], {}
     for name in names:
         group = [r for r in rows if r["algorithm"] == name]
         entry = {"run": name, "seeds": len(group)}
         for key in ("final_reward", *COMPONENTS):
             entry[key], entry[f"{key}_std"] = mean_and_std([r[key] for r in group])
-        shifts = [policy_shift(out, folder(r), settings) if folder(r) != "nll" else
+        shifts = [policy_shift(out, folder(r), settings, shift_prompts, memo) if folder(r) != "nll" else
                   {"kl_per_token": 0.0, "gold_nll_shift": 0.0} for r in group]
         for key in ("kl_per_token", "gold_nll_shift"):
             entry[key] = sum(s[key] for s in shifts) / len(shifts)
@@ -233,6 +235,8 @@ def main() -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help=f"stage-2 runs from pi_ref ({BASELINE} is the "
                         "baseline of the intervals; variants: NAME+group, NAME+kK, NAME+ridge)")
     parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps of 8 rows per run")
+    parser.add_argument("--shift_prompts", type=int, default=SIZE["shift_prompts"],
+                        help="test prompts the shift from pi_ref (kl/token, gold nll shift) is measured on")
     parser.add_argument("--quick", action="store_true", help="a scratch model and a few steps: checks the path")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -254,7 +258,7 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.output_dir)
     rows = run_demo(out, runs, {r: seeds for r in runs}, settings, task)
-    table = comparison_table(out, rows, settings)
+    table = comparison_table(out, rows, settings, args.shift_prompts)
     write_intervals(out / "intervals.csv", table)
     print(f"\nreal HH text, {args.n_train} training prompts x 2 responses, {args.n_test} test prompts (greedy), "
           f"seeds {args.seeds}, {settings.max_steps} optimizer steps per run; reward {REWARD_SPEC} "
