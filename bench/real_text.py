@@ -19,13 +19,13 @@ Runs, all through the library's trainer: the starting model untrained (``start``
 it, which is pi_ref (``nll (reference)``); then from pi_ref, over ``--seeds``: ``nll`` (NLL continued),
 ``wbc``, ``r_lol``, ``a_lol`` (A = R - V(x)) and ``a_lol+group`` (A = R - the other response's reward,
 ``--value_source group``); ``--runs`` picks them. Every run of stage 2 takes ``--max_steps`` optimizer
-steps of 8 rows (the A-LoL family's priority epochs are shorter: more epochs, the same steps), validated
+steps of 4 rows (the A-LoL family's priority epochs are shorter: more epochs, the same steps), validated
 at the end of each epoch, not at step 0: the kept model is a trained one, never pi_ref itself.
 
 Prints, last, per run: mean +- std over seeds of each reward component on the test prompts; the mean
 difference of final_reward from ``nll`` with its paired bootstrap 95% interval over test prompts and seeds
 (:func:`lolrl.utils.stats.paired_bootstrap`; a run with one seed, start and pi_ref, pairs with every seed of
-nll); how far the kept model moved from pi_ref: ``kl/token``, the mean per-token log pi(y) - log pi_ref(y)
+nll); how far the kept model moved from pi_ref: ``log-ratio/token``, the mean per-token log pi(y) - log pi_ref(y)
 over the model's own greedy test responses, and ``gold nll shift``, the change of the per-token NLL of the
 test prompts' gold responses; the step of the kept (best-validated) model; V(x)'s cross-validated R^2.
 Also ``OUTPUT/intervals.csv``. Size: see ``SIZE`` below (how the default was estimated).
@@ -105,17 +105,23 @@ def settings_for(quick: bool) -> DemoSettings:
                             max_prompt_length=64, max_steps=4, tiny_width=32, evaluate_start=True, greedy=True,
                             val_log_frequency=1, validate_start=False)
     return DemoSettings(model="smollm2", chat_prompts=True, nll_epochs=1, nll_learning_rate=1e-3, rl_epochs=8,
-                        rl_learning_rate=5e-4, batch_size=8, max_resp_length=SIZE["max_resp_length"],
-                        max_prompt_length=192, max_steps=SIZE["max_steps"], lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-                        evaluate_start=True, greedy=True, val_log_frequency=1, validate_start=False)
+                        rl_learning_rate=5e-4, batch_size=SIZE["batch_size"], max_resp_length=SIZE["max_resp_length"],
+                        max_prompt_length=SIZE["max_prompt_length"], max_steps=SIZE["max_steps"],
+                        lora=LoraSettings(r=8, alpha=16, dropout=0.0), evaluate_start=True, greedy=True,
+                        val_log_frequency=1, validate_start=False)
 
 
-# The default size, about an hour alone on 2 cores. Estimated from a timed smoke run of this script
-# (bench/real_text.py --n_train 8 --n_val 8 --n_test 8 --seeds 0 --runs a_lol --max_steps 4, SmolLM2, 2 busy
-# cores, 2026-12-06): an optimizer step of 8 rows ~T_STEP s, a greedy answer of <= 40 tokens ~T_GEN s per
-# prompt (batches of 64), the value head and the reference pass under a minute; so a stage-2 run costs about
-# max_steps * T_STEP + (2 * n_val + n_test) * T_GEN s, times 2 seeds x 5 runs, plus pi_ref and start.
-SIZE = {"n_train": 256, "n_val": 32, "n_test": 128, "max_steps": 48, "max_resp_length": 40, "seeds": "0,1"}
+# The default size, about an hour alone on 2 cores, estimated from timed pieces, not from a full run:
+# bench/real_text.py --n_train 16 --n_val 8 --n_test 16 --seeds 0 --runs nll,a_lol --max_steps 4 (2026-12-06,
+# SmolLM2, the 2 cores shared with 2 other jobs, load 2.5 to 4.6) and a unit timing at prompt 128 / response
+# 32 tokens (load 2.6 to 3.7): greedy generation of 64 prompts 61 s wall (65 CPU s); one LoRA training step
+# of 8 rows 26 to 35 s (23 to 27 CPU s); a scoring pass of 32 rows 22 s (25 CPU s). Alone, taken as CPU
+# seconds / 1.7 (two threads): ~38 s per 64 greedy answers, ~7.5 s per step of 4 rows, ~15 s per 32 rows
+# scored. A stage-2 run: 16 steps (~120 s), one validation during training and the final val + test
+# evaluation (~25 + 25 + 76 s), the shift on 16 prompts (~25 s); the reference pass of 192 rows (~90 s)
+# for r_lol once and for each A-LoL run; start ~125 s, pi_ref ~245 s: ~3560 s in all.
+SIZE = {"n_train": 96, "n_val": 32, "n_test": 128, "max_steps": 16, "batch_size": 4, "max_prompt_length": 128,
+        "max_resp_length": 32, "shift_prompts": 16, "seeds": "0,1"}
 
 
 def per_prompt(run_dir: Path, key: str = "final_reward") -> dict[str, float]:
@@ -133,9 +139,9 @@ def model_of(out: Path, run: str) -> Path:
 
 def policy_shift(out: Path, run: str, settings: DemoSettings, prompts: int, memo: dict) -> dict[str, float]:
     """How far a run's kept model is from pi_ref on the first ``prompts`` test prompts: the mean per-token
-    log-ratio log pi(y) - log pi_ref(y) over its own greedy test responses (the k1 estimate of the per-token
-    KL at the policy's answers) and the change of the mean per-token NLL of the gold test responses.
-    ``memo`` keeps pi_ref's log-probs of the gold responses across runs."""
+    log-ratio log pi(y) - log pi_ref(y) over its own greedy test responses (k1, the per-token KL estimate,
+    here at the policy's greedy answers rather than samples, so it can be negative) and the change of the
+    mean per-token NLL of the gold test responses. ``memo`` keeps pi_ref and its gold log-probs across runs."""
     from lolrl.engine.collation import Collator, Tokenizer
     from lolrl.engine.modeling import load_model, load_tokenizer
     from lolrl.engine.reference import reference_pass
@@ -159,7 +165,7 @@ def policy_shift(out: Path, run: str, settings: DemoSettings, prompts: int, memo
     on_own, on_gold = logprobs(policy, own), logprobs(policy, rows(test))
     del policy
     ref_own = logprobs(memo["reference"], own)
-    return {"kl_per_token": float((on_own - ref_own).mean()) if on_own.numel() else 0.0,
+    return {"logratio_per_token": float((on_own - ref_own).mean()) if on_own.numel() else 0.0,
             "gold_nll_shift": float((memo["gold"] - on_gold).mean())}
 
 
@@ -179,8 +185,8 @@ def comparison_table(out: Path, rows: list[dict], settings: DemoSettings, shift_
         for key in ("final_reward", *COMPONENTS):
             entry[key], entry[f"{key}_std"] = mean_and_std([r[key] for r in group])
         shifts = [policy_shift(out, folder(r), settings, shift_prompts, memo) if folder(r) != "nll" else
-                  {"kl_per_token": 0.0, "gold_nll_shift": 0.0} for r in group]
-        for key in ("kl_per_token", "gold_nll_shift"):
+                  {"logratio_per_token": 0.0, "gold_nll_shift": 0.0} for r in group]
+        for key in ("logratio_per_token", "gold_nll_shift"):
             entry[key] = sum(s[key] for s in shifts) / len(shifts)
         entry["best_step"] = ",".join(str(r["best_step"]) for r in group if r.get("best_step") is not None)
         r2 = [r["value_r2"] for r in group if r.get("value_r2") is not None]
@@ -206,12 +212,12 @@ def _cell(value, std=None) -> str:
 
 def print_table(table: list[dict], baseline: str = BASELINE) -> None:
     print("| run | seeds | final_reward | " + " | ".join(COMPONENTS) + f" | diff vs {baseline} [95% CI] "
-          "| kl/token | gold nll shift | best step | V(x) R^2 |")
+          "| log-ratio/token | gold nll shift | best step | V(x) R^2 |")
     print("|---|---:|---:|" + "---:|" * len(COMPONENTS) + "---:|---:|---:|---:|---:|")
     for e in table:
         cells = [_cell(e[k], e[f"{k}_std"]) for k in ("final_reward", *COMPONENTS)]
         diff = (f"{e['diff']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]" if "diff" in e else "-")
-        print(f"| {e['run']} | {e['seeds']} | " + " | ".join(cells) + f" | {diff} | {e['kl_per_token']:.4f} | "
+        print(f"| {e['run']} | {e['seeds']} | " + " | ".join(cells) + f" | {diff} | {e['logratio_per_token']:.4f} | "
               f"{e['gold_nll_shift']:+.4f} | {e['best_step'] or '-'} | {_cell(e['value_r2'])} |")
 
 
@@ -234,9 +240,9 @@ def main() -> int:
     parser.add_argument("--seeds", default=SIZE["seeds"], help="seeds of every stage-2 run")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"stage-2 runs from pi_ref ({BASELINE} is the "
                         "baseline of the intervals; variants: NAME+group, NAME+kK, NAME+ridge)")
-    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps of 8 rows per run")
+    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps per stage-2 run (and of pi_ref's NLL)")
     parser.add_argument("--shift_prompts", type=int, default=SIZE["shift_prompts"],
-                        help="test prompts the shift from pi_ref (kl/token, gold nll shift) is measured on")
+                        help="test prompts the shift from pi_ref (log-ratio/token, gold nll shift) is measured on")
     parser.add_argument("--quick", action="store_true", help="a scratch model and a few steps: checks the path")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -24,7 +24,7 @@ def test_real_text_benchmark_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = proc.stdout.strip().splitlines()
     assert table[-7].startswith("| run | seeds | final_reward | non_offensive | readability | sentiment | "
-                                "diff vs nll [95% CI] | kl/token | gold nll shift")
+                                "diff vs nll [95% CI] | log-ratio/token | gold nll shift")
     names = [line.split(" | ")[0].strip("| ") for line in table[-5:]]
     assert names == ["start", "nll (reference)", "nll", "a_lol", "a_lol+group"]
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -35,7 +35,7 @@ def test_real_text_benchmark_quick_mode(tmp_path):
     # 2 seeds x 4 test prompts paired with nll's same seed; start and pi_ref with both of nll's seeds
     assert intervals["a_lol"]["pairs"] == intervals["start"]["pairs"] == "8" and intervals["nll"]["pairs"] == ""
     assert float(intervals["a_lol"]["ci_low"]) <= float(intervals["a_lol"]["diff"]) <= float(intervals["a_lol"]["ci_high"])
-    assert float(intervals["nll (reference)"]["kl_per_token"]) == 0.0
+    assert float(intervals["nll (reference)"]["logratio_per_token"]) == 0.0
     # the kept model is a trained one (no step-0 validation): it moved from pi_ref
     assert all(float(intervals[r]["gold_nll_shift"]) != 0.0 for r in ("nll", "a_lol", "a_lol+group"))
     assert (out / "runs" / "a_lol+group_seed0" / "advantage_stats.json").is_file()
