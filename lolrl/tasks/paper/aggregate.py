@@ -317,7 +317,7 @@ class AggregateArguments:
     metric: str | None = setting(None, "success metric of the best/worst and val_/test_ columns (default: the paper "
                                        "task's checkpoint-selection metric; meteor for other tasks, as the original)")
     baseline: str = setting("nll", "the algorithm every other is compared with in OUTPUT_intervals.csv: mean "
-                                   "paired difference of test_<metric> and its bootstrap 95% interval over test "
+                                   "paired difference of test_<metric> and its bootstrap 95 percent interval over test "
                                    "prompts and seeds (nll: the prefix's reference run)")
 
 
