@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Collect every run of a task into a CSV (the paper's columns) and a markdown table; see lolrl/aggregate.py.
+r"""Collect every run of a task into a CSV (the paper's columns) and a markdown table; see lolrl/aggregate.py.
 
-    python aggregate_generation_task_results.py -bmps "{'dgpt_nll': True}" -tn reddit_pos -o final_results/reddit_pos_final_results.csv
+    python aggregate_generation_task_results.py -bmps "{'dgpt_nll': True}" -tn reddit_pos \
+        -o final_results/reddit_pos_final_results.csv
 """
 import sys
 

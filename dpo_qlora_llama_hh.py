@@ -16,7 +16,7 @@ import sys
 
 from lolrl.tasks.hh.cli import DPOHHArguments, parse_hh
 from lolrl.tasks.hh.dpo import train_dpo
-from lolrl.tasks.hh.train import (
+from lolrl.tasks.hh.shared import (
     generation_settings,
     hh_postprocess,
     read_hh_files,
@@ -33,8 +33,9 @@ def main(argv=None) -> int:
         train_rows, dev_rows = read_hh_files(args)
         val = validation_records(args, dev_rows)
         val = val[: args.max_val_examples] if args.max_val_examples else val
-        result = train_dpo(args, train_rows, val, validation_reward(args), hh_postprocess(args),
-                           generation_settings(args.model_name_or_path))
+        reward = validation_reward(args.reward, args.reward_model, args.per_device_eval_batch_size)
+        result = train_dpo(args, train_rows, val, reward, hh_postprocess(args),
+                           generation_settings(args.model_name))
     except UserError as exc:
         return report_user_error(exc)
     best = result["best_validation_reward"]

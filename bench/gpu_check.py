@@ -189,7 +189,8 @@ def check_resume(name: str, launch: list[str], models: dict, task: Path, work: P
     written_by = ("fsdp" if any(n.startswith("pytorch_model_fsdp") for n in names) else
                   "deepspeed" if any(n.startswith("global_step") for n in names) else None)
     if written_by != engine:
-        return report(name, "FAIL", f"the Trainer's checkpoint is in the {written_by or 'plain'} format, expected {engine}")
+        return report(name, "FAIL",
+                      f"the Trainer's checkpoint is in the {written_by or 'plain'} format, expected {engine}")
     # the best models (gathered by every engine into a plain folder): equal when the resume was exact
     a = load_file(str(whole / "model" / "model.safetensors"))
     b = load_file(str(split / "model" / "model.safetensors"))

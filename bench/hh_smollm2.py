@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lolrl.engine.evaluation import format_markdown_table  # noqa: E402
+from lolrl.engine.reports import format_markdown_table  # noqa: E402
 from lolrl.tasks.hh.data import clean_training_rows, read_pro_file  # noqa: E402
 from lolrl.utils.io import atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
 

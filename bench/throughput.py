@@ -532,8 +532,9 @@ def report(methods, per_round, finals) -> int:
         f = finals[m]
         extra = ""
         if "reference_pass_s" in f:
-            extra = (f"; one-time reference pass {f['reference_pass_s']:.1f} s ({f['reference_rows']} rows), value stage "
-                     f"{f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s + fit {f['value_fit_s']:.1f} s)")
+            extra = (f"; one-time reference pass {f['reference_pass_s']:.1f} s ({f['reference_rows']} rows), "
+                     f"value stage {f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s "
+                     f"+ fit {f['value_fit_s']:.1f} s)")
         print(f"{m:21s} real tokens/s {summary(speed[m])}  padding {padding[m]:.2f} ({f['layout']})  "
               f"peak memory {f['peak_memory_mb']:.0f} MB{extra}")
     if "padding_grouped" in finals.get("a_lol", {}):

@@ -56,3 +56,36 @@ def hh_fixture(tmp_path, tiny_models):
                       "--per_device_eval_batch_size", "4", "--ppo_rollout_batch_size", "4",
                       "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                       "--ppo_epochs", "2", "--max_new_tokens", "6", "--learning_rate", "1e-3"]
+
+
+def status_of(main, *args, **kwargs) -> int:
+    """A script's exit status: what its ``main`` returns, or the status of the ``SystemExit`` its parser raises
+    (a bad setting is refused while the command line is parsed, as argparse refuses a bad flag)."""
+    try:
+        return main(*args, **kwargs)
+    except SystemExit as stop:
+        return stop.code
+
+
+class Merged:
+    """A script's settings dataclasses read as one (the task's data settings and the engine's config)."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def __getattr__(self, name):
+        for part in self.parts:
+            if hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(name)
+
+    def __eq__(self, other):
+        return isinstance(other, Merged) and self.parts == other.parts
+
+
+def parse_settings(classes, argv, description=None):
+    """``lolrl.tasks.hh.cli.parse_hh`` read as one object (:class:`Merged`) for a tuple of classes."""
+    from lolrl.tasks.hh.cli import parse_hh
+
+    parsed = parse_hh(classes, argv, description)
+    return Merged(*parsed) if isinstance(classes, tuple) else parsed

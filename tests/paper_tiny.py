@@ -12,7 +12,12 @@ import numpy as np
 import torch
 
 EOS = "<|endoftext|>"
-WORDS = ["the", "a", "is", "was", "what", "do", "you", "think", "about", "this", "that", "it", "really", "good", "bad", "game", "movie", "cat", "dog", "car", "buys", "wants", "drive", "show", "off", "sleeps", "wakes", "up", "knowledge", "paris", "capital", "france", "travel", "europe", "been", "have", "where", "should", "i", "we", "they", "like", "love", "hate", "person", "personx", "persony", "because", "needed", "feels", "seen", "as", "result", "hindered", "by", "can", "before", "so", "thanks", "nice", "great", "idea", "agree", "disagree", "funny", "lol", "yes", "no", "maybe", "never", "always"]
+WORDS = ["the", "a", "is", "was", "what", "do", "you", "think", "about", "this", "that", "it", "really", "good",
+         "bad", "game", "movie", "cat", "dog", "car", "buys", "wants", "drive", "show", "off", "sleeps", "wakes",
+         "up", "knowledge", "paris", "capital", "france", "travel", "europe", "been", "have", "where", "should", "i",
+         "we", "they", "like", "love", "hate", "person", "personx", "persony", "because", "needed", "feels", "seen",
+         "as", "result", "hindered", "by", "can", "before", "so", "thanks", "nice", "great", "idea", "agree",
+         "disagree", "funny", "lol", "yes", "no", "maybe", "never", "always"]
 
 
 def corpus() -> list[str]:

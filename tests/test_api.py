@@ -11,7 +11,8 @@ def test_readme_api_example(tmp_path, tiny_models, toy_dir, toy_reward_spec):
     data = load_task_dir(toy_dir)
     reward = load_reward(toy_reward_spec)
     config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / "run"), algorithm="a_lol",
-                             num_train_epochs=1, per_device_train_batch_size=16, max_resp_length=8, max_steps=2, val_log_frequency=1)
+                             num_train_epochs=1, per_device_train_batch_size=16, max_resp_length=8, max_steps=2,
+                             val_log_frequency=1)
     trainer = OfflineRLTrainer(args=config, data=data, reward=reward, task=TaskInfo("demo", val_metric="safety"))
     results = trainer.run()
     assert math.isfinite(results["test/generated"]["final_reward"])
@@ -22,7 +23,8 @@ def test_readme_api_example(tmp_path, tiny_models, toy_dir, toy_reward_spec):
 def test_reward_from_python_callables(tmp_path, tiny_models, toy_dir):
     reward = RewardFunction.from_callables({"safe": safety, "fluent": fluency}, weights={"fluent": 0.5})
     config = OfflineRLConfig(model_name=tiny_models["seq2seq"], output_dir=str(tmp_path / "run"), algorithm="wbc",
-                             num_train_epochs=1, per_device_train_batch_size=16, max_resp_length=8, max_steps=1, val_log_frequency=1,
+                             num_train_epochs=1, per_device_train_batch_size=16, max_resp_length=8, max_steps=1,
+                             val_log_frequency=1,
                              do_predict=False)
     results = OfflineRLTrainer(args=config, data=load_task_dir(toy_dir, need_test=False), reward=reward).run()
     assert set(results) == {"val/generated", "val/gold"}

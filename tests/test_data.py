@@ -37,8 +37,10 @@ def test_reads_new_and_original_field_names(tmp_path):
     ({"id": "a", "prompt": "p", "response": "  ", "reward": 1}, "response", "empty"),
     ({"id": "a", "prompt": 5, "response": "r", "reward": 1}, "prompt", "string or a list"),
     ({"id": "a", "prompt": [{"role": "user"}], "response": "r", "reward": 1}, "prompt", "message 0"),
-    ({"id": "a", "prompt": "p", "response": "r", "reward_components": {"x": 1.0}}, "reward_components.final_reward", "missing"),
-    ({"id": "a", "prompt": "p", "response": "r", "reward_components": {"final_reward": None}}, "reward_components.final_reward", "finite"),
+    ({"id": "a", "prompt": "p", "response": "r", "reward_components": {"x": 1.0}}, "reward_components.final_reward",
+     "missing"),
+    ({"id": "a", "prompt": "p", "response": "r", "reward_components": {"final_reward": None}},
+     "reward_components.final_reward", "finite"),
     ([1, 2], None, "JSON object"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, row, field, words):

@@ -37,7 +37,8 @@ def test_prompt_completion_rows_and_response_alias():
 
 
 @pytest.mark.parametrize("row, column, words", [
-    ({"prompt": "p", "completion": "c", "response": "c", "reward": 1.0}, "response", "both 'completion' and 'response'"),
+    ({"prompt": "p", "completion": "c", "response": "c", "reward": 1.0}, "response",
+     "both 'completion' and 'response'"),
     ({"prompt": "p", "completion": "  ", "reward": 1.0}, "completion", "is empty"),
     ({"prompt": "p", "reward": 1.0}, "completion", "missing"),
     ({"prompt": "p", "completion": "c", "reward": float("nan")}, "reward", "finite number"),
@@ -149,7 +150,8 @@ def test_conversational_run_passes_messages_and_columns_to_reward(tmp_path, chat
     data = [{"id": str(i), "prompt": [{"role": "user", "content": f"tell me about {t}"}],
              "completion": [{"role": "assistant", "content": f"{t} is fun"}], "topic": t, "reward": float(i % 2)}
             for i, t in enumerate(["hiking", "chess", "cooking", "music"] * 3)]
-    args = OfflineRLConfig(output_dir=str(tmp_path / "run"), algorithm="wbc", num_train_epochs=1, per_device_train_batch_size=4, max_steps=1,
+    args = OfflineRLConfig(output_dir=str(tmp_path / "run"), algorithm="wbc", num_train_epochs=1,
+                           per_device_train_batch_size=4, max_steps=1,
                            max_resp_length=8, val_log_frequency=1, do_predict=False,
                            generation=GenerationSettings(max_new_tokens=8))
     output = OfflineRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
@@ -171,11 +173,13 @@ def test_run_from_datasets_matches_run_from_task_folder(tmp_path, tiny_models, t
 
     def config(name):
         return OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / name), algorithm="a_lol",
-                               num_train_epochs=1, per_device_train_batch_size=8, max_resp_length=8, max_steps=3, logging_steps=1,
+                               num_train_epochs=1, per_device_train_batch_size=8, max_resp_length=8, max_steps=3,
+                               logging_steps=1,
                                val_log_frequency=1, do_predict=False, generation=GenerationSettings(max_new_tokens=4),
                                value_source="data", value_epochs=2, value_folds=3)
 
-    OfflineRLTrainer(args=config("folder"), data=load_task_dir(toy_dir, need_test=False), reward=load_reward(toy_reward_spec)).run()
+    OfflineRLTrainer(args=config("folder"), data=load_task_dir(toy_dir, need_test=False),
+                     reward=load_reward(toy_reward_spec)).run()
     splits = load_dataset("json", data_files={s: str(Path(toy_dir) / f"{s}.jsonl") for s in ("train", "val")})
     OfflineRLTrainer(args=config("datasets"), train_dataset=splits["train"], eval_dataset=splits["val"],
                      reward_funcs=[safety, on_topic, fluency]).train()

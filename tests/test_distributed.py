@@ -121,7 +121,8 @@ def test_sharded_weights_generate_the_same_number_of_times_on_every_process(tiny
     from lolrl.engine.generation import GenerationSettings, batches_per_process, generate_local
     from lolrl.engine.modeling import load_model, load_tokenizer
 
-    assert batches_per_process(10, 3, 2) == 2 and batches_per_process(9, 2, 4) == 2 and batches_per_process(0, 2, 4) == 0
+    assert batches_per_process(10, 3, 2) == 2 and batches_per_process(9, 2, 4) == 2
+    assert batches_per_process(0, 2, 4) == 0
     tokenizer = load_tokenizer(tiny_models["llama"])
     model = load_model(tiny_models["llama"]).eval()
     calls = []

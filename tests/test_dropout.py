@@ -37,7 +37,8 @@ def test_the_engine_default_is_one_setting_for_every_algorithm(tmp_path):
 
     for name, spec in TABLE.items():
         extra = {"group_size": 2} if spec.grouped else {}
-        assert OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, **extra).disable_dropout is True, name
+        config = OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, **extra)
+        assert config.disable_dropout is True, name
         assert OfflineRLConfig(model_name="m", output_dir=str(tmp_path / name), algorithm=name, disable_dropout=False,
                                **extra).disable_dropout is False
 
@@ -48,15 +49,15 @@ def test_generic_script_loads_every_policy_with_the_same_dropout(tmp_path, tiny_
     """Through the script's command line: the loaded policy's dropout is 0 by default for every algorithm
     (nll, pi_ref's own training, included) and the model's own (0.1) with each spelling of the flag."""
     from lolrl.engine.data import load_task_dir
-    from lolrl.tasks.paper.cli import config_from_args, parse_args
+    from lolrl.tasks.paper.cli import parse_args
 
     data = load_task_dir(toy_dir, need_test=False)
     common = ["-i", str(toy_dir), "-tn", "toy", "--reward", toy_reward_spec, "-m", tiny_models["causal"],
               "-algo", algo, "-t", "--no_test"]
-    off = config_from_args(parse_args(common + ["-o", str(tmp_path / "off")]))
+    _, off = parse_args(common + ["-o", str(tmp_path / "off")])
     assert dropout_rates(loaded_policy(off, data)) == {0.0}
     for i, spelling in enumerate(KEEP_SPELLINGS):
-        on = config_from_args(parse_args(common + ["-o", str(tmp_path / f"on{i}"), *spelling]))
+        _, on = parse_args(common + ["-o", str(tmp_path / f"on{i}"), *spelling])
         assert on.disable_dropout is False
         if i == 0:
             rates = dropout_rates(loaded_policy(on, data))
@@ -81,19 +82,19 @@ def hh_argv(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("script", ["lolrl_qlora_llama_hh", "pro_qlora_llama_hh"])
 def test_hh_offline_scripts_share_the_setting(hh_argv, script):
-    import importlib
-
     from lolrl.tasks.hh import cli as hh
-    from lolrl.tasks.hh.train import read_hh_files
+    from lolrl.tasks.hh.offline import alol_data, pro_data
+    from lolrl.tasks.hh.shared import read_hh_files
 
-    module = importlib.import_module(script)
-    cls = hh.ALoLHHArguments if script.startswith("lolrl") else hh.PROHHArguments
-    algorithms = [a for a in ALGORITHMS if a != "a_lol_kl"] if cls is hh.ALoLHHArguments else [None]
+    alol = script.startswith("lolrl")
+    build = alol_data if alol else pro_data
+    classes = (hh.ALoLHHData, hh.ALoLHHConfig) if alol else (hh.PROHHData, hh.PROHHConfig)
+    algorithms = [a for a in ALGORITHMS if a != "a_lol_kl"] if alol else [None]
     for algo in algorithms:
         chosen = ["--algorithm", algo, "--value_source", "data"] if algo else []
         for extra, rate in (([], 0.0), (["--keep_dropout"], 0.05), (["--disable_dropout", "False"], 0.05)):
-            args = hh.parse_hh(cls, hh_argv + chosen + extra, None)
-            config, data = module.build(args, *read_hh_files(args))
+            data_args, config = hh.parse_hh(classes, hh_argv + chosen + extra, None)
+            data = build(data_args, config, *read_hh_files(data_args))
             assert config.disable_dropout is (rate == 0.0), (algo, extra)
             if algo in (None, "nll", "a_lol"):  # the loaded policy too: PRO, the baseline, an importance-weighted
                 assert max(dropout_rates(loaded_policy(config, data))) == rate, (algo, extra)
@@ -117,7 +118,7 @@ def test_dpo_and_grpo_pass_the_setting_to_trl(hh_argv, monkeypatch, keep):
     import dpo_qlora_llama_hh
     from lolrl.tasks.hh import online
     from lolrl.tasks.hh.data import pro_records
-    from lolrl.tasks.hh.train import read_hh_files
+    from lolrl.tasks.hh.shared import read_hh_files
 
     extra = ["--keep_dropout"] if keep else []
     captured: dict = {}
@@ -139,7 +140,7 @@ def test_ppo_policy_and_value_head_follow_the_setting(hh_argv, keep):
     from lolrl.online.ppo import PPOTrainer
     from lolrl.tasks.hh import online
     from lolrl.tasks.hh.data import pro_records
-    from lolrl.tasks.hh.train import read_hh_files
+    from lolrl.tasks.hh.shared import read_hh_files
 
     args = online.parse_hh(online.PPOHHArguments, hh_argv + (["--keep_dropout"] if keep else []), None)
     config = online.ppo_config(args)

@@ -17,7 +17,8 @@ from lolrl.engine.rewards import RewardFunction
 from lolrl.engine.trainer import OfflineRLTrainer
 
 # What a checkpoint's generation_config.json may say; none of it may reach our decoding.
-MODEL_DEFAULTS = dict(do_sample=True, num_beams=3, top_k=1, temperature=0.1, top_p=0.5, repetition_penalty=4.0, no_repeat_ngram_size=1,
+MODEL_DEFAULTS = dict(do_sample=True, num_beams=3, top_k=1, temperature=0.1, top_p=0.5, repetition_penalty=4.0,
+                      no_repeat_ngram_size=1,
                       min_p=0.5, typical_p=0.5, length_penalty=-3.0, min_new_tokens=6)
 
 
@@ -97,7 +98,7 @@ def test_every_decoding_setting_is_in_the_cache_key(tmp_path, tiny_models, toy_d
 
     base = GenerationSettings(max_new_tokens=6, num_beams=1, repetition_penalty=1.0, do_sample=True)
     changes = dict(max_new_tokens=5, num_beams=2, repetition_penalty=1.3, temperature=0.7, top_p=0.9, top_k=7,
-                   stop_token_ids=[3])
+                   stop_token_ids=[3], stop_texts=["."])
     assert set(changes) | {"do_sample"} == {f.name for f in dataclasses.fields(GenerationSettings)}
     keys = {repr(base.as_dict())} | {repr(dataclasses.replace(base, **{k: v}).as_dict()) for k, v in changes.items()}
     assert len(keys) == len(changes) + 1
@@ -110,8 +111,10 @@ def test_every_decoding_setting_is_in_the_cache_key(tmp_path, tiny_models, toy_d
 
     def targets(generation):
         config = OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path / "run"), algorithm="a_lol",
-                                 max_resp_length=6, per_device_eval_batch_size=8, value_samples=2, generation=generation)
-        trainer = OfflineRLTrainer(args=config, data=load_task_dir(toy_dir), reward=RewardFunction.from_callables({"n": n_words}))
+                                 max_resp_length=6, per_device_eval_batch_size=8, value_samples=2,
+                                 generation=generation)
+        trainer = OfflineRLTrainer(args=config, data=load_task_dir(toy_dir),
+                                   reward=RewardFunction.from_callables({"n": n_words}))
         before = len(calls)
         values = trainer.value_targets(trainer.row_tokenizer(trainer._val_records()))
         return values, len(calls) > before  # whether it generated and scored (a cache miss)

@@ -14,7 +14,8 @@ ROOT = Path(__file__).parent.parent
 def test_gpu_check_script_cpu_mode(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LOLRL_WHEELS": str(tmp_path / "wheels")}
     (tmp_path / "wheels").mkdir()  # an empty wheel folder: every wheel is reported missing
-    checks = "qlora_paged,resume_plain,resume_fsdp,resume_zero3,packing_varlen,liger"  # throughput: bench/throughput.py's own
+    # throughput: bench/throughput.py's own
+    checks = "qlora_paged,resume_plain,resume_fsdp,resume_zero3,packing_varlen,liger"
     proc = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--cpu", f"--only={checks}"], capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -39,7 +39,7 @@ def _modules():
 
 def test_no_relative_imports_and_every_lolrl_import_resolves():
     names = {m for m, _ in _modules()}
-    for module, path in _modules():
+    for _, path in _modules():
         for node in ast.walk(ast.parse(path.read_text())):
             assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path}:{node.lineno}: relative import"
         for target, _, line in _imports(path):
@@ -66,6 +66,81 @@ def test_no_module_imports_a_private_name():
             assert not private, f"{path}:{line}: imports private {private} from {target}"
 
 
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the lolrl modules it imports, anywhere in it (a function-local import counts: it still
+    needs the other module loaded first when it runs). ``from lolrl.x import y`` names the module
+    ``lolrl.x.y`` where ``y`` is one."""
+    modules = {m for m, _ in _modules()}
+    graph = {}
+    for module, path in _modules():
+        targets = set()
+        for target, names, _ in _imports(path):
+            targets |= {t for t in (target, *(f"{target}.{n}" for n in names)) if t in modules}
+        graph[module] = targets - {module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(_one_cycle(graph, sorted(component)))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """A shortest path from the component's first module back to itself, inside the component."""
+    start, inside = component[0], set(component)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for nxt in sorted(graph[node] & inside):
+            if nxt == start:
+                return paths[node] + [start]
+            if nxt not in paths:
+                paths[nxt] = paths[node] + [nxt]
+                queue.append(nxt)
+    raise AssertionError(f"no cycle through {start}")  # a strongly connected component always has one
+
+
+def test_cycle_finder_finds_a_hidden_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles_between_lolrl_modules():
+    """No two modules import each other, directly or round a longer circle, counting function-local
+    imports: a circle hidden inside a function still ties the two modules together."""
+    cycles = _cycles(_import_graph())
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
 def test_import_lolrl_is_light():
     code = "import sys, lolrl; assert 'torch' not in sys.modules, 'torch'; print(lolrl.TaskInfo().name)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -78,3 +153,23 @@ def test_public_names_still_import_from_the_package_root():
 
     for name in lolrl.__all__:
         assert getattr(lolrl, name) is not None
+
+
+ROOT = PACKAGE.parent
+
+
+def test_readme_first_screen_holds_the_set_up_demo_and_test_commands():
+    """The README's first 40 lines: the set-up command, a demo that runs offline, and the test command CI runs."""
+    head = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash setup.sh" in head and "bash setup.sh" in ci
+    assert "lolrl demo --output_dir" in head
+    test_command = "HF_HUB_OFFLINE=1 python -m pytest tests"
+    assert test_command in head and test_command in ci
+
+
+def test_no_module_or_script_points_outside_the_repository_for_documentation():
+    """Docstrings and scripts name docs/ pages, not ../shared (data paths there stay optional, in bench/ only)."""
+    sources = [*PACKAGE.rglob("*.py"), *ROOT.glob("*.py")]
+    outside = [str(p.relative_to(ROOT)) for p in sources if "../shared" in p.read_text() or "/shared/" in p.read_text()]
+    assert outside == []

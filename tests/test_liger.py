@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import status_of
 from test_logprobs import CHUNK, _setup
 from test_logprobs import _logprobs_and_grads as logprobs_and_grads
 
@@ -135,7 +136,7 @@ def test_script_refuses_liger_where_it_cannot_run(tmp_path, tiny_models, toy_dir
     monkeypatch.delenv("TRITON_INTERPRET")
     argv = args_for(toy_dir, tiny_models["causal"], tmp_path / "out", "a_lol", toy_reward_spec,
                     "--logprob_kernel", "liger")
-    assert main(argv) == 2
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # after the model's loading log
     assert len(errors) == 1 and errors[0].startswith("error: --logprob_kernel liger: its Triton kernels run on CUDA")

@@ -31,7 +31,8 @@ def _logged_lr(out: Path) -> list[float]:
 def _offline(out, tiny_models, toy_dir, nproc, port, *extra):
     """nll on the toy task, validated by NLL (no generation reward), fp32."""
     return _launch("train_generation_task_with_off_policy_PG.py", nproc, port, [
-        "-i", str(toy_dir), "-tn", "toy", "-m", tiny_models["causal"], "-o", str(out), "-algo", "nll", "--reward", "none", "-t",
+        "-i", str(toy_dir), "-tn", "toy", "-m", tiny_models["causal"], "-o", str(out), "-algo", "nll", "--reward",
+        "none", "-t",
         "-ml", "6", "--num_beams", "1", "-vf", "1", "--no_test", "--logging_steps", "1", *extra])
 
 

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lolrl.engine import meteor
-from lolrl.engine.evaluation import (
+from lolrl.engine.reports import (
     coverage_and_density,
     extractive_fragment_lengths,
     knowledge_overlap_summary,
@@ -179,7 +179,8 @@ def _random_sentences(seed: int, n: int):
     vocab = ["the", "The", "cat", "cats", "run", "running", "runs", "dog", "dogs", "big", "large", "jump", "jumped",
              "a", "on", "mat", "quick", "quickly", "happy", "glad", "sat"]
     rng = random.Random(seed)
-    return [([rng.choice(vocab) for _ in range(rng.randint(0, 9))], [rng.choice(vocab) for _ in range(rng.randint(0, 9))])
+    return [([rng.choice(vocab) for _ in range(rng.randint(0, 9))],
+             [rng.choice(vocab) for _ in range(rng.randint(0, 9))])
             for _ in range(n)]
 
 

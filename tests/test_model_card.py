@@ -5,8 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import status_of
 
-from lolrl.engine.model_card import CITATION, TOKEN_SHOWN, CardContents, command_line, render_card
+from lolrl.engine.model_card import (
+    CITATION,
+    TOKEN_SHOWN,
+    CardContents,
+    command_line,
+    render_card,
+)
 from lolrl.tasks.paper.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -59,7 +66,7 @@ def test_card_front_matter_settings_and_citation():
     text = render_card(card, "my-model")
     meta = front_matter(text)
     assert meta["base_model"] == "openai-community/gpt2" and meta["library_name"] == "peft"
-    assert {"lolrl", "a-lol", "a-lol", "trl-style", "lora"} <= set(meta["tags"])
+    assert {"lolrl", "a-lol", "offline-rl", "trl-style", "lora"} <= set(meta["tags"])
     assert "| importance weight clip (ppo_clip) | 0.9 |" in text and "| learning_rate | 2e-05 |" in text
     assert "- train rows: 100" in text and "`abc123`" in text
     assert "Best validation final_reward: 0.5 at optimizer step 40" in text
@@ -74,7 +81,8 @@ def test_card_front_matter_settings_and_citation():
 def test_push_to_hub_refused_offline_before_anything_loads(tmp_path, toy_dir, toy_reward_spec, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "o"
-    assert main(args_for(toy_dir, str(tmp_path / "no_model_needed"), out, toy_reward_spec, "--push_to_hub")) == 2
+    argv = args_for(toy_dir, str(tmp_path / "no_model_needed"), out, toy_reward_spec, "--push_to_hub")
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --push_to_hub") and "HF_HUB_OFFLINE" in err and len(err.splitlines()) == 1
     assert not (out / "args.json").exists()  # refused before the run started
@@ -89,7 +97,7 @@ def test_report_to_refused_when_it_would_log_nowhere(tmp_path, toy_dir, toy_rewa
     if tracker == "tensorboard":  # Accelerate drops a tracker whose package is missing without a word
         monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
     argv = args_for(toy_dir, str(tmp_path / "m"), tmp_path / "o", toy_reward_spec, "--report_to", tracker)
-    assert main(argv) == 2
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --report_to") and message in err and len(err.splitlines()) == 1
 

@@ -143,7 +143,8 @@ def test_toxichat_cola_faithcritic_against_direct_computation(models):
     with torch.no_grad():
         enc = rtok([" paris is the capital"], ["go to paris"], return_tensors="pt")
         expected = torch.softmax(critic(**enc).logits, -1)[0, 0].item()
-    assert paper_rewards.FaithCritic(models["faithcritic"])([dialogue], ["go to paris"]) == pytest.approx([expected], abs=1e-5)
+    scores = paper_rewards.FaithCritic(models["faithcritic"])([dialogue], ["go to paris"])
+    assert scores == pytest.approx([expected], abs=1e-5)
 
 
 def test_missing_local_model_is_a_one_line_error(tmp_path):
@@ -182,7 +183,8 @@ def test_conversion_maps_names_and_transposes(comet_critic):
 
     assert tf_to_pt_name("roberta/encoder/layer_._0/intermediate/dense/kernel:0") == (
         "encoder", "encoder.layer.0.intermediate.dense.weight", True)
-    assert tf_to_pt_name("tf_roberta/roberta/embeddings/LayerNorm/gamma:0") == ("encoder", "embeddings.LayerNorm.weight", False)
+    assert tf_to_pt_name("tf_roberta/roberta/embeddings/LayerNorm/gamma:0") == (
+        "encoder", "embeddings.LayerNorm.weight", False)
     assert tf_to_pt_name("dense_1/kernel:0") == ("head", "out_proj.weight", True)
     converted = AutoModel.from_pretrained(comet_critic["dir"])
     original = comet_critic["model"]
@@ -213,7 +215,8 @@ def test_comet_critic_scores_pairs_with_names(comet_critic):
         import hashlib
 
         seed = hashlib.sha256(f"{k}\x00PersonX buys a car\x00xWant\x00to drive it".encode()).hexdigest()
-        left, right = paper_rewards.comet_critic_inputs("PersonX buys a car", "xWant", "to drive it", random.Random(seed))
+        left, right = paper_rewards.comet_critic_inputs("PersonX buys a car", "xWant", "to drive it",
+                                                        random.Random(seed))
         with torch.no_grad():
             pooled = comet_critic["model"](**tok([left], [right], return_tensors="pt")).pooler_output
             gelu = torch.nn.functional.gelu(comet_critic["dense"](pooled))
@@ -266,7 +269,8 @@ def test_reddit_csv_errors_name_file_line_and_field(tmp_path):
 
 # --------------------------------------------------------------------------- Reddit end to end
 REDDIT_HEADER = ["id", "parent_id", "subreddit_id", "link_id", "text", "score", "ups", "author", "controversiality",
-                 "parent_link_id", "parent_text", "parent_score", "parent_ups", "parent_author", "parent_controversiality"]
+                 "parent_link_id", "parent_text", "parent_score", "parent_ups", "parent_author",
+                 "parent_controversiality"]
 
 
 def _reddit_rows(kind: str) -> list[dict]:
@@ -336,10 +340,12 @@ def test_reddit_preprocessing_filters_splits_and_scores(reddit_dir, models):
         assert components["final_reward"] == pytest.approx(sum(v for k, v in components.items() if k != "final_reward"))
         assert all(0 <= v <= 1 for k, v in components.items() if k != "final_reward")
     tfidf = paper_rewards.TfidfScorer.load(out / "tfidf.json")
-    train_terms = {t for r in pos_train + neg_train for t in paper_rewards.tfidf_terms(paper_rewards.strip_eos(r.response))}
+    train_terms = {t for r in pos_train + neg_train
+                   for t in paper_rewards.tfidf_terms(paper_rewards.strip_eos(r.response))}
     assert set(tfidf.idf) == train_terms and "endoftext" not in tfidf.idf  # train references, without the EOS
     fluency = paper_rewards.CoLAFluency(models["cola"])
-    assert records["pos0"].reward_components["fluency"] == pytest.approx(fluency(["x"], ["it is really good"])[0], abs=1e-6)
+    assert records["pos0"].reward_components["fluency"] == pytest.approx(fluency(["x"], ["it is really good"])[0],
+                                                                         abs=1e-6)
     for name in ("output.log", "preprocess_summary.json", "per_component_reward_distribution_plot_test.png",
                  "positive_comments_score_distribution.png"):
         assert (out / name).exists(), name
@@ -397,7 +403,8 @@ def test_dialogue_preprocessing_faithdial_wow(models, tmp_path):
     for record in train + val + test:
         assert list(record.reward_components) == ["fluency", "faithdial", "depth", "tfidf", "final_reward"]
     scorer = paper_rewards.FaithCritic(models["faithcritic"])
-    assert test[0].reward_components["faithdial"] == pytest.approx(scorer([test[0].prompt], [test[0].response])[0], abs=1e-6)
+    assert test[0].reward_components["faithdial"] == pytest.approx(scorer([test[0].prompt], [test[0].response])[0],
+                                                                   abs=1e-6)
     assert (out / "tfidf.json").exists() and (out / "per_component_reward_distribution_plot_train.png").exists()
 
 
@@ -423,8 +430,10 @@ def test_comet_preprocessing(comet_critic, tmp_path):
         lines.append({"head": f"PersonX buys a car {i}", "relation": "xWant", "tail": f"to drive it {i}",
                       "split": split, "rec_0.5": True, "p_valid_model": 0.1 * (i + 1)})
     (raw / "ATOMIC10X.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (atomic / "test.tsv").write_text("PersonX buys a car\txWant\tto drive it\nPersonX buys a car\txWant\tto show off\n"
-                                     "PersonX buys a car\tisAfter\tPersonX saves money\n\nPersonX sleeps\txEffect\twakes up\n")
+    (atomic / "test.tsv").write_text("PersonX buys a car\txWant\tto drive it\n"
+                                     "PersonX buys a car\txWant\tto show off\n"
+                                     "PersonX buys a car\tisAfter\tPersonX saves money\n\n"
+                                     "PersonX sleeps\txEffect\twakes up\n")
     argv = ["-i", str(raw), "-it", str(atomic), "-ccm", comet_critic["dir"], "-o", str(out), "-bs", "4"]
     assert run_main(preprocess_comet, comet_parser(), argv) == 0
     train = load_jsonl(out / "train.jsonl", True)
@@ -508,7 +517,7 @@ def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models
 
     from lolrl.engine.config import OfflineRLConfig
     from lolrl.engine.data import TaskData
-    from lolrl.tasks.paper import cli
+    from lolrl.tasks.paper.tasks import task_info
 
     data = tmp_path / "comet"
     data.mkdir()
@@ -521,14 +530,18 @@ def test_comet_training_uses_the_critic_and_stops_at_period(comet_critic, models
     assert _train(["-i", str(data), "-tn", "COMET", "-m", models["policy"], "-o", str(out), "-algo", "nll",
                    "-ccm", comet_critic["dir"]]) == 0
     assert "p_valid_model" in json.loads((out / "eval_results.json").read_text())["test/generated"]
-    args = cli.parse_args(["-i", str(data), "-tn", "comet", "-m", models["policy"], "-o", str(out)])
-    config = OfflineRLConfig(model_name=models["policy"], output_dir=str(out), task_name="comet")
-    val = load_jsonl(data / "val.jsonl")
-    task_data = TaskData(train=[], val=val * 3000, test=None)
-    cli._apply_task_settings(args, config, task_data)
-    assert len(task_data.val) == 10000  # a seeded random sample of 10,000, as the original
     period = AutoTokenizer.from_pretrained(models["policy"])(".", add_special_tokens=False)["input_ids"]
-    assert config.generation.stop_token_ids == period
+    assert json.loads((out / "args.json").read_text())["generation"]["stop_token_ids"] == period
+    # the engine applies the task's settings: a seeded random sample of 10,000 val rows, as the original
+    from lolrl.engine.trainer import OfflineRLTrainer
+
+    config = OfflineRLConfig(model_name=models["policy"], output_dir=str(tmp_path / "sample"), task_name="comet",
+                             do_train=False, do_predict=False)
+    val = load_jsonl(data / "val.jsonl")
+    trainer = OfflineRLTrainer(args=config, data=TaskData(train=[], val=val * 3000, test=None), task=task_info("comet"),
+                               reward=None)
+    assert len(trainer.data.val) == 10000
+    assert trainer.args.generation.stop_token_ids == period
 
 
 def test_paper_task_without_tfidf_is_a_one_line_error(reddit_dir, models, tmp_path, capsys):
@@ -541,5 +554,6 @@ def test_paper_task_without_tfidf_is_a_one_line_error(reddit_dir, models, tmp_pa
     assert main(["-i", str(data), "-tn", "reddit_pos", "-m", models["policy"], "-o", str(tmp_path / "o"),
                  "-om", models["offensive"]]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: task 'reddit_pos': built-in reward recipe: TF-IDF file") and len(err.splitlines()) == 1
+    assert err.startswith("error: task 'reddit_pos': built-in reward recipe: TF-IDF file")
+    assert len(err.splitlines()) == 1
     assert err.endswith("(or pass --reward SPEC)")

@@ -10,18 +10,24 @@ import json
 
 import pytest
 import torch
+from conftest import Merged, parse_settings
 
 from lolrl.engine import modeling
 from lolrl.engine.config import OfflineRLConfig
-from lolrl.engine.modeling import LoraSettings, QuantizationSettings, bnb_4bit_kwargs, numerics_key
+from lolrl.engine.modeling import (
+    LoraSettings,
+    QuantizationSettings,
+    bnb_4bit_kwargs,
+    numerics_key,
+)
 from lolrl.tasks.hh import cli as hh
 
 # The original's 4-bit load (all six HH scripts): BitsAndBytesConfig(load_in_4bit=True,
 # bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16); double quantisation commented out.
 ORIGINAL_BNB = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
                 "bnb_4bit_compute_dtype": torch.float16}
-HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": hh.ALoLHHArguments, "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
-              "pro_qlora_llama_hh.py": hh.PROHHArguments, "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
+HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig), "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
+              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig), "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
               "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}
 
 
@@ -61,18 +67,18 @@ def bnb_fields(config) -> dict:
 def test_hh_scripts_default_to_the_original_4bit_numerics(script, tmp_path, tiny_models, fake_4bit):
     """Each HH script's defaults give the original's BitsAndBytesConfig where ``from_pretrained`` gets it,
     and no prepare_model_for_kbit_training (the training scripts load a trainable model)."""
-    from lolrl.tasks.hh.train import precision
+    from lolrl.tasks.hh.shared import precision
 
-    args = hh.parse_hh(HH_SCRIPTS[script], ["--output_dir", str(tmp_path / "out")], None)
+    args = parse_settings(HH_SCRIPTS[script], ["--output_dir", str(tmp_path / "out")])
     settings = precision(args)
     assert bnb_4bit_kwargs(settings["quantization"], "bf16") == ORIGINAL_BNB
-    trainable = not issubclass(HH_SCRIPTS[script], hh.HHEvalArguments)
+    trainable = script not in ("qlora_llama_hh_eval.py", "ppo_hh_eval.py")
     if trainable:
         modeling.load_model(tiny_models["llama"], load_in_4bit=True, quantization=settings["quantization"])
     else:
         from lolrl.tasks.hh.evaluate import load_model_for_eval
 
-        load_model_for_eval(tiny_models["llama"], None, QuantizationSettings.of(args))
+        load_model_for_eval(tiny_models["llama"], None, args.quantization)
     (config,) = fake_4bit["configs"]
     assert bnb_fields(config) == ORIGINAL_BNB
     assert fake_4bit["prepared"] == 0
@@ -81,18 +87,17 @@ def test_hh_scripts_default_to_the_original_4bit_numerics(script, tmp_path, tiny
 def test_hh_engine_configs_carry_the_script_settings(tmp_path, tiny_models):
     """The A-LoL/PRO engine config and PPO's config hold the script's quantisation flags."""
     from lolrl.tasks.hh.online import ppo_config
-    from lolrl.tasks.hh.train import offline_config
 
     flags = ["--model_name_or_path", tiny_models["llama"], "--quant_type", "fp4", "--double_quant",
              "--compute_dtype", "bf16", "--prepare_kbit_training"]
     want = QuantizationSettings(quant_type="fp4", double_quant=True, compute_dtype="bf16", prepare_kbit_training=True)
-    alol = hh.parse_hh(hh.ALoLHHArguments, [*flags, "--output_dir", str(tmp_path / "a")], None)
-    assert offline_config(alol, algorithm="nll").quantization == want
+    _, alol = hh.parse_hh((hh.ALoLHHData, hh.ALoLHHConfig), [*flags, "--output_dir", str(tmp_path / "a")], None)
+    assert alol.quantization == want
     ppo = hh.parse_hh(hh.PPOHHArguments, [*flags, "--output_dir", str(tmp_path / "p")], None)
     assert ppo_config(ppo).quantization == want
-    defaults = hh.parse_hh(hh.PROHHArguments, ["--model_name_or_path", tiny_models["llama"],
-                                               "--output_dir", str(tmp_path / "r")], None)
-    config = offline_config(defaults, algorithm="pro", group_size=2, sampling_strategy="uniform")
+    _, config = hh.parse_hh((hh.PROHHData, hh.PROHHConfig), ["--model_name_or_path", tiny_models["llama"],
+                                                               "--output_dir", str(tmp_path / "r")], None)
+    assert (config.algorithm, config.group_size, config.sampling_strategy) == ("pro", 2, "uniform")
     assert bnb_4bit_kwargs(config.quantization, config.dtype) == ORIGINAL_BNB
     assert not config.quantization.prepare_kbit_training
 
@@ -100,10 +105,10 @@ def test_hh_engine_configs_carry_the_script_settings(tmp_path, tiny_models):
 def test_generic_script_keeps_qlora_defaults(fake_4bit, tiny_models):
     """The generic script's --load_in_4bit is QLoRA's: NF4 with double quantisation, compute in the run's
     dtype (bf16 for fp32), prepare_model_for_kbit_training on."""
-    from lolrl.tasks.paper.cli import config_from_args, parse_args
+    from lolrl.tasks.paper.cli import parse_args
 
-    args = parse_args(["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o", "--load_in_4bit"])
-    quantization = config_from_args(args).quantization
+    _, config = parse_args(["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o", "--load_in_4bit"])
+    quantization = config.quantization
     assert quantization == QuantizationSettings()
     modeling.load_model(tiny_models["causal"], dtype="fp16", load_in_4bit=True, quantization=quantization)
     assert bnb_fields(fake_4bit["configs"][0]) == {**ORIGINAL_BNB, "bnb_4bit_use_double_quant": True}
@@ -139,14 +144,15 @@ def test_quantisation_flags_parse(script):
 
     def parse(argv):
         if script in HH_SCRIPTS:
-            return hh.parse_hh(HH_SCRIPTS[script], argv, None)
-        return parse_args(["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o", *argv])
+            return parse_settings(HH_SCRIPTS[script], argv)
+        return Merged(*parse_args(["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o", *argv]))
 
     given = parse(["--quant_type", "fp4", "--double_quant", "True", "--bnb_4bit_compute_dtype", "bf16",
                    "--prepare_model_for_kbit_training", "False"])
-    assert QuantizationSettings.of(given) == QuantizationSettings(quant_type="fp4", double_quant=True,
+    assert given.quantization == QuantizationSettings(quant_type="fp4", double_quant=True,
                                                                   compute_dtype="bf16", prepare_kbit_training=False)
-    assert parse(["--no_double_quant", "--compute_dtype", "auto"]).double_quant is False  # the original's --no_ form
+    # the original's --no_ form
+    assert parse(["--no_double_quant", "--compute_dtype", "auto"]).quantization.double_quant is False
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -155,7 +161,7 @@ def test_quantisation_flags_parse(script):
 ])
 def test_bad_quantisation_flags_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        hh.parse_hh(hh.ALoLHHArguments, argv, None)
+        hh.parse_hh((hh.ALoLHHData, hh.ALoLHHConfig), argv, None)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
@@ -258,7 +264,8 @@ def test_a_4bit_run_recomputes_the_reference_pass(tmp_path, tiny_models, toy_dir
         caplog.clear()
         argv = ["-i", str(toy_dir), "-tn", "toy", "--reward", "none", "-m", tiny_models["causal"],
                 "-o", str(tmp_path / name), "-algo", "r_lol", "-t", "-e", "1", "--max_steps", "1",
-                "-bs", "16", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1", "--lora_r", "4", "--save_steps", "-1", "--no_test",
+                "-bs", "16", "-v_bs", "16", "-ml", "8", "--num_beams", "1", "-vf", "1", "--lora_r", "4",
+                "--save_steps", "-1", "--no_test",
                 "--cache_dir", str(cache), *extra]
         with caplog.at_level("INFO"):
             assert main(argv) == 0

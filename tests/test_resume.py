@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import status_of
 from safetensors.torch import load_file
 
 from lolrl.tasks.paper.cli import main
@@ -44,14 +45,14 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_mod
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys):
     out = tmp_path / "o"
     assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "--stop_after_steps", "1")) == 0
-    assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "-lr", "5e-4")) == 2
+    assert status_of(main, argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "-lr", "5e-4")) == 2
     assert "other settings" in capsys.readouterr().err
     # --no_resume starts over
     assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec, "-lr", "5e-4", "--no_resume")) == 0
 
 
 def test_resume_flag_without_checkpoint_is_an_error(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys):
-    assert main(argv(toy_dir, tiny_models["causal"], tmp_path / "o", toy_reward_spec, "--resume")) == 2
+    assert status_of(main, argv(toy_dir, tiny_models["causal"], tmp_path / "o", toy_reward_spec, "--resume")) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -87,12 +88,12 @@ def test_a_run_folder_moved_elsewhere_resumes_there(tmp_path, tiny_models, toy_d
     shutil.copytree(first, moved)
     shutil.rmtree(first)
 
-    assert main(args(moved, "-lr", "5e-4")) == 2  # still refused: another learning rate
+    assert status_of(main, args(moved, "-lr", "5e-4")) == 2  # still refused: another learning rate
     assert "other settings" in capsys.readouterr().err
     config = moved / "model" / "config.json"
     original = config.read_text()
     config.write_text(json.dumps({**json.loads(original), "initializer_range": 0.5}))
-    assert main(args(moved)) == 2  # still refused: other model files at the same path
+    assert status_of(main, args(moved)) == 2  # still refused: other model files at the same path
     assert "other settings" in capsys.readouterr().err
     config.write_text(original)
 

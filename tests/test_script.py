@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import status_of
 from safetensors.torch import load_file
 
 from lolrl.engine.losses import ALGORITHMS
@@ -37,7 +38,8 @@ def test_every_algorithm_trains(tmp_path, tiny_models, toy_dir, toy_reward_spec,
     assert log[-1]["step"] == 3
     results = json.loads((out / "eval_results.json").read_text())
     assert {"val/generated", "test/generated", "test/gold"} <= set(results)
-    for key in ("safety", "on_topic", "fluency", "final_reward", "distinct_1", "distinct_2", "distinct_3", "avg_response_len"):
+    for key in ("safety", "on_topic", "fluency", "final_reward", "distinct_1", "distinct_2", "distinct_3",
+                "avg_response_len"):
         assert key in results["test/generated"]
     # the saved best model differs from the start: training changed the weights
     start, best = weights(tiny_models[kind]), weights(out / "model")
@@ -119,7 +121,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_models, toy_dir, toy_re
             del argv[i:i + 2]
         if value is not None:
             argv += [flag, value]
-    assert main(argv) == 2
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
 
@@ -130,8 +132,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_models, toy_dir, toy_re
 ])
 def test_missing_adapter_is_one_error_line(tmp_path, tiny_models, toy_dir, toy_reward_spec, capsys, adapter, message):
     """Found when the model loads (after the run's first log lines): an error line, no traceback."""
-    argv = args_for(toy_dir, tiny_models["causal"], tmp_path / "o", "nll", toy_reward_spec) + ["--adapter_path", adapter]
-    assert main(argv) == 2
+    argv = [*args_for(toy_dir, tiny_models["causal"], tmp_path / "o", "nll", toy_reward_spec),
+            "--adapter_path", adapter]
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("error:") and message in err.splitlines()[-1] and "Traceback" not in err
 
@@ -145,7 +148,7 @@ def test_bad_row_reported_before_model_loads(tmp_path, toy_dir, toy_reward_spec,
         handle.write('{"id": "z", "prompt": "p", "response": "r", "reward": "high"}\n')
     # the model path does not exist either: the data error must come first
     argv = args_for(data, str(tmp_path / "missing_model"), tmp_path / "o", "wbc", toy_reward_spec)
-    assert main(argv) == 2
+    assert status_of(main, argv) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:49: field 'reward'" in err
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Merged
 
 from lolrl.tasks.hh import cli as hh
 from lolrl.tasks.paper import aggregate, preprocess
@@ -19,8 +21,8 @@ from lolrl.utils.cli import IGNORED, DataclassParser, to_yaml
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_FLAGS = json.loads((Path(__file__).parent / "original_flags.json").read_text())["scripts"]
 
-HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": hh.ALoLHHArguments, "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
-              "pro_qlora_llama_hh.py": hh.PROHHArguments, "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
+HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig), "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
+              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig), "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
               "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}
 REQUIRED = {"train_generation_task_with_off_policy_PG.py": ["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o"],
             "preprocess_reddit_comment_scores_and_add_rewards.py": ["-i", "d", "-o", "o", "-m", "m"],
@@ -34,21 +36,27 @@ def parse(script: str, argv: list[str]):
     return parse_exactly(script, REQUIRED.get(script, []) + argv)
 
 
-def parse_exactly(script: str, argv: list[str]):
-    """The settings dataclass ``script`` builds from ``argv`` (its own parser, as its main uses it)."""
+def parser_of(script: str) -> DataclassParser:
+    """The parser ``script``'s main uses."""
     if script in HH_SCRIPTS:
-        return hh.parse_hh(HH_SCRIPTS[script], argv, None)
-    if script == "train_generation_task_with_off_policy_PG.py":
-        return paper.parse_args(argv)
-    parser = {"aggregate_generation_task_results.py": aggregate.build_parser,
-              "preprocess_reddit_comment_scores_and_add_rewards.py": preprocess.reddit_parser,
-              "preprocess_wow_and_add_rewards.py": preprocess.dialogue_parser,
-              "preprocess_comet_and_add_rewards.py": preprocess.comet_parser}[script]()
-    return parser.parse_one(argv)
+        return hh.settings_parser(HH_SCRIPTS[script])
+    return {"train_generation_task_with_off_policy_PG.py": paper.build_parser,
+            "aggregate_generation_task_results.py": aggregate.build_parser,
+            "preprocess_reddit_comment_scores_and_add_rewards.py": preprocess.reddit_parser,
+            "preprocess_wow_and_add_rewards.py": preprocess.dialogue_parser,
+            "preprocess_comet_and_add_rewards.py": preprocess.comet_parser}[script]()
+
+
+def parse_exactly(script: str, argv: list[str]):
+    """The settings ``script`` builds from ``argv`` (its own parser, as its main uses it), its dataclasses read as
+    one (the task's data settings and the engine's config)."""
+    parsed = parser_of(script).parse(argv)
+    return Merged(*parsed) if len(parsed) > 1 else parsed[0]
 
 
 # A value of the original's type for each flag (choices: one the original allowed).
 CHOICE_VALUES = {"--algorithm": "a_lol", "--learning_algorithm": "a_lol", "--sampling_strategy": "good_priority",
+                 "--report_to": "none",
                  "--optim": "adamw_torch", "--lr_scheduler_type": "linear", "--quant_type": "nf4",
                  "--input_task": "faithdial", "--task_name": "faithdial", "--reward_function": "unit"}
 
@@ -76,17 +84,41 @@ def test_every_original_script_is_covered():
     assert len(CASES) > 250
 
 
+# Flags that need another one to mean anything: --kl_beta is A-LoL KL's (refused with another algorithm).
+CONTEXT = {("lolrl_qlora_llama_hh.py", "--kl_beta"): ["--algorithm", "a_lol_kl"],
+           ("train_generation_task_with_off_policy_PG.py", "--kl_beta"): ["-algo", "a_lol_kl"],
+           # priority sampling needs rewards: the baseline nll (the default) refuses it
+           ("train_generation_task_with_off_policy_PG.py", "--train_sampling"): ["-algo", "wbc"],
+           ("lolrl_qlora_llama_hh.py", "--sampling_strategy"): ["--algorithm", "a_lol"]}
+# What a flag's value becomes: -ts is priority sampling; report_to is TrainingArguments' list.
+WANT = {"--train_sampling": "good_priority"}
+
+
 @pytest.mark.parametrize("script, flags, typ", CASES, ids=[f"{c[0]}:{c[1][-1]}" for c in CASES])
-def test_every_original_flag_parses_with_its_value(script, flags, typ):
-    """Each spelling (short and long) with a value of the original's type parses into the field."""
+def test_every_original_flag_parses_with_its_value(script, flags, typ, capsys):
+    """Each spelling (short and long) with a value of the original's type parses into the field it names (an alias
+    into the field it stands for: -bs into per_device_train_batch_size); an ignored one leaves the default."""
+    parser = parser_of(script)
     for flag in flags:
         tokens, want = value_for(flags[-1], typ)
-        config = parse(script, [flag, *tokens])
-        name = flags[-1].lstrip("-")
-        got = getattr(config, name, None)
+        argv = [*REQUIRED.get(script, []), *CONTEXT.get((script, flags[-1]), []), flag, *tokens]
+        if flags[-1] == "--baseline_update_threshold":  # parsed, and refused: the reference policy stays fixed
+            with pytest.raises(SystemExit) as stop:
+                parser.parse(argv)
+            assert stop.value.code == 2 and "not supported" in capsys.readouterr().err
+            continue
+        parsed = parser.parse(argv)
+        name = parser.field_of(flag)
+        got = parser.value(parsed, name)
+        meta = parser.fields[name].field.metadata
+        if meta.get("ignored") or name in parser.ignore:
+            want = parser.fields[name].default
+        want = WANT.get(flags[-1], want)
+        if name == "report_to" and isinstance(got, list):  # TrainingArguments' list: "none" is no tracker
+            want = [] if want == "none" else [want]
         if name == "total_steps":  # the PPO script's one budget, also read as max_steps
-            assert config.max_steps == want
-        if name == "input_task":
+            assert parser.value(parsed, "max_steps") == want
+        if name in ("input_task", "task_name"):
             want = want.lower()
         assert got == want, (script, flag, got, want)
 
@@ -96,11 +128,12 @@ def test_original_bool_syntax():
     assert parse("dpo_qlora_llama_hh.py", ["--reference_free", "True"]).reference_free is True
     assert parse("dpo_qlora_llama_hh.py", ["--reference_free"]).reference_free is True
     assert parse("dpo_qlora_llama_hh.py", []).reference_free is False
-    assert parse("lolrl_qlora_llama_hh.py", ["--gradient_checkpointing", "False"]).gradient_checkpointing is False
-    assert parse("lolrl_qlora_llama_hh.py", ["--double_quant", "False"]).double_quant is False
-    assert parse("lolrl_qlora_llama_hh.py", ["--no_double_quant"]).double_quant is False
+    assert parse("lolrl_qlora_llama_hh.py", ["--gradient_checkpointing", "True"]).activation_checkpointing is True
+    assert parse("lolrl_qlora_llama_hh.py", ["--gradient_checkpointing", "False"]).activation_checkpointing is False
+    assert parse("lolrl_qlora_llama_hh.py", ["--double_quant", "True"]).quantization.double_quant is True
+    assert parse("lolrl_qlora_llama_hh.py", ["--no_double_quant"]).quantization.double_quant is False
     assert parse("ppo_qlora_llama_hh.py", ["--no_adap_kl_ctrl"]).adap_kl_ctrl is False
-    assert parse("lolrl_qlora_llama_hh.py", ["--lora_alpha", "16.0"]).lora_alpha == 16.0
+    assert parse("lolrl_qlora_llama_hh.py", ["--lora_alpha", "8.0"]).lora.alpha == 8.0
 
 
 ORIGINAL_COMMANDS = [  # the original README's command patterns
@@ -133,15 +166,16 @@ ORIGINAL_COMMANDS = [  # the original README's command patterns
 @pytest.mark.parametrize("script, command", ORIGINAL_COMMANDS)
 def test_original_commands_parse(script, command):
     config = parse(script, command.split())
-    assert dataclasses.is_dataclass(config)
+    assert all(dataclasses.is_dataclass(part) for part in getattr(config, "parts", [config]))
 
 
 def test_original_commands_mean_what_they_meant():
     a_lol = parse(*ORIGINAL_COMMANDS[1][:1], ORIGINAL_COMMANDS[1][1].split())
-    assert (a_lol.learning_algorithm, a_lol.n_epochs, a_lol.batch_size, a_lol.accumulation_steps) == ("a_lol", 3, 8, 2)
-    assert a_lol.train and a_lol.eval_in_beginning and a_lol.val_batch_size == 32
+    assert (a_lol.algorithm, a_lol.num_train_epochs, a_lol.per_device_train_batch_size,
+            a_lol.gradient_accumulation_steps) == ("a_lol", 3, 8, 2)
+    assert a_lol.do_train and a_lol.eval_on_start and a_lol.per_device_eval_batch_size == 32
     kl = parse("lolrl_qlora_llama_hh.py", ORIGINAL_COMMANDS[4][1].split())
-    assert hh.check_kl_spelling(kl) == "a_lol_kl"
+    assert (kl.algorithm, kl.kl_beta, kl.ppo_clip) == ("a_lol_kl", 0.1, 0.0)
     ppo = parse("ppo_qlora_llama_hh.py", ORIGINAL_COMMANDS[8][1].split())
     assert ppo.max_steps == 6000
 
@@ -171,10 +205,13 @@ def test_eval_scripts_label_training_fields_ignored(capsys):
     ("lolrl_qlora_llama_hh.py", ["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     ("lolrl_qlora_llama_hh.py", ["--per_device_train_batch_size", "0"],
      "argument --per_device_train_batch_size: expected a value >= 1, got 0"),
-    ("lolrl_qlora_llama_hh.py", ["--algorithm", "ppo"], "argument --algorithm: invalid choice: 'ppo'"),
+    ("lolrl_qlora_llama_hh.py", ["--algorithm", "ppo"],
+     "argument --algorithm/-algo/--learning_algorithm: invalid choice: 'ppo'"),
     ("dpo_qlora_llama_hh.py", ["--reference_free", "maybe"], "expected a boolean"),
-    ("train_generation_task_with_off_policy_PG.py", ["-bs", "x"], "argument --batch_size/-bs: expected an integer"),
-    ("train_generation_task_with_off_policy_PG.py", ["-c", "-0.1"], "argument --ppo_clip/-c: expected a value >= 0"),
+    ("train_generation_task_with_off_policy_PG.py", ["-bs", "x"],
+     "argument --per_device_train_batch_size/-bs/--batch_size: expected an integer"),
+    ("train_generation_task_with_off_policy_PG.py", ["-c", "-0.1"],
+     "argument --ppo_clip/-c: expected a value in [0.0, 1.0]"),
     ("preprocess_wow_and_add_rewards.py", ["-i", "nope"], "argument --input_task/-i: expected one of"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(script, argv, message, capsys):
@@ -199,12 +236,9 @@ def test_config_round_trip(tmp_path, script, command):
     """CLI -> config -> YAML -> config: equal."""
     first = parse(script, command.split())
     path = tmp_path / "run.yaml"
-    to_yaml(first, path=path)
+    to_yaml(*getattr(first, "parts", [first]), path=path)
     again = parse_exactly(script, ["--config", str(path)])
     assert again == first
-    if hasattr(first, "given_flags"):  # a default is not "given" by the YAML file either
-        assert again.given_flags <= first.given_flags
-        assert "ppo_clip" in first.given_flags or "ppo_clip" not in again.given_flags
 
 
 def test_command_line_wins_over_config(tmp_path):
@@ -224,7 +258,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_config_values_are_checked_like_flags(tmp_path, capsys):
-    for text, message in (("algorithm: ppo\n", "argument --algorithm: invalid choice: 'ppo'"),
+    for text, message in (("algorithm: ppo\n", "invalid choice: 'ppo'"),
                           ("max_steps: ten\n", "max_steps: expected an integer, got 'ten'"),
                           ("per_device_train_batch_size: 0\n", "expected a value >= 1, got 0")):
         path = tmp_path / "c.yaml"
@@ -238,9 +272,9 @@ def test_config_values_are_checked_like_flags(tmp_path, capsys):
 def test_config_supplies_required_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input_dir: d\ntask_name: wow\nmodel_name: m\noutput_dir: o\nlearning_algorithm: a_lol\n")
-    config = DataclassParser(paper.GenerationTaskArguments).parse_one(["--config", str(path), "-e", "2"])
-    assert (config.input_dir, config.learning_algorithm, config.n_epochs) == ("d", "a_lol", 2)
-    assert "learning_algorithm" in config.given_flags and "ppo_clip" not in config.given_flags
+    args, config = paper.build_parser().parse(["--config", str(path), "-e", "2"])  # YAML keys: names or long aliases
+    assert (args.input_dir, config.algorithm, config.num_train_epochs) == ("d", "a_lol", 2)
+    assert not config.ppo_clip_given
 
 
 PRESETS = sorted((ROOT / "configs").glob("**/*.yaml"))
@@ -261,8 +295,8 @@ def test_presets_parse(preset):
                   "hh_pro": "pro_qlora_llama_hh.py", "hh_ppo": "ppo_qlora_llama_hh.py"}[preset.stem.split("-")[0]]
         config = parse(script, ["--config", str(preset)])
     else:
-        config = paper.parse_args(["--config", str(preset)])
-    assert dataclasses.is_dataclass(config)
+        config = Merged(*paper.parse_args(["--config", str(preset)]))
+    assert all(dataclasses.is_dataclass(part) for part in getattr(config, "parts", [config]))
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -294,19 +328,19 @@ def test_optimizer_names_are_transformers_names():
 
 
 def test_hh_defaults_are_the_originals_effective_optimizer():
+    from lolrl.utils.cli import default_of
+
+    assert default_of(hh.HHTraining, "optim") == "paged_adamw_32bit"
     config = parse("lolrl_qlora_llama_hh.py", [])
-    assert (config.optim, config.adam_epsilon, config.adam_beta1, config.adam_beta2) == (
-        "paged_adamw_32bit", 1e-6, 0.9, 0.999)
+    paged = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"  # its CPU fallback, with a warning
+    assert (config.optim, config.adam_epsilon, config.adam_beta1, config.adam_beta2) == (paged, 1e-6, 0.9, 0.999)
     assert config.weight_decay == 0.01  # bitsandbytes' default, which the original's optimizer got
     paper_config = parse("train_generation_task_with_off_policy_PG.py", [])
     assert (paper_config.optim, paper_config.adam_epsilon, paper_config.weight_decay) == ("adamw_torch", 1e-8, 0.01)
 
 
 def test_demo_preset_parses():
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from demo import DemoArguments
+    from lolrl.demo.cli import DemoArguments
 
     config = DataclassParser(DemoArguments).parse_one(["--config", str(ROOT / "configs" / "demo.yaml")])
     assert (config.model, config.algorithms) == ("tiny", "a_lol,wbc")
@@ -362,6 +396,58 @@ def test_every_page_names_the_engines_default_kl_estimator():
               for match in re.finditer(pattern, path.read_text(encoding="utf-8"))]
     assert any(name == "docs/own-data.md" for name, _ in claims)  # the patterns do find the pages' claims
     assert [c for c in claims if c[1] != default] == []
-    help_text = DataclassParser(paper.GenerationTaskArguments).format_help()
+    help_text = paper.build_parser().format_help()
     entry = help_text[help_text.index("\n  --kl_estimator"):].split("\n  --")[1]
     assert f"(default: {default})" in " ".join(entry.split())
+
+
+# ------------------------------------------------------------------------------------------ one definition
+OFFLINE_SCRIPTS = ("train_generation_task_with_off_policy_PG.py", "lolrl_qlora_llama_hh.py", "pro_qlora_llama_hh.py")
+
+
+@pytest.mark.parametrize("script", OFFLINE_SCRIPTS)
+def test_every_config_field_is_a_flag_of_every_offline_script(script):
+    """The offline scripts parse straight into the engine's config: each field of OfflineRLConfig a command line
+    can give (nested LoRA / quantisation / decoding settings as flat flags) is a flag of each, with no copy."""
+    from lolrl.engine.config import OfflineRLConfig
+
+    parser = parser_of(script)
+    config_class = next(t for t in parser.types if issubclass(t, OfflineRLConfig))
+    assert dataclasses.fields(config_class)  # the script's config restates defaults, declares no copy
+    for f in dataclasses.fields(OfflineRLConfig):
+        if not f.init or f.metadata.get("hidden_field"):
+            continue
+        prefix = f.metadata.get("flatten")
+        names = ([prefix + sub.name for sub in dataclasses.fields(f.default_factory())] if prefix is not None
+                 else [f.name])
+        owners = {parser.fields[n].owner for n in names if n in parser.fields}
+        if f.name in parser.fields or owners:
+            assert owners <= {config_class}, (script, f.name)
+        else:  # only fields of types no command line gives (e.g. a ParallelismConfig) are left out
+            from lolrl.utils.cli import _field_type
+
+            hint = typing.get_type_hints(OfflineRLConfig)[f.name]
+            assert not dataclasses.is_dataclass(hint) and _field_type(hint) is None, (script, f.name)
+
+
+def test_no_script_translates_settings_by_hand():
+    """No task module or script builds the engine's config from its own settings (the old config_from_args,
+    offline_config): they parse into it."""
+    import re
+
+    sources = [*sorted((ROOT / "lolrl" / "tasks").rglob("*.py")), *sorted(ROOT.glob("*.py"))]
+    calls = [(p.name, m.group(0)) for p in sources for m in re.finditer(r"\bOfflineRLConfig\(|\bdef (config_from_args|"
+                                                                       r"offline_config)\b", p.read_text())]
+    assert calls == []
+
+
+def test_yaml_keys_may_be_the_original_long_flags(tmp_path):
+    """A preset written with the original's names (batch_size, learning_algorithm, n_epochs, train) reads into the
+    config's fields, nested settings by their flags' names."""
+    path = tmp_path / "c.yaml"
+    path.write_text("input_dir: d\ntask_name: wow\nmodel_name: m\noutput_dir: o\nbatch_size: 4\n"
+                    "learning_algorithm: wbc\nn_epochs: 2\ntrain: true\nlora_r: 8\nnum_beams: 3\n")
+    args, config = paper.build_parser().parse(["--config", str(path)])
+    assert (config.per_device_train_batch_size, config.algorithm, config.num_train_epochs, config.do_train) == (
+        4, "wbc", 2, True)
+    assert (config.lora.r, config.generation.num_beams) == (8, 3)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import status_of
 from safetensors.torch import load_file
 
 from lolrl.tasks.paper.cli import main
@@ -71,7 +72,7 @@ def test_overflowing_reward_is_refused_with_its_row(tmp_path, tiny_models, toy_d
     row.pop("reward_components", None)
     lines[2] = json.dumps(row)
     (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
-    assert main(argv(bad, tiny_models["causal"], tmp_path / "o", toy_reward_spec)) == 2
+    assert status_of(main, argv(bad, tiny_models["causal"], tmp_path / "o", toy_reward_spec)) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:3" in err and "reward" in err and "1e+308" in err
 
@@ -122,13 +123,13 @@ def test_flipped_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_models
     # every checkpoint damaged: refused with one line, nothing overwritten
     for path in (out / "checkpoints").glob("checkpoint-*/lolrl_seal.json"):
         path.write_text('{"step": "three"}')
-    assert main(run) == 2
+    assert status_of(main, run) == 2
     assert "no intact checkpoint" in one_line_errors(capsys.readouterr().err)[0]
 
 
 def test_strict_load_refuses_foreign_parameters():
-    from lolrl.utils.checkpoint import load_trainable
     from lolrl.utils.manifest import IntegrityError
+    from lolrl.utils.trainable import load_trainable
 
     model = torch.nn.Linear(2, 2)
     load_trainable(model, {"weight": torch.zeros(2, 2), "bias": torch.ones(2)}, "x")
@@ -186,7 +187,7 @@ def test_a_second_run_on_a_held_folder_is_refused(tmp_path, tiny_models, toy_dir
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "now"}))
-        assert main(argv(toy_dir, tiny_models["causal"], out, toy_reward_spec)) == 2
+        assert status_of(main, argv(toy_dir, tiny_models["causal"], out, toy_reward_spec)) == 2
         error = one_line_errors(capsys.readouterr().err)[0]
         assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in error
     finally:
@@ -202,9 +203,10 @@ def test_save_folder_inside_the_starting_model_and_output_file_refused(tmp_path,
                                                                        toy_reward_spec, capsys):
     model = tiny_models["causal"]
     before = sorted(p.name for p in Path(model).iterdir())
-    assert main(argv(toy_dir, model, tmp_path / "o", toy_reward_spec, "--save_dir", str(Path(model) / "best"))) == 2
+    inside = argv(toy_dir, model, tmp_path / "o", toy_reward_spec, "--save_dir", str(Path(model) / "best"))
+    assert status_of(main, inside) == 2
     assert "inside the starting model" in one_line_errors(capsys.readouterr().err)[0]
-    assert main(argv(toy_dir, model, model, toy_reward_spec)) == 2  # -o the model folder: saves into it
+    assert status_of(main, argv(toy_dir, model, model, toy_reward_spec)) == 2  # -o the model folder: saves into it
     assert "inside the starting model" in one_line_errors(capsys.readouterr().err)[0]
     assert sorted(p.name for p in Path(model).iterdir()) == before
     # evaluating a saved model (no -t) saves nothing: its folder may be the starting model
@@ -212,7 +214,7 @@ def test_save_folder_inside_the_starting_model_and_output_file_refused(tmp_path,
     assert main(evaluate) == 0 and sorted(p.name for p in Path(model).iterdir()) == before
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert main(argv(toy_dir, model, afile, toy_reward_spec)) == 2
+    assert status_of(main, argv(toy_dir, model, afile, toy_reward_spec)) == 2
     assert "is a file, not a folder" in one_line_errors(capsys.readouterr().err)[0]
 
 

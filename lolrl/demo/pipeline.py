@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from lolrl.demo import task as demo_task
+from lolrl.demo.smollm2 import materialise
+from lolrl.demo.tiny import build_llama_lm, train_tokenizer
 from lolrl.engine.config import OfflineRLConfig
 from lolrl.engine.data import load_task_dir
-from lolrl.engine.evaluation import format_markdown_table, pyplot, save_figure
 from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.modeling import LoraSettings
+from lolrl.engine.reports import format_markdown_table, pyplot, save_figure
 from lolrl.engine.rewards import load_reward
 from lolrl.utils.io import atomic_write_text
 
@@ -105,11 +107,7 @@ class DemoSettings:
 def build_base_model(output_dir: Path, settings: DemoSettings, task: PipelineTask = DEMO_TASK) -> Path:
     """The starting model: a tiny Llama and tokenizer trained from scratch, or SmolLM2 materialised."""
     if settings.model == "smollm2":
-        from lolrl.demo.smollm2 import materialise
-
         return materialise(output_dir / "smollm2")
-    from lolrl.demo.tiny import build_llama_lm, train_tokenizer
-
     directory = output_dir / "scratch_model"
     tokenizer = train_tokenizer(task.corpus(), directory, vocab_size=600, with_pad=False)
     build_llama_lm(tokenizer, directory, n_layer=settings.tiny_layers, hidden=settings.tiny_width, heads=4,
@@ -118,7 +116,8 @@ def build_base_model(output_dir: Path, settings: DemoSettings, task: PipelineTas
 
 
 def _config(settings: DemoSettings, task: PipelineTask, **overrides) -> OfflineRLConfig:
-    base = dict(per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64, max_resp_length=settings.max_resp_length,
+    base = dict(per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64,
+                max_resp_length=settings.max_resp_length,
                 max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps,
                 val_log_frequency=settings.val_log_frequency, lora=settings.lora,
                 # Sampling, not beam search: the table then measures the policy's whole distribution

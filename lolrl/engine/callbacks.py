@@ -20,9 +20,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lolrl.utils.checkpoint import SEAL, inject_fault
-from lolrl.utils.io import atomic_write_json
+from lolrl.utils.checkpoint import SEAL, inject_fault, read_seal
 from lolrl.utils.finite import StepGuard
+from lolrl.utils.io import atomic_write_json
+from lolrl.utils.manifest import write_manifest
+from lolrl.utils.processes import decided_on_main
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +93,6 @@ class CheckpointSeal(TrainerCallback):
         if self.resumed is not None:
             from safetensors.torch import load_file
 
-            from lolrl.utils.checkpoint import read_seal
-
             best = self.resumed / "best.safetensors"
             self.trainer.best_state = load_file(str(best)) if best.is_file() else None
             measure = read_seal(self.resumed)["best_measure"]
@@ -101,9 +101,6 @@ class CheckpointSeal(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         from safetensors.torch import save_file
-
-        from lolrl.utils.manifest import write_manifest
-        from lolrl.utils.processes import decided_on_main
 
         trainer = self.trainer
         folder = trainer.checkpoint_dir / f"checkpoint-{state.global_step}"

@@ -31,9 +31,9 @@ VALUE_SOURCES = ("generations", "data", "group")
 GROUP_SINGLETONS = ("generations", "data", "refuse")
 
 # The --disable_dropout flag of every training script (its default: OfflineRLConfig.disable_dropout).
-DISABLE_DROPOUT_HELP = ("dropout off (LoRA's too) in the model trained, for every algorithm alike (and pi_ref's own NLL run): "
-                        "the importance weight is 1 at step 0; --keep_dropout (or --disable_dropout False) keeps "
-                        "the model's dropout for every algorithm, as the original")
+DISABLE_DROPOUT_HELP = ("dropout off (LoRA's too) in the model trained, for every algorithm alike (and pi_ref's own "
+                        "NLL run): the importance weight is 1 at step 0; --keep_dropout (or --disable_dropout False) "
+                        "keeps the model's dropout for every algorithm, as the original")
 
 
 def _f(default, help: str, **metadata):
@@ -55,62 +55,87 @@ class OfflineRLConfig(TrainingArguments):
     on for A-LoL, a finite ``kl_beta`` for ``a_lol_kl``, dropout off for every algorithm."""
 
     # ------------------------------------------------------------------ TrainingArguments, our defaults
-    per_device_train_batch_size: int = _f(16, "rows per process per micro-batch (the original's -bs)")
-    per_device_eval_batch_size: int = _f(64, "rows per process per generation / scoring batch (-v_bs)")
-    num_train_epochs: float = _f(4, "epochs over the (priority-shortened) training rows (-e)")
-    learning_rate: float = _f(2e-5, "AdamW learning rate (-lr)")
-    weight_decay: float = _f(0.01, "weight decay, not on biases and norms (the original's AdamW: 0.01)")
+    output_dir: str | None = _f(None, "logs, statistics, results, plots and checkpoints", aliases=["-o"])
+    per_device_train_batch_size: int = _f(16, "rows per process per micro-batch", aliases=["-bs", "--batch_size"],
+                                          min=1)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step",
+                                          aliases=["-as", "--accumulation_steps"], min=1)
+    per_device_eval_batch_size: int = _f(64, "rows per process per generation / scoring batch",
+                                         aliases=["-v_bs", "--val_batch_size"], min=1)
+    num_train_epochs: float = _f(4, "epochs over the (priority-shortened) training rows",
+                                 aliases=["-e", "--n_epochs"], min=0)
+    learning_rate: float = _f(2e-5, "AdamW learning rate", aliases=["-lr"], min=0.0)
+    weight_decay: float = _f(0.01, "weight decay, not on biases and norms (the original's AdamW: 0.01)", min=0.0)
+    lr_scheduler_type: str = _f("linear", "a transformers scheduler name", aliases=["--lr_scheduler"])
+    activation_checkpointing: bool = _f(False, "trade compute for memory (gradient checkpointing)",
+                                        aliases=["--gradient_checkpointing"])
+    gradient_checkpointing: bool | None = _f(None, "TrainingArguments' deprecated name: --gradient_checkpointing "
+                                             "sets activation_checkpointing", hidden_field=True)
     optim: str = _f("adamw_torch", "a transformers optimizer name; the paged and 8-bit ones need CUDA and "
                     "bitsandbytes (else adamw_torch with the same lr, betas, eps, weight decay, and a warning)")
-    seed: int = _f(901, "seed of every stage (the original's 901)")
+    seed: int = _f(901, "seed of every stage (the original's 901)", aliases=["-seed"])
     logging_steps: float = _f(10, "log every N optimizer steps")
-    save_steps: float = _f(0, "checkpoint every N optimizer steps; 0: at every validation (save_strategy "
-                              "'no': never)")
-    save_total_limit: int | None = _f(2, "checkpoints kept")
+    save_steps: float = _f(0, "checkpoint (model, optimizer, scheduler, RNG) every N optimizer steps; 0: at every "
+                              "validation; -1 (or save_strategy 'no'): never")
+    save_total_limit: int | None = _f(2, "checkpoints kept", aliases=["--keep_checkpoints"], min=1)
+    do_train: bool = _f(True, "train (False: only evaluate the model)", aliases=["-t", "--train"])
+    do_predict: bool = _f(True, "evaluate the best model on the test split at the end", no_aliases=["--no_test"])
+    eval_on_start: bool = _f(False, "validate the starting model first; a checkpoint must then beat it",
+                             aliases=["-ev_b", "--eval_in_beginning"])
     report_to: None | str | list[str] = _f("none", "trackers: tensorboard, wandb, ... or none")
     remove_unused_columns: bool = _f(False, "kept False: the stages' columns reach the loss")
 
     # ------------------------------------------------------------------------------------ model
-    model_name: str | None = _f(None, "pi_ref: hub id or path (the trainer's model= gives it too)")
-    tokenizer_name: str | None = _f(None, "tokenizer, when not the model's")
+    model_name: str | None = _f(None, "pi_ref: hub id or path (the trainer's model= gives it too)",
+                                aliases=["-m", "--model_name_or_path"])
+    tokenizer_name: str | None = _f(None, "tokenizer, when not the model's", aliases=["-mt", "--model_tokenizer"])
     adapter_path: str | None = _f(None, "start from (and train) this peft adapter")
-    lora: LoraSettings = _f(LoraSettings, "LoRA settings (r=0: train all weights)")
-    load_in_4bit: bool = _f(False, "QLoRA: NF4 base on CUDA (plain LoRA without CUDA, with a warning)")
-    quantization: QuantizationSettings = _f(QuantizationSettings, "how load_in_4bit quantises")
-    disable_dropout: bool = _f(True, DISABLE_DROPOUT_HELP)
+    lora: LoraSettings = _f(LoraSettings, "LoRA settings (r=0: train all weights)", flatten="lora_")
+    load_in_4bit: bool = _f(False, "QLoRA: quantise the frozen base to 4-bit (CUDA + bitsandbytes; plain LoRA "
+                                   "otherwise, with a warning), as --quant_type, --double_quant, --compute_dtype and "
+                                   "--prepare_kbit_training say")
+    quantization: QuantizationSettings = _f(QuantizationSettings, "how load_in_4bit quantises", flatten="")
+    disable_dropout: bool = _f(True, DISABLE_DROPOUT_HELP, no_aliases=["--keep_dropout"])
     max_prompt_length: int = _f(512, "prompt tokens kept (the last ones)", min=1)
-    max_resp_length: int = _f(128, "response tokens (training and generation)", min=1)
+    max_resp_length: int = _f(128, "response tokens (training, and generation unless --max_new_tokens)",
+                              aliases=["-ml"], min=1)
 
     # ------------------------------------------------------------------------- task and reward
-    algorithm: str = _f("nll", "objective", choices=tuple(TABLE))
-    task_name: str | None = _f(None, "the task's name (a paper task, hh, or any)")
-    reward: str | None = _f(None, "reward spec scoring generations (lolrl.engine.rewards); None: the gold NLL "
-                                  "selects the best model")
-    save_dir: str | None = _f(None, "where the best model is saved (default OUTPUT/model)")
-    cache_dir: str | None = _f(None, "the stages' caches (default OUTPUT/cache)")
-    stage_cache: bool = _f(True, "reuse the stages' caches (reference pass, value head, generations)")
+    algorithm: str = _f("nll", "objective", choices=tuple(TABLE), aliases=["-algo", "--learning_algorithm"])
+    task_name: str | None = _f(None, "the task's name (a paper task, hh, or any)", aliases=["-tn"])
+    reward: str | None = _f(None, "reward spec scoring generations: 'module:function', 'file.py:function', "
+                                  "'hf:MODEL#softmax[1]', 'text:...', a weighted sum 'a=...+0.5*b=...', a .json file; "
+                                  "'none': the gold NLL selects the best model")
+    save_dir: str | None = _f(None, "where the best model is saved (default OUTPUT/model)", aliases=["-s"])
+    cache_dir: str | None = _f(None, "the stages' caches (default OUTPUT/cache)", aliases=["-cd"])
+    stage_cache: bool = _f(True, "reuse the stages' caches (reference pass, value head, generations); --no_cache "
+                           "recomputes them", no_aliases=["--no_cache"])
 
     # -------------------------------------------------------------------------------- objective
-    ppo_clip: float | None = _f(0.9, "clip importance weights to [1-c, 1+c]; 0: weight 1; None: unclipped",
-                                min=0.0, max=1.0)
-    ppo_clip_given: bool = _f(False, "the user set ppo_clip (a_lol_kl refuses a clip then)")
-    kl_beta: float | None = _f(None, "a_lol_kl's beta (None: 0.1)")
+    ppo_clip: float | None = _f(0.9, "clip importance weights to [1-c, 1+c] (the paper's 0.9); 0: weight 1; "
+                                "none: unclipped", min=0.0, max=1.0, aliases=["-c"], given_sets="ppo_clip_given")
+    ppo_clip_given: bool = field(default=False, compare=False, metadata={
+        "help": "the user set ppo_clip (a_lol_kl refuses a clip then)", "hidden_field": True})
+    kl_beta: float | None = _f(None, "a_lol_kl's beta (None: 0.1)", aliases=["-b"], min=0.0)
     kl_estimator: str = _f("k1", "a_lol_kl's KL estimate: k1 the paper's beta*(L_ref - L_theta)",
                            choices=KL_ESTIMATORS)
-    gold_floor: float = _f(0.1, "r_gold's lower bound on token probabilities")
+    gold_floor: float = _f(0.1, "r_gold's lower bound on token probabilities", min=0.0)
     group_size: int = _f(1, "grouped algorithms (pro): candidates per prompt, consecutive rows")
     sft_weight: float = _f(0.05, "grouped algorithms: weight of the SFT term")
-    sampling_strategy: str | None = _f(None, "None: good_priority for A-LoL, uniform otherwise",
-                                       choices=STRATEGIES)
-    length_grouping: bool = _f(True, "batches of rows of similar length")
+    sampling_strategy: str | None = _f(None, "none: good_priority for A-LoL, uniform otherwise (-ts: good_priority "
+                                       "for any algorithm; the original's None, uniform, is also accepted)",
+                                       choices=(*STRATEGIES, "None", "none"),
+                                       const_aliases={"-ts": "good_priority", "--train_sampling": "good_priority"})
+    length_grouping: bool = _f(True, "batches of rows of similar length", no_aliases=["--no_length_grouping"])
     packing: str = _f("auto", "pack rows without padding: auto (when provably exact), on, off",
                       choices=("auto", "on", "off"))
     logprob_kernel: str = _f("auto", "output-layer log-probs: auto, liger, chunked")
 
     # ---------------------------------------------------------------------------- value estimate
-    value_epochs: int = _f(20, "value-head epochs (the most the cross-validation may pick)")
-    value_learning_rate: float = _f(1e-3, "value-head learning rate")
-    value_folds: int = _f(5, "folds of the value head's cross-validation over the validation prompts")
+    value_epochs: int = _f(20, "value-head epochs (the most the cross-validation may pick)", min=1,
+                           aliases=["-a2c_n", "--a2c_n_value_head_epochs"])
+    value_learning_rate: float = _f(1e-3, "value-head learning rate", min=0.0)
+    value_folds: int = _f(5, "folds of the value head's cross-validation over the validation prompts", min=3)
     value_source: str = _f("generations", "V(x)'s targets: rewards of pi_ref's generations on the validation "
                            "prompts (the paper) or the validation records' stored rewards; group: no V(x), the "
                            "baseline of a row is the mean reward of the other logged responses to its prompt (rows "
@@ -124,14 +149,15 @@ class OfflineRLConfig(TrainingArguments):
     value_head: str = _f("attention", "attention (the original's) or ridge", choices=("attention", "ridge"))
 
     # ----------------------------------------------------------------------- validation, test
-    val_log_frequency: int = _f(2, "validations per epoch, evenly spaced (when eval_strategy is 'no')")
+    val_log_frequency: int = _f(2, "validations per epoch, evenly spaced (when eval_strategy is 'no')",
+                                aliases=["-vf"], min=1)
     step_scale_rows: int | None = _f(None, "with max_steps and priority sampling: scale steps by positive rows / this")
-    max_val_examples: int | None = _f(None, "validate on the first N validation rows only")
-    generation: GenerationSettings = _f(GenerationSettings, "decoding of validation and test generations")
-    do_train: bool = _f(True, "train (False: only evaluate the model)")
-    do_predict: bool = _f(True, "evaluate the best model on the test split at the end")
-    resume: str = _f("auto", "auto: continue from the newest intact checkpoint when one exists; must; never",
-                     choices=("auto", "must", "never"))
+    max_val_examples: int | None = _f(None, "validate on the first N validation rows only", min=1)
+    generation: GenerationSettings = _f(GenerationSettings, "decoding of validation and test generations",
+                                        flatten="")
+    resume: str = _f("auto", "continue from the latest checkpoint in OUTPUT/checkpoints: auto (whenever one exists), "
+                     "must (--resume alone) or never (--no_resume)", choices=("auto", "must", "never"),
+                     const="must", no_aliases=["--no_resume"], no_value="never")
     stop_after_steps: int = _f(-1, "stop, checkpointed, after this many optimizer steps; the same command resumes")
     max_nonfinite_steps: int = _f(3, "optimizer steps in a row with a NaN/inf loss or gradient before the run stops")
 
@@ -142,11 +168,18 @@ class OfflineRLConfig(TrainingArguments):
             # said, not left to chance: bf16 autocast on the CPU, and `torchrun` / `accelerate launch` then run
             # several CPU processes (gloo), as Accelerate's cpu=True does
             self.use_cpu = True
+        if self.gradient_checkpointing is not None:  # TrainingArguments' deprecated spelling
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        if self.save_steps == -1:  # the scripts' "never"
+            self.save_strategy, self.save_steps = "no", 0
+        if self.generation.max_new_tokens is None:
+            self.generation = dataclasses.replace(self.generation, max_new_tokens=self.max_resp_length)
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "model")
         self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
         if self.algorithm not in TABLE:
             raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(TABLE)})")
-        if self.sampling_strategy is None:  # the paper's default; an explicit "uniform" (or the original's "None") stays
+        # the paper's default; an explicit "uniform" (or the original's "None") stays
+        if self.sampling_strategy is None:
             self.sampling_strategy = "good_priority" if self.uses_advantage else "uniform"
         self.sampling_strategy = canonical_strategy(self.sampling_strategy)
         if self.spec.kl and self.kl_beta is None:
@@ -179,9 +212,11 @@ class OfflineRLConfig(TrainingArguments):
         if self.kl_beta is not None and not self.spec.kl:
             raise ConfigError(f"--kl_beta is only used by a_lol_kl, not by '{self.algorithm}'")
         if self.spec.kl and self.ppo_clip_given and self.ppo_clip:
-            raise ConfigError("a_lol_kl has no importance weight to clip: use --ppo_clip 0 (or leave it out) with --kl_beta")
+            raise ConfigError("a_lol_kl has no importance weight to clip: use --ppo_clip 0 (or leave it out) with "
+                              "--kl_beta")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"unknown KL estimator '{self.kl_estimator}' (expected one of {', '.join(KL_ESTIMATORS)})")
+            raise ConfigError(f"unknown KL estimator '{self.kl_estimator}' "
+                              f"(expected one of {', '.join(KL_ESTIMATORS)})")
         if self.ppo_clip is not None and not 0 <= self.ppo_clip < 1:
             raise ConfigError(f"--ppo_clip must be in [0, 1), got {self.ppo_clip}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",

@@ -338,7 +338,7 @@ class TaskData:
         if eval is None:
             raise DataError("eval_dataset", None, None, "missing: the validation split is needed (for the value "
                                                         "estimate and to choose the best model)")
-        return cls(train=records_from_dataset(train, "train_dataset", require_train_reward) if train is not None else [],
+        return cls(train=[] if train is None else records_from_dataset(train, "train_dataset", require_train_reward),
                    val=records_from_dataset(eval, "eval_dataset"),
                    test=records_from_dataset(test, "test_dataset") if test is not None else None,
                    sources={"train": "train_dataset", "val": "eval_dataset", "test": "test_dataset"})
@@ -357,7 +357,8 @@ def load_task_dir(input_dir: str | Path, split_files: dict[str, str] | None = No
     train = loader(input_dir / names["train"], require_reward=require_train_reward)
     val = loader(input_dir / names["val"])
     test = loader(input_dir / names["test"]) if need_test else None
-    return TaskData(train=train, val=val, test=test, sources={split: str(input_dir / name) for split, name in names.items()})
+    sources = {split: str(input_dir / name) for split, name in names.items()}
+    return TaskData(train=train, val=val, test=test, sources=sources)
 
 
 def reward_matrix(records: list[Record]) -> dict[str, list[float]]:

@@ -6,14 +6,17 @@ With several processes each one generates its share and the results are gathered
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from lolrl.engine.collation import TokenizedRow, length_grouped_batches, pad_prompts
+from lolrl.utils.cli import setting
 
+logger = logging.getLogger(__name__)
 
 # Every other ``generate()`` setting that changes which tokens come out, at the value that switches it
 # off. transformers fills a setting that ``generate()`` is not given from the model's own
@@ -57,18 +60,35 @@ class GenerationSettings:
     Everything else ``generate()`` could take from the model's generation_config.json is fixed to
     off (:data:`NEUTRAL_DECODING`); ``top_k`` 0 is no top-k cut (transformers' own default is 50)."""
 
-    max_new_tokens: int = 128
-    num_beams: int = 2
-    repetition_penalty: float = 2.5
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS, e.g. "." for COMET
+    max_new_tokens: int | None = setting(None, "tokens generated; none: the run's max_resp_length", min=1)
+    num_beams: int = setting(2, "beams (the original's 2)", min=1)
+    repetition_penalty: float = setting(2.5, "repetition penalty (the original's 2.5)")
+    do_sample: bool = setting(False, "sample instead of beam search")
+    temperature: float = setting(1.0, "sampling temperature", min=0.0)
+    top_p: float = setting(1.0, "nucleus sampling", min=0.0, max=1.0)
+    top_k: int = setting(0, "top-k sampling (0: no top-k cut)", min=0)
+    stop_token_ids: list[int] = setting([], "token ids that also end a generation, besides EOS")
+    stop_texts: list[str] = setting([], "texts that also end a generation (each must be one token of the "
+                                        "tokenizer; e.g. COMET's '.', HH's '###')")
 
     def as_dict(self) -> dict:
         """Every decoding setting ``generate()`` receives (ours and the fixed ones): what cache keys hold."""
         return {**self.__dict__, "fixed": dict(NEUTRAL_DECODING)}
+
+
+def stop_text_ids(tokenizer, texts) -> list[int]:
+    """The token id of each stop text as it appears after other text (the last id of ``encode("a" + text)``,
+    checked to be one token after ``"a"``: SentencePiece adds a ``▁`` of its own to a leading space); a
+    text that is not one token is left to the post-processing, with a warning."""
+    head = tokenizer.encode("a", add_special_tokens=False)
+    out = []
+    for text in texts:
+        ids = tokenizer.encode("a" + text, add_special_tokens=False)
+        if len(ids) == len(head) + 1 and ids[:len(head)] == head:
+            out.append(ids[-1])
+        else:
+            logger.warning("stop text %r is not one token of this tokenizer: generation does not stop there", text)
+    return out
 
 
 def _stop_ids(tokenizer, settings: GenerationSettings) -> list[int]:
@@ -82,6 +102,8 @@ def _generate_kwargs(tokenizer, settings: GenerationSettings) -> dict:
     is ``top_k=None`` (what transformers reads as no cut; 0 reads the same but is flagged when not sampling)."""
     from transformers import GenerationConfig
 
+    if settings.max_new_tokens is None:
+        raise ValueError("GenerationSettings.max_new_tokens is unset (the config fills it with max_resp_length)")
     known = GenerationConfig().to_dict()
     fixed = {k: v for k, v in NEUTRAL_DECODING.items() if k in known}
     return {**fixed, "max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams,

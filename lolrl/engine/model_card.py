@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from lolrl.engine.reports import format_markdown_table
 from lolrl.utils.cli import setting
 from lolrl.utils.errors import ConfigError, UserError
 from lolrl.utils.io import atomic_write_text
@@ -155,8 +156,6 @@ def _value(value: Any) -> str:
 
 def render_card(card: CardContents, folder_name: str) -> str:
     """The card's text (YAML front matter, then Markdown)."""
-    from lolrl.engine.evaluation import format_markdown_table
-
     what = "a LoRA adapter" if card.adapter else "a model"
     lines = ["---", _yaml(card.front_matter()), "---", "", f"# {folder_name}", "",
              f"This is {what} trained from {model_label(card.base_model)} with **{card.algorithm}**"
@@ -266,13 +265,15 @@ def offline_settings(config) -> dict[str, Any]:
                 "gradient_accumulation_steps": config.gradient_accumulation_steps, "precision (dtype)": config.dtype})
     lora = config.lora
     if lora.enabled:
-        out["LoRA"] = f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target_modules={lora.target_modules or 'default'}"
+        out["LoRA"] = (f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+                       f"target_modules={lora.target_modules or 'default'}")
     elif config.adapter_path is None:
         out["LoRA"] = "none (all weights trained)"
     if config.load_in_4bit:
         out["4-bit base (QLoRA)"] = config.quantization.quant_type
     out.update({"max_prompt_length": config.max_prompt_length, "max_resp_length": config.max_resp_length,
-                "validation decoding": f"num_beams={config.generation.num_beams}, do_sample={config.generation.do_sample}",
+                "validation decoding": (f"num_beams={config.generation.num_beams}, "
+                                        f"do_sample={config.generation.do_sample}"),
                 "seed": config.seed})
     return out
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from lolrl.engine import liger
-from lolrl.engine.collation import TOKENIZATION
+from lolrl.engine.collation import TOKENIZATION, Collator
 from lolrl.utils.cache import model_identity
 from lolrl.utils.cli import setting
 from lolrl.utils.errors import ConfigError, UserError
@@ -29,10 +29,13 @@ class ModelLoadError(UserError):
 
 @dataclass
 class LoraSettings:
-    r: int = 0  # 0 disables LoRA
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: str | None = None  # comma-separated; None lets peft pick per architecture
+    """LoRA (peft); the scripts' flags ``--lora_r``, ``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``."""
+
+    r: int = setting(0, "LoRA rank; 0 trains all weights", min=0)
+    alpha: float = setting(16, "LoRA alpha")
+    dropout: float = setting(0.05, "LoRA dropout (0 with --disable_dropout, the default)", min=0.0, max=1.0)
+    target_modules: str | None = setting(None, "comma-separated module names; none: peft's choice for the "
+                                               "architecture")
 
     @property
     def enabled(self) -> bool:
@@ -509,8 +512,6 @@ def packing_is_exact(model, rows, pad_token_id: int, tolerance: float = 1e-4, la
     per row and no mask; ``varlen``, plus ``cu_seq_lens_q/k`` and ``max_length_q/k``): the log-probs of
     ``rows`` packed must equal their padded log-probs. Checked on the real model, so a model whose
     attention ignores the packing silently gets padded batches instead."""
-    from lolrl.engine.collation import Collator
-
     if getattr(model.config, "is_encoder_decoder", False) or len(rows) < 2:
         return False
     was_training = model.training

@@ -67,7 +67,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lolrl.utils.errors import UserError
+from lolrl.engine.text_rewards import text_reward
+from lolrl.utils.errors import RewardSpecError, UserError
 
 __all__ = [
     "RewardSpecError",
@@ -84,10 +85,6 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _TRANSFORM_RE = re.compile(r"(1-)?([A-Za-z_]+)(?:\[(\d+)\])?")
 _TRANSFORMS = ("sigmoid", "softmax", "logit")
 _INPUT_MODES = ("completion", "prompt_completion", "pair")
-
-
-class RewardSpecError(UserError):
-    """A reward spec could not be parsed or loaded (bad text, import failure, bad model)."""
 
 
 class RewardOutputError(UserError):
@@ -382,8 +379,6 @@ def _build_component(
     if source.startswith("hf:"):
         fn, default_name = _load_classifier(source, device, base_dir)
     elif source.startswith("text:"):
-        from lolrl.engine.text_rewards import text_reward
-
         fn = text_reward(source[len("text:"):].strip())
         return RewardComponent(name or fn.name, float(weight), fn, source, fn.version)
     else:

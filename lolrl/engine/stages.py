@@ -126,13 +126,14 @@ class ReferenceStages:
         return self._val_records_of(self.data)
 
     def _score(self, records: list[Record], completions: list[str], desc: str) -> dict[str, list[float]]:
-        return score_on_main(self.reward, records, completions, self.args.per_device_eval_batch_size, self.accelerator, desc)
+        return score_on_main(self.reward, records, completions, self.args.per_device_eval_batch_size,
+                             self.accelerator, desc)
 
     def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
         with self.training_precision():
             return generate_and_score(self.model, self.tokenizer, records, rows, self.args.generation,
-                                      self.args.per_device_eval_batch_size, self.accelerator, self.reward, self.postprocess,
-                                      desc)
+                                      self.args.per_device_eval_batch_size, self.accelerator, self.reward,
+                                      self.postprocess, desc)
 
     def _reference_generations(self, val_rows: list[TokenizedRow]) -> tuple[list[str], dict[str, list[float]]]:
         """pi_ref's generations on the validation prompts and their rewards (cached)."""
@@ -305,7 +306,8 @@ class ReferenceStages:
                 outputs = reference_pass(self.model, train_rows, self.collator, config.per_device_eval_batch_size, head,
                                          self.accelerator, desc="reference pass (train)", kernel=self.logprob_kernel)
             self.stage_seconds["reference_pass"] = time.perf_counter() - started
-            logger.info("reference pass over %d training rows: %.1f s", len(train_rows), self.stage_seconds["reference_pass"])
+            logger.info("reference pass over %d training rows: %.1f s", len(train_rows),
+                        self.stage_seconds["reference_pass"])
             ref_logprobs, values = outputs.logprobs, outputs.values
             offsets = np.cumsum([0] + [len(lp) for lp in ref_logprobs]).tolist()
             tensors = {"logprobs": torch.cat(ref_logprobs)}

@@ -14,9 +14,7 @@ class TaskInfo:
     name: str = "custom"
     split_files: dict[str, str] = field(default_factory=dict)  # overrides of {split}.jsonl
     val_metric: str = "final_reward"  # which mean generated reward selects the best checkpoint
-    max_value: float | None = None  # upper bound of final_reward (number of [0, 1] components)
-    components: tuple[str, ...] = ()
-    val_sample: int | None = None  # validate on a seeded random sample of this many val rows (COMET: 10,000)
-    stop_texts: tuple[str, ...] = ()  # generation also stops at these tokens (COMET: ".")
+    val_sample: int | None = None  # the trainer validates on a seeded sample of this many val rows (COMET: 10,000)
+    stop_texts: tuple[str, ...] = ()  # the trainer's generations also stop at these one-token texts (COMET: ".")
     end_markers: tuple[str, ...] = ()  # text markers removed from gold responses before comparing (besides EOS)
     knowledge: Callable[[str], str] | None = None  # prompt -> its knowledge text, for coverage/density metrics

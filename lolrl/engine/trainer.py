@@ -21,9 +21,11 @@ resume, trackers and progress bars are the Trainer's. What lolrl adds:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
@@ -36,13 +38,7 @@ from lolrl.engine.callbacks import CheckpointSeal, StopAfterSteps, ValidationSch
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer, check_prompts_renderable
 from lolrl.engine.config import ConfigError, OfflineRLConfig
 from lolrl.engine.data import Record, TaskData, reward_matrix
-from lolrl.engine.evaluation import (
-    plot_loss_curves,
-    plot_reward_distributions,
-    plot_validation_curve,
-    summarize_generations,
-    write_results_table,
-)
+from lolrl.engine.generation import stop_text_ids
 from lolrl.engine.losses import compute_loss
 from lolrl.engine.meteor import default_matcher
 from lolrl.engine.model_card import offline_card, push_best, write_card
@@ -59,6 +55,14 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.reference import reference_pass
+from lolrl.engine.reports import (
+    plot_loss_curves,
+    plot_reward_distributions,
+    plot_validation_curve,
+    summarize_generations,
+    write_results_table,
+)
+from lolrl.engine.rewards import reward_from_funcs
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.engine.sampling import PrioritySampler
 from lolrl.engine.stages import (  # noqa: F401 (advantage_statistics: re-exported)
@@ -197,16 +201,23 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         if reward_funcs is not None or reward_weights is not None:
             if reward is not None:
                 raise ConfigError("give the reward once: reward= or reward_funcs=")
-            from lolrl.engine.rewards import reward_from_funcs
-
             reward = reward_from_funcs(reward_funcs, reward_weights)
         if reward is not None and args.reward is None:  # args.json, the run key and the card say which reward
             args.reward = " + ".join(f"{c.weight:g}*{c.name}={c.source}" for c in reward.components)
         self.data, self.reward, self.postprocess = data, reward, postprocess  # postprocess: e.g. the HH stop rule
         self.task = task or TaskInfo(args.task_name)  # what the engine knows of the task
+        if self.task.val_sample and args.max_val_examples is None and len(data.val) > self.task.val_sample:
+            # e.g. COMET, as the original: validate on a seeded sample of its 10,000 val rows
+            data.val = random.Random(args.seed).sample(data.val, self.task.val_sample)
+            logger.info("task %s: validating on a random sample of %d val rows", self.task.name, self.task.val_sample)
         self._check_data(args, data, reward)
         self.output_dir = ensure_folder(args.output_dir, "output folder")
         tokenizer = load_tokenizer(args.model_name, args.tokenizer_name)
+        stops = [*args.generation.stop_texts, *self.task.stop_texts]
+        if stops:  # e.g. COMET's '.': generation ends there too
+            ids = [i for i in stop_text_ids(tokenizer, stops) if i not in args.generation.stop_token_ids]
+            args.generation = dataclasses.replace(args.generation,
+                                                  stop_token_ids=[*args.generation.stop_token_ids, *ids])
         for split, records in (("train", data.train), ("val", data.val), ("test", data.test)):
             if records:
                 check_prompts_renderable(tokenizer, records, data.source(split))
@@ -228,7 +239,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         self.schedule, self.stop, self.seal = ValidationSchedule(self), StopAfterSteps(), CheckpointSeal(self)
         super().__init__(model=policy, args=args, data_collator=BatchCollator(self.collator),
                          eval_dataset=self.data.val,  # evaluate() generates on it (the Trainer only holds it)
-                         processing_class=tokenizer, callbacks=[self.schedule, self.stop, self.seal, *(callbacks or [])])
+                         processing_class=tokenizer, callbacks=[self.schedule, self.stop, self.seal,
+                                                                *(callbacks or [])])
         self.tokenizer = tokenizer
         self.cache = cache_lib.Cache(args.cache_dir, enabled=args.stage_cache, accelerator=self.accelerator)
         self.logprob_kernel, why = choose_logprob_kernel(self.model, args.logprob_kernel, self.accelerator.device,
@@ -600,7 +612,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
                 plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png",
                                  keys=["loss", "nll", "advantage", "reward", "importance_weight", "raw_ratio",
                                        "gold_objective", "kl_penalty", "lr"])
-                plot_validation_curve(self.output_dir / "validation_stats.jsonl", self.output_dir / "validation_curve.png",
+                plot_validation_curve(self.output_dir / "validation_stats.jsonl",
+                                      self.output_dir / "validation_curve.png",
                                       metric=self.keeper.metric)
         results: dict[str, dict] = {}
         splits = [("val", val_records, self.val_rows)]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from lolrl.engine.collation import TokenizedRow
 from lolrl.engine.data import DataError, Record
-from lolrl.engine.evaluation import summarize_generations
 from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.reports import summarize_generations
 from lolrl.engine.rewards import RESERVED_COLUMNS
 from lolrl.utils.finite import check_finite_model
-from lolrl.utils.processes import decided_on_main
 from lolrl.utils.io import append_jsonl, atomic_write_json
+from lolrl.utils.processes import decided_on_main
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ def reward_columns(records: list[Record]) -> dict[str, list]:
         keys += [k for k in record.meta if k not in keys]
         clash = next((k for k in record.meta if k in RESERVED_COLUMNS), None)
         if clash is not None:
-            raise DataError("records", None, clash, f"record {record.id!r}: a data column named '{clash}' collides with "
+            raise DataError("records", None, clash,
+                            f"record {record.id!r}: a data column named '{clash}' collides with "
                             f"a keyword of the reward call ({', '.join(RESERVED_COLUMNS)}): rename it")
     columns = {k: [r.meta.get(k) for r in records] for k in keys}
     columns["ids"] = [r.id for r in records]
@@ -83,7 +84,8 @@ def scored_generations_check(n: int):
     """A cache check for ``{"completions": [n strings], "rewards": {name: [n numbers]}}`` (see Cache.load)."""
     def check(payload: dict, tensors: dict) -> None:
         completions, rewards = payload["completions"], payload["rewards"]
-        if not (isinstance(completions, list) and len(completions) == n and all(isinstance(c, str) for c in completions)):
+        if not (isinstance(completions, list) and len(completions) == n
+                and all(isinstance(c, str) for c in completions)):
             raise TypeError(f"expected {n} completions (strings)")
         if not isinstance(rewards, dict) or "final_reward" not in rewards:
             raise TypeError("expected rewards by name, with final_reward")
@@ -136,7 +138,8 @@ class BestModelKeeper:
                 atomic_write_json(self.save_dir / "best.json", entry)
             accelerator.wait_for_everyone()
         if not math.isfinite(measure):
-            logger.warning("step %d: validation %s is %s: not a candidate for the best model", step, self.metric, measure)
+            logger.warning("step %d: validation %s is %s: not a candidate for the best model", step, self.metric,
+                           measure)
         logger.info("step %d: validation %s = %.4f%s", step, self.metric, measure, " (new best)" if improved else "")
         accelerator.log({f"val/{self.metric}": measure}, step=step)
         return improved

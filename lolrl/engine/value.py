@@ -158,7 +158,8 @@ class ValueFitReport:
     a fold comes from a head that never saw its prompts, its epoch count or penalty chosen without them
     too), and what the final head is: fit on every validation prompt with the chosen epoch count."""
 
-    best_epoch: int  # attention head: the epoch count chosen by cross-validation, the final head's (0: initial); ridge: 0
+    # attention head: the epoch count chosen by cross-validation, the final head's (0: initial); ridge: 0
+    best_epoch: int
     cv_mse: float  # MSE of the out-of-fold predictions
     constant_mse: float  # MSE of predicting, on each fold, the mean of the other folds' targets
     cv_r2: float  # 1 - cv_mse / constant_mse: an unbiased estimate of V(x)'s R^2 on new prompts
@@ -278,7 +279,7 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
 
 
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
-                   settings: ValueFitSettings = ValueFitSettings(),
+                   settings: ValueFitSettings | None = None,
                    device: torch.device | str | None = None) -> tuple[nn.Module, ValueFitReport]:
     """Fit V on (prompt states, reward of pi_ref's generation) with ``settings.head`` and report it by
     k-fold cross-validation (``settings.folds`` folds, ``settings.seed``); the returned head is fit on
@@ -294,7 +295,8 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     k = 5; issue 22's fold heads plus every pair of folds took 16).
 
     The fit runs on ``device`` (default: where the states are); the head's attention costs
-    O(heads x hidden) per prompt token (:meth:`ValueHead.pool`)."""
+    O(heads x hidden) per prompt token (:meth:`ValueHead.pool`). ``settings``: default ``ValueFitSettings()``."""
+    settings = settings if settings is not None else ValueFitSettings()
     if settings.head == "ridge":
         return fit_ridge_value_head(states, targets, settings)
     make_value_head(settings.head, 1)  # a clear error for an unknown kind
@@ -403,11 +405,12 @@ def _ridge_head(features: np.ndarray, y: np.ndarray, rows: np.ndarray) -> tuple[
 
 
 def fit_ridge_value_head(states: list[torch.Tensor], targets: list[float],
-                         settings: ValueFitSettings = ValueFitSettings()) -> tuple[RidgeValueHead, ValueFitReport]:
+                         settings: ValueFitSettings | None = None) -> tuple[RidgeValueHead, ValueFitReport]:
     """The closed-form alternative to the attention head: ridge regression of the standardised targets
     on the standardised mean-pooled prompt states. Reported by k-fold cross-validation (each fold
     predicted by a ridge fit on the other folds, its penalty chosen by their leave-one-out error); the
     returned head is fit on every prompt, its penalty by leave-one-out error over all of them."""
+    settings = settings if settings is not None else ValueFitSettings()
     started = time.perf_counter()
     states = [s.cpu() for s in states]
     features = torch.stack([s.double().mean(0) for s in states]).numpy()

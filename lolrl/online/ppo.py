@@ -9,8 +9,8 @@ One PPO step, as TRL 0.7.1's ``PPOTrainer.step`` that the original called:
 3. one forward pass of the policy (log-probs, per-token values from the value head) and of the
    frozen reference (log-probs) over the raw sampled tokens;
 4. per-token rewards: the KL penalty to the reference on every token, the score on the last
-   (:func:`lolrl.engine.losses.ppo_token_rewards`); GAE advantages and returns
-   (:func:`lolrl.engine.losses.gae_advantages`), advantages whitened over the batch;
+   (:func:`lolrl.online.losses.ppo_token_rewards`); GAE advantages and returns
+   (:func:`lolrl.online.losses.gae_advantages`), advantages whitened over the batch;
 5. ``ppo_epochs`` passes over the batch in shuffled mini-batches, one optimizer step per
    ``mini_batch_size * gradient_accumulation_steps`` rollouts, minimising the clipped surrogate
    plus ``vf_coef`` times the clipped value loss;
@@ -43,22 +43,8 @@ from tqdm.auto import tqdm
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
-from lolrl.engine.evaluation import (
-    plot_loss_curves,
-    plot_validation_curve,
-    summarize_generations,
-)
 from lolrl.engine.generation import GenerationSettings, generate_token_ids
-from lolrl.engine.losses import (
-    PPO_KL_PENALTIES,
-    adaptive_kl_coef,
-    gae_advantages,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_token_rewards,
-    ppo_value_loss,
-)
+from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
 from lolrl.engine.modeling import (
     LoraSettings,
     QuantizationSettings,
@@ -73,9 +59,22 @@ from lolrl.engine.modeling import (
     response_outputs,
     set_dropout,
 )
-from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
-from lolrl.engine.runtime import backward, check_report_to, end_run, flat_config, make_accelerator, micro_batch
-from lolrl.engine.runtime import prepare_for_training, step_scheduler
+from lolrl.engine.optim import build_optimizer
+from lolrl.engine.reports import (
+    plot_loss_curves,
+    plot_validation_curve,
+    summarize_generations,
+)
+from lolrl.engine.runtime import (
+    backward,
+    check_report_to,
+    end_run,
+    flat_config,
+    make_accelerator,
+    micro_batch,
+    prepare_for_training,
+    step_scheduler,
+)
 from lolrl.engine.validation import (
     BestModelKeeper,
     generate_and_score,
@@ -83,13 +82,23 @@ from lolrl.engine.validation import (
     reward_columns,
     scored_generations_check,
 )
+from lolrl.online.losses import (
+    PPO_KL_PENALTIES,
+    adaptive_kl_coef,
+    gae_advantages,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_token_rewards,
+    ppo_value_loss,
+)
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
 from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
-from lolrl.utils.seeding import seed_stage, stage_rng
 from lolrl.utils.processes import decided_on_main, on_any_process
+from lolrl.utils.seeding import seed_stage, stage_rng
 from lolrl.utils.sharded import shards_parameters, trainable_state
 
 logger = logging.getLogger(__name__)
@@ -229,7 +238,8 @@ class PPOConfig:
                 "kl_penalty": self.kl_penalty, "vf_coef": self.vf_coef, "gamma": self.gamma, "lam": self.lam,
                 "learning_rate": self.learning_rate, "optim": self.optim, "lr_scheduler": self.lr_scheduler,
                 "total_steps": self.total_steps, "rollouts per step (per process)": self.batch_size,
-                "mini_batch_size": self.mini_batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "mini_batch_size": self.mini_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps,
                 "ppo_epochs": self.ppo_epochs, "precision (dtype)": self.dtype,
                 "LoRA": f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}" if lora.enabled
                 else "the starting adapter" if self.adapter_path else "none (all weights trained)",
@@ -385,8 +395,6 @@ class PPOTrainer:
         prepared: see :func:`prepare_for_training`; stepped once per optimizer step)."""
         from transformers import get_scheduler
 
-        from lolrl.engine.optim import build_optimizer
-
         config = self.config
         optimizer = build_optimizer(self.model, config.optim, config.learning_rate,
                                     (config.adam_beta1, config.adam_beta2), config.adam_eps, config.weight_decay)
@@ -461,7 +469,8 @@ class PPOTrainer:
             return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0])) for t in rows_])
 
         mask = (torch.arange(width, device=acc.device)[None, :] < lengths[:, None]).float()
-        old_logprobs, values, ref_logprobs = stack(old_logprobs) * mask, stack(values) * mask, stack(ref_logprobs) * mask
+        old_logprobs, values = stack(old_logprobs) * mask, stack(values) * mask
+        ref_logprobs = stack(ref_logprobs) * mask
         token_rewards, kl = ppo_token_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_coef, config.kl_penalty)
         advantages, returns = gae_advantages(token_rewards, values, mask, config.gamma, config.lam)
         if config.whiten_advantages:

@@ -57,7 +57,8 @@ def model_identity(name: str) -> dict:
     path = Path(name)
     if not path.is_dir():
         return {"hub_id": name}
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".model", ".txt"))
+    suffixes = (".safetensors", ".bin", ".json", ".model", ".txt")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
     return {"files": {p.name: file_digest(p) for p in files}}
 
 

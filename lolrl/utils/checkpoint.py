@@ -38,14 +38,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lolrl.utils.cache import hash_json, model_identity
+from lolrl.utils.errors import ConfigError
 from lolrl.utils.finite import check_finite_state
-from lolrl.utils.io import atomic_write_json
+from lolrl.utils.io import atomic_write_json, read_jsonl, write_jsonl
 from lolrl.utils.manifest import (
     MANIFEST,
     IntegrityError,
     verify_manifest,
     write_manifest,
 )
+from lolrl.utils.processes import decided_on_main
+from lolrl.utils.sharded import SHARDS, load_shards, save_shards, sharding_engine
+from lolrl.utils.trainable import load_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +64,8 @@ _FAULT_COUNTS: dict[str, int] = {}
 def inject_fault(point: str) -> None:
     """Kill this process (SIGKILL, as a cluster scheduler or the OOM killer does) when the environment
     variable ``LOLRL_FAULT`` is ``point`` (the first time it is reached) or ``point:N`` (the N-th time);
-    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save (PPO's checkpoints); mid_checkpoint_save (the offline trainer's: the model written, the optimizer not yet)."""
+    for the fault-injection tests. Points: before_manifest, before_checkpoint_rename, after_checkpoint_save
+    (PPO's checkpoints); mid_checkpoint_save (the offline trainer's: the model written, the optimizer not yet)."""
     wanted = os.environ.get(FAULT_ENV)
     if not wanted or wanted.split(":")[0] != point:
         return
@@ -170,24 +176,6 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def load_trainable(model, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``tensors`` into the model's trainable parameters strictly: exactly the same names, shapes
-    and dtypes (the frozen weights come from the starting model), or :class:`IntegrityError`."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise IntegrityError(f"{source}: does not match the model's trainable parameters "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for name, param in params.items():
-        value = tensors[name]
-        if value.shape != param.shape or value.dtype != param.dtype:
-            raise IntegrityError(f"{source}: '{name}' is {value.dtype} {tuple(value.shape)}, the model's "
-                                 f"{param.dtype} {tuple(param.shape)}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
-
-
 def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int = 0
                     ) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """Restore parameters, optimizer, scheduler and RNGs; returns (state, best parameters or None).
@@ -216,19 +204,15 @@ def save_training_state(accelerator, directory: Path, step: int, trainable: dict
                         optimizer, scheduler, progress: dict, best: dict[str, torch.Tensor] | None, keep: int) -> None:
     """A checkpoint of a running trainer (a collective: every process calls it). ``trainable``:
     the gathered trainable parameters (main process); ``model``/``optimizer``: as prepared."""
-    from lolrl.utils import sharded
-
     accelerator.wait_for_everyone()
     rng_states = process_rng_states(accelerator)
-    engine = sharded.sharding_engine(accelerator)
+    engine = sharding_engine(accelerator)
     if engine is not None:
         if accelerator.is_main_process:
             temporary_folder(directory, step)
         accelerator.wait_for_everyone()
-        shards = temporary_folder(directory, step, fresh=False) / sharded.SHARDS
-        sharded.save_shards(accelerator, model, optimizer, shards)
-    from lolrl.utils.processes import decided_on_main
-
+        shards = temporary_folder(directory, step, fresh=False) / SHARDS
+        save_shards(accelerator, model, optimizer, shards)
     # the main process writes; its refusal (a non-finite parameter) stops every process alike
     decided_on_main(accelerator, lambda: save_checkpoint(directory, step, trainable, optimizer, scheduler, progress,
                                                          best, keep=keep, rng_states=rng_states, sharded_by=engine))
@@ -237,14 +221,10 @@ def save_training_state(accelerator, directory: Path, step: int, trainable: dict
 def resume_training_state(accelerator, path: Path, model, optimizer, scheduler
                           ) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """Restore a running trainer from ``path`` (a collective); returns (state, best parameters or None)."""
-    from lolrl.utils import sharded
-
     engine = _read_state(path).get("sharded_by")
     if engine is not None:
-        sharded.load_shards(accelerator, model, optimizer, path / sharded.SHARDS, engine)
-    elif sharded.sharding_engine(accelerator) is not None:
-        from lolrl.utils.errors import ConfigError
-
+        load_shards(accelerator, model, optimizer, path / SHARDS, engine)
+    elif sharding_engine(accelerator) is not None:
         raise ConfigError(f"the checkpoint {path} was written without sharding: resume it without FSDP/DeepSpeed")
     return load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
 
@@ -273,8 +253,6 @@ def run_key(settings: dict, **data_digests: str) -> str:
     """What a checkpoint must agree with to be resumed: every setting that can change the run's result
     (all but :data:`NOT_IN_RUN_KEY`; the models of :data:`INPUT_PATHS` by content), and the digests of
     its data (e.g. ``train=...``, ``val=...``), never where its folders live."""
-    from lolrl.utils.cache import hash_json, model_identity
-
     kept = {k: v for k, v in settings.items() if k not in NOT_IN_RUN_KEY}
     for name in INPUT_PATHS:
         if kept.get(name) is not None:
@@ -290,8 +268,6 @@ def find_resumable(directory: Path, mode: str, key: str, accelerator=None, train
     chooses and every process gets its choice (or its refusal). ``trainer_layout``: the offline
     trainer's (``checkpoint-N`` folders of ``transformers.Trainer``, sealed with :data:`SEAL`), else
     PPO's (``step_N`` with ``state.json``)."""
-    from lolrl.utils.processes import decided_on_main
-
     found = decided_on_main(accelerator, lambda: _newest_intact(Path(directory), mode, key, trainer_layout))
     if found is not None:
         logger.info("resuming from %s (pass --no_resume to start over)", found)
@@ -299,8 +275,6 @@ def find_resumable(directory: Path, mode: str, key: str, accelerator=None, train
 
 
 def _newest_intact(directory: Path, mode: str, key: str, trainer_layout: bool) -> Path | None:
-    from lolrl.utils.errors import ConfigError
-
     listed = hf_checkpoints if trainer_layout else checkpoints
     if mode == "never" and trainer_layout:
         for old in listed(directory):  # starting over: the Trainer would rotate them among the new ones
@@ -355,8 +329,6 @@ def process_rng_states(accelerator) -> list[dict[str, torch.Tensor]]:
 
 def drop_log_tail(output_dir: Path, step: int, names=("train_log.jsonl", "validation_stats.jsonl")) -> None:
     """Remove the log lines of steps after ``step`` (what a crashed run logged past its checkpoint)."""
-    from lolrl.utils.io import read_jsonl, write_jsonl
-
     for name in names:
         path = output_dir / name
         if path.exists():

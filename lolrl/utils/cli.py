@@ -11,7 +11,17 @@ metadata and its default is written once, on the field. Metadata keys:
 * ``hidden``: accepted, left out of ``--help``;
 * ``const``: the value of the flag given alone (``--resume`` = ``--resume must``);
 * ``no_aliases`` / ``no_value``: more spellings of ``--no_<name>``, and its value for a non-boolean
-  field (``--no_resume`` = ``--resume never``).
+  field (``--no_resume`` = ``--resume never``);
+* ``const_aliases``: flags that set the field to a value (``{"-ts": "good_priority"}``);
+* ``required``: the flag must be given (on the command line or in ``--config``);
+* ``given_sets``: the name of a boolean field set True when this one is given (``ppo_clip_given``);
+* ``hidden_field``: not a flag at all (bookkeeping of the Python API);
+* ``flatten`` (a prefix): a nested settings dataclass whose fields are flags ``--<prefix><field>``.
+
+Fields of ``transformers.TrainingArguments`` parse as ``HfArgumentParser`` parses them (a union with
+``str`` as text, checked by the dataclass; ``str | list[str]`` as one or more values); a field no command
+line can give (a config object) is left to the Python API. An ignored field's value is parsed and
+dropped: the dataclass keeps its default. YAML keys are field names or long aliases.
 
 A dataclass with a field ``given_flags`` (``init=False``) gets the names of the fields set on the
 command line or in the ``--config`` file.
@@ -26,7 +36,9 @@ flag and what was expected, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import enum
 import sys
 import types
 import typing
@@ -49,6 +61,8 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any)
     kwargs = {} if default is dataclasses.MISSING else {"default": default}
     if isinstance(default, (list, dict, set)):
         kwargs = {"default_factory": lambda: type(default)(default)}
+    elif dataclasses.is_dataclass(default) and not isinstance(default, type):  # nested settings: a fresh copy each
+        kwargs = {"default_factory": lambda: copy.deepcopy(default)}
     return dataclasses.field(**kwargs, metadata={"help": help, **metadata})
 
 
@@ -59,7 +73,7 @@ def restated(cls: type, name: str, default: Any, note: str = "", **metadata: Any
     meta = {**f.metadata, **metadata}
     if note:
         meta["help"] = f"{meta.get('help', '')}; {note}" if meta.get("help") else note
-    return dataclasses.field(default=default, metadata=meta)
+    return setting(default, **meta)
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -99,15 +113,31 @@ def _optional(convert):
 _CONVERTERS = {int: _scalar(int, "an integer"), float: _scalar(float, "a number"), str: str, bool: string_to_bool}
 
 
-def _unwrap(tp) -> tuple[Any, bool]:
-    """``(X, optional)`` for ``X | None`` / ``Optional[X]``, else ``(tp, False)``."""
+def _field_type(tp) -> tuple[Any, bool, bool] | None:
+    """``(type of one value, optional, many)`` of a field's type, or None when no command line can give it
+    (e.g. a config object). ``X | None`` is optional; a union with ``str`` (``IntervalStrategy | str``,
+    ``dict | str``, TrainingArguments' spellings) parses as text, the dataclass's own checks decide;
+    ``str | list[str]`` and ``list[X]`` take one or more values."""
+    optional = False
     origin = typing.get_origin(tp)
     if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) != 1:
-            raise TypeError(f"only X | None unions are supported, got {tp}")
-        return args[0], True
-    return tp, False
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) == 1:
+            tp, origin = args[0], typing.get_origin(args[0])
+        elif str in args:
+            many = any(typing.get_origin(a) in (list, tuple) and typing.get_args(a)[:1] == (str,) for a in args)
+            return str, optional, many
+        else:
+            return None
+    if origin is Literal:
+        return tp, optional, False
+    if origin in (list, tuple):
+        element = (typing.get_args(tp) or (str,))[0]
+        return (element, optional, True) if element in _CONVERTERS else None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return str, optional, False
+    return (tp, optional, False) if tp in _CONVERTERS else None
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -117,8 +147,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USER_ERROR_STATUS, f"error: {message} (see --help)\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    """One command-line setting: field ``name`` of ``owner``, or field ``sub`` of its nested settings ``name``."""
+
+    field: dataclasses.Field
+    owner: type
+    default: Any
+    parent: str | None = None  # the nested field it lives in (flattened), e.g. "lora"
+    sub: str | None = None  # its name inside the nested dataclass, e.g. "r"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 class DataclassParser:
-    """The command line of one or more settings dataclasses (fields must have distinct names)."""
+    """The command line of one or more settings dataclasses (fields must have distinct names).
+
+    A field whose metadata has ``flatten`` (a prefix, e.g. ``"lora_"``) and whose type is a dataclass
+    gives one flag per field of that dataclass (``--lora_r``), built back into it; fields of types no
+    command line can give (config objects) are left to the Python API."""
 
     def __init__(self, *dataclass_types: type, description: str | None = None, prog: str | None = None,
                  ignore: tuple[str, ...] = ()):
@@ -129,41 +180,53 @@ class DataclassParser:
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         self.parser.add_argument("--config", metavar="FILE.yaml", default=None,
                                  help="read settings from a YAML file of field: value (the command line wins)")
-        self.fields: dict[str, dataclasses.Field] = {}
+        self.fields: dict[str, _Flag] = {}
         self.flags: dict[str, str] = {}  # field name -> the flags that set it, for messages
+        self.keys: dict[str, str] = {}  # a YAML key (field name or long alias) -> field name
         for cls in dataclass_types:
             hints = typing.get_type_hints(cls)
             group = self.parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0]
                                                    if cls.__doc__ else None)
             for f in dataclasses.fields(cls):
-                if not f.init:
+                if not f.init or f.metadata.get("hidden_field"):
                     continue
-                if f.name in self.fields:
-                    raise TypeError(f"field '{f.name}' defined twice ({cls.__name__})")
-                self.fields[f.name] = f
-                self._add(group, f, hints[f.name])
+                prefix = f.metadata.get("flatten")
+                if prefix is not None and dataclasses.is_dataclass(hints[f.name]):
+                    nested, sub_hints = _default(f), typing.get_type_hints(hints[f.name])
+                    for sub in dataclasses.fields(nested):
+                        if sub.init:
+                            self._register(group, _Flag(sub, cls, getattr(nested, sub.name), f.name, sub.name),
+                                           prefix + sub.name, sub_hints[sub.name])
+                else:
+                    self._register(group, _Flag(f, cls, _default(f)), f.name, hints[f.name])
 
-    def _add(self, group, f: dataclasses.Field, tp) -> None:
-        meta = dict(f.metadata)
-        if f.name in self.ignore:
+    def _register(self, group, flag: _Flag, name: str, tp) -> None:
+        kind = _field_type(tp)
+        if kind is None:
+            return  # e.g. a ParallelismConfig: the Python API's
+        if name in self.fields:
+            raise TypeError(f"field '{name}' defined twice ({flag.owner.__name__})")
+        self.fields[name] = flag
+        self._add(group, name, flag, *kind)
+
+    def _add(self, group, name: str, flag: _Flag, base, optional: bool, many: bool) -> None:
+        meta = dict(flag.field.metadata)
+        if name in self.ignore:
             meta["ignored"] = True
         aliases = meta.get("aliases", [])
         aliases = [aliases] if isinstance(aliases, str) else list(aliases)
-        base, optional = _unwrap(tp)
-        kwargs: dict[str, Any] = {"dest": f.name}
-        if f.default is not dataclasses.MISSING:
-            kwargs["default"] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            kwargs["default"] = f.default_factory()
+        kwargs: dict[str, Any] = {"dest": name}
+        if flag.default is not dataclasses.MISSING:
+            kwargs["default"] = flag.default
         else:
             kwargs["required"] = True
-        origin = typing.get_origin(base)
-        if origin is Literal:
+        if meta.get("required"):
+            kwargs["required"] = True
+        if typing.get_origin(base) is Literal:
             meta.setdefault("choices", list(typing.get_args(base)))
             base = type(typing.get_args(base)[0])
-        if origin in (list, tuple):
+        if many:
             kwargs["nargs"] = "+"
-            base = typing.get_args(base)[0]
         convert = _CONVERTERS.get(base, base)
         if base is bool:
             kwargs.update(nargs="?", const=True)
@@ -177,16 +240,24 @@ class DataclassParser:
         if meta.get("ignored"):
             text = f"{IGNORED}{': ' + text if text else ''}"
         if "default" in kwargs and not meta.get("ignored"):
-            text = f"{text} (default: {kwargs['default']})" if text else f"default: {kwargs['default']}"
-        kwargs["help"] = argparse.SUPPRESS if meta.get("hidden") else text
-        flags = [f"--{f.name}", *aliases]
-        self.flags[f.name] = "/".join(flags)
+            shown = kwargs["default"].value if isinstance(kwargs["default"], enum.Enum) else kwargs["default"]
+            text = f"{text} (default: {shown})" if text else f"default: {shown}"
+        hidden = meta.get("hidden")
+        kwargs["help"] = argparse.SUPPRESS if hidden else text.replace("%", "%%")
+        flags = [f"--{name}", *aliases]
+        self.flags[name] = "/".join(flags)
+        self.keys.update({name: name, **{a[2:]: name for a in aliases if a.startswith("--")}})
         group.add_argument(*flags, **kwargs)
-        if (base is bool and f.default is True) or "no_value" in meta or "no_aliases" in meta:
+        on_somewhere = flag.default is True or flag.field.default is True  # here, or in the dataclass itself
+        if (base is bool and on_somewhere) or "no_value" in meta or "no_aliases" in meta:
             value = meta.get("no_value", False)
-            group.add_argument(f"--no_{f.name}", *meta.get("no_aliases", []), dest=f.name, action="store_const",
-                               const=value, help=argparse.SUPPRESS if meta.get("hidden") else
-                               f"same as --{f.name} {value}")
+            no_flags = dict.fromkeys([f"--no_{name}", *meta.get("no_aliases", [])])
+            group.add_argument(*no_flags, dest=name, action="store_const",
+                               const=value, help=argparse.SUPPRESS if hidden else f"same as --{name} {value}")
+        for alias, value in meta.get("const_aliases", {}).items():
+            self.keys.setdefault(alias.lstrip("-"), name) if alias.startswith("--") else None
+            group.add_argument(alias, dest=name, action="store_const", const=value,
+                               help=argparse.SUPPRESS if hidden else f"same as --{name} {value}")
 
     # ------------------------------------------------------------------------------------------ parsing
     def _fail(self, message: str):
@@ -201,22 +272,28 @@ class DataclassParser:
             self._fail(f"--config {path}: cannot read it: {str(exc).splitlines()[0]}")
         if not isinstance(values, dict):
             self._fail(f"--config {path}: expected a mapping of field: value")
-        unknown = sorted(set(values) - set(self.fields))
+        unknown = sorted(set(values) - set(self.keys))
         if unknown:
             self._fail(f"--config {path}: unknown setting '{unknown[0]}' (not a field of "
                        f"{', '.join(t.__name__ for t in self.types)})")
+        values = {self.keys[k]: v for k, v in values.items()}
         for action in self.parser._actions:
             if action.dest in values and action.option_strings[0] == f"--{action.dest}":
                 action.required = False
-                if isinstance(values[action.dest], str) and action.type is not None:  # e.g. 1e-6, which YAML reads as text
+                value = values[action.dest]
+                if isinstance(value, str) and action.nargs == "+":
+                    value = values[action.dest] = [value]
+                texts = value if isinstance(value, list) else [value]
+                if action.type is not None and all(isinstance(t, str) for t in texts):  # e.g. 1e-6: text to YAML
                     try:
-                        values[action.dest] = action.type(values[action.dest])
+                        converted = [action.type(t) for t in texts]
                     except argparse.ArgumentTypeError as exc:
                         self._fail(f"--config {path}: {action.dest}: {exc}")
+                    values[action.dest] = converted if isinstance(value, list) else converted[0]
         return values
 
     def _check(self, name: str, value: Any) -> None:
-        meta = self.fields[name].metadata
+        meta = self.fields[name].field.metadata
         if value is None:
             return
         lo, hi = meta.get("min"), meta.get("max")
@@ -236,7 +313,7 @@ class DataclassParser:
         try:
             namespace = self.parser.parse_args(argv)
         finally:
-            self.parser.set_defaults(**{k: self._field_default(k) for k in defaults})
+            self.parser.set_defaults(**{k: self.fields[k].default for k in defaults})
         for name in self.fields:
             self._check(name, getattr(namespace, name))
         for action in self.parser._actions:  # a --config value skips argparse's own choices check
@@ -249,33 +326,57 @@ class DataclassParser:
     def _given(self, argv: list[str]) -> set[str]:
         """The fields set on the command line: parse again with every default a sentinel."""
         sentinel = object()
-        saved = {a.dest: a.default for a in self.parser._actions}
+        saved = [(a, a.default, a.required) for a in self.parser._actions]  # several actions may share a dest
         for action in self.parser._actions:
-            action.default = sentinel
+            action.default, action.required = sentinel, False
         try:
             namespace, _ = self.parser.parse_known_args(argv)
         finally:
-            for action in self.parser._actions:
-                action.default = saved[action.dest]
+            for action, default, required in saved:
+                action.default, action.required = default, required
         return {n for n in self.fields if getattr(namespace, n, sentinel) is not sentinel}
 
-    def _field_default(self, name: str) -> Any:
-        f = self.fields[name]
-        if f.default_factory is not dataclasses.MISSING:
-            return f.default_factory()
-        return None if f.default is dataclasses.MISSING else f.default
+    def field_of(self, flag: str) -> str:
+        """The field a flag sets (``-bs`` -> ``per_device_train_batch_size``)."""
+        for action in self.parser._actions:
+            if flag in action.option_strings:
+                return action.dest
+        raise KeyError(flag)
+
+    def value(self, parsed: tuple, name: str) -> Any:
+        """Setting ``name`` (a flag's field, nested ones too: ``lora_r``) of the dataclasses ``parse`` returned."""
+        flag = self.fields[name]
+        (owner,) = [p for p in parsed if isinstance(p, flag.owner)]
+        return getattr(owner, name) if flag.parent is None else getattr(getattr(owner, flag.parent), flag.sub)
 
     def build(self, values: dict[str, Any], given: set[str] = frozenset()) -> tuple:
-        """The dataclasses from a mapping of field values; their own checks fail as one line."""
+        """The dataclasses from a mapping of field values (an ignored field keeps its default); their own
+        checks fail as one line."""
         out = []
         for cls in self.types:
-            names = [f.name for f in dataclasses.fields(cls) if f.init]
+            kwargs: dict[str, Any] = {}
+            nested: dict[str, dict[str, Any]] = {}
+            for name, flag in self.fields.items():
+                if flag.owner is not cls or name not in values:
+                    continue
+                meta = flag.field.metadata
+                if meta.get("ignored") or name in self.ignore:
+                    continue
+                if flag.parent is None:
+                    kwargs[name] = values[name]
+                else:
+                    nested.setdefault(flag.parent, {})[flag.sub] = values[name]
+                if name in given and meta.get("given_sets"):
+                    kwargs[meta["given_sets"]] = True
+            owned = {f.name: f for f in dataclasses.fields(cls)}
+            for parent, sub_values in nested.items():
+                kwargs[parent] = dataclasses.replace(_default(owned[parent]), **sub_values)
             try:
-                config = cls(**{n: values[n] for n in names if n in values})
+                config = cls(**kwargs)
             except UserError as exc:
                 self._fail(str(exc).splitlines()[0])
             if "given_flags" in {f.name for f in dataclasses.fields(cls)}:
-                config.given_flags = frozenset(n for n in given if n in names)
+                config.given_flags = frozenset(n for n in given if self.fields[n].owner is cls)
             out.append(config)
         return tuple(out)
 
@@ -287,18 +388,42 @@ class DataclassParser:
         return self.parser.format_help()
 
 
+def _yaml_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_yaml_value(v) for v in value]
+    return value
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str)) or (
+        isinstance(value, list) and all(_plain(v) for v in value))
+
+
 def to_yaml(*configs: Any, path: str | Path | None = None) -> str:
     """The settings dataclasses as one YAML mapping (what ``--config`` reads) of the values that differ
-    from the defaults; written to ``path`` if given."""
+    from the defaults, nested settings (``flatten``) by their flags' names; written to ``path`` if given."""
     import yaml
 
     values: dict[str, Any] = {}
+
+    def add(name: str, value: Any, default: Any) -> None:
+        value, default = _yaml_value(value), _yaml_value(default)
+        if _plain(value) and (default is dataclasses.MISSING or value != default):
+            values[name] = value
+
     for config in configs:  # the fields that differ from their defaults (required ones always)
         for f in dataclasses.fields(config):
+            if not f.init or f.metadata.get("ignored") or f.metadata.get("hidden_field"):
+                continue
             value = getattr(config, f.name)
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if f.init and (default is dataclasses.MISSING or value != default):
-                values[f.name] = value
+            if f.metadata.get("flatten") is not None and dataclasses.is_dataclass(value):
+                default = _default(f)
+                for sub in dataclasses.fields(value):
+                    add(f.metadata["flatten"] + sub.name, getattr(value, sub.name), getattr(default, sub.name))
+            else:
+                add(f.name, value, _default(f))
     text = yaml.safe_dump(values, sort_keys=False)
     if path is not None:
         Path(path).write_text(text)

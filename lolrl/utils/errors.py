@@ -10,6 +10,11 @@ class ConfigError(UserError):
     """Contradictory or impossible settings, reported before anything loads."""
 
 
+class RewardSpecError(UserError):
+    """A reward spec could not be parsed or loaded (bad text, import failure, bad model). Here, below the
+    engine, because both :mod:`lolrl.engine.rewards` and :mod:`lolrl.engine.text_rewards` raise it."""
+
+
 USER_ERROR_STATUS = 2
 
 

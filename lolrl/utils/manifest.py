@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from lolrl.utils.errors import UserError
+from lolrl.utils.io import atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -84,8 +85,6 @@ def verify_files(directory: str | os.PathLike, entries) -> None:
 def write_manifest(directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Describe every file of ``directory`` (sub-folders included) in ``directory/manifest.json``;
     call it last, when every other file is complete."""
-    from lolrl.utils.io import atomic_write_json
-
     directory = Path(directory)
     names = [str(p.relative_to(directory)) for p in directory.rglob("*")
              if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lolrl.utils.errors import UserError
+
 
 def _count(accelerator, flag: bool) -> int:
     return int(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum"))
@@ -38,8 +40,6 @@ def decided_on_main(accelerator, decide):
     every process, which wait for it: for choices read from files another process may see
     half-written (which checkpoint to resume), and for writes on the main process whose refusal
     (non-finite weights) must stop every process."""
-    from lolrl.utils.errors import UserError
-
     if accelerator is None or accelerator.num_processes == 1:
         return decide()
     outcome = [None]

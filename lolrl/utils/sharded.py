@@ -21,6 +21,11 @@ from pathlib import Path
 
 import torch
 
+from lolrl.utils.errors import ConfigError
+from lolrl.utils.manifest import IntegrityError
+from lolrl.utils.processes import decided_on_main
+from lolrl.utils.trainable import load_trainable
+
 SHARDS = "shards"  # the subfolder of a checkpoint that holds the engine's shards
 DEEPSPEED_TAG = "model"  # the tag Accelerate's save_state gives the first DeepSpeed engine
 
@@ -74,8 +79,6 @@ def save_shards(accelerator, model, optimizer, folder: Path) -> None:
 
 def load_shards(accelerator, model, optimizer, folder: Path, engine: str) -> None:
     """Read this process's shard of the model and optimizer written by :func:`save_shards`."""
-    from lolrl.utils.errors import ConfigError
-
     if sharding_engine(accelerator) != engine:
         raise ConfigError(f"the checkpoint {folder.parent} holds {engine} shards: resume it under {engine} "
                           f"(this run uses {sharding_engine(accelerator) or 'no sharding'})")
@@ -105,15 +108,9 @@ def restore_trainable(accelerator, model, state: dict[str, torch.Tensor]) -> boo
     process's copy is full) back into the prepared model, strictly: exactly the trainable parameters'
     names (and, unsharded, shapes and dtypes). Returns False where that is not done (FSDP1,
     DeepSpeed): the caller says so."""
-    from lolrl.utils.checkpoint import load_trainable
-
     engine = sharding_engine(accelerator)
     if engine == "fsdp" and getattr(accelerator, "is_fsdp2", False):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        from lolrl.utils.manifest import IntegrityError
-
-        from lolrl.utils.processes import decided_on_main
 
         names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 

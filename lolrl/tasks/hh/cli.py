@@ -1,46 +1,67 @@
-"""The HH scripts' settings: one dataclass per script, generated into its command line.
+"""The HH scripts' settings, generated into their command lines.
 
-:class:`HHArguments` holds every field of the original ``ScriptArguments`` that the HH scripts
-share (``lolrl_qlora_llama_hh.py``, ``dpo_``, ``pro_``, ``ppo_qlora_llama_hh.py`` and the two
-evaluation scripts), with the original's names, types and defaults; each script's subclass adds
-its own fields and restates only the defaults that differ in the original script. A field the
-original parsed but never read is accepted and labelled so in ``--help`` (:func:`ignored`).
-Parsing: :class:`lolrl.utils.cli.DataclassParser` (``--flag False``, ``--no_flag``,
-``--config FILE.yaml``, one-line errors with exit status 2).
+:class:`HHData` holds the original ``ScriptArguments``' data fields and :class:`HHTraining` its
+training fields under TrainingArguments' names, with the original's defaults, declared once for
+every HH script. The offline scripts (``lolrl_qlora_llama_hh.py``, ``pro_qlora_llama_hh.py``) parse
+straight into the engine's config (:class:`ALoLHHConfig`, :class:`PROHHConfig`, subclasses of
+``OfflineRLConfig``) plus their data settings; DPO, PPO and the evaluation scripts into one
+:class:`HHArguments` subclass each. A field the original parsed but never read is accepted and
+labelled so in ``--help`` (:func:`ignored`). Parsing: :class:`lolrl.utils.cli.DataclassParser`
+(``--flag False``, ``--no_flag``, ``--config FILE.yaml``, one-line errors with exit status 2).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
-from lolrl.engine.losses import ALGORITHMS, PPO_KL_PENALTIES
+from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.model_card import HubSettings
-from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, QuantizationSettings
+from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, LoraSettings, QuantizationSettings
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
+from lolrl.online.losses import PPO_KL_PENALTIES
 from lolrl.tasks.hh.data import RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM
-from lolrl.tasks.hh.train import MAX_PROMPT_LENGTH, hh_postprocess, read_hh_files, validation_reward
+from lolrl.tasks.hh.shared import MAX_PROMPT_LENGTH, adapter_of
 from lolrl.utils.cli import DataclassParser, default_of, ignored, restated, setting
-from lolrl.utils.errors import ConfigError, UserError, report_user_error
+from lolrl.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 HH_STRATEGIES = (*SAMPLING_STRATEGIES, "all_priority")
 PPO_STEPS = 1000  # the original's --total_steps default
 
 
-_Q = QuantizationSettings
+@dataclass
+class HHData:
+    """The HH data and validation reward model (the original ScriptArguments' data fields)."""
+
+    train_file_path: str = setting("data/hh_train_len2", "folder with cleaner_train.json")
+    eval_file_path: str = setting("data/hh_dev/sampled_dev.json", "validation records")
+    prompt_format: str = setting("llama", "llama: the original system line and ### turns; chat: the tokenizer's "
+                                          "chat template", choices=RENDERINGS)
+    reward_model: str | None = setting(None, "validation reward model: OpenAssistant-style or any one-logit sequence "
+                                             "classifier (default the 1.4B OpenAssistant RM)")
+    max_train_examples: int | None = setting(None, "first N training records (quick runs)", min=1)
+    max_memory_MB: int = ignored(40000)
+    max_length: int = ignored(768, "responses are cut at 128 tokens")
+    log_freq: int = ignored(1)
+    sanity_check: bool = ignored(False)
+    ignore_bias_buffers: bool = ignored(False)
+    block_size: int = ignored(512)
 
 
 @dataclass
-class HHArguments(QuantizationSettings):
-    """Settings every HH script shares (the original ScriptArguments' common fields)."""
+class HHTraining:
+    """The HH scripts' training settings, with the original's defaults, under TrainingArguments' names
+    (``OfflineRLConfig``'s fields, restated once here for every HH script)."""
 
-    model_name_or_path: str = setting("huggyllama/llama-7b", "base model: hub id or path")
+    model_name: str = setting("huggyllama/llama-7b", "base model: hub id or path", aliases=["--model_name_or_path"])
     adapter_path: str | None = setting("timdettmers/qlora-hh-rlhf-7b",
                                        "starting (and reference) adapter; 'none' trains a new LoRA adapter")
     # optimisation
@@ -54,61 +75,58 @@ class HHArguments(QuantizationSettings):
                                   min=0.0)
     learning_rate: float = setting(2e-4, "learning rate", min=0.0)
     max_grad_norm: float = setting(0.3, "gradient-norm clip at each optimizer step (0: none)", min=0.0)
-    gradient_checkpointing: bool = setting(False, "trade compute for memory (the original's True was never read)")
+    activation_checkpointing: bool = setting(False, "trade compute for memory (the original's True was never read)",
+                                             aliases=["--gradient_checkpointing"])
     lr_scheduler_type: str = setting("constant", "a transformers scheduler name")
-    warmup_steps: int = ignored(300, "the original's constant schedule ignores warmup")
+    warmup_steps: float = setting(300, "warmup steps of a schedule that has one (e.g. --lr_scheduler_type linear); "
+                                       "the original's constant schedule ignores it", min=0)
     per_device_train_batch_size: int = setting(4, "micro-batch size", min=1)
     gradient_accumulation_steps: int = setting(4, "micro-batches per optimizer step", min=1)
     per_device_eval_batch_size: int = setting(16, "batch size of validation generation and scoring", min=1)
-    # model loading: 4-bit on CUDA with the original's numerics (its BitsAndBytesConfig: NF4, no double
-    # quantisation, fp16 compute; no prepare_model_for_kbit_training); --quant_type comes from QuantizationSettings
-    double_quant: bool = restated(_Q, "double_quant", False, "off as the original (its --double_quant True was "
-                                                             "never read; its config left it off)", no_aliases=[])
-    compute_dtype: str = restated(_Q, "compute_dtype", "fp16", "fp16 as the original")
-    prepare_kbit_training: bool = restated(_Q, "prepare_kbit_training", False, "off as the original")
-    lora_alpha: float = setting(16.0, "LoRA alpha")
-    lora_dropout: float = setting(0.05, "LoRA dropout (with --keep_dropout; --disable_dropout, the default, sets it "
-                                        "to 0)", min=0.0, max=1.0)
+    # 4-bit on CUDA with the original's numerics: its BitsAndBytesConfig (NF4, no double quantisation, fp16
+    # compute), no prepare_model_for_kbit_training (its --double_quant True was never read)
+    quantization: QuantizationSettings = setting(
+        QuantizationSettings(double_quant=False, compute_dtype="fp16", prepare_kbit_training=False),
+        "4-bit quantisation on CUDA", flatten="")
+    lora: LoraSettings = setting(LoraSettings(r=64, alpha=16.0, dropout=0.05),
+                                 "LoRA (a new adapter with --adapter_path none)", flatten="lora_")
     disable_dropout: bool = setting(default_of(OfflineRLConfig, "disable_dropout"), DISABLE_DROPOUT_HELP,
                                     no_aliases=["--keep_dropout"])
-    lora_r: int = setting(64, "LoRA rank (a new adapter with --adapter_path none)", min=1)
-    max_memory_MB: int = ignored(40000)
     max_prompt_length: int = setting(MAX_PROMPT_LENGTH, "prompt tokens kept (the last ones), 640 as the original",
                                      min=1)
-    max_length: int = ignored(768, "responses are cut at 128 tokens")
-    num_train_epochs: int = ignored(1, "--max_steps decides")
-    logging_steps: int = setting(10, "log every N optimizer steps", min=1)
-    save_steps: int = ignored(2500, "checkpoints follow --eval_steps")
+    num_train_epochs: float = ignored(0, "--max_steps decides")
+    logging_steps: float = setting(10, "log every N optimizer steps", min=1)
+    save_steps: float = setting(0, "checkpoint every N optimizer steps (the original's --save_steps was never read); "
+                                   "0: at every validation; -1: never")
     max_steps: int = setting(9000, "optimizer steps", min=1)
-    eval_steps: int = setting(900, "validate every N optimizer steps", min=0)
+    eval_steps: float = setting(900, "validate every N optimizer steps (0: never)", min=0)
     output_dir: str = setting("./results", "outputs; the best adapter goes to OUTPUT/best_adapter")
-    log_freq: int = ignored(1)
-    sanity_check: bool = ignored(False)
     report_to: str = setting("none", "trackers: tensorboard, wandb, ... or none (the original's wandb was never read)")
-    ignore_bias_buffers: bool = ignored(False)
-    block_size: int = ignored(512)
-    train_file_path: str = setting("data/hh_train_len2", "folder with cleaner_train.json")
-    eval_file_path: str = setting("data/hh_dev/sampled_dev.json", "validation records")
-    training_stage_num: int = ignored(2)
     cache_dir: str = setting("cache/", "reference / value / advantage caches")
     seed: int = setting(901, "random seed")
     # lolrl's additions
-    reward_model: str | None = setting(None, "validation reward model: OpenAssistant-style or any one-logit sequence "
-                                             "classifier (default the 1.4B OpenAssistant RM)")
     reward: str | None = setting(None, "instead of --reward_model: any lolrl reward spec (module:fn, file.py:fn, "
                                        "hf:...), or 'none' to validate by the dev responses' NLL without generating")
-    prompt_format: str = setting("llama", "llama: the original system line and ### turns; chat: the tokenizer's "
-                                          "chat template", choices=RENDERINGS)
-    max_train_examples: int | None = setting(None, "first N training records (quick runs)", min=1)
     max_val_examples: int | None = setting(None, "first N validation records", min=1)
     stop_after_steps: int = setting(-1, "stop (checkpointed) after N optimizer steps; the same command resumes")
 
+
+@dataclass
+class HHArguments(HHTraining, HHData):
+    """Settings of the HH scripts whose trainer is not lolrl's offline one (DPO, PPO, evaluation)."""
+
+    a2c_n_value_head_epochs: int = ignored(10)
+    algorithm: str = ignored("nll")
+    sampling_strategy: str | None = ignored(None)
+    training_stage_num: int = ignored(2)
+
     def __post_init__(self) -> None:
+        self.adapter_path = adapter_of(self)
         check_model_locations(self)
 
 
 # The settings that name a model folder or hub id, each checked by check_model_locations when not ignored.
-MODEL_LOCATIONS = ("model_name_or_path", "adapter_path", "reward_model", "tokenizer_name")
+MODEL_LOCATIONS = ("model_name", "adapter_path", "reward_model", "tokenizer_name")
 
 
 def check_model_locations(args) -> None:
@@ -123,7 +141,8 @@ def check_model_locations(args) -> None:
             continue
         looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
         if looks_local and not os.path.exists(os.path.expanduser(value)):
-            raise ConfigError(f"--{name} {value!r}: no such folder")
+            flags = "/".join([f"--{name}", *fields[name].metadata.get("aliases", [])])
+            raise ConfigError(f"{flags} {value!r}: no such folder")
 
 
 @dataclass
@@ -136,29 +155,71 @@ class LogprobKernelArguments(HubSettings):
 
 
 @dataclass
-class ALoLHHArguments(LogprobKernelArguments, HHArguments):
+class HHOfflineConfig(HHTraining, OfflineRLConfig):
+    """The engine's config for HH: the HH scripts' defaults; validation from the first step (greedy, 128 tokens,
+    stopping at the next '###' turn), no test split (qlora_llama_hh_eval.py's), 4-bit and bf16 on CUDA."""
+
+    task_name: str | None = restated(OfflineRLConfig, "task_name", "hh")
+    eval_on_start: bool = restated(OfflineRLConfig, "eval_on_start", True, "as the original")
+    do_predict: bool = restated(OfflineRLConfig, "do_predict", False, "the HH test is qlora_llama_hh_eval.py's")
+    generation: GenerationSettings = restated(
+        OfflineRLConfig, "generation", GenerationSettings(num_beams=1, repetition_penalty=1.0, stop_texts=[" ###"]),
+        "greedy, stopping at the next ' ###' turn, as the original validates")
+    bf16: bool | None = setting(None, "bf16 autocast; none: on CUDA (the original's 4-bit runs), fp32 elsewhere")
+    load_in_4bit: bool | None = restated(OfflineRLConfig, "load_in_4bit", None, "none: on CUDA")
+
+    def __post_init__(self) -> None:
+        self.adapter_path = adapter_of(self)
+        check_model_locations(self)
+        cuda = torch.cuda.is_available()
+        if (self.load_in_4bit is None or self.bf16 is None) and not cuda:
+            logger.warning("no CUDA device: plain LoRA on an fp32 base instead of 4-bit QLoRA")
+        self.load_in_4bit = cuda if self.load_in_4bit is None else self.load_in_4bit
+        self.bf16 = cuda if self.bf16 is None else self.bf16
+        self.save_dir = self.save_dir or str(Path(self.output_dir) / "best_adapter")
+        if self.eval_steps:  # validate every eval_steps optimizer steps; 0: never
+            self.eval_strategy = "steps"
+        else:
+            self.eval_strategy, self.eval_steps = "no", None
+        super().__post_init__()
+
+
+@dataclass
+class ALoLHHData(HHData):
+    """lolrl_qlora_llama_hh.py's data settings."""
+
+    training_stage_num: int = ignored(2)
+
+
+@dataclass
+class ALoLHHConfig(HHOfflineConfig):
     """lolrl_qlora_llama_hh.py: the A-LoL family and its baselines."""
 
-    a2c_n_value_head_epochs: int = setting(10, "value-head epochs", min=1)
-    algorithm: str = setting("nll", "objective", choices=ALGORITHMS)
-    ppo_clip: float | None = setting(0.9, "importance-weight clip epsilon: 0 gives weight 1, none leaves it "
-                                          "unclipped", min=0.0, max=1.0)
-    kl_beta: float | None = setting(None, "A-LoL KL's beta (with --algorithm a_lol_kl; default: the engine's, "
-                                          "logged); > 0 with --algorithm a_lol and --ppo_clip 0 is A-LoL KL (the "
-                                          "original's spelling); 0 with other algorithms: no KL term (the "
-                                          "original's default)", min=0.0)
-    sampling_strategy: str | None = setting(None, "None/uniform (the original's None), good_priority, good_random, "
-                                                  "or all_priority: both suffixes of every record, each with its "
-                                                  "own reward", choices=(*HH_STRATEGIES, "None", "none"))
-    value_source: Literal["generations", "data"] = setting(
-        "generations", "V(x) fits the reward of the starting policy's generations on the dev prompts (the paper), "
-                       "or the dev file's stored rewards of all its suffixes")
-    value_samples: int = setting(1, "V(x) targets: 1 = reward of the greedy validation output (the original); "
-                                    "K > 1 = mean reward of K sampled outputs per validation prompt", min=1)
-    value_head: Literal["attention", "ridge"] = setting(
-        "attention", "V(x)'s head: attention (the original's attention pooling, gradient steps) or ridge "
-                     "(closed-form ridge regression on mean-pooled states)")
-    given_flags: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    value_epochs: int = restated(OfflineRLConfig, "value_epochs", 10, "the original's 10")
+    kl_beta: float | None = restated(OfflineRLConfig, "kl_beta", None, "> 0 with --algorithm a_lol and --ppo_clip 0 "
+                                     "is A-LoL KL (the original's spelling); 0 with other algorithms: no KL term "
+                                     "(the original's default)")
+    sampling_strategy: str | None = restated(OfflineRLConfig, "sampling_strategy", None, "the original's None is "
+                                             "uniform; all_priority: good_priority over both suffixes of every "
+                                             "record, each with its own reward",
+                                             choices=(*HH_STRATEGIES, "None", "none"))
+    train_candidates: str = setting("sft", "training rows: the sft_index suffix of each record, or all suffixes "
+                                           "(--sampling_strategy all_priority sets all)", choices=("sft", "all"))
+
+    def __post_init__(self) -> None:
+        if self.sampling_strategy == "all_priority":
+            self.train_candidates, self.sampling_strategy = "all", "good_priority"
+        algorithm = check_kl_spelling(self)
+        if algorithm == "a_lol_kl":
+            if not self.ppo_clip_given:  # a_lol_kl: only a given clip (the engine refuses one > 0)
+                self.ppo_clip = None
+        else:
+            self.kl_beta = None  # 0 (or not given): no KL term, the original's default
+        self.algorithm, beta_given = algorithm, self.kl_beta is not None
+        super().__post_init__()
+        if algorithm == "a_lol_kl":
+            logger.info("a_lol_kl: KL beta %g%s", self.kl_beta,
+                        "" if beta_given else " (the engine's default; --kl_beta not given)")
 
 
 @dataclass
@@ -176,18 +237,26 @@ class DPOHHArguments(HHArguments):
 
 
 @dataclass
-class PROHHArguments(LogprobKernelArguments, HHArguments):
-    """pro_qlora_llama_hh.py: PRO, Preference Ranking Optimization."""
+class PROHHData(HHData):
+    """pro_qlora_llama_hh.py's data settings."""
 
+    max_length: int = ignored(1024)
+
+
+@dataclass
+class PROHHConfig(HHOfflineConfig):
+    """pro_qlora_llama_hh.py: PRO, Preference Ranking Optimization, on the same engine."""
+
+    algorithm: str = restated(OfflineRLConfig, "algorithm", "pro", ignored=True)
+    group_size: int = restated(OfflineRLConfig, "group_size", 2, "candidates per prompt", min=2,
+                               aliases=["--training_stage_num", "--training_stage"])
+    sft_weight: float = restated(OfflineRLConfig, "sft_weight", 0.05, "times (stages-1)^2", min=0.0)
+    sampling_strategy: str | None = restated(OfflineRLConfig, "sampling_strategy", "uniform", ignored=True)
+    value_epochs: int = restated(OfflineRLConfig, "value_epochs", 10, ignored=True)
     per_device_train_batch_size: int = setting(2, "micro-batch size (prompts)", min=1)
     gradient_accumulation_steps: int = setting(8, "micro-batches per optimizer step", min=1)
     max_prompt_length: int = setting(MAX_PROMPT_LENGTH, "prompt tokens kept (the last ones); the original's 512 "
                                                         "was never read, its data loader kept 640", min=1)
-    max_length: int = ignored(1024)
-    training_stage_num: int = setting(2, "candidates per prompt", min=2, aliases=["--training_stage"])
-    a2c_n_value_head_epochs: int = ignored(10)
-    sampling_strategy: str | None = ignored(None)
-    sft_weight: float = setting(0.05, "weight of the SFT term, times (stages-1)^2", min=0.0)
 
 
 @dataclass
@@ -210,11 +279,8 @@ class PPOHHArguments(LogprobKernelArguments, HHArguments):
                                     min=1)
     eval_steps: int = setting(100, "validate every N PPO steps", min=0)
     learning_rate: float = setting(2e-5, "learning rate", min=0.0)
-    warmup_steps: int = setting(300, "optimizer steps of warmup for a schedule that has one (e.g. "
-                                     "--lr_scheduler_type linear); the default constant schedule ignores it", min=0)
     ppo_rollout_batch_size: int = setting(16, "rollouts per PPO step", min=1)
     ppo_epochs: int = setting(4, "PPO epochs per rollout batch", min=1)
-    save_steps: int = setting(0, "checkpoint every N steps (0: at every validation, -1: never)")
     # lolrl's additions (TRL 0.7.1's PPOConfig defaults)
     adap_kl_ctrl: bool = setting(True, "adapt the KL coefficient toward --kl_target (--no_adap_kl_ctrl: fixed)")
     kl_target: float = setting(6.0, "target KL of the adaptive controller")
@@ -270,8 +336,8 @@ class HHEvalArguments(HHArguments):
 class PPOEvalArguments(HHEvalArguments):
     """ppo_hh_eval.py: a full (non-adapter) causal LM, e.g. a released PPO checkpoint, in the Anthropic format."""
 
-    model_name_or_path: str = setting("reciprocate/ppo_hh_pythia-6B", "a full causal LM (the original's "
-                                                                      "llama-7b default is no PPO model)")
+    model_name: str = restated(HHTraining, "model_name", "reciprocate/ppo_hh_pythia-6B", "a full causal LM (the "
+                               "original's llama-7b default is no PPO model)")
     adapter_path: str | None = ignored("timdettmers/qlora-hh-rlhf-7b", "a full model is evaluated")
     tokenizer_name: str | None = setting(None, "default: the model's own (GPT-NeoX-20B's for "
                                                "reciprocate/ppo_hh_neox-20B)")
@@ -279,19 +345,27 @@ class PPOEvalArguments(HHEvalArguments):
 
 # Training fields the evaluation scripts accept (the original's dataclass) but do not read.
 EVAL_IGNORED = ("optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "learning_rate", "max_grad_norm",
-                "gradient_checkpointing", "prepare_kbit_training", "lr_scheduler_type", "per_device_train_batch_size",
+                "activation_checkpointing", "prepare_kbit_training", "lr_scheduler_type", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "lora_alpha", "lora_dropout", "lora_r", "logging_steps",
                 "train_file_path", "eval_file_path", "cache_dir", "seed", "report_to", "reward", "max_train_examples",
                 "max_val_examples", "stop_after_steps", "prompt_format", "disable_dropout")
 
 
-def parse_hh(cls: type, argv: list[str] | None, description: str | None):
-    """The script's settings from ``argv``; the evaluation scripts label the training fields ignored."""
-    ignore = EVAL_IGNORED if issubclass(cls, HHEvalArguments) else ()
-    return DataclassParser(cls, description=description, ignore=ignore).parse_one(argv)
+def parse_hh(classes: type | tuple[type, ...], argv: list[str] | None, description: str | None):
+    """The script's settings from ``argv`` (one dataclass, or a tuple of them for a tuple of classes); the
+    evaluation scripts label the training fields ignored."""
+    parsed = settings_parser(classes, description).parse(argv)
+    return parsed if isinstance(classes, tuple) else parsed[0]
 
 
-def check_kl_spelling(args: ALoLHHArguments) -> str:
+def settings_parser(classes: type | tuple[type, ...], description: str | None = None) -> DataclassParser:
+    """The command line of an HH script's settings dataclasses."""
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    ignore = EVAL_IGNORED if any(issubclass(c, HHEvalArguments) for c in classes) else ()
+    return DataclassParser(*classes, description=description, ignore=ignore)
+
+
+def check_kl_spelling(args: OfflineRLConfig) -> str:
     """The algorithm to run: ``--algorithm a_lol_kl``, or the original's spelling of A-LoL KL,
     ``--algorithm a_lol --ppo_clip 0 --kl_beta B`` with B > 0. ``--kl_beta 0`` (or not given) with any
     other algorithm is the original's default, no KL term. ``--kl_beta 0`` with ``a_lol_kl`` runs, with
@@ -307,24 +381,3 @@ def check_kl_spelling(args: ALoLHHArguments) -> str:
         raise ConfigError("--kl_beta > 0 means A-LoL KL: use it with --algorithm a_lol_kl, or with --algorithm a_lol "
                           "and --ppo_clip 0 (the original's spelling)")
     return "a_lol_kl"
-
-
-def run_offline(args: HHArguments, build) -> int:
-    """Read the data, build ``(config, TaskData)`` with ``build(args, train_rows, dev_rows)``, train on the
-    engine with the HH validation reward; user errors end in one line and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        train_rows, dev_rows = read_hh_files(args)
-        config, data = build(args, train_rows, dev_rows)
-        from lolrl.engine.trainer import OfflineRLTrainer
-
-        trainer = OfflineRLTrainer(args=config, data=data, reward=validation_reward(args),
-                                   postprocess=hh_postprocess(args))
-        results = trainer.run()
-    except UserError as exc:
-        return report_user_error(exc)
-    if results:
-        reward = results["val/generated"].get("final_reward")
-        print((f"validation reward of the best adapter: {reward:.4f}; " if reward is not None else "")
-              + f"adapter in {config.save_dir}")
-    return 0

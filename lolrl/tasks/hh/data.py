@@ -3,7 +3,7 @@
 A PRO-format file is JSON Lines: ``prefix`` (one dialogue per candidate; each dialogue a list of
 turns beginning with ``<|prompter|>`` or ``<|assistant|>``, the last one the bare ``<|assistant|>``
 slot), ``suffix`` (the candidate responses), ``reward`` (raw reward-model logits, one per suffix),
-``sft_index`` and ``meta``. See ``../shared/docs/hh-task.md`` for the facts this follows.
+``sft_index`` and ``meta``. docs/hh.md describes the format and the original's rules this follows.
 """
 from __future__ import annotations
 

@@ -20,10 +20,14 @@ from pathlib import Path
 import torch
 
 from lolrl.engine.collation import Tokenizer
+from lolrl.engine.modeling import load_model, load_tokenizer
 from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.runtime import end_trainer_run
+from lolrl.engine.validation import RewardValidationCallback
 from lolrl.tasks.hh.data import render
 from lolrl.tasks.hh.preference import PAIR_ORDERS, ordered_pair
+from lolrl.utils.lock import check_output_paths, hold_folders
+from lolrl.utils.processes import launched_as_main
 
 logger = logging.getLogger(__name__)
 __all__ = ["PAIR_ORDERS", "preference_pairs", "train_dpo", "truncate_pairs"]
@@ -98,12 +102,10 @@ def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, ge
     the best adapter goes to ``OUTPUT/best_adapter``. ``args``: the script's settings
     (:class:`lolrl.tasks.hh.cli.DPOHHArguments`). The output
     folder is locked for the run (a second run on it is refused)."""
-    from lolrl.tasks.hh.train import adapter_of
-    from lolrl.utils.lock import check_output_paths, hold_folders
-    from lolrl.utils.processes import launched_as_main
+    from lolrl.tasks.hh.shared import adapter_of
 
     check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
-                       {"starting model": args.model_name_or_path, "adapter": adapter_of(args)})
+                       {"starting model": args.model_name, "adapter": adapter_of(args)})
     with hold_folders({"output folder": args.output_dir}, launched_as_main()):
         return _train_dpo(args, train_rows, val_records, reward, postprocess, generation)
 
@@ -112,17 +114,15 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
     from datasets import Dataset
     from trl import DPOConfig
 
-    from lolrl.engine.modeling import LoraSettings, load_model, load_tokenizer
-    from lolrl.engine.validation import RewardValidationCallback
-    from lolrl.tasks.hh.train import MAX_RESPONSE_LENGTH, adapter_of, precision
+    from lolrl.tasks.hh.shared import MAX_RESPONSE_LENGTH, adapter_of, precision
 
     output_dir = Path(args.output_dir)
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name)
     pairs = truncate_pairs(preference_pairs(train_rows, args.prompt_format, args.pair_order), tokenizer,
                            args.max_prompt_length, MAX_RESPONSE_LENGTH)
     logger.info("%d preference pairs from %d records", len(pairs), len(train_rows))
-    model = load_model(args.model_name_or_path, **precision(args), adapter_path=adapter_of(args),
-                       lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
+    model = load_model(args.model_name, **precision(args), adapter_path=adapter_of(args),
+                       lora=args.lora)
     cuda = torch.cuda.is_available()
     config = DPOConfig(
         output_dir=str(output_dir / "checkpoints"), per_device_train_batch_size=args.per_device_train_batch_size,
@@ -134,7 +134,8 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
         precompute_ref_log_probs=not args.reference_free and not args.ref_every_step,
         precompute_ref_batch_size=args.per_device_eval_batch_size, logging_steps=args.logging_steps,
         save_strategy="steps", save_steps=args.eval_steps if args.eval_steps > 0 else 500, save_total_limit=2,
-        report_to=args.report_to, disable_dropout=args.disable_dropout, gradient_checkpointing=args.gradient_checkpointing,
+        report_to=args.report_to, disable_dropout=args.disable_dropout,
+        gradient_checkpointing=args.activation_checkpointing,
         use_cpu=not cuda, remove_unused_columns=False)
     trainer = dpo_trainer_class(args.reference_free)(
         model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)

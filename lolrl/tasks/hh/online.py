@@ -8,13 +8,12 @@ import logging
 from pathlib import Path
 
 from lolrl.engine.model_card import HubSettings
-from lolrl.engine.modeling import LoraSettings
 from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.rewards import RewardSpecError
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.tasks.hh.cli import PPOHHArguments, parse_hh
 from lolrl.tasks.hh.data import pro_records
-from lolrl.tasks.hh.train import (
+from lolrl.tasks.hh.shared import (
     adapter_of,
     generation_settings,
     hh_postprocess,
@@ -29,14 +28,14 @@ from lolrl.utils.errors import ConfigError, UserError, report_user_error
 def ppo_config(args: PPOHHArguments):
     from lolrl.online.ppo import PPOConfig
 
-    greedy = generation_settings(args.model_name_or_path)
+    greedy = generation_settings(args.model_name)
     greedy.max_new_tokens = args.max_new_tokens
     sampling = dataclasses.replace(greedy, do_sample=True, top_p=args.top_p, temperature=args.temperature,
                                    top_k=args.top_k)
     return PPOConfig(
-        model_name=args.model_name_or_path, adapter_path=adapter_of(args), output_dir=args.output_dir,
+        model_name=args.model_name, adapter_path=adapter_of(args), output_dir=args.output_dir,
         save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir,
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), **precision(args),
+        lora=args.lora, **precision(args),
         total_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.ppo_rollout_batch_size,
         mini_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         ppo_epochs=args.ppo_epochs, max_grad_norm=args.max_grad_norm or None, lr_scheduler=args.lr_scheduler_type,
@@ -50,7 +49,7 @@ def ppo_config(args: PPOHHArguments):
         rollout=sampling, validation=greedy, generation_batch_size=args.per_device_eval_batch_size,
         eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
         report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
-        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.gradient_checkpointing,
+        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.activation_checkpointing,
         logprob_kernel=args.logprob_kernel, disable_dropout=args.disable_dropout, hub=HubSettings.of(args))
 
 
@@ -64,7 +63,7 @@ def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
         raise ConfigError(f"--logprob_kernel liger is lolrl's PPO trainer's (--trainer ppo); TRL's {args.trainer} "
                           "keeps its own log-prob path")
     check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
-                       {"starting model": args.model_name_or_path, "adapter": adapter_of(args)})
+                       {"starting model": args.model_name, "adapter": adapter_of(args)})
     with hold_folders({"output folder": args.output_dir}, launched_as_main()):
         return _run_trl(args, train, val, reward)
 
@@ -91,10 +90,10 @@ def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
         return reward(prompts=prompts, completions=[clean(c) for c in completions], show_progress=False,
                       **mine)["final_reward"]
 
-    model = load_model(args.model_name_or_path, **precision(args), adapter_path=adapter_of(args),
-                       lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    greedy = generation_settings(args.model_name_or_path)
+    model = load_model(args.model_name, **precision(args), adapter_path=adapter_of(args),
+                       lora=args.lora)
+    tokenizer = load_tokenizer(args.model_name)
+    greedy = generation_settings(args.model_name)
     greedy.max_new_tokens = args.max_new_tokens
     # TRL's rollouts end where lolrl's do, at EOS and at the next turn's '###' (TRL takes the model's eos ids)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, *greedy.stop_token_ids]
@@ -108,7 +107,7 @@ def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
         optim=resolve_optimizer(args.optim), adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay,
         logging_steps=1, save_strategy="no", report_to=args.report_to or "none", bf16=torch.cuda.is_available(),
-        lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.gradient_checkpointing,
+        lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.activation_checkpointing,
         disable_dropout=args.disable_dropout)
     trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=config, train_dataset=dataset,
                          processing_class=tokenizer)
@@ -130,14 +129,15 @@ def main(argv=None, description: str | None = None) -> int:
     try:
         train_rows, dev_rows = read_hh_files(args)
         config = ppo_config(args)
-        reward = validation_reward(args)  # --reward SPEC, else the OpenAssistant-style --reward_model
+        reward = validation_reward(  # --reward SPEC, else the OpenAssistant-style --reward_model
+            args.reward, args.reward_model, args.per_device_eval_batch_size)
         if reward is None:
             raise RewardSpecError("online PPO scores its rollouts: --reward none is not possible here")
         train, val = pro_records(train_rows, args.prompt_format, "sft", "train"), validation_records(args, dev_rows)
         if args.trainer != "ppo":
             if args.push_to_hub:
-                raise ConfigError(f"--push_to_hub is for --trainer ppo (lolrl's trainer); with --trainer {args.trainer} "
-                                  "upload OUTPUT/best_adapter yourself")
+                raise ConfigError(f"--push_to_hub is for --trainer ppo (lolrl's trainer); with --trainer "
+                                  f"{args.trainer} upload OUTPUT/best_adapter yourself")
             val = val[: args.max_val_examples] if args.max_val_examples else val
             best = run_trl(args, train, val, reward)
         else:

@@ -1,11 +1,12 @@
 """Collect every run of a task into one CSV (the paper's columns) and a markdown table beside it.
 
-Layout read (the commands in docs/reddit.md, dialogue.md and comet.md write it): ``RESULTS/<task>/<prefix>/[train_log/]`` is the
-reference run (``-algo nll``) and ``RESULTS/<task>/<prefix>_<algorithm>/[train_log/]`` each offline
-RL run started from it. ``-bmps`` maps each prefix to a bool: ``True`` expects every algorithm,
-``False`` only the reward-based ones (wbc, r_gold, r_lol). Other ``<prefix>_*`` folders found there
-get a row too. A run with no ``eval_results.json`` is reported as ``partial``, an expected run
-with no folder as ``missing``; both keep their row (status column) and are listed on stderr.
+Layout read (the commands in docs/reddit.md, dialogue.md and comet.md write it):
+``RESULTS/<task>/<prefix>/[train_log/]`` is the reference run (``-algo nll``) and
+``RESULTS/<task>/<prefix>_<algorithm>/[train_log/]`` each offline RL run started from it. ``-bmps``
+maps each prefix to a bool: ``True`` expects every algorithm, ``False`` only the reward-based ones
+(wbc, r_gold, r_lol). Other ``<prefix>_*`` folders found there get a row too. A run with no
+``eval_results.json`` is reported as ``partial``, an expected run with no folder as ``missing``; both
+keep their row (status column) and are listed on stderr.
 
 Columns: ``task_name, baseline_model, algorithm, status``, then from ``validation_stats.jsonl``
 ``best e, best s, best V <metric>, worst e, worst s, worst V <metric>``, then ``val_<metric>,

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lolrl.utils.cli import setting
+from lolrl.utils.cli import DataclassParser, setting
 from lolrl.utils.errors import UserError, report_user_error
+from lolrl.utils.io import atomic_write_json
 
 ANCHORS = ("embeddings", "encoder", "pooler")
 HEAD_LAYERS = {"dense": "dense", "dense_1": "out_proj"}
@@ -77,7 +78,8 @@ def convert_weights(named: list[tuple[str, np.ndarray]], encoder_shapes: dict[st
     extra = sorted(set(encoder) - set(encoder_shapes))
     if missing or extra:
         raise ConversionError(f"weights do not match the RoBERTa model: missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+                              f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''}")
     for name, shape in encoder_shapes.items():
         if tuple(encoder[name].shape) != tuple(shape):
             raise ConversionError(f"{name}: converted shape {tuple(encoder[name].shape)} != model shape {tuple(shape)}")
@@ -126,7 +128,6 @@ def convert(keras_weights: str | Path, output_dir: str | Path, config_name: str,
     from transformers import AutoConfig, AutoTokenizer, RobertaModel
 
     from lolrl.tasks.paper.rewards import COMET_HEAD_FILE
-    from lolrl.utils.io import atomic_write_json
 
     config = AutoConfig.from_pretrained(config_name)
     config.num_labels = 1
@@ -161,8 +162,6 @@ class ConvertArguments:
 
 
 def build_parser():
-    from lolrl.utils.cli import DataclassParser
-
     return DataclassParser(ConvertArguments, description="Convert the Keras COMET critic to a Hugging Face "
                            "RoBERTa folder plus its head (custom_roberta_classification_head.safetensors)")
 

@@ -181,7 +181,8 @@ def extract_wow_examples(dialogues: Any, source: str = "wow") -> list[dict]:
                 history.append(text)
                 continue
             if "Wizard" not in speaker:
-                raise DataError(source, None, f"{where}.speaker", f"expected a Wizard or Apprentice turn, got {speaker!r}")
+                raise DataError(source, None, f"{where}.speaker",
+                                f"expected a Wizard or Apprentice turn, got {speaker!r}")
             checked = _need(turn, "checked_sentence", dict, source, where)
             if checked:
                 knowledge = next(iter(checked.values()))

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lolrl.engine.evaluation import pyplot, save_figure
+from lolrl.engine.reports import pyplot, save_figure
 from lolrl.engine.rewards import RewardFunction
 from lolrl.tasks.paper.data import (
     ATOMIC10X_FILE,
@@ -33,6 +33,7 @@ from lolrl.tasks.paper.data import (
     split_reddit,
 )
 from lolrl.tasks.paper.rewards import (
+    DEFAULT_MODELS,
     EOS,
     TFIDF_FILE,
     CometCritic,
@@ -125,7 +126,8 @@ def write_split(output_dir: Path, name: str, records: list[dict], plot_name: str
     write_jsonl(output_dir / name, records)
     plot_components(records, output_dir / f"per_component_reward_distribution_plot_{plot_name}.png", plot_name)
     if records:
-        means = {k: sum(r["reward_components"][k] for r in records) / len(records) for k in records[0]["reward_components"]}
+        means = {k: sum(r["reward_components"][k] for r in records) / len(records)
+                 for k in records[0]["reward_components"]}
         logger.info("wrote %d records to %s; mean rewards %s", len(records), output_dir / name,
                     {k: round(v, 4) for k, v in means.items()})
     else:
@@ -264,8 +266,6 @@ _MODEL_FLAGS = {"cola": ("-cm", "cola_classifier_model", "CoLA classifier (fluen
 
 def _model(key: str):
     """One of the original's classifier flags, defaulting (None) to the README's model."""
-    from lolrl.tasks.paper.rewards import DEFAULT_MODELS
-
     short, _, what = _MODEL_FLAGS[key]
     return setting(None, f"{what}: hub id or path (default {DEFAULT_MODELS[key]})", aliases=[short])
 
@@ -345,3 +345,18 @@ def dialogue_parser() -> DataclassParser:
 
 def comet_parser() -> DataclassParser:
     return DataclassParser(CometArguments, description=CometArguments.__doc__)
+
+
+def reddit_main(argv: list[str] | None = None) -> int:
+    """``lolrl preprocess reddit`` (preprocess_reddit_comment_scores_and_add_rewards.py)."""
+    return run_main(preprocess_reddit, reddit_parser(), argv)
+
+
+def dialogue_main(argv: list[str] | None = None) -> int:
+    """``lolrl preprocess wow`` (preprocess_wow_and_add_rewards.py): wow, faithdial, faithdial_wow."""
+    return run_main(preprocess_dialogue, dialogue_parser(), argv)
+
+
+def comet_main(argv: list[str] | None = None) -> int:
+    """``lolrl preprocess comet`` (preprocess_comet_and_add_rewards.py)."""
+    return run_main(preprocess_comet, comet_parser(), argv)

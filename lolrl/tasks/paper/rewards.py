@@ -7,14 +7,17 @@ path, with ``from_pretrained``) on first use, scores in batches of ``batch_size`
 
 | component | model (flag) | input | score |
 |---|---|---|---|
-| ``fluency`` | ``textattack/roberta-base-CoLA`` (``-cm``) | R | ``softmax(logits)[1]`` = P(LABEL_1, acceptable) |
-| ``depth`` | ``microsoft/DialogRPT-depth`` (``-dcm``) | C + R (Reddit), H + R (dialogue) | ``sigmoid(logit)`` at the last real token |
-| ``updown`` | ``microsoft/DialogRPT-updown`` (``-ucm``) | C + R | ``sigmoid(logit)`` at the last real token |
-| ``safe`` | ToxiChat DialoGPT offensive classifier (``-om``) | C + R + EOS | ``softmax(logits)[0]`` (safe) at the last EOS |
-| ``faithdial`` | ``McGill-NLP/roberta-large-faithcritic`` (``-fcm``) | pair (knowledge, R) | ``softmax(logits)[0]`` (faithful) |
-| ``p_valid_model`` | the COMET critic (``-ccm``, from ``convert_keras_roberta_to_huggingface.py``) | pair (head, relation phrase + tail) | ``sigmoid(head(pooler_output))`` |
+| ``fluency`` | ``textattack/roberta-base-CoLA`` (``-cm``) | R | ``softmax(logits)[1]`` = P(acceptable) |
+| ``depth`` | ``microsoft/DialogRPT-depth`` (``-dcm``) | C + R (Reddit), H + R (dialogue) | ``sigmoid(logit)`` [1] |
+| ``updown`` | ``microsoft/DialogRPT-updown`` (``-ucm``) | C + R | ``sigmoid(logit)`` [1] |
+| ``safe`` | ToxiChat DialoGPT offensive classifier (``-om``) | C + R + EOS | ``softmax(logits)[0]`` (safe) [2] |
+| ``faithdial`` | ``McGill-NLP/roberta-large-faithcritic`` (``-fcm``) | pair (knowledge, R) | ``softmax(logits)[0]`` |
+| ``p_valid_model`` | the COMET critic (``-ccm``) [3] | pair (head, relation + tail) | ``sigmoid(head(pooler))`` |
 | ``tfidf`` | TF-IDF fitted on the training references | R | mean non-zero tf-idf weight x length penalty |
 | ``ngram_diversity`` | none | R | distinct-1 + distinct-2 + distinct-3 of the response |
+
+[1] at the last real token; [2] at the last EOS; [3] from ``convert_keras_roberta_to_huggingface.py``;
+``fluency`` is P(LABEL_1), ``faithdial`` P(faithful), ``p_valid_model`` reads the pooler output.
 
 C is the record's prompt (ending in ``<|endoftext|>``), R the response with one trailing
 ``<|endoftext|>`` removed (references carry it, generations do not), H the dialogue history
@@ -46,6 +49,7 @@ from typing import Any
 import torch
 
 from lolrl.engine.rewards import RewardComponent, RewardFunction, RewardSpecError
+from lolrl.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -414,7 +418,8 @@ def load_comet_head(directory: str | Path) -> CometCriticHead:
     elif (directory / COMET_HEAD_FILE_ORIGINAL).is_file():
         state = torch.load(directory / COMET_HEAD_FILE_ORIGINAL, map_location="cpu", weights_only=True)
     else:
-        raise RewardSpecError(f"-ccm {str(directory)!r}: no {COMET_HEAD_FILE} (run convert_keras_roberta_to_huggingface.py)")
+        raise RewardSpecError(f"-ccm {str(directory)!r}: no {COMET_HEAD_FILE} "
+                              "(run convert_keras_roberta_to_huggingface.py)")
     head = CometCriticHead(state["dense.weight"].shape[1], state["dense.weight"].shape[0])
     head.load_state_dict(state)
     return head
@@ -522,8 +527,6 @@ class TfidfScorer:
         return cls({t: math.log((1 + n) / (1 + d)) + 1.0 for t, d in sorted(df.items())})
 
     def save(self, path: str | Path) -> Path:
-        from lolrl.utils.io import atomic_write_text
-
         atomic_write_text(path, json.dumps({"format": "lolrl-tfidf-1", "idf": self.idf}) + "\n")
         return Path(path)
 

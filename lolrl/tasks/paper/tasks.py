@@ -10,18 +10,15 @@ from __future__ import annotations
 from lolrl.engine.task import TaskInfo
 from lolrl.tasks.paper.rewards import EOS, dialogue_knowledge
 
-_REDDIT = ("fluency", "depth", "updown", "safe", "tfidf")
-_DIALOGUE = ("fluency", "faithdial", "depth", "tfidf")
 _KNOWLEDGE = dict(knowledge=dialogue_knowledge)  # coverage/density against the prompt's knowledge
 
 PAPER_TASKS = {task.name: task for task in (
-    TaskInfo("reddit_pos", {"train": "pos_train.jsonl"}, "final_reward", 5.0, _REDDIT, end_markers=(EOS,)),
-    TaskInfo("reddit_neg", {"train": "neg_train.jsonl"}, "final_reward", 5.0, _REDDIT, end_markers=(EOS,)),
-    TaskInfo("wow", {"test": "faithdial_test.jsonl"}, "faithdial", 4.0, _DIALOGUE, end_markers=(EOS,), **_KNOWLEDGE),
-    TaskInfo("faithdial", {}, "final_reward", 4.0, _DIALOGUE, end_markers=(EOS,), **_KNOWLEDGE),
-    TaskInfo("faithdial_wow", {}, "faithdial", 4.0, _DIALOGUE, end_markers=(EOS,), **_KNOWLEDGE),
-    TaskInfo("comet", {}, "p_valid_model", 1.0, ("p_valid_model",), val_sample=10000, stop_texts=(".",),
-             end_markers=(EOS,)),
+    TaskInfo("reddit_pos", {"train": "pos_train.jsonl"}, "final_reward", end_markers=(EOS,)),
+    TaskInfo("reddit_neg", {"train": "neg_train.jsonl"}, "final_reward", end_markers=(EOS,)),
+    TaskInfo("wow", {"test": "faithdial_test.jsonl"}, "faithdial", end_markers=(EOS,), **_KNOWLEDGE),
+    TaskInfo("faithdial", {}, "final_reward", end_markers=(EOS,), **_KNOWLEDGE),
+    TaskInfo("faithdial_wow", {}, "faithdial", end_markers=(EOS,), **_KNOWLEDGE),
+    TaskInfo("comet", {}, "p_valid_model", val_sample=10000, stop_texts=(".",), end_markers=(EOS,)),
 )}
 
 

@@ -1,4 +1,4 @@
-"""Tests for lolrl.engine.evaluation: metrics by hand, tables round-trip, plots are real PNGs."""
+"""Tests for lolrl.engine.reports: metrics by hand, tables round-trip, plots are real PNGs."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lolrl.engine.evaluation import (
+from lolrl.engine.reports import (
     distinct_n,
     format_markdown_table,
     mean_length,
@@ -186,7 +186,7 @@ def test_plot_loss_curves_missing_or_empty_log_returns_none(tmp_path):
 
 
 def test_plot_loss_curves_skips_non_numeric_and_torn_lines(tmp_path):
-    import lolrl.engine.evaluation as ev
+    import lolrl.engine.reports as ev
 
     log = tmp_path / "train_log.jsonl"
     log.write_text(
@@ -216,7 +216,7 @@ def test_plot_reward_distributions(tmp_path):
 
 
 def test_reward_component_order_final_last():
-    from lolrl.engine.evaluation import _ordered_components
+    from lolrl.engine.reports import _ordered_components
 
     assert _ordered_components({"final_reward": [], "a": []}, {"b": [], "a": []}) == [
         "a", "b", "final_reward"]

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from lolrl.engine.meteor import corpus_meteor
 from lolrl.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FINAL_REWARD = "final_reward"
@@ -154,8 +155,6 @@ def summarize_generations(
     if knowledge is not None:
         out.update(knowledge_overlap_summary(knowledge, completions))
     if golds is not None:
-        from lolrl.engine.meteor import corpus_meteor
-
         out["meteor"] = corpus_meteor(completions, golds)
     out["n"] = len(completions)
     return out
