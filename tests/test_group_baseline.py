@@ -57,6 +57,7 @@ class RecordingTrainer(OfflineRLTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
+@pytest.mark.slow
 def test_group_advantages_reach_the_loss_and_the_sampler(tmp_path, tiny_models, toy_dir):
     """Every prompt grouped: no V(x) is fit (no reward needed), A is the hand-computed one, in the training
     table, the sampler's weights (A+) and the loss's batches; advantage_stats.json counts the rows."""
@@ -157,3 +158,40 @@ def test_hh_records_with_all_candidates_form_groups(tmp_path, tiny_models):
     np.testing.assert_allclose(signal.advantages, expected, atol=1e-12)
     stats = json.loads((tmp_path / "run" / "advantage_stats.json").read_text())
     assert stats["estimates"] == {"group": 6, "value": 0} and stats["prompt_groups"] == 3
+
+
+@pytest.mark.slow
+def test_hh_a_lol_script_with_the_group_baseline(tmp_path, tiny_models):
+    """lolrl hh a-lol --sampling_strategy all_priority --value_source group: both suffixes of each record are
+    one prompt's group; no reward model, no V(x) (--reward none), the advantages are the pairs' differences."""
+    from hh_tiny import TURNS, pro_row, save_nonzero_adapter
+
+    from lolrl.tasks.hh.data import sigmoid
+    from lolrl.tasks.hh.offline import alol_main
+
+    pairs = [(1.0, -1.0), (0.2, 0.7), (-0.3, 2.0), (1.5, 0.5)]
+    (tmp_path / "train").mkdir()
+    rows = []
+    for i, rewards in enumerate(pairs):
+        row = pro_row(("a kind and helpful answer", "go away"), rewards)
+        row["prefix"] = [[TURNS[0] + f" number {i}", *TURNS[1:]]] * 2
+        rows.append(row)
+    (tmp_path / "train" / "cleaner_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.json").write_text("".join(json.dumps(pro_row()) + "\n" for _ in range(4)))
+    out = tmp_path / "out"
+    adapter = save_nonzero_adapter(tiny_models["llama"], tmp_path / "adapter")
+    code = alol_main(["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(adapter),
+                      "--train_file_path", str(tmp_path / "train"),
+                      "--eval_file_path", str(tmp_path / "dev.json"), "--output_dir", str(out),
+                      "--algorithm", "a_lol", "--sampling_strategy", "all_priority", "--reward", "none",
+                      "--value_source", "group", "--group_singletons", "refuse", "--max_steps", "2",
+                      "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                      "--per_device_eval_batch_size", "4"])
+    assert code == 0
+    stats = json.loads((out / "advantage_stats.json").read_text())
+    assert stats["estimates"] == {"group": 8, "value": 0} and stats["prompt_groups"] == 4
+    assert not (out / "value_fit.json").exists()
+    from datasets import Dataset
+
+    expected = [d for r0, r1 in pairs for d in (sigmoid(r0) - sigmoid(r1), sigmoid(r1) - sigmoid(r0))]
+    assert Dataset.from_file(str(out / "train_table.arrow"))["advantage"] == pytest.approx(expected, abs=1e-12)
