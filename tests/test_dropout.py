@@ -101,7 +101,7 @@ def test_hh_offline_scripts_share_the_setting(hh_argv, script):
 
 
 class _Captured(Exception):
-    """Raised by a spy in place of a TRL config: the test has the settings it wanted."""
+    """Raised by a spy in place of a TRL config or trainer: the test has the settings it wanted."""
 
 
 def _spy(captured: dict):
@@ -116,22 +116,23 @@ def test_dpo_and_grpo_pass_the_setting_to_trl(hh_argv, monkeypatch, keep):
     import trl
 
     import dpo_qlora_llama_hh
-    from lolrl.tasks.hh import online
+    from lolrl.tasks.hh import dpo, online
     from lolrl.tasks.hh.data import pro_records
     from lolrl.tasks.hh.shared import read_hh_files
 
     extra = ["--keep_dropout"] if keep else []
     captured: dict = {}
-    monkeypatch.setattr(trl, "DPOConfig", _spy(captured))
+    monkeypatch.setattr(dpo, "dpo_trainer_class", lambda reference_free: _spy(captured))  # DPOTrainer's arguments
     with pytest.raises(_Captured):
         dpo_qlora_llama_hh.main(hh_argv + ["--max_steps", "1"] + extra)
-    assert captured["disable_dropout"] is not keep
+    assert captured["args"].disable_dropout is not keep  # the parsed DPOConfig, as DPOTrainer gets it
     captured.clear()
     monkeypatch.setattr(trl, "GRPOConfig", _spy(captured))
-    args = online.parse_hh(online.PPOHHArguments, hh_argv + ["--trainer", "grpo"] + extra, None)
-    train = pro_records(read_hh_files(args)[0], args.prompt_format, "sft", "train")
+    data, config = online.parse_hh((online.PPOHHData, online.PPOHHConfig), hh_argv + ["--trainer", "grpo"] + extra,
+                                   None)
+    train = pro_records(read_hh_files(data)[0], data.prompt_format, "sft", "train")
     with pytest.raises(_Captured):
-        online.run_trl(args, train, [], any_reward())
+        online.run_trl(config, train, [], any_reward(), str.strip)
     assert captured["disable_dropout"] is not keep
 
 
@@ -142,11 +143,11 @@ def test_ppo_policy_and_value_head_follow_the_setting(hh_argv, keep):
     from lolrl.tasks.hh.data import pro_records
     from lolrl.tasks.hh.shared import read_hh_files
 
-    args = online.parse_hh(online.PPOHHArguments, hh_argv + (["--keep_dropout"] if keep else []), None)
-    config = online.ppo_config(args)
+    data, config = online.parse_hh((online.PPOHHData, online.PPOHHConfig),
+                                   hh_argv + (["--keep_dropout"] if keep else []), None)
     assert config.disable_dropout is not keep
-    train_rows, _ = read_hh_files(args)
-    trainer = PPOTrainer(config, pro_records(train_rows, args.prompt_format, "sft", "train"), [], any_reward())
+    train_rows, _ = read_hh_files(data)
+    trainer = PPOTrainer(config, pro_records(train_rows, data.prompt_format, "sft", "train"), [], any_reward())
     trainer._load()
     # LoRA's 0.05 and the value head's 0.1 (TRL's) with --keep_dropout (the tiny Llama's attention has 0), none without
     assert dropout_rates(trainer.model) == ({0.0, 0.05, 0.1} if keep else {0.0})

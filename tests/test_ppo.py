@@ -52,9 +52,10 @@ def test_ppo_raises_the_reward_of_a_target_token(tmp_path):
     _word_model(tmp_path / "lm")
     prompts = [" ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(3)) for i in range(32)]
     train = [Record(id=str(i), prompt=p, response="", reward=None) for i, p in enumerate(prompts)]
-    config = PPOConfig(model_name=str(tmp_path / "lm"), output_dir=str(tmp_path / "out"), total_steps=30,
-                       learning_rate=1e-3, batch_size=16, mini_batch_size=4, gradient_accumulation_steps=1,
-                       init_kl_coef=0.05, adap_kl_ctrl=False, eval_steps=0, eval_in_beginning=False, seed=0,
+    config = PPOConfig(model_name=str(tmp_path / "lm"), output_dir=str(tmp_path / "out"), max_steps=30,
+                       learning_rate=1e-3, rollout_batch_size=16, per_device_train_batch_size=4,
+                       gradient_accumulation_steps=1, init_kl_coef=0.05, adap_kl_ctrl=False, eval_steps=0,
+                       eval_on_start=False, seed=0,
                        rollout=GenerationSettings(max_new_tokens=MAX_NEW, num_beams=1, repetition_penalty=1.0,
                                                   do_sample=True, top_p=1.0), save_steps=-1)
     started = time.time()

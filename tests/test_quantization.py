@@ -26,8 +26,10 @@ from lolrl.tasks.hh import cli as hh
 # bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16); double quantisation commented out.
 ORIGINAL_BNB = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
                 "bnb_4bit_compute_dtype": torch.float16}
-HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig), "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
-              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig), "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
+HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig),
+              "dpo_qlora_llama_hh.py": (hh.DPOHHData, hh.DPOHHConfig),
+              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig),
+              "ppo_qlora_llama_hh.py": (hh.PPOHHData, hh.PPOHHConfig),
               "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}
 
 
@@ -85,16 +87,15 @@ def test_hh_scripts_default_to_the_original_4bit_numerics(script, tmp_path, tiny
 
 
 def test_hh_engine_configs_carry_the_script_settings(tmp_path, tiny_models):
-    """The A-LoL/PRO engine config and PPO's config hold the script's quantisation flags."""
-    from lolrl.tasks.hh.online import ppo_config
-
+    """The A-LoL/PRO engine config and PPO's config (parsed straight from the command line) hold the script's
+    quantisation flags."""
     flags = ["--model_name_or_path", tiny_models["llama"], "--quant_type", "fp4", "--double_quant",
              "--compute_dtype", "bf16", "--prepare_kbit_training"]
     want = QuantizationSettings(quant_type="fp4", double_quant=True, compute_dtype="bf16", prepare_kbit_training=True)
     _, alol = hh.parse_hh((hh.ALoLHHData, hh.ALoLHHConfig), [*flags, "--output_dir", str(tmp_path / "a")], None)
     assert alol.quantization == want
-    ppo = hh.parse_hh(hh.PPOHHArguments, [*flags, "--output_dir", str(tmp_path / "p")], None)
-    assert ppo_config(ppo).quantization == want
+    _, ppo = hh.parse_hh((hh.PPOHHData, hh.PPOHHConfig), [*flags, "--output_dir", str(tmp_path / "p")], None)
+    assert ppo.quantization == want
     _, config = hh.parse_hh((hh.PROHHData, hh.PROHHConfig), ["--model_name_or_path", tiny_models["llama"],
                                                                "--output_dir", str(tmp_path / "r")], None)
     assert (config.algorithm, config.group_size, config.sampling_strategy) == ("pro", 2, "uniform")

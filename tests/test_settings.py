@@ -21,8 +21,10 @@ from lolrl.utils.cli import IGNORED, DataclassParser, to_yaml
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_FLAGS = json.loads((Path(__file__).parent / "original_flags.json").read_text())["scripts"]
 
-HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig), "dpo_qlora_llama_hh.py": hh.DPOHHArguments,
-              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig), "ppo_qlora_llama_hh.py": hh.PPOHHArguments,
+HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig),
+              "dpo_qlora_llama_hh.py": (hh.DPOHHData, hh.DPOHHConfig),
+              "pro_qlora_llama_hh.py": (hh.PROHHData, hh.PROHHConfig),
+              "ppo_qlora_llama_hh.py": (hh.PPOHHData, hh.PPOHHConfig),
               "qlora_llama_hh_eval.py": hh.HHEvalArguments, "ppo_hh_eval.py": hh.PPOEvalArguments}
 REQUIRED = {"train_generation_task_with_off_policy_PG.py": ["-i", "d", "-tn", "reddit_pos", "-m", "m", "-o", "o"],
             "preprocess_reddit_comment_scores_and_add_rewards.py": ["-i", "d", "-o", "o", "-m", "m"],
@@ -89,7 +91,12 @@ CONTEXT = {("lolrl_qlora_llama_hh.py", "--kl_beta"): ["--algorithm", "a_lol_kl"]
            ("train_generation_task_with_off_policy_PG.py", "--kl_beta"): ["-algo", "a_lol_kl"],
            # priority sampling needs rewards: the baseline nll (the default) refuses it
            ("train_generation_task_with_off_policy_PG.py", "--train_sampling"): ["-algo", "wbc"],
-           ("lolrl_qlora_llama_hh.py", "--sampling_strategy"): ["--algorithm", "a_lol"]}
+           ("lolrl_qlora_llama_hh.py", "--sampling_strategy"): ["--algorithm", "a_lol"],
+           # PPO's rollout batch must be a multiple of the mini-batch x accumulation (checked as the config is parsed)
+           ("ppo_qlora_llama_hh.py", "--per_device_train_batch_size"): ["--ppo_rollout_batch_size", "12"],
+           ("ppo_qlora_llama_hh.py", "--gradient_accumulation_steps"): ["--ppo_rollout_batch_size", "12"],
+           ("ppo_qlora_llama_hh.py", "--ppo_rollout_batch_size"): ["--per_device_train_batch_size", "1",
+                                                                   "--gradient_accumulation_steps", "1"]}
 # What a flag's value becomes: -ts is priority sampling; report_to is TrainingArguments' list.
 WANT = {"--train_sampling": "good_priority"}
 
@@ -451,3 +458,32 @@ def test_yaml_keys_may_be_the_original_long_flags(tmp_path):
     assert (config.per_device_train_batch_size, config.algorithm, config.num_train_epochs, config.do_train) == (
         4, "wbc", 2, True)
     assert (config.lora.r, config.generation.num_beams) == (8, 3)
+
+
+def test_ppo_and_dpo_parse_straight_into_their_configs():
+    """The online scripts parse into their trainers' configs, with no translation: PPO's config is a
+    TrainingArguments with the offline names (the original's flags its aliases), DPO's is TRL's DPOConfig."""
+    import transformers
+    import trl
+
+    from lolrl.online.ppo import PPOConfig
+    from lolrl.tasks.hh import online
+
+    assert issubclass(PPOConfig, transformers.TrainingArguments)
+    assert "PPOConfig(" not in Path(online.__file__).read_text()  # no config built by hand from other settings
+    ppo = parse("ppo_qlora_llama_hh.py", ["--ppo_clip", "0.3", "--kl_beta", "0.1", "--ppo_rollout_batch_size", "32",
+                                          "--top_p", "0.9", "--max_new_tokens", "64", "--no_resume",
+                                          "--per_device_train_batch_size", "8", "--adam_epsilon", "1e-5"])
+    assert isinstance(ppo.parts[1], hh.PPOHHConfig) and isinstance(ppo.parts[1], PPOConfig)
+    assert (ppo.cliprange, ppo.init_kl_coef, ppo.rollout_batch_size, ppo.resume) == (0.3, 0.1, 32, "never")
+    assert (ppo.rollout.top_p, ppo.rollout.top_k, ppo.rollout.do_sample, ppo.rollout.max_new_tokens) == (0.9, 50, True,
+                                                                                                         64)
+    assert (ppo.validation.do_sample, ppo.validation.max_new_tokens, ppo.validation.stop_texts) == (False, 64,
+                                                                                                    [" ###"])
+    assert (ppo.per_device_train_batch_size, ppo.adam_epsilon, ppo.learning_rate, ppo.max_grad_norm) == (8, 1e-5,
+                                                                                                         2e-5, 0.0)
+    dpo = parse("dpo_qlora_llama_hh.py", ["--beta", "0.2", "--reference_free", "--pair_order", "first"])
+    assert isinstance(dpo.parts[1], trl.DPOConfig) and isinstance(dpo.parts[1], hh.DPOHHConfig)
+    assert (dpo.beta, dpo.reference_free, dpo.precompute_ref_log_probs, dpo.pair_order) == (0.2, True, False, "first")
+    assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps, dpo.loss_type) == (2, 8, ["sigmoid"])
+    assert parse("dpo_qlora_llama_hh.py", []).precompute_ref_log_probs is True

@@ -366,9 +366,9 @@ def test_ppo_stops_on_non_finite_steps_and_respects_the_lock(tmp_path):
     reward = RewardFunction.from_callables(target_word_share)
 
     def config(out, lr):
-        return PPOConfig(model_name=str(tmp_path / "lm"), output_dir=str(out), total_steps=4, learning_rate=lr,
-                         batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=2,
-                         eval_steps=0, eval_in_beginning=False, save_steps=-1, max_nonfinite_steps=2,
+        return PPOConfig(model_name=str(tmp_path / "lm"), output_dir=str(out), max_steps=4, learning_rate=lr,
+                         rollout_batch_size=4, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                         ppo_epochs=2, eval_steps=0, eval_on_start=False, save_steps=-1, max_nonfinite_steps=2,
                          rollout=GenerationSettings(max_new_tokens=MAX_NEW, num_beams=1, do_sample=True))
 
     with pytest.raises(NonFiniteError, match="PPO: non-finite loss or gradient at 2 steps in a row"):

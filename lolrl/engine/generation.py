@@ -6,6 +6,7 @@ With several processes each one generates its share and the results are gathered
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ def stop_text_ids(tokenizer, texts) -> list[int]:
         else:
             logger.warning("stop text %r is not one token of this tokenizer: generation does not stop there", text)
     return out
+
+
+def with_stop_texts(settings: GenerationSettings, tokenizer, texts=()) -> GenerationSettings:
+    """``settings`` with its ``stop_texts`` (and ``texts``) added to ``stop_token_ids`` as ids of ``tokenizer``."""
+    ids = [i for i in stop_text_ids(tokenizer, [*settings.stop_texts, *texts]) if i not in settings.stop_token_ids]
+    return dataclasses.replace(settings, stop_token_ids=[*settings.stop_token_ids, *ids]) if ids else settings
 
 
 def _stop_ids(tokenizer, settings: GenerationSettings) -> list[int]:

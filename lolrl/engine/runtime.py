@@ -23,9 +23,11 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def report_to_list(report_to: str | None) -> list[str] | None:
-    """``--report_to`` (comma-separated tracker names, or none) as Accelerate's ``log_with``."""
-    names = [n.strip() for n in (report_to or "none").split(",") if n.strip()]
+def report_to_list(report_to: str | list[str] | None) -> list[str] | None:
+    """``--report_to`` (comma-separated tracker names, or none; or TrainingArguments' list of them) as Accelerate's
+    ``log_with``."""
+    text = ",".join(report_to) if isinstance(report_to, (list, tuple)) else report_to
+    names = [n.strip() for n in (text or "none").split(",") if n.strip()]
     return None if not names or names == ["none"] else names
 
 

@@ -2,7 +2,7 @@
 
 One PPO step, as TRL 0.7.1's ``PPOTrainer.step`` that the original called:
 
-1. draw ``batch_size`` training prompts (shuffled, reshuffled when exhausted) and **sample**
+1. draw ``rollout_batch_size`` training prompts (shuffled, reshuffled when exhausted) and **sample**
    a response for each from the policy (top-p, stop at EOS or the task's stop tokens);
 2. score the post-processed text with the reward; scale the scores by running statistics
    (``use_score_scaling``, and subtract the running mean with ``use_score_norm``);
@@ -12,7 +12,7 @@ One PPO step, as TRL 0.7.1's ``PPOTrainer.step`` that the original called:
    (:func:`lolrl.online.losses.ppo_token_rewards`); GAE advantages and returns
    (:func:`lolrl.online.losses.gae_advantages`), advantages whitened over the batch;
 5. ``ppo_epochs`` passes over the batch in shuffled mini-batches, one optimizer step per
-   ``mini_batch_size * gradient_accumulation_steps`` rollouts, minimising the clipped surrogate
+   ``per_device_train_batch_size * gradient_accumulation_steps`` rollouts, minimising the clipped surrogate
    plus ``vf_coef`` times the clipped value loss;
 6. the adaptive KL coefficient moves toward ``kl_target``.
 
@@ -27,25 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import TrainingArguments
 
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record
-from lolrl.engine.generation import GenerationSettings, generate_token_ids
+from lolrl.engine.generation import GenerationSettings, generate_token_ids, with_stop_texts
 from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
 from lolrl.engine.modeling import (
+    LOGPROB_KERNEL_HELP,
+    LOGPROB_KERNELS,
     LoraSettings,
     QuantizationSettings,
     base_load_dtype,
@@ -60,6 +64,7 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.optim import build_optimizer
+from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.reports import (
     plot_loss_curves,
     plot_validation_curve,
@@ -73,6 +78,7 @@ from lolrl.engine.runtime import (
     make_accelerator,
     micro_batch,
     prepare_for_training,
+    report_to_list,
     step_scheduler,
 )
 from lolrl.engine.validation import (
@@ -94,6 +100,7 @@ from lolrl.online.losses import (
 )
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.checkpoint import drop_log_tail, find_resumable, resume_training_state, run_key, save_training_state
+from lolrl.utils.cli import setting
 from lolrl.utils.finite import StepGuard, check_finite_model
 from lolrl.utils.io import append_jsonl, atomic_write_json, write_jsonl
 from lolrl.utils.lock import check_output_paths, ensure_folder, hold_folders
@@ -105,109 +112,156 @@ logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "reference"
 
 
-def _rollout_settings() -> GenerationSettings:
-    # the original's rollouts: top-p 0.95, and the top-k 50 transformers applied when none was given
-    return GenerationSettings(max_new_tokens=128, num_beams=1, repetition_penalty=1.0, do_sample=True, top_p=0.95,
-                              top_k=50)
-
-
-def _greedy_settings() -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=128, num_beams=1, repetition_penalty=1.0)
-
-
 @dataclass
-class PPOConfig:
-    """PPO settings. Defaults are the original HH run's: its ``PPOConfig`` where it set a value,
-    TRL 0.7.1's defaults elsewhere (see ``../shared/docs/hh-task.md`` §8)."""
+class PPOConfig(TrainingArguments):
+    """PPO settings: a ``transformers.TrainingArguments`` (as TRL's own PPO configs were) holding PPO's settings,
+    with the vocabulary of :class:`lolrl.engine.config.OfflineRLConfig` for what they share (``max_steps``,
+    ``per_device_train_batch_size``, ``adam_epsilon``, ``lr_scheduler_type``, ``lora``, ``quantization``, ...).
+    PPO keeps its own rollout loop (:class:`PPOTrainer`): it reads these settings, not the Trainer. Defaults are
+    the original HH run's: its ``PPOConfig`` where it set a value, TRL 0.7.1's defaults elsewhere (see
+    docs/hh.md, "Online: PPO, GRPO, RLOO")."""
 
-    model_name: str
-    output_dir: str
-    adapter_path: str | None = None  # starting adapter; also the frozen reference
-    tokenizer_name: str | None = None
-    save_dir: str | None = None  # best adapter (+ value head); default OUTPUT/best_adapter
-    cache_dir: str | None = None  # initial validation; default OUTPUT/cache
-    lora: LoraSettings = field(default_factory=LoraSettings)  # r = 0 and no adapter: full fine-tune
-    load_in_4bit: bool = False  # QLoRA (CUDA only)
-    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # how load_in_4bit quantises
-    dtype: str = "fp32"
-    # optimisation
-    total_steps: int = 1000  # PPO steps (one rollout batch each)
-    learning_rate: float = 2e-5
-    batch_size: int = 16  # rollouts per PPO step (per process)
-    mini_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    ppo_epochs: int = 4
-    weight_decay: float = 0.0
-    optim: str = "adamw_torch"  # a transformers optimizer name (lolrl.engine.optim)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-6
-    max_grad_norm: float | None = None  # TRL 0.7.1: no clipping
-    lr_scheduler: str = "constant"  # over all optimizer steps (total_steps x ppo_epochs x batches per epoch)
-    warmup_steps: int = 0  # optimizer steps of warmup, for the schedules that have one (not constant)
-    # KL to the reference
-    init_kl_coef: float = 0.2
-    adap_kl_ctrl: bool = True
-    kl_target: float = 6.0
-    kl_horizon: float = 10000.0
-    kl_penalty: str = "kl"
-    # PPO losses and estimators
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    use_score_scaling: bool = True
-    use_score_norm: bool = True
-    score_clip: float | None = None
-    ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this (TRL)
-    early_stopping: bool = False
-    target_kl: float = 0.1  # with early_stopping: stop the step's epochs when policy KL > 1.5 x this
-    value_head_dropout: float = 0.1  # with disable_dropout False (TRL's summary dropout)
-    # dropout off in the policy and the value head, as the offline algorithms (OfflineRLConfig.disable_dropout) and
-    # TRL's later PPO trainer: a mini-batch's first ratio to the rollout's log-probs is then exactly 1. False: the
-    # model's dropout in the PPO epochs (TRL 0.7.1's PPOTrainer, which the original ran)
-    disable_dropout: bool = True
-    gradient_checkpointing: bool = False
-    # the reference's log-probs: auto = Liger's fused kernel when installed on CUDA, else chunked; liger; chunked.
-    # The policy's pass stays chunked: it needs the entropy, which Liger's kernel does not give.
-    logprob_kernel: str = "auto"
-    # generation
-    max_prompt_length: int = 640
-    rollout: GenerationSettings = field(default_factory=_rollout_settings)
-    validation: GenerationSettings = field(default_factory=_greedy_settings)
-    generation_batch_size: int = 16  # generation and reward batches
-    # validation, logging, checkpoints
-    eval_steps: int = 100
-    eval_in_beginning: bool = True
-    max_val_examples: int | None = None
-    seed: int = 901
-    logging_steps: int = 1
-    report_to: str | None = None
-    save_steps: int = 0  # 0: a checkpoint at every validation; N > 0: every N steps; -1: never
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | never | must
-    stop_after_steps: int = -1
-    use_cache: bool = True
-    max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before the run stops
-    hub: HubSettings = field(default_factory=HubSettings)  # --push_to_hub: the best adapter folder, with its card
+    # ------------------------------------------------------------------ TrainingArguments, PPO's defaults
+    output_dir: str | None = setting(None, "logs, validation statistics, checkpoints; the best adapter goes to "
+                                           "OUTPUT/best_adapter")
+    max_steps: int = setting(1000, "PPO steps (one rollout batch each)", min=1)
+    per_device_train_batch_size: int = setting(4, "rollouts per mini-batch (TRL's mini_batch_size)", min=1)
+    gradient_accumulation_steps: int = setting(4, "mini-batches per optimizer step", min=1)
+    per_device_eval_batch_size: int = setting(16, "generation and reward batches", min=1)
+    learning_rate: float = setting(2e-5, "learning rate", min=0.0)
+    weight_decay: float = setting(0.0, "decoupled weight decay", min=0.0)
+    optim: str = setting("adamw_torch", "a transformers optimizer name; the paged and 8-bit ones need CUDA and "
+                                        "bitsandbytes (else adamw_torch, with a warning)")
+    adam_epsilon: float = setting(1e-6, "Adam epsilon")
+    max_grad_norm: float = setting(0.0, "gradient-norm clip at each optimizer step (0: none, as TRL 0.7.1)", min=0.0)
+    lr_scheduler_type: str = setting("constant", "a transformers scheduler name, over all optimizer steps (max_steps "
+                                                 "x ppo_epochs x optimizer steps per epoch)")
+    warmup_steps: float = setting(0, "optimizer steps of warmup, for the schedules that have one", min=0)
+    seed: int = setting(901, "seed of the rollouts, the prompt order and every stage")
+    logging_steps: float = setting(1, "log every N PPO steps", min=1)
+    eval_steps: float | None = setting(100, "validate every N PPO steps (and at the last; 0: never)", min=0)
+    eval_on_start: bool = setting(True, "validate the starting policy first")
+    save_steps: float = setting(0, "checkpoint every N PPO steps; 0: at every validation; -1 (or save_strategy "
+                                   "'no'): never")
+    save_total_limit: int | None = setting(2, "checkpoints kept", aliases=["--keep_checkpoints"], min=1)
+    report_to: None | str | list[str] = setting("none", "trackers: tensorboard, wandb, ... or none")
+    activation_checkpointing: bool = setting(False, "trade compute for memory (gradient checkpointing)",
+                                             aliases=["--gradient_checkpointing"])
+    gradient_checkpointing: bool | None = setting(None, "TrainingArguments' name: sets activation_checkpointing",
+                                                  hidden_field=True)
+
+    # ------------------------------------------------------------------------------------- model
+    model_name: str | None = setting(None, "the starting policy: hub id or path", aliases=["--model_name_or_path"])
+    tokenizer_name: str | None = setting(None, "tokenizer, when not the model's")
+    adapter_path: str | None = setting(None, "starting adapter; also the frozen reference")
+    lora: LoraSettings = setting(LoraSettings(), "LoRA settings (r = 0 and no adapter: full fine-tune)",
+                                 flatten="lora_")
+    load_in_4bit: bool = setting(False, "QLoRA: quantise the frozen base to 4-bit (CUDA + bitsandbytes)")
+    quantization: QuantizationSettings = setting(QuantizationSettings(), "how load_in_4bit quantises", flatten="")
+    save_dir: str | None = setting(None, "the best adapter and its value head (default OUTPUT/best_adapter)")
+    cache_dir: str | None = setting(None, "the starting policy's validation generations (default OUTPUT/cache)")
+    stage_cache: bool = setting(True, "reuse the cached starting-policy validation; --no_cache recomputes it",
+                                no_aliases=["--no_cache"])
+    # dropout off in the policy and the value head, as the offline algorithms and TRL's later PPO trainer: a
+    # mini-batch's first ratio to the rollout's log-probs is then exactly 1
+    disable_dropout: bool = setting(True, "dropout off in the policy and the value head (a mini-batch's first ratio "
+                                          "is exactly 1); --keep_dropout keeps the model's dropout in the PPO epochs "
+                                          "(TRL 0.7.1's PPOTrainer, which the original ran)",
+                                    no_aliases=["--keep_dropout"])
+    logprob_kernel: str = setting("auto", LOGPROB_KERNEL_HELP + " (the reference's log-probs; the policy's pass "
+                                          "stays chunked: it needs the entropy)", choices=LOGPROB_KERNELS)
+    max_prompt_length: int = setting(640, "prompt tokens kept (the last ones)", min=1)
+
+    # --------------------------------------------------------------------------------------- PPO
+    rollout_batch_size: int = setting(16, "rollouts per PPO step (per process)", min=2,
+                                      aliases=["--ppo_rollout_batch_size"])
+    ppo_epochs: int = setting(4, "PPO epochs per rollout batch", min=1)
+    init_kl_coef: float = setting(0.2, "initial KL coefficient", min=0.0, aliases=["--kl_beta"])
+    adap_kl_ctrl: bool = setting(True, "adapt the KL coefficient toward --kl_target (--no_adap_kl_ctrl: fixed)")
+    kl_target: float = setting(6.0, "target KL of the adaptive controller")
+    kl_horizon: float = setting(10000.0, "horizon of the adaptive controller")
+    kl_penalty: str = setting("kl", "per-token KL estimate", choices=PPO_KL_PENALTIES)
+    cliprange: float = setting(0.2, "clip range of the probability ratio", min=0.0, aliases=["--ppo_clip"])
+    cliprange_value: float = setting(0.2, "clip range of the value loss")
+    vf_coef: float = setting(0.1, "value-loss coefficient")
+    gamma: float = setting(1.0, "discount")
+    lam: float = setting(0.95, "GAE lambda")
+    whiten_advantages: bool = setting(True, "whiten the advantages over the rollout batch")
+    use_score_scaling: bool = setting(True, "scale scores by their running std")
+    use_score_norm: bool = setting(True, "with scaling: also subtract their running mean")
+    score_clip: float | None = setting(None, "clip the (scaled) scores to [-c, c]", min=0.0)
+    ratio_threshold: float = setting(10.0, "skip a mini-batch whose mean ratio exceeds this (TRL)")
+    early_stopping: bool = setting(False, "end a step's PPO epochs once the policy KL exceeds 1.5 x --target_kl")
+    target_kl: float = setting(0.1, "with --early_stopping: the KL that ends a step's PPO epochs (x 1.5)")
+    value_head_dropout: float = setting(0.1, "the value head's dropout with --keep_dropout (TRL's summary dropout)")
+    # the original's rollouts: top-p 0.95, and the top-k 50 transformers applied when none was given
+    rollout: GenerationSettings = setting(
+        GenerationSettings(max_new_tokens=128, num_beams=1, repetition_penalty=1.0, do_sample=True, top_p=0.95,
+                           top_k=50), "rollout decoding (its length and stops are validation's too)", flatten="")
+    validation: GenerationSettings | None = setting(None, "validation decoding (the Python API's); none: the rollout "
+                                                          "settings, greedy")
+
+    # ----------------------------------------------------------------------- validation, checkpoints
+    max_val_examples: int | None = setting(None, "validate on the first N validation prompts only", min=1)
+    resume: str = setting("auto", "continue from the latest checkpoint in OUTPUT/checkpoints: auto (whenever one "
+                                  "exists), must (--resume alone) or never (--no_resume)",
+                          choices=("auto", "must", "never"), const="must", no_aliases=["--no_resume"],
+                          no_value="never")
+    stop_after_steps: int = setting(-1, "stop, checkpointed, after this many PPO steps; the same command resumes")
+    max_nonfinite_steps: int = setting(3, "optimizer steps in a row with a NaN/inf loss or gradient before the run "
+                                          "stops", min=1)
 
     def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ConfigError("PPOConfig needs a model_name (the starting policy)")
+        if not self.output_dir:
+            raise ConfigError("PPOConfig needs an output_dir (where the run writes its results)")
+        if not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()):
+            self.use_cpu = True  # as OfflineRLConfig: no bf16 device checks against a GPU that is not there
+        if self.gradient_checkpointing is not None:  # TrainingArguments' spelling
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        if self.save_steps == -1:  # the scripts' "never"
+            self.save_strategy, self.save_steps = "no", 0
+        if self.validation is None:  # greedy, with the rollouts' length and stops
+            self.validation = dataclasses.replace(self.rollout, do_sample=False, num_beams=1, top_p=1.0, top_k=0,
+                                                  temperature=1.0)
+        if self.validation.max_new_tokens is None:
+            self.validation = dataclasses.replace(self.validation, max_new_tokens=self.rollout.max_new_tokens)
+        self.eval_steps = self.eval_steps or 0  # 0 (or TrainingArguments' None): never
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "best_adapter")
         self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
+        self.optim = resolve_optimizer(self.optim)
         self.validate()
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # TrainingArguments' own checks: one line, as ours
+            raise ConfigError(str(exc).splitlines()[0]) from None
+
+    @property
+    def dtype(self) -> str:
+        """The run's precision: bf16 or fp16 (autocast, as the Trainer's ``bf16`` / ``fp16``) or fp32."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def hub(self) -> HubSettings:
+        return HubSettings.of(self)
 
     @property
     def backward_batch_size(self) -> int:
-        return self.mini_batch_size * self.gradient_accumulation_steps
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def checkpoint_never(self) -> bool:
+        return self.save_strategy == "no"
 
     def validate(self) -> None:
-        if self.total_steps < 1 or self.ppo_epochs < 1 or self.mini_batch_size < 1:
-            raise ConfigError("total_steps, ppo_epochs and mini_batch_size must be >= 1")
-        if self.batch_size < 2 or self.batch_size % self.backward_batch_size:
-            raise ConfigError(f"the rollout batch ({self.batch_size}) must be >= 2 and a multiple of mini_batch_size x "
-                              f"gradient_accumulation_steps ({self.backward_batch_size})")
+        if self.max_steps < 1 or self.ppo_epochs < 1 or self.per_device_train_batch_size < 1:
+            raise ConfigError("max_steps, ppo_epochs and per_device_train_batch_size must be >= 1")
+        if self.rollout_batch_size < 2 or self.rollout_batch_size % self.backward_batch_size:
+            raise ConfigError(f"the rollout batch ({self.rollout_batch_size}) must be >= 2 and a multiple of "
+                              f"per_device_train_batch_size x gradient_accumulation_steps ({self.backward_batch_size})")
+        if self.rollout.max_new_tokens is None:
+            raise ConfigError("the rollouts need a max_new_tokens")
         check_logprob_kernel(self.logprob_kernel)
         self.quantization.check()
         self.hub.check()
@@ -220,6 +274,8 @@ class PPOConfig:
             raise ConfigError("resume must be auto, never or must")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.save_steps < 0:
+            raise ConfigError(f"save_steps must be >= 0 (-1 or save_strategy 'no': never), got {self.save_steps}")
         check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir}, self.save_dir,
                            {"starting model": self.model_name, "adapter": self.adapter_path})
         if self.max_nonfinite_steps < 1:
@@ -228,7 +284,12 @@ class PPOConfig:
             logger.warning("PPO rollouts without sampling: every rollout of a prompt is the same")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "hub": self.hub.shown()}
+        """Every setting (args.json, the trackers' hyper-parameters, the resume key), nested settings as mappings,
+        the hub token hidden (TrainingArguments hides every ``*_token``)."""
+        values = super().to_dict()
+        for name in ("lora", "quantization", "rollout", "validation"):
+            values[name] = dataclasses.asdict(getattr(self, name))
+        return values
 
     def card_settings(self) -> dict:
         """The settings the model card lists (:mod:`lolrl.engine.model_card`)."""
@@ -236,9 +297,10 @@ class PPOConfig:
         return {"algorithm": "ppo", "cliprange": self.cliprange, "cliprange_value": self.cliprange_value,
                 "init_kl_coef": self.init_kl_coef, "adap_kl_ctrl": self.adap_kl_ctrl, "kl_target": self.kl_target,
                 "kl_penalty": self.kl_penalty, "vf_coef": self.vf_coef, "gamma": self.gamma, "lam": self.lam,
-                "learning_rate": self.learning_rate, "optim": self.optim, "lr_scheduler": self.lr_scheduler,
-                "total_steps": self.total_steps, "rollouts per step (per process)": self.batch_size,
-                "mini_batch_size": self.mini_batch_size,
+                "learning_rate": self.learning_rate, "optim": str(getattr(self.optim, "value", self.optim)),
+                "lr_scheduler_type": str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)),
+                "max_steps": self.max_steps, "rollouts per step (per process)": self.rollout_batch_size,
+                "per_device_train_batch_size": self.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.gradient_accumulation_steps,
                 "ppo_epochs": self.ppo_epochs, "precision (dtype)": self.dtype,
                 "LoRA": f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}" if lora.enabled
@@ -316,8 +378,11 @@ class PPOTrainer:
         self.accelerator = accelerator or make_accelerator(config, config.gradient_accumulation_steps)
         self.is_main = self.accelerator.is_main_process
         self.output_dir = ensure_folder(config.output_dir, "output folder")
-        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.use_cache, accelerator=self.accelerator)
+        self.cache = cache_lib.Cache(config.cache_dir, enabled=config.stage_cache, accelerator=self.accelerator)
         self.tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
+        # the decodings' stop texts (e.g. HH's ' ###') as token ids of this tokenizer
+        self.rollout_settings = with_stop_texts(config.rollout, self.tokenizer)
+        self.validation_settings = with_stop_texts(config.validation, self.tokenizer)
         self.row_tokenizer = Tokenizer(self.tokenizer, False, config.max_prompt_length, config.rollout.max_new_tokens)
         self.collator = Collator(self.tokenizer.pad_token_id, False)
         self.kl_coef = config.init_kl_coef
@@ -341,7 +406,7 @@ class PPOTrainer:
                             device_index=acc.local_process_index)
         if getattr(policy.config, "is_encoder_decoder", False):
             raise ConfigError("PPO here is for decoder-only models")
-        if config.gradient_checkpointing:
+        if config.activation_checkpointing:
             enable_activation_checkpointing(policy)
         peft = hasattr(policy, "peft_config")
         if peft and config.adapter_path:
@@ -397,11 +462,11 @@ class PPOTrainer:
 
         config = self.config
         optimizer = build_optimizer(self.model, config.optim, config.learning_rate,
-                                    (config.adam_beta1, config.adam_beta2), config.adam_eps, config.weight_decay)
+                                    (config.adam_beta1, config.adam_beta2), config.adam_epsilon, config.weight_decay)
         self.model, optimizer = prepare_for_training(self.accelerator, self.model, optimizer, config.max_grad_norm,
                                                      device_placement=[not self.quantized, True])
-        steps = config.total_steps * config.ppo_epochs * (config.batch_size // config.backward_batch_size)
-        return optimizer, get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+        steps = config.max_steps * config.ppo_epochs * (config.rollout_batch_size // config.backward_batch_size)
+        return optimizer, get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                         num_training_steps=steps)
 
     # ---------------------------------------------------------------------------------- rollouts
@@ -409,7 +474,7 @@ class PPOTrainer:
         """This process's share of the next global batch; every process walks the same permutation."""
         acc, n = self.accelerator, len(self.train_records)
         chosen = []
-        for _ in range(self.config.batch_size * acc.num_processes):
+        for _ in range(self.config.rollout_batch_size * acc.num_processes):
             if self.prompt_position >= n:
                 self.prompt_epoch, self.prompt_position = self.prompt_epoch + 1, 0
             order = self._permutation(self.prompt_epoch)
@@ -425,7 +490,7 @@ class PPOTrainer:
 
     def _score(self, records: list[Record], completions: list[str]) -> list[float]:
         out = self.reward(prompts=[r.prompt for r in records], completions=completions,
-                          batch_size=self.config.generation_batch_size, show_progress=False,
+                          batch_size=self.config.per_device_eval_batch_size, show_progress=False,
                           **reward_columns(records))
         return out["final_reward"]
 
@@ -438,8 +503,8 @@ class PPOTrainer:
         reference log-probs, per-token rewards, advantages, returns)."""
         config, acc = self.config, self.accelerator
         prompts = [TokenizedRow(i, self.row_tokenizer.prompt_ids(r.prompt), []) for i, r in enumerate(records)]
-        responses = generate_token_ids(self._policy(), self.tokenizer, prompts, config.rollout,
-                                       config.generation_batch_size, acc.device)
+        responses = generate_token_ids(self._policy(), self.tokenizer, prompts, self.rollout_settings,
+                                       config.per_device_eval_batch_size, acc.device)
         texts = [t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True)]
         completions = [self.postprocess(t) for t in texts] if self.postprocess else texts
         raw_scores = torch.tensor(self._score(records, completions), dtype=torch.float32, device=acc.device)
@@ -453,8 +518,8 @@ class PPOTrainer:
         rows = [TokenizedRow(p.index, p.prompt_ids, r) for p, r in zip(prompts, responses)]
         old_logprobs, values, ref_logprobs = [], [], []
         self.model.eval()
-        for start in range(0, len(rows), config.mini_batch_size):
-            batch = self._collate(rows[start:start + config.mini_batch_size])
+        for start in range(0, len(rows), config.per_device_train_batch_size):
+            batch = self._collate(rows[start:start + config.per_device_train_batch_size])
             with acc.autocast():
                 lp, _, v, _ = self._unwrapped()(batch)
                 with self._reference() as reference:
@@ -493,7 +558,8 @@ class PPOTrainer:
             order = torch.randperm(n).tolist()
             for start in range(0, n, config.backward_batch_size):
                 group = order[start:start + config.backward_batch_size]
-                minis = [group[i:i + config.mini_batch_size] for i in range(0, len(group), config.mini_batch_size)]
+                size = config.per_device_train_batch_size
+                minis = [group[i:i + size] for i in range(0, len(group), size)]
                 for j, idx in enumerate(minis):
                     with micro_batch(acc, self.model, last=j == len(minis) - 1):
                         with acc.autocast():
@@ -549,7 +615,7 @@ class PPOTrainer:
         kl = float(acc.gather(data["kl_per_row"]).mean())
         if config.adap_kl_ctrl:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl, config.kl_target, config.kl_horizon,
-                                            config.batch_size * acc.num_processes)
+                                            config.rollout_batch_size * acc.num_processes)
         scores = acc.gather(data["raw_scores"])
         mask = data["mask"]
         return {"reward": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
@@ -566,7 +632,7 @@ class PPOTrainer:
 
     def _generate_and_score(self, desc: str) -> tuple[list[str], dict[str, list[float]]]:
         return generate_and_score(self._policy(), self.tokenizer, self.val_records, self._val_rows(),
-                                  self.config.validation, self.config.generation_batch_size, self.accelerator,
+                                  self.validation_settings, self.config.per_device_eval_batch_size, self.accelerator,
                                   self.reward, self.postprocess, desc)
 
     def _initial_generations(self):
@@ -656,7 +722,7 @@ class PPOTrainer:
                     "best_measure": self.keeper.best if math.isfinite(self.keeper.best) else None,
                     "kl_coef": self.kl_coef, "running": self.running.state(), "run_key": self._run_key}
         save_training_state(self.accelerator, self.checkpoint_dir, self.global_step, trainable, self.model, optimizer,
-                            scheduler, progress, self.best_state, self.config.keep_checkpoints)
+                            scheduler, progress, self.best_state, self.config.save_total_limit)
 
     def _resume(self, checkpoint: Path, optimizer, scheduler) -> None:
         state, best = resume_training_state(self.accelerator, checkpoint, self.model, optimizer, scheduler)
@@ -677,7 +743,7 @@ class PPOTrainer:
         end_run(self.accelerator)
 
     def run(self) -> dict:
-        """Train for ``total_steps`` PPO steps with validation; returns the best validation summary.
+        """Train for ``max_steps`` PPO steps with validation; returns the best validation summary.
         The output and save folders are locked for the run (a second run on them is refused)."""
         with hold_folders({"output folder": self.output_dir, "save folder": self.config.save_dir}, self.is_main):
             return self._run()
@@ -688,23 +754,23 @@ class PPOTrainer:
             atomic_write_json(self.output_dir / "args.json", config.to_dict())
         self._load()
         optimizer, scheduler = self._optimizer()
-        if config.report_to not in (None, "none"):
+        if report_to_list(config.report_to):
             acc.init_trackers("lolrl_ppo", config=flat_config(config.to_dict()))
         checkpoint = self.find_checkpoint()
         if checkpoint is not None:
             self._resume(checkpoint, optimizer, scheduler)
         else:
-            if config.eval_in_beginning and self.val_records:
+            if config.eval_on_start and self.val_records:
                 self.validate(0, self._initial_generations())
             seed_stage(config.seed, "train")  # the rollouts' stream, whether the validation above was cached or not
         logger.info("PPO: %d steps of %d rollouts (x%d processes), %d epochs of mini-batches of %d, reference: %s",
-                    config.total_steps, config.batch_size, acc.num_processes, config.ppo_epochs,
-                    config.mini_batch_size, "frozen copy" if self.ref_model is not None else
+                    config.max_steps, config.rollout_batch_size, acc.num_processes, config.ppo_epochs,
+                    config.per_device_train_batch_size, "frozen copy" if self.ref_model is not None else
                     "starting adapter (frozen)" if self.ref_adapter else "adapter disabled")
-        progress = tqdm(total=config.total_steps, initial=self.global_step, desc="ppo",
+        progress = tqdm(total=config.max_steps, initial=self.global_step, desc="ppo",
                         disable=not acc.is_local_main_process)
         started = time.time()
-        while self.global_step < config.total_steps:
+        while self.global_step < config.max_steps:
             entry = self.step(optimizer, scheduler)
             self.global_step += 1
             progress.update(1)
@@ -715,12 +781,14 @@ class PPOTrainer:
                     append_jsonl(self.output_dir / "train_log.jsonl", entry)
                 acc.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.global_step)
             validated = bool(self.val_records) and config.eval_steps > 0 and (
-                self.global_step % config.eval_steps == 0 or self.global_step == config.total_steps)
+                self.global_step % config.eval_steps == 0 or self.global_step == config.max_steps)
             if validated:
                 self.validate(self.global_step)
             stopping = self.global_step == config.stop_after_steps
             every = config.save_steps
-            if stopping or (every == 0 and validated) or (every > 0 and self.global_step % every == 0):
+            scheduled = not config.checkpoint_never and (
+                (every == 0 and validated) or (every > 0 and self.global_step % every == 0))
+            if stopping or scheduled:
                 self._save_checkpoint(optimizer, scheduler)
             if stopping:
                 progress.close()

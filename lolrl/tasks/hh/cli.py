@@ -4,8 +4,9 @@
 training fields under TrainingArguments' names, with the original's defaults, declared once for
 every HH script. The offline scripts (``lolrl_qlora_llama_hh.py``, ``pro_qlora_llama_hh.py``) parse
 straight into the engine's config (:class:`ALoLHHConfig`, :class:`PROHHConfig`, subclasses of
-``OfflineRLConfig``) plus their data settings; DPO, PPO and the evaluation scripts into one
-:class:`HHArguments` subclass each. A field the original parsed but never read is accepted and
+``OfflineRLConfig``) plus their data settings; DPO into TRL's ``DPOConfig`` (:class:`DPOHHConfig`), PPO into
+:class:`lolrl.online.ppo.PPOConfig` (:class:`PPOHHConfig`), each with its data settings; the evaluation scripts
+into one :class:`HHArguments` subclass each. A field the original parsed but never read is accepted and
 labelled so in ``--help`` (:func:`ignored`). Parsing: :class:`lolrl.utils.cli.DataclassParser`
 (``--flag False``, ``--no_flag``, ``--config FILE.yaml``, one-line errors with exit status 2).
 """
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from trl import DPOConfig
 
 from lolrl.engine.config import DISABLE_DROPOUT_HELP, OfflineRLConfig
 from lolrl.engine.generation import GenerationSettings
-from lolrl.engine.model_card import HubSettings
-from lolrl.engine.modeling import LOGPROB_KERNEL_HELP, LOGPROB_KERNELS, LoraSettings, QuantizationSettings
+from lolrl.engine.modeling import LoraSettings, QuantizationSettings
+from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.sampling import STRATEGIES as SAMPLING_STRATEGIES
-from lolrl.online.losses import PPO_KL_PENALTIES
+from lolrl.online.ppo import PPOConfig
 from lolrl.tasks.hh.data import RENDERINGS
 from lolrl.tasks.hh.preference import PAIR_ORDERS
 from lolrl.tasks.hh.reward_model import TEST_RM
@@ -112,13 +114,18 @@ class HHTraining:
 
 
 @dataclass
-class HHArguments(HHTraining, HHData):
-    """Settings of the HH scripts whose trainer is not lolrl's offline one (DPO, PPO, evaluation)."""
+class UnreadOfflineFlags:
+    """The original's offline flags that the DPO, PPO and evaluation scripts parsed and never read."""
 
     a2c_n_value_head_epochs: int = ignored(10)
     algorithm: str = ignored("nll")
     sampling_strategy: str | None = ignored(None)
     training_stage_num: int = ignored(2)
+
+
+@dataclass
+class HHArguments(HHTraining, HHData, UnreadOfflineFlags):
+    """Settings of the HH evaluation scripts."""
 
     def __post_init__(self) -> None:
         self.adapter_path = adapter_of(self)
@@ -143,15 +150,6 @@ def check_model_locations(args) -> None:
         if looks_local and not os.path.exists(os.path.expanduser(value)):
             flags = "/".join([f"--{name}", *fields[name].metadata.get("aliases", [])])
             raise ConfigError(f"{flags} {value!r}: no such folder")
-
-
-@dataclass
-class LogprobKernelArguments(HubSettings):
-    """The settings of the scripts whose trainer is lolrl's own (A-LoL family, PRO, PPO): the log-prob kernel, and
-    the hub upload of the best adapter folder with its model card (--push_to_hub, ...)."""
-
-    logprob_kernel: str = setting(default_of(OfflineRLConfig, "logprob_kernel"), LOGPROB_KERNEL_HELP,
-                                  choices=LOGPROB_KERNELS)
 
 
 @dataclass
@@ -223,17 +221,54 @@ class ALoLHHConfig(HHOfflineConfig):
 
 
 @dataclass
-class DPOHHArguments(HHArguments):
-    """dpo_qlora_llama_hh.py: DPO through TRL's DPOTrainer."""
+class DPOHHData(HHData, UnreadOfflineFlags):
+    """dpo_qlora_llama_hh.py's data settings (and the original's flags DPO does not read)."""
+
+    # the original's --max_length (never read) is DPOConfig's max_length here (DPOHHConfig)
+    max_length: int = setting(768, "see DPOHHConfig.max_length", hidden_field=True)
+    pair_order: str = setting("reward", "chosen = the higher-reward suffix, or the first suffix as the original",
+                              choices=PAIR_ORDERS)
+
+
+@dataclass
+class DPOHHConfig(HHTraining, DPOConfig):
+    """dpo_qlora_llama_hh.py: TRL's DPOConfig with the HH scripts' defaults (batch 2 x 8, as the original's DPO);
+    DPOTrainer gets it as parsed, with the derived values set here: checkpoints in OUTPUT/checkpoints (by
+    :func:`lolrl.tasks.hh.dpo.train_dpo`), reference log-probs precomputed unless reference-free or
+    --ref_every_step, bf16 on CUDA."""
 
     per_device_train_batch_size: int = setting(2, "micro-batch size (preference pairs)", min=1)
     gradient_accumulation_steps: int = setting(8, "micro-batches per optimizer step", min=1)
-    beta: float = setting(0.1, "DPO beta", min=0.0)
+    beta: float = restated(DPOConfig, "beta", 0.1, min=0.0)
+    loss_type: list[str] = restated(DPOConfig, "loss_type", ["sigmoid"], "any TRL DPO loss type (sigmoid = DPO, "
+                                                                       "ipo, ...)")
+    max_length: int | None = ignored(None, "TRL truncates nothing: prompts keep their last --max_prompt_length "
+                                           "tokens, responses their first 128 (the original's --max_length)")
     reference_free: bool = setting(False, "reference log-ratio 0 (no reference model)")
-    loss_type: str = setting("sigmoid", "any TRL DPO loss type (sigmoid = DPO, ipo, ...)")
-    pair_order: str = setting("reward", "chosen = the higher-reward suffix, or the first suffix as the original",
-                              choices=PAIR_ORDERS)
     ref_every_step: bool = setting(False, "run the reference adapter in every step instead of precomputing")
+    bf16: bool | None = setting(None, "bf16 autocast; none: on CUDA (the original's 4-bit runs), fp32 elsewhere")
+    gradient_checkpointing: bool | None = setting(None, "TrainingArguments' name: --gradient_checkpointing sets "
+                                                        "activation_checkpointing", hidden_field=True)
+    remove_unused_columns: bool = setting(False, "kept False: the pairs' columns reach TRL", hidden_field=True)
+    save_total_limit: int | None = setting(2, "checkpoints kept", min=1)
+
+    def __post_init__(self) -> None:
+        self.adapter_path = adapter_of(self)
+        check_model_locations(self)
+        cuda = torch.cuda.is_available()  # plain LoRA in fp32 elsewhere (the run's model loading says so)
+        self.bf16, self.use_cpu = cuda if self.bf16 is None else self.bf16, not cuda
+        self.gradient_checkpointing = self.activation_checkpointing
+        self.optim = resolve_optimizer(self.optim)
+        self.precompute_ref_log_probs = not self.reference_free and not self.ref_every_step
+        self.precompute_ref_batch_size = self.per_device_eval_batch_size
+        if self.save_steps == -1:  # never
+            self.save_strategy, self.save_steps = "no", 0
+        elif self.save_steps == 0:  # at the validations (every eval_steps; 500 without them)
+            self.save_steps = self.eval_steps if self.eval_steps and self.eval_steps > 0 else 500
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # TrainingArguments' and TRL's own checks: one line
+            raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 @dataclass
@@ -260,57 +295,60 @@ class PROHHConfig(HHOfflineConfig):
 
 
 @dataclass
-class PPOHHArguments(LogprobKernelArguments, HHArguments):
-    """ppo_qlora_llama_hh.py: online PPO (or TRL's GRPO / RLOO)."""
+class PPOHHData(HHData, UnreadOfflineFlags):
+    """ppo_qlora_llama_hh.py's data settings (and the original's flags PPO does not read)."""
 
-    max_grad_norm: float = setting(0.0, "gradient-norm clip (0: none; the original's 0.3 was never passed, TRL "
-                                        "0.7.1 did not clip)", min=0.0)
-    output_dir: str = setting("checkpoints/ppo_qlora_llama", "outputs; the best adapter goes to OUTPUT/best_adapter")
-    a2c_n_value_head_epochs: int = ignored(10)
-    algorithm: str = ignored("nll")
-    ppo_clip: float = setting(0.2, "clip range of the probability ratio (the original's flag was not passed; "
-                                   "TRL's default 0.2 applied)", min=0.0)
-    kl_beta: float = setting(0.2, "initial KL coefficient (TRL's init_kl_coef)", min=0.0)
-    sampling_strategy: str | None = ignored(None)
-    target_kl: float = setting(0.1, "with --early_stopping: end a step's PPO epochs once the KL exceeds 1.5x this")
     batched_gen: bool = ignored(False)
-    total_steps: int | None = setting(None, f"PPO steps (one rollout batch each; default {PPO_STEPS})", min=1)
-    max_steps: int | None = setting(None, "another spelling of --total_steps (give either; both: they must agree)",
-                                    min=1)
-    eval_steps: int = setting(100, "validate every N PPO steps", min=0)
-    learning_rate: float = setting(2e-5, "learning rate", min=0.0)
-    ppo_rollout_batch_size: int = setting(16, "rollouts per PPO step", min=1)
-    ppo_epochs: int = setting(4, "PPO epochs per rollout batch", min=1)
-    # lolrl's additions (TRL 0.7.1's PPOConfig defaults)
-    adap_kl_ctrl: bool = setting(True, "adapt the KL coefficient toward --kl_target (--no_adap_kl_ctrl: fixed)")
-    kl_target: float = setting(6.0, "target KL of the adaptive controller")
-    kl_horizon: float = setting(10000.0, "horizon of the adaptive controller")
-    kl_penalty: str = setting("kl", "per-token KL estimate", choices=PPO_KL_PENALTIES)
-    cliprange_value: float = setting(0.2, "clip range of the value loss")
-    vf_coef: float = setting(0.1, "value-loss coefficient")
-    gamma: float = setting(1.0, "discount")
-    lam: float = setting(0.95, "GAE lambda")
-    use_score_scaling: bool = setting(True, "scale scores by their running std")
-    use_score_norm: bool = setting(True, "with scaling: also subtract their running mean")
-    early_stopping: bool = setting(False, "end a step's PPO epochs once the policy KL exceeds 1.5 x --target_kl")
-    top_p: float = setting(0.95, "rollout nucleus sampling", min=0.0, max=1.0)
-    temperature: float = setting(1.0, "rollout temperature", min=0.0)
-    top_k: int = setting(50, "rollout top-k (0: none); 50 is what the original's rollouts got from transformers' "
-                             "defaults", min=0)
-    max_new_tokens: int = setting(128, "rollout and validation length", min=1)
+
+
+@dataclass
+class PPOHHConfig(HHTraining, PPOConfig):
+    """ppo_qlora_llama_hh.py: online PPO (lolrl.online.ppo), or TRL's GRPO / RLOO, on the HH settings: PPO's
+    defaults where they are not the HH scripts' (the original's PPOConfig and TRL 0.7.1's), 4-bit and bf16 on CUDA."""
+
+    output_dir: str = restated(HHTraining, "output_dir", "checkpoints/ppo_qlora_llama")
+    max_steps: int | None = setting(None, f"PPO steps (one rollout batch each; default {PPO_STEPS}); --total_steps "
+                                          "is the original's spelling of it (both given: they must agree)", min=1)
+    total_steps: int | None = setting(None, "the original's spelling of --max_steps", min=1)
+    learning_rate: float = restated(PPOConfig, "learning_rate", 2e-5, "the original's PPO learning rate")
+    max_grad_norm: float = restated(PPOConfig, "max_grad_norm", 0.0, "the original's 0.3 was never passed, TRL 0.7.1 "
+                                                                     "did not clip")
+    eval_steps: float = restated(PPOConfig, "eval_steps", 100)
+    logging_steps: float = restated(PPOConfig, "logging_steps", 1, "as TRL 0.7.1 logged every step")
+    cliprange: float = restated(PPOConfig, "cliprange", 0.2, "the original's --ppo_clip was not passed; TRL's default "
+                                                             "0.2 applied")
+    init_kl_coef: float = restated(PPOConfig, "init_kl_coef", 0.2, "the original's --kl_beta, TRL's init_kl_coef")
+    rollout: GenerationSettings = restated(
+        PPOConfig, "rollout", dataclasses.replace(default_of(PPOConfig, "rollout"), stop_texts=[" ###"]),
+        "top-p 0.95, top-k 50 (what the original's rollouts got from transformers' defaults), 128 tokens, stopping "
+        "at the next ' ###' turn")
+    bf16: bool | None = setting(None, "bf16 autocast; none: on CUDA (the original's 4-bit runs), fp32 elsewhere")
+    load_in_4bit: bool | None = restated(PPOConfig, "load_in_4bit", None, "none: on CUDA")
     trainer: str = setting("ppo", "ppo (lolrl.online.ppo); grpo or rloo: TRL's trainers with the same reward "
                                   "and validation", choices=("ppo", "grpo", "rloo"))
     num_generations: int = setting(4, "grpo/rloo: samples per prompt (group size)", min=2)
-    no_resume: bool = setting(False, "start over even if OUTPUT/checkpoints exists")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         # one setting, two spellings (the original's --total_steps; HF's --max_steps)
         given = {v for v in (self.total_steps, self.max_steps) if v is not None}
         if len(given) > 1:
             raise ConfigError(f"--total_steps {self.total_steps} and --max_steps {self.max_steps} disagree: "
                               "they are one setting, give one of them")
         self.total_steps = self.max_steps = given.pop() if given else PPO_STEPS
+        self.adapter_path = adapter_of(self)
+        check_model_locations(self)
+        on_cuda_unless_given(self, ("bf16", "load_in_4bit"))
+        super().__post_init__()
+
+
+def on_cuda_unless_given(config, names: tuple[str, ...]) -> None:
+    """The settings ``names`` left None: True on CUDA (the original's 4-bit bf16 runs), False elsewhere, saying so."""
+    cuda = torch.cuda.is_available()
+    unset = [name for name in names if getattr(config, name) is None]
+    if unset and not cuda:
+        logger.warning("no CUDA device: plain LoRA on an fp32 base instead of 4-bit QLoRA")
+    for name in unset:
+        setattr(config, name, cuda)
 
 
 @dataclass

@@ -14,6 +14,7 @@ a reward-sorted training file).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,7 +22,6 @@ import torch
 
 from lolrl.engine.collation import Tokenizer
 from lolrl.engine.modeling import load_model, load_tokenizer
-from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.engine.validation import RewardValidationCallback
 from lolrl.tasks.hh.data import render
@@ -30,7 +30,20 @@ from lolrl.utils.lock import check_output_paths, hold_folders
 from lolrl.utils.processes import launched_as_main
 
 logger = logging.getLogger(__name__)
-__all__ = ["PAIR_ORDERS", "preference_pairs", "train_dpo", "truncate_pairs"]
+__all__ = ["PAIR_ORDERS", "main", "preference_pairs", "train_dpo", "truncate_pairs"]
+
+DPO_HELP = """DPO on Helpful-and-Harmless with a (Q)LoRA LLaMA, through TRL's DPOTrainer.
+
+    lolrl hh dpo --output_dir results/dpo            # reference = the starting adapter
+    lolrl hh dpo --reference_free --output_dir results/dpo_ref_free
+
+Pairs: the two suffixes of each ``cleaner_train.json`` record, the higher-reward one chosen.
+The reference is the starting adapter (a frozen copy on the same base; its log-probs are computed
+once before training unless ``--ref_every_step``). Validation, best adapter (``OUTPUT/best_adapter``)
+and defaults as the original: beta 0.1, batch 2 x 8 accumulation, lr 2e-4, 9000 steps, validation
+every 900. QLoRA on CUDA, plain LoRA in fp32 without CUDA. Interrupted runs resume from
+``OUTPUT/checkpoints``.
+"""
 
 
 def preference_pairs(rows: list[dict], how: str = "llama", order: str = "reward") -> list[dict]:
@@ -97,63 +110,47 @@ def _stop_after(steps: int):
     return StopAfter()
 
 
-def train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
+def train_dpo(data, config, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
     """Train with TRL's DPO on the HH pairs, validating by reward every ``eval_steps`` steps;
-    the best adapter goes to ``OUTPUT/best_adapter``. ``args``: the script's settings
-    (:class:`lolrl.tasks.hh.cli.DPOHHArguments`). The output
-    folder is locked for the run (a second run on it is refused)."""
-    from lolrl.tasks.hh.shared import adapter_of
+    the best adapter goes to ``OUTPUT/best_adapter``. ``data`` and ``config``: the script's parsed settings
+    (:class:`lolrl.tasks.hh.cli.DPOHHData`, :class:`lolrl.tasks.hh.cli.DPOHHConfig`, a ``trl.DPOConfig``);
+    DPOTrainer gets the config, its checkpoints in ``OUTPUT/checkpoints``. The output folder is locked for the
+    run (a second run on it is refused)."""
+    check_output_paths({"output folder": config.output_dir}, str(Path(config.output_dir) / "best_adapter"),
+                       {"starting model": config.model_name, "adapter": config.adapter_path})
+    with hold_folders({"output folder": config.output_dir}, launched_as_main()):
+        return _train_dpo(data, config, train_rows, val_records, reward, postprocess, generation)
 
-    check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
-                       {"starting model": args.model_name, "adapter": adapter_of(args)})
-    with hold_folders({"output folder": args.output_dir}, launched_as_main()):
-        return _train_dpo(args, train_rows, val_records, reward, postprocess, generation)
 
-
-def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
+def _train_dpo(data, config, train_rows: list[dict], val_records, reward, postprocess, generation) -> dict:
     from datasets import Dataset
-    from trl import DPOConfig
 
-    from lolrl.tasks.hh.shared import MAX_RESPONSE_LENGTH, adapter_of, precision
+    from lolrl.tasks.hh.shared import MAX_RESPONSE_LENGTH, precision
 
-    output_dir = Path(args.output_dir)
-    tokenizer = load_tokenizer(args.model_name)
-    pairs = truncate_pairs(preference_pairs(train_rows, args.prompt_format, args.pair_order), tokenizer,
-                           args.max_prompt_length, MAX_RESPONSE_LENGTH)
+    output_dir = Path(config.output_dir)
+    tokenizer = load_tokenizer(config.model_name)
+    pairs = truncate_pairs(preference_pairs(train_rows, data.prompt_format, data.pair_order), tokenizer,
+                           config.max_prompt_length, MAX_RESPONSE_LENGTH)
     logger.info("%d preference pairs from %d records", len(pairs), len(train_rows))
-    model = load_model(args.model_name, **precision(args), adapter_path=adapter_of(args),
-                       lora=args.lora)
-    cuda = torch.cuda.is_available()
-    config = DPOConfig(
-        output_dir=str(output_dir / "checkpoints"), per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        lr_scheduler_type=args.lr_scheduler_type, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,
-        optim=resolve_optimizer(args.optim), adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay,
-        beta=args.beta, loss_type=[args.loss_type], max_length=None, seed=args.seed, bf16=cuda,
-        precompute_ref_log_probs=not args.reference_free and not args.ref_every_step,
-        precompute_ref_batch_size=args.per_device_eval_batch_size, logging_steps=args.logging_steps,
-        save_strategy="steps", save_steps=args.eval_steps if args.eval_steps > 0 else 500, save_total_limit=2,
-        report_to=args.report_to, disable_dropout=args.disable_dropout,
-        gradient_checkpointing=args.activation_checkpointing,
-        use_cpu=not cuda, remove_unused_columns=False)
-    trainer = dpo_trainer_class(args.reference_free)(
-        model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
+    model = load_model(config.model_name, **precision(config), adapter_path=config.adapter_path, lora=config.lora)
+    args = dataclasses.replace(config, output_dir=str(output_dir / "checkpoints"))  # TRL's checkpoints go there
+    trainer = dpo_trainer_class(config.reference_free)(
+        model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
     validator = None
     if reward is not None:
-        rows = Tokenizer(tokenizer, False, args.max_prompt_length, MAX_RESPONSE_LENGTH)(val_records)
+        rows = Tokenizer(tokenizer, False, config.max_prompt_length, MAX_RESPONSE_LENGTH)(val_records)
         validator = RewardValidationCallback(val_records, rows, tokenizer, reward, generation,
-                                             args.per_device_eval_batch_size, args.eval_steps, output_dir,
+                                             config.per_device_eval_batch_size, config.eval_steps, output_dir,
                                              output_dir / "best_adapter", postprocess=postprocess,
                                              adapter_name="default")
         validator.attach(trainer)
     else:
         logger.warning("no reward: no validation by generation; the final adapter is saved as best_adapter")
-    if args.stop_after_steps > 0:
-        trainer.add_callback(_stop_after(args.stop_after_steps))
+    if config.stop_after_steps > 0:
+        trainer.add_callback(_stop_after(config.stop_after_steps))
     checkpoints = sorted((output_dir / "checkpoints").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=bool(checkpoints) or None)
-    if validator is None and trainer.state.global_step == args.max_steps:
+    if validator is None and trainer.state.global_step == config.max_steps:
         if trainer.accelerator.is_main_process:
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
                 output_dir / "best_adapter", selected_adapters=["default"], safe_serialization=True)
@@ -161,3 +158,32 @@ def _train_dpo(args, train_rows: list[dict], val_records, reward, postprocess, g
         trainer.accelerator.wait_for_everyone()
     end_trainer_run(trainer)
     return {"best_validation_reward": validator.best if validator else None, "steps": trainer.state.global_step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lolrl hh dpo`` (``dpo_qlora_llama_hh.py``): parse straight into (DPOHHData, DPOHHConfig) and train."""
+    from lolrl.tasks.hh.cli import DPOHHConfig, DPOHHData, parse_hh
+    from lolrl.tasks.hh.shared import (
+        generation_settings,
+        hh_postprocess,
+        read_hh_files,
+        validation_records,
+        validation_reward,
+    )
+    from lolrl.utils.errors import UserError, report_user_error
+
+    data, config = parse_hh((DPOHHData, DPOHHConfig), argv, DPO_HELP)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        train_rows, dev_rows = read_hh_files(data)
+        val = validation_records(data, dev_rows)
+        val = val[: config.max_val_examples] if config.max_val_examples else val
+        reward = validation_reward(config.reward, data.reward_model, config.per_device_eval_batch_size)
+        result = train_dpo(data, config, train_rows, val, reward, hh_postprocess(data),
+                           generation_settings(config.model_name))
+    except UserError as exc:
+        return report_user_error(exc)
+    best = result["best_validation_reward"]
+    print(f"{result['steps']} steps" + (f", best validation reward {best:.4f}" if best is not None else "")
+          + f"; adapter in {config.output_dir}/best_adapter")
+    return 0

@@ -1,5 +1,6 @@
 """Online RL on Helpful-and-Harmless: the command line and run of ``ppo_qlora_llama_hh.py`` (PPO on
-:mod:`lolrl.online.ppo`; GRPO / RLOO through TRL), with the HH data, reward and validation."""
+:mod:`lolrl.online.ppo`; GRPO / RLOO through TRL), with the HH data, reward and validation. The command
+line parses straight into :class:`lolrl.tasks.hh.cli.PPOHHConfig`, a :class:`lolrl.online.ppo.PPOConfig`."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,147 +8,143 @@ import json
 import logging
 from pathlib import Path
 
-from lolrl.engine.model_card import HubSettings
-from lolrl.engine.optim import resolve as resolve_optimizer
+from transformers import TrainingArguments
+
 from lolrl.engine.rewards import RewardSpecError
 from lolrl.engine.runtime import end_trainer_run
-from lolrl.tasks.hh.cli import PPOHHArguments, parse_hh
+from lolrl.online.ppo import PPOConfig
+from lolrl.tasks.hh.cli import HHTraining, PPOHHConfig, PPOHHData, parse_hh
 from lolrl.tasks.hh.data import pro_records
-from lolrl.tasks.hh.shared import (
-    adapter_of,
-    generation_settings,
-    hh_postprocess,
-    precision,
-    read_hh_files,
-    validation_records,
-    validation_reward,
-)
+from lolrl.tasks.hh.shared import hh_postprocess, read_hh_files, validation_records, validation_reward
 from lolrl.utils.errors import ConfigError, UserError, report_user_error
 
+PPO_HELP = """Online PPO on Helpful-and-Harmless with a (Q)LoRA LLaMA: the paper's RLHF baseline.
 
-def ppo_config(args: PPOHHArguments):
-    from lolrl.online.ppo import PPOConfig
+    lolrl hh ppo --output_dir checkpoints/ppo_qlora_llama --cache_dir cache/ppo --total_steps 6000
 
-    greedy = generation_settings(args.model_name)
-    greedy.max_new_tokens = args.max_new_tokens
-    sampling = dataclasses.replace(greedy, do_sample=True, top_p=args.top_p, temperature=args.temperature,
-                                   top_k=args.top_k)
-    return PPOConfig(
-        model_name=args.model_name, adapter_path=adapter_of(args), output_dir=args.output_dir,
-        save_dir=str(Path(args.output_dir) / "best_adapter"), cache_dir=args.cache_dir,
-        lora=args.lora, **precision(args),
-        total_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.ppo_rollout_batch_size,
-        mini_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        ppo_epochs=args.ppo_epochs, max_grad_norm=args.max_grad_norm or None, lr_scheduler=args.lr_scheduler_type,
-        warmup_steps=args.warmup_steps, optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_epsilon, weight_decay=args.weight_decay,
-        init_kl_coef=args.kl_beta, adap_kl_ctrl=args.adap_kl_ctrl, kl_target=args.kl_target,
-        kl_horizon=args.kl_horizon, kl_penalty=args.kl_penalty, cliprange=args.ppo_clip,
-        cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
-        use_score_scaling=args.use_score_scaling, use_score_norm=args.use_score_norm,
-        early_stopping=args.early_stopping, target_kl=args.target_kl, max_prompt_length=args.max_prompt_length,
-        rollout=sampling, validation=greedy, generation_batch_size=args.per_device_eval_batch_size,
-        eval_steps=args.eval_steps, max_val_examples=args.max_val_examples, seed=args.seed,
-        report_to=args.report_to, save_steps=args.save_steps, resume="never" if args.no_resume else "auto",
-        stop_after_steps=args.stop_after_steps, gradient_checkpointing=args.activation_checkpointing,
-        logprob_kernel=args.logprob_kernel, disable_dropout=args.disable_dropout, hub=HubSettings.of(args))
+Each PPO step samples responses (top-p 0.95, 128 new tokens, stop at '###' and EOS) for
+``--ppo_rollout_batch_size`` training prompts, scores the post-processed text with the 1.4B
+OpenAssistant reward model (or ``--reward SPEC``), penalises the per-token KL to the frozen
+starting adapter (adaptive coefficient, 0.2 toward a target of 6), estimates advantages with
+GAE and a value head on the policy's last hidden states, and runs ``--ppo_epochs`` epochs of the
+clipped surrogate and clipped value losses over mini-batches of ``--per_device_train_batch_size``
+(``--gradient_accumulation_steps`` per optimizer step). The defaults are the original's settings
+(its PPOConfig and TRL 0.7.1's defaults). Every ``--eval_steps`` steps: greedy generation on the
+dev prompts, scored by the reward model; the best adapter and its value head go to
+``OUTPUT/best_adapter``. 4-bit NF4 base on CUDA; plain LoRA in fp32 without CUDA (it says so).
+``--stop_after_steps N`` stops, checkpointed, and the same command resumes.
+
+``--trainer grpo`` / ``--trainer rloo`` run TRL's GRPO / RLOO trainers instead (further online
+baselines, group-relative advantages over ``--num_generations`` samples per prompt, no value head)
+with the same model loading, reward, KL coefficient (``--kl_beta``; TRL adds a frozen copy of the
+starting adapter as the reference), clip range (``--ppo_clip``) and validation / best adapter.
+"""
+
+# The TrainingArguments settings PPOConfig (and the HH scripts' training settings) restate: TRL's GRPO / RLOO configs
+# (TrainingArguments too) take them as they are (the learning rate, batch sizes, optimizer, schedule, clip, seed, ...).
+_DECLARED = {*PPOConfig.__annotations__, *HHTraining.__annotations__}
+_TRAINING_ARGUMENTS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
-def run_trl(args: PPOHHArguments, train, val, reward) -> dict:
+def trl_config(config: PPOConfig, trainer: str, num_generations: int):
+    """TRL's ``GRPOConfig`` / ``RLOOConfig`` from the same config: every TrainingArguments field it restates, by
+    name, plus what TRL calls otherwise (the rollout decoding, beta = the initial KL coefficient, epsilon = the clip
+    range); saving and validation are lolrl's (the validation callback)."""
+    if trainer == "grpo":
+        from trl import GRPOConfig as TRLConfig
+    else:
+        from trl import RLOOConfig as TRLConfig
+    rollout = config.rollout
+    own = dict(num_generations=num_generations, max_completion_length=rollout.max_new_tokens,
+               temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k, beta=config.init_kl_coef,
+               epsilon=config.cliprange, bf16=config.bf16, gradient_checkpointing=config.activation_checkpointing,
+               disable_dropout=config.disable_dropout, use_cpu=config.use_cpu, save_strategy="no",
+               eval_on_start=False, eval_steps=None, report_to=config.report_to or "none")
+    ignored = {f.name for f in dataclasses.fields(config) if f.metadata.get("ignored")}
+    shared = (_TRAINING_ARGUMENTS & _DECLARED) - ignored - set(own)
+    return TRLConfig(**{name: getattr(config, name) for name in sorted(shared)}, **own)
+
+
+def run_trl(config: PPOHHConfig, train, val, reward, postprocess) -> dict:
     """TRL's GRPO or RLOO on the same model, reward (on post-processed text) and validation callback.
     The output folder is locked for the run (a second run on it is refused)."""
     from lolrl.utils.lock import check_output_paths, hold_folders
     from lolrl.utils.processes import launched_as_main
 
-    if args.logprob_kernel == "liger":
-        raise ConfigError(f"--logprob_kernel liger is lolrl's PPO trainer's (--trainer ppo); TRL's {args.trainer} "
+    if config.logprob_kernel == "liger":
+        raise ConfigError(f"--logprob_kernel liger is lolrl's PPO trainer's (--trainer ppo); TRL's {config.trainer} "
                           "keeps its own log-prob path")
-    check_output_paths({"output folder": args.output_dir}, str(Path(args.output_dir) / "best_adapter"),
-                       {"starting model": args.model_name, "adapter": adapter_of(args)})
-    with hold_folders({"output folder": args.output_dir}, launched_as_main()):
-        return _run_trl(args, train, val, reward)
+    check_output_paths({"output folder": config.output_dir}, config.save_dir,
+                       {"starting model": config.model_name, "adapter": config.adapter_path})
+    with hold_folders({"output folder": config.output_dir}, launched_as_main()):
+        return _run_trl(config, train, val, reward, postprocess)
 
 
-def _run_trl(args: PPOHHArguments, train, val, reward) -> dict:
-    import torch
+def _run_trl(config: PPOHHConfig, train, val, reward, postprocess) -> dict:
     from datasets import Dataset
 
-    from lolrl.engine.modeling import load_model, load_tokenizer
+    from lolrl.engine.collation import Tokenizer
+    from lolrl.engine.generation import with_stop_texts
+    from lolrl.engine.modeling import base_load_dtype, load_model, load_tokenizer
     from lolrl.engine.validation import RewardValidationCallback, reward_columns
 
-    if args.trainer == "grpo":
-        from trl import GRPOConfig as TRLConfig
+    if config.trainer == "grpo":
         from trl import GRPOTrainer as TRLTrainer
     else:
-        from trl import RLOOConfig as TRLConfig
         from trl import RLOOTrainer as TRLTrainer
     columns = reward_columns(train)
     dataset = Dataset.from_dict({"prompt": [r.prompt for r in train], **columns})
-    clean = hh_postprocess(args)
 
     def hh_reward(prompts, completions, **kwargs):
         mine = {k: kwargs[k] for k in columns if k in kwargs}
-        return reward(prompts=prompts, completions=[clean(c) for c in completions], show_progress=False,
+        return reward(prompts=prompts, completions=[postprocess(c) for c in completions], show_progress=False,
                       **mine)["final_reward"]
 
-    model = load_model(args.model_name, **precision(args), adapter_path=adapter_of(args),
-                       lora=args.lora)
-    tokenizer = load_tokenizer(args.model_name)
-    greedy = generation_settings(args.model_name)
-    greedy.max_new_tokens = args.max_new_tokens
+    model = load_model(config.model_name, adapter_path=config.adapter_path, lora=config.lora,
+                       dtype=base_load_dtype(config.dtype, config.lora, config.adapter_path, config.load_in_4bit),
+                       load_in_4bit=config.load_in_4bit, quantization=config.quantization)
+    tokenizer = load_tokenizer(config.model_name, config.tokenizer_name)
+    greedy = with_stop_texts(config.validation, tokenizer)
     # TRL's rollouts end where lolrl's do, at EOS and at the next turn's '###' (TRL takes the model's eos ids)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *greedy.stop_token_ids]
-    config = TRLConfig(
-        output_dir=args.output_dir, learning_rate=args.learning_rate, max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, num_generations=args.num_generations,
-        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k,
-        beta=args.kl_beta, epsilon=args.ppo_clip, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        optim=resolve_optimizer(args.optim), adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay,
-        logging_steps=1, save_strategy="no", report_to=args.report_to or "none", bf16=torch.cuda.is_available(),
-        lr_scheduler_type=args.lr_scheduler_type, gradient_checkpointing=args.activation_checkpointing,
-        disable_dropout=args.disable_dropout)
-    trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=config, train_dataset=dataset,
-                         processing_class=tokenizer)
-    from lolrl.engine.collation import Tokenizer
-
-    rows = Tokenizer(tokenizer, False, args.max_prompt_length, args.max_new_tokens)(val)
-    RewardValidationCallback(val, rows, tokenizer, reward, greedy, args.per_device_eval_batch_size, args.eval_steps,
-                             args.output_dir, Path(args.output_dir) / "best_adapter", postprocess=clean,
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id,
+                                            *with_stop_texts(config.rollout, tokenizer).stop_token_ids]
+    trainer = TRLTrainer(model=model, reward_funcs=hh_reward, args=trl_config(config, config.trainer,
+                                                                             config.num_generations),
+                         train_dataset=dataset, processing_class=tokenizer)
+    rows = Tokenizer(tokenizer, False, config.max_prompt_length, greedy.max_new_tokens)(val)
+    RewardValidationCallback(val, rows, tokenizer, reward, greedy, config.per_device_eval_batch_size,
+                             config.eval_steps, config.output_dir, config.save_dir, postprocess=postprocess,
                              adapter_name="default").attach(trainer)
     trainer.train()
     end_trainer_run(trainer)
-    best = Path(args.output_dir) / "best_adapter" / "best.json"
+    best = Path(config.save_dir) / "best.json"
     return json.loads(best.read_text()) if best.exists() else {}
 
 
-def main(argv=None, description: str | None = None) -> int:
-    args = parse_hh(PPOHHArguments, argv, description or __doc__)
+def main(argv: list[str] | None = None) -> int:
+    """``lolrl hh ppo`` (``ppo_qlora_llama_hh.py``): parse straight into (PPOHHData, PPOHHConfig) and train."""
+    data, config = parse_hh((PPOHHData, PPOHHConfig), argv, PPO_HELP)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train_rows, dev_rows = read_hh_files(args)
-        config = ppo_config(args)
+        train_rows, dev_rows = read_hh_files(data)
         reward = validation_reward(  # --reward SPEC, else the OpenAssistant-style --reward_model
-            args.reward, args.reward_model, args.per_device_eval_batch_size)
+            config.reward, data.reward_model, config.per_device_eval_batch_size)
         if reward is None:
             raise RewardSpecError("online PPO scores its rollouts: --reward none is not possible here")
-        train, val = pro_records(train_rows, args.prompt_format, "sft", "train"), validation_records(args, dev_rows)
-        if args.trainer != "ppo":
-            if args.push_to_hub:
+        train, val = pro_records(train_rows, data.prompt_format, "sft", "train"), validation_records(data, dev_rows)
+        if config.trainer != "ppo":
+            if config.push_to_hub:
                 raise ConfigError(f"--push_to_hub is for --trainer ppo (lolrl's trainer); with --trainer "
-                                  f"{args.trainer} upload OUTPUT/best_adapter yourself")
-            val = val[: args.max_val_examples] if args.max_val_examples else val
-            best = run_trl(args, train, val, reward)
+                                  f"{config.trainer} upload OUTPUT/best_adapter yourself")
+            val = val[: config.max_val_examples] if config.max_val_examples else val
+            best = run_trl(config, train, val, reward, hh_postprocess(data))
         else:
             from lolrl.online.ppo import PPOTrainer
 
-            best = PPOTrainer(config, train, val, reward, postprocess=hh_postprocess(args)).run()
+            best = PPOTrainer(config, train, val, reward, postprocess=hh_postprocess(data)).run()
     except UserError as exc:
         return report_user_error(exc)
     if best:
         print(f"best validation reward {best.get('measure', float('nan')):.4f} at step {best.get('step')}; "
               f"adapter in {config.save_dir}")
     return 0
-
