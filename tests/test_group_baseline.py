@@ -183,6 +183,7 @@ def test_hh_a_lol_script_with_the_group_baseline(tmp_path, tiny_models):
     code = alol_main(["--model_name_or_path", tiny_models["llama"], "--adapter_path", str(adapter),
                       "--train_file_path", str(tmp_path / "train"),
                       "--eval_file_path", str(tmp_path / "dev.json"), "--output_dir", str(out),
+                      "--cache_dir", str(tmp_path / "cache"),
                       "--algorithm", "a_lol", "--sampling_strategy", "all_priority", "--reward", "none",
                       "--value_source", "group", "--group_singletons", "refuse", "--max_steps", "2",
                       "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
