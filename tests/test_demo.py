@@ -83,6 +83,7 @@ def test_variant_names():
     assert parse_variant("wbc") == ("wbc", {})
     assert parse_variant("a_lol+k4") == ("a_lol", {"value_samples": 4})
     assert parse_variant("a_lol+ridge+k3") == ("a_lol", {"value_head": "ridge", "value_samples": 3})
+    assert parse_variant("a_lol+group") == ("a_lol", {"value_source": "group"})
     for bad in ("a_lol+k0", "a_lol+kx", "a_lol+lasso"):
         with pytest.raises(ValueError, match="unknown variant"):
             parse_variant(bad)

@@ -54,16 +54,19 @@ DEMO_TASK = PipelineTask("demo", _write_demo_task, demo_task.REWARD_SPEC, tuple(
 def parse_variant(name: str) -> tuple[str, dict]:
     """An algorithm name with its value-estimate variants: ``"a_lol+k4"`` -> ``("a_lol", {"value_samples": 4})``
     (V(x) fit to the mean reward of 4 samples per prompt), ``"a_lol+ridge"`` -> ``("a_lol", {"value_head":
-    "ridge"})``, both: ``"a_lol+k4+ridge"``; a plain name -> ``(name, {})``."""
+    "ridge"})``, ``"a_lol+group"`` -> ``("a_lol", {"value_source": "group"})`` (the other responses to the
+    prompt as the baseline), both: ``"a_lol+k4+ridge"``; a plain name -> ``(name, {})``."""
     algorithm, *parts = name.split("+")
     overrides: dict = {}
     for part in parts:
         if part == "ridge":
             overrides["value_head"] = "ridge"
+        elif part == "group":
+            overrides["value_source"] = "group"
         elif part[:1] == "k" and part[1:].isdigit() and int(part[1:]) >= 1:
             overrides["value_samples"] = int(part[1:])
         else:
-            raise ValueError(f"{name}: unknown variant '+{part}' (known: +kK, e.g. +k4, and +ridge)")
+            raise ValueError(f"{name}: unknown variant '+{part}' (known: +kK, e.g. +k4, +ridge and +group)")
     return algorithm, overrides
 
 
@@ -89,6 +92,9 @@ class DemoSettings:
     tiny_layers: int = 2
     tiny_width: int = 128
     evaluate_start: bool = False  # also evaluate the starting model itself (useful for a pretrained one)
+    greedy: bool = False  # greedy decoding for validation and test (default: sampling)
+    val_log_frequency: int = 2  # validations per epoch of each run
+    validate_start: bool = True  # stage 2 validates pi_ref at step 0 too (it may then be the kept model)
 
     @classmethod
     def smollm2(cls) -> "DemoSettings":
@@ -112,12 +118,13 @@ def build_base_model(output_dir: Path, settings: DemoSettings, task: PipelineTas
 def _config(settings: DemoSettings, task: PipelineTask, **overrides) -> OfflineRLConfig:
     base = dict(per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64,
                 max_resp_length=settings.max_resp_length,
-                max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps, val_log_frequency=2,
-                lora=settings.lora,
+                max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps,
+                val_log_frequency=settings.val_log_frequency, lora=settings.lora,
                 # Sampling, not beam search: the table then measures the policy's whole distribution
-                # (NLL reproduces the data's share of poor responses), and V(x) fits E_pi_ref[R].
+                # (NLL reproduces the data's share of poor responses), and V(x) fits E_pi_ref[R]. Greedy
+                # (settings.greedy): one deterministic answer per prompt, for paired comparisons.
                 generation=GenerationSettings(max_new_tokens=settings.max_resp_length, num_beams=1,
-                                              repetition_penalty=1.0, do_sample=True),
+                                              repetition_penalty=1.0, do_sample=not settings.greedy),
                 task_name=task.name, reward=task.reward_spec, logging_steps=10)
     base.update(overrides)
     return OfflineRLConfig(**base)
@@ -166,7 +173,8 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequenc
             results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
                                      algorithm=algorithm, num_train_epochs=settings.rl_epochs,
                                      learning_rate=settings.rl_learning_rate, seed=seed, **variant,
-                                     cache_dir=str(out / "cache"), eval_on_start=True), data, reward)
+                                     cache_dir=str(out / "cache"), eval_on_start=settings.validate_start),
+                             data, reward)
             _print_advantages(run_dir)
             rows.append({**_result_row(name, seed, results, task), **_run_facts(run_dir)})
     write_results(out, rows, task)
