@@ -240,7 +240,8 @@ def main() -> int:
     parser.add_argument("--seeds", default=SIZE["seeds"], help="seeds of every stage-2 run")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"stage-2 runs from pi_ref ({BASELINE} is the "
                         "baseline of the intervals; variants: NAME+group, NAME+kK, NAME+ridge)")
-    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps per stage-2 run (and of pi_ref's NLL)")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="optimizer steps per stage-2 run (and of pi_ref's NLL)")
     parser.add_argument("--shift_prompts", type=int, default=SIZE["shift_prompts"],
                         help="test prompts the shift from pi_ref (log-ratio/token, gold nll shift) is measured on")
     parser.add_argument("--quick", action="store_true", help="a scratch model and a few steps: checks the path")

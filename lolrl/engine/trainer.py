@@ -275,7 +275,8 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         fits_value = args.uses_advantage
         if fits_value and args.value_source == "group":
             # V(x) only for the prompts with a single response (refused there with --group_singletons refuse)
-            fits_value = bool(args.do_train and data.train and check_group_singletons(data.train, args.group_singletons))
+            fits_value = bool(args.do_train and data.train
+                              and check_group_singletons(data.train, args.group_singletons))
         if fits_value and reward is None and args.value_fit_source == "generations":
             raise ConfigError(f"{args.algorithm} fits a value estimate on scored generations: it needs a reward "
                               "(or --value_source data, to fit it on the validation records' stored rewards" +
