@@ -1,11 +1,11 @@
 """The stages before training, run once per run and cached under keys of all their inputs
-(:mod:`lolrl.utils.cache`): pi_ref's generations on the validation prompts and their rewards, the
-value head V(x) on pi_ref's prompt states, the reference pass over the training rows (pi_ref's
-log-prob of every response token, and V(x) of every training prompt), the advantages A = R - V(x)
-(with ``value_source="group"``: A_i = R_i - the mean reward of the other responses to row i's prompt,
-V(x) only for a prompt with a single response) and the sampling weights. Each runs in the precision of
-training (:meth:`training_precision`) and under its own seeded random stream (:func:`lolrl.utils.seeding.stage_rng`), so a cold and a warm
-cache give the same run.
+(:mod:`lolrl.utils.cache`): pi_ref's generations on the validation prompts and their rewards, the value head
+V(x) on pi_ref's prompt states, the reference pass over the training rows (pi_ref's log-prob of every response
+token, and V(x) of every training prompt), the advantages A = R - V(x) (with ``value_source="group"``: A_i =
+R_i - the mean reward of the other responses to row i's prompt, V(x) only for a prompt with a single response)
+and the sampling weights. Each runs in the precision of training (:meth:`training_precision`) and under its
+own seeded random stream (:func:`lolrl.utils.seeding.stage_rng`), so a cold and a warm cache give the same
+run.
 
 :class:`ReferenceStages` is a part of :class:`lolrl.engine.trainer.OfflineRLTrainer`: it reads the
 trainer's ``args``, ``model`` (pi_ref, before training), ``accelerator``, ``tokenizer``, ``reward``
