@@ -180,7 +180,12 @@ def comparison_table(out: Path, rows: list[dict], settings: DemoSettings, shift_
     base = {r["seed"]: per_prompt(out / "runs" / folder(r)) for r in rows if r["algorithm"] == baseline}
     table, memo = [], {}
     for name in names:
-        group = [r for r in rows if r["algorithm"] == name]
+        refused = [r for r in rows if r["algorithm"] == name and r.get("refused")]
+        group = [r for r in rows if r["algorithm"] == name and not r.get("refused")]
+        if refused:  # e.g. every advantage <= 0: nothing to train on (the row says why)
+            table.append({"run": name, "seeds": 0, "refused": f"{len(refused)} seed(s): {refused[0]['refused']}"})
+        if not group:
+            continue
         entry = {"run": name, "seeds": len(group)}
         for key in ("final_reward", *COMPONENTS):
             entry[key], entry[f"{key}_std"] = mean_and_std([r[key] for r in group])
@@ -215,6 +220,9 @@ def print_table(table: list[dict], baseline: str = BASELINE) -> None:
           "| log-ratio/token | gold nll shift | best step | V(x) R^2 |")
     print("|---|---:|---:|" + "---:|" * len(COMPONENTS) + "---:|---:|---:|---:|---:|")
     for e in table:
+        if "refused" in e:
+            print(f"| {e['run']} | 0 | refused: {e['refused']} |" + " |" * (len(COMPONENTS) + 5))
+            continue
         cells = [_cell(e[k], e[f"{k}_std"]) for k in ("final_reward", *COMPONENTS)]
         diff = (f"{e['diff']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]" if "diff" in e else "-")
         print(f"| {e['run']} | {e['seeds']} | " + " | ".join(cells) + f" | {diff} | {e['logratio_per_token']:.4f} | "

@@ -26,6 +26,7 @@ from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.modeling import LoraSettings
 from lolrl.engine.reports import format_markdown_table, pyplot, save_figure
 from lolrl.engine.rewards import load_reward
+from lolrl.engine.sampling import NoPositiveRowsError
 from lolrl.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -170,11 +171,16 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequenc
         for seed in seeds[name] if isinstance(seeds, dict) else seeds:
             print(f"[demo] stage 2: {name}, seed {seed}, from pi_ref")
             run_dir = out / "runs" / f"{name}_seed{seed}"
-            results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
-                                     algorithm=algorithm, num_train_epochs=settings.rl_epochs,
-                                     learning_rate=settings.rl_learning_rate, seed=seed, **variant,
-                                     cache_dir=str(out / "cache"), eval_on_start=settings.validate_start),
-                             data, reward)
+            try:
+                results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
+                                         algorithm=algorithm, num_train_epochs=settings.rl_epochs,
+                                         learning_rate=settings.rl_learning_rate, seed=seed, **variant,
+                                         cache_dir=str(out / "cache"), eval_on_start=settings.validate_start),
+                                 data, reward)
+            except NoPositiveRowsError as exc:  # a result too: A-LoL finds nothing to learn from here
+                print(f"[demo]   refused: {exc}")
+                rows.append({**_result_row(name, seed, {}, task), "refused": str(exc).splitlines()[0]})
+                continue
             _print_advantages(run_dir)
             rows.append({**_result_row(name, seed, results, task), **_run_facts(run_dir)})
     write_results(out, rows, task)
@@ -229,8 +235,13 @@ def summarise(rows: list[dict], task: PipelineTask = DEMO_TASK) -> dict[str, dic
 
 
 def write_results(out: Path, rows: list[dict], task: PipelineTask = DEMO_TASK) -> None:
+    """``results.csv`` (every run, a refused one with its reason) and the summary table and plot of the runs
+    that trained."""
     atomic_write_text(out / "results.csv", _rows_csv(rows))
-    summary = summarise(rows, task)
+    for row in rows:
+        if row.get("refused"):
+            print(f"[demo] {row['algorithm']} seed {row['seed']}: refused ({row['refused']})")
+    summary = summarise([r for r in rows if not r.get("refused")], task)
     print(format_markdown_table(summary, first_column="algorithm"))
     plot_rewards(summary, out / "rewards.png", task)
 
