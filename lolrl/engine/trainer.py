@@ -308,7 +308,7 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         validation and the gold NLL. Not all of them call the model's forward (the output layer runs in
         chunks; peft's ``generate`` calls the base model's), so each enters it explicitly. pi_ref's log-probs
         in fp32 against a bf16 loss scattered the first-step importance weights (0.73 to 1.41 on SmolLM2 in
-        issue 22's audit); in the loss's precision they are exactly 1 (tests/test_precision.py)."""
+        issue 22's audit); in the loss's precision they are exactly 1 (tests/engine/test_precision.py)."""
         return self.accelerator.autocast()
 
     def _load_policy(self, args: OfflineRLConfig, tokenizer):

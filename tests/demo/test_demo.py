@@ -12,7 +12,7 @@ from lolrl.demo.pipeline import DemoSettings, run_demo, summarise
 
 pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 P = "topic: hiking\nuser: any tips for hiking ? my trail keeps letting me down .\nbot:"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HH = Path(os.environ.get("LOLRL_HH_DIR", ROOT.parent / "shared" / "data" / "hh"))
 
 pytestmark = pytest.mark.slow
