@@ -235,9 +235,10 @@ def check_packing_varlen(models: dict, cuda: bool, tolerance: float = 1e-3) -> N
 def check_liger(models: dict, cuda: bool, tolerance: float = 2e-3) -> None:
     """Liger's fused kernel against the chunked output layer on CUDA: log-probs and gradients of a
     weighted sum (fp32 model; Triton's dots may run in TF32), soft-capping included, and the step's
-    time and peak memory on the ~1.1B Llama in bf16. The CPU side is tests/test_liger.py."""
+    time and peak memory on the ~1.1B Llama in bf16. The CPU side is tests/engine/test_liger.py."""
     if not cuda:
-        return report("liger", "SKIP", "needs CUDA (tests/test_liger.py runs the kernels under Triton's interpreter)")
+        return report("liger", "SKIP", "needs CUDA (tests/engine/test_liger.py runs the kernels under Triton's "
+                      "interpreter)")
     if not have("liger_kernel"):
         return report("liger", "SKIP", "no liger_kernel wheel in the wheel folder")
     import torch

@@ -3,7 +3,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Liger's Triton kernels (tests/test_liger.py) run on the CPU under Triton's interpreter; it is read when
+# Liger's Triton kernels (tests/engine/test_liger.py) run on the CPU under Triton's interpreter; it is read when
 # triton decorates a kernel, so before anything imports liger_kernel. Without CUDA nothing else runs Triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -39,7 +39,7 @@ def toy_reward_spec():
 @pytest.fixture
 def hh_fixture(tmp_path, tiny_models):
     """The HH PPO script's arguments on tiny PRO-format train/dev files, a LoRA adapter (non-zero, so it
-    differs from the base) and a tiny reward model (tests/test_ppo.py, tests/test_liger.py)."""
+    differs from the base) and a tiny reward model (tests/online/test_ppo.py, tests/engine/test_liger.py)."""
     import json
 
     from hh_tiny import pro_row, save_nonzero_adapter, tiny_reward_model

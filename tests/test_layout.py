@@ -173,3 +173,14 @@ def test_no_module_or_script_points_outside_the_repository_for_documentation():
     sources = [*PACKAGE.rglob("*.py"), *ROOT.glob("*.py")]
     outside = [str(p.relative_to(ROOT)) for p in sources if "../shared" in p.read_text() or "/shared/" in p.read_text()]
     assert outside == []
+
+
+def test_tests_mirror_the_package():
+    """A test file lives beside the layer it tests (tests/engine/ for lolrl/engine/, tests/tasks/hh/ for
+    lolrl/tasks/hh/, ...) or under tests/scripts/ (the command lines, end to end); only this file, about the
+    whole package, sits at the top."""
+    tests = ROOT / "tests"
+    layers = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    for path in tests.rglob("test_*.py"):
+        folder = path.parent.relative_to(tests).as_posix()
+        assert folder in layers | {"scripts"} or path.name == "test_layout.py" and folder == ".", path

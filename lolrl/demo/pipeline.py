@@ -26,6 +26,7 @@ from lolrl.engine.generation import GenerationSettings
 from lolrl.engine.modeling import LoraSettings
 from lolrl.engine.reports import format_markdown_table, pyplot, save_figure
 from lolrl.engine.rewards import load_reward
+from lolrl.engine.sampling import NoPositiveRowsError
 from lolrl.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -54,16 +55,19 @@ DEMO_TASK = PipelineTask("demo", _write_demo_task, demo_task.REWARD_SPEC, tuple(
 def parse_variant(name: str) -> tuple[str, dict]:
     """An algorithm name with its value-estimate variants: ``"a_lol+k4"`` -> ``("a_lol", {"value_samples": 4})``
     (V(x) fit to the mean reward of 4 samples per prompt), ``"a_lol+ridge"`` -> ``("a_lol", {"value_head":
-    "ridge"})``, both: ``"a_lol+k4+ridge"``; a plain name -> ``(name, {})``."""
+    "ridge"})``, ``"a_lol+group"`` -> ``("a_lol", {"value_source": "group"})`` (the other responses to the
+    prompt as the baseline), both: ``"a_lol+k4+ridge"``; a plain name -> ``(name, {})``."""
     algorithm, *parts = name.split("+")
     overrides: dict = {}
     for part in parts:
         if part == "ridge":
             overrides["value_head"] = "ridge"
+        elif part == "group":
+            overrides["value_source"] = "group"
         elif part[:1] == "k" and part[1:].isdigit() and int(part[1:]) >= 1:
             overrides["value_samples"] = int(part[1:])
         else:
-            raise ValueError(f"{name}: unknown variant '+{part}' (known: +kK, e.g. +k4, and +ridge)")
+            raise ValueError(f"{name}: unknown variant '+{part}' (known: +kK, e.g. +k4, +ridge and +group)")
     return algorithm, overrides
 
 
@@ -89,6 +93,9 @@ class DemoSettings:
     tiny_layers: int = 2
     tiny_width: int = 128
     evaluate_start: bool = False  # also evaluate the starting model itself (useful for a pretrained one)
+    greedy: bool = False  # greedy decoding for validation and test (default: sampling)
+    val_log_frequency: int = 2  # validations per epoch of each run
+    validate_start: bool = True  # stage 2 validates pi_ref at step 0 too (it may then be the kept model)
 
     @classmethod
     def smollm2(cls) -> "DemoSettings":
@@ -112,12 +119,13 @@ def build_base_model(output_dir: Path, settings: DemoSettings, task: PipelineTas
 def _config(settings: DemoSettings, task: PipelineTask, **overrides) -> OfflineRLConfig:
     base = dict(per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=64,
                 max_resp_length=settings.max_resp_length,
-                max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps, val_log_frequency=2,
-                lora=settings.lora,
+                max_prompt_length=settings.max_prompt_length, max_steps=settings.max_steps,
+                val_log_frequency=settings.val_log_frequency, lora=settings.lora,
                 # Sampling, not beam search: the table then measures the policy's whole distribution
-                # (NLL reproduces the data's share of poor responses), and V(x) fits E_pi_ref[R].
+                # (NLL reproduces the data's share of poor responses), and V(x) fits E_pi_ref[R]. Greedy
+                # (settings.greedy): one deterministic answer per prompt, for paired comparisons.
                 generation=GenerationSettings(max_new_tokens=settings.max_resp_length, num_beams=1,
-                                              repetition_penalty=1.0, do_sample=True),
+                                              repetition_penalty=1.0, do_sample=not settings.greedy),
                 task_name=task.name, reward=task.reward_spec, logging_steps=10)
     base.update(overrides)
     return OfflineRLConfig(**base)
@@ -163,10 +171,16 @@ def run_demo(output_dir: str | Path, algorithms=("a_lol", "wbc"), seeds: Sequenc
         for seed in seeds[name] if isinstance(seeds, dict) else seeds:
             print(f"[demo] stage 2: {name}, seed {seed}, from pi_ref")
             run_dir = out / "runs" / f"{name}_seed{seed}"
-            results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
-                                     algorithm=algorithm, num_train_epochs=settings.rl_epochs,
-                                     learning_rate=settings.rl_learning_rate, seed=seed, **variant,
-                                     cache_dir=str(out / "cache"), eval_on_start=True), data, reward)
+            try:
+                results = _train(_config(settings, task, model_name=str(reference), output_dir=str(run_dir),
+                                         algorithm=algorithm, num_train_epochs=settings.rl_epochs,
+                                         learning_rate=settings.rl_learning_rate, seed=seed, **variant,
+                                         cache_dir=str(out / "cache"), eval_on_start=settings.validate_start),
+                                 data, reward)
+            except NoPositiveRowsError as exc:  # a result too: A-LoL finds nothing to learn from here
+                print(f"[demo]   refused: {exc}")
+                rows.append({**_result_row(name, seed, {}, task), "refused": str(exc).splitlines()[0]})
+                continue
             _print_advantages(run_dir)
             rows.append({**_result_row(name, seed, results, task), **_run_facts(run_dir)})
     write_results(out, rows, task)
@@ -221,8 +235,13 @@ def summarise(rows: list[dict], task: PipelineTask = DEMO_TASK) -> dict[str, dic
 
 
 def write_results(out: Path, rows: list[dict], task: PipelineTask = DEMO_TASK) -> None:
+    """``results.csv`` (every run, a refused one with its reason) and the summary table and plot of the runs
+    that trained."""
     atomic_write_text(out / "results.csv", _rows_csv(rows))
-    summary = summarise(rows, task)
+    for row in rows:
+        if row.get("refused"):
+            print(f"[demo] {row['algorithm']} seed {row['seed']}: refused ({row['refused']})")
+    summary = summarise([r for r in rows if not r.get("refused")], task)
     print(format_markdown_table(summary, first_column="algorithm"))
     plot_rewards(summary, out / "rewards.png", task)
 

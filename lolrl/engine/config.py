@@ -27,6 +27,9 @@ from lolrl.utils.lock import check_output_paths
 
 __all__ = ["ConfigError", "OfflineRLConfig", "DISABLE_DROPOUT_HELP"]
 
+VALUE_SOURCES = ("generations", "data", "group")
+GROUP_SINGLETONS = ("generations", "data", "refuse")
+
 # The --disable_dropout flag of every training script (its default: OfflineRLConfig.disable_dropout).
 DISABLE_DROPOUT_HELP = ("dropout off (LoRA's too) in the model trained, for every algorithm alike (and pi_ref's own "
                         "NLL run): the importance weight is 1 at step 0; --keep_dropout (or --disable_dropout False) "
@@ -134,8 +137,14 @@ class OfflineRLConfig(TrainingArguments):
     value_learning_rate: float = _f(1e-3, "value-head learning rate", min=0.0)
     value_folds: int = _f(5, "folds of the value head's cross-validation over the validation prompts", min=3)
     value_source: str = _f("generations", "V(x)'s targets: rewards of pi_ref's generations on the validation "
-                           "prompts (the paper) or the validation records' stored rewards",
-                           choices=("generations", "data"))
+                           "prompts (the paper) or the validation records' stored rewards; group: no V(x), the "
+                           "baseline of a row is the mean reward of the other logged responses to its prompt (rows "
+                           "with the same prompt text; RLOO's leave-one-out baseline, offline)",
+                           choices=VALUE_SOURCES)
+    group_singletons: str = _f("generations", "value_source group, a prompt with a single response: A = R - V(x), "
+                               "V(x) fit on the validation prompts from pi_ref's generations (generations) or the "
+                               "validation records' rewards (data), or refuse the run naming the row (refuse)",
+                               choices=GROUP_SINGLETONS)
     value_samples: int = _f(1, "generations per validation prompt for V(x)'s targets (1: the validation decoding)")
     value_head: str = _f("attention", "attention (the original's) or ridge", choices=("attention", "ridge"))
 
@@ -222,14 +231,18 @@ class OfflineRLConfig(TrainingArguments):
         self.quantization.check()
         if self.value_samples < 1:
             raise ConfigError(f"--value_samples must be >= 1, got {self.value_samples}")
-        if self.value_samples > 1 and self.value_source == "data":
-            raise ConfigError("--value_samples > 1 samples pi_ref's generations: not with --value_source data")
+        if self.value_samples > 1 and self.value_fit_source == "data":
+            raise ConfigError("--value_samples > 1 samples pi_ref's generations: not with --value_source data "
+                              "(nor --group_singletons data)")
         if self.value_folds < 3:
             raise ConfigError(f"--value_folds must be >= 3 (nested cross-validation), got {self.value_folds}")
         if self.value_head not in ("attention", "ridge"):
             raise ConfigError(f"--value_head must be attention or ridge, got '{self.value_head}'")
-        if self.value_source not in ("generations", "data"):
-            raise ConfigError(f"--value_source must be generations or data, got '{self.value_source}'")
+        if self.value_source not in VALUE_SOURCES:
+            raise ConfigError(f"--value_source must be one of {', '.join(VALUE_SOURCES)}, got '{self.value_source}'")
+        if self.group_singletons not in GROUP_SINGLETONS:
+            raise ConfigError(f"--group_singletons must be one of {', '.join(GROUP_SINGLETONS)}, "
+                              f"got '{self.group_singletons}'")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.max_nonfinite_steps < 1:
@@ -260,6 +273,13 @@ class OfflineRLConfig(TrainingArguments):
     @property
     def uses_advantage(self) -> bool:
         return self.spec.weight == "advantage"
+
+    @property
+    def value_fit_source(self) -> str | None:
+        """What V(x) is fit to when one is fit: ``generations`` or ``data`` (``value_source``, or with ``group``
+        the singletons' ``group_singletons``); None with ``group`` and ``refuse`` (no V(x) ever)."""
+        source = self.group_singletons if self.value_source == "group" else self.value_source
+        return source if source in ("generations", "data") else None
 
     @property
     def effective_clip(self) -> float | None:

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # off. transformers fills a setting that ``generate()`` is not given from the model's own
 # generation_config.json, then from its global defaults (top_k=50 among them): so each one is passed,
 # always, and a checkpoint's generation_config.json (top_k=20, temperature=0.6, ...) changes nothing.
-# tests/test_generation_settings.py checks that every field of the installed GenerationConfig is here,
+# tests/engine/test_generation.py checks that every field of the installed GenerationConfig is here,
 # in GenerationSettings, or in OUTPUT_ONLY.
 NEUTRAL_DECODING = {
     # length and beam search

@@ -1,10 +1,11 @@
 """The stages before training, run once per run and cached under keys of all their inputs
-(:mod:`lolrl.utils.cache`): pi_ref's generations on the validation prompts and their rewards, the
-value head V(x) on pi_ref's prompt states, the reference pass over the training rows (pi_ref's
-log-prob of every response token, and V(x) of every training prompt), the advantages A = R - V(x)
-and the sampling weights. Each runs in the precision of training (:meth:`training_precision`) and
-under its own seeded random stream (:func:`lolrl.utils.seeding.stage_rng`), so a cold and a warm
-cache give the same run.
+(:mod:`lolrl.utils.cache`): pi_ref's generations on the validation prompts and their rewards, the value head
+V(x) on pi_ref's prompt states, the reference pass over the training rows (pi_ref's log-prob of every response
+token, and V(x) of every training prompt), the advantages A = R - V(x) (with ``value_source="group"``: A_i =
+R_i - the mean reward of the other responses to row i's prompt, V(x) only for a prompt with a single response)
+and the sampling weights. Each runs in the precision of training (:meth:`training_precision`) and under its
+own seeded random stream (:func:`lolrl.utils.seeding.stage_rng`), so a cold and a warm cache give the same
+run.
 
 :class:`ReferenceStages` is a part of :class:`lolrl.engine.trainer.OfflineRLTrainer`: it reads the
 trainer's ``args``, ``model`` (pi_ref, before training), ``accelerator``, ``tokenizer``, ``reward``
@@ -46,6 +47,44 @@ def advantage_statistics(advantages: np.ndarray) -> dict:
         "share_negative": float(np.mean(advantages < 0)),
         "share_non_positive": float(np.mean(advantages <= 0)),
     }
+
+
+def prompt_key(record: Record) -> str:
+    """The text a group of responses shares: the prompt (a string, or a chat as its messages)."""
+    return record.prompt if isinstance(record.prompt, str) else json.dumps(record.prompt, sort_keys=True)
+
+
+def prompt_groups(records: list[Record]) -> list[np.ndarray]:
+    """The rows of each distinct prompt text, in first-seen order (a prompt's rows need not be consecutive)."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(prompt_key(record), []).append(i)
+    return [np.array(rows) for rows in groups.values()]
+
+
+def leave_one_out_baselines(rewards: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    """``b_i = mean_{j != i} R_j`` over the other rows of row i's group (RLOO's baseline); NaN for a row
+    alone in its group (a prompt with a single response has no other response to compare with)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    baselines = np.full(rewards.shape, np.nan)
+    for rows in groups:
+        if len(rows) > 1:
+            baselines[rows] = (rewards[rows].sum() - rewards[rows]) / (len(rows) - 1)
+    return baselines
+
+
+def check_group_singletons(records: list[Record], policy: str) -> list[int]:
+    """The rows alone in their prompt's group (``value_source="group"``); with ``policy="refuse"`` a single one
+    is refused, naming the row and its prompt."""
+    singletons = sorted(int(rows[0]) for rows in prompt_groups(records) if len(rows) == 1)
+    if singletons and policy == "refuse":
+        first = records[singletons[0]]
+        prompt = prompt_key(first)
+        raise ConfigError(f"--value_source group: training row {singletons[0]} (id '{first.id}', prompt "
+                          f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''}) is the only response to its prompt "
+                          f"({len(singletons)} such rows); --group_singletons generations or data gives them "
+                          "A = R - V(x)")
+    return singletons
 
 
 def _check_reference_cache(rows: int, with_values: bool, payload: dict, tensors: dict) -> None:
@@ -116,7 +155,7 @@ class ReferenceStages:
         reward of ``value_samples`` sampled outputs (cached)."""
         config = self.args
         val = self._val_records()
-        if config.value_source == "data":
+        if config.value_fit_source == "data":
             return [r.reward for r in val]
         if config.value_samples == 1:
             return self._reference_generations(val_rows)[1]["final_reward"]
@@ -229,6 +268,12 @@ class ReferenceStages:
             weights = sampling_weights(config.sampling_strategy, rewards, len(train))
             return TrainingSignal(rewards, None, None, weights)
 
+        # value_source group: V(x) is fit only when some prompt has a single response (its rows' fallback)
+        baselines = (leave_one_out_baselines(rewards, prompt_groups(train))
+                     if config.uses_advantage and config.value_source == "group" else None)
+        if baselines is not None:
+            check_group_singletons(train, config.group_singletons)
+        fits_value = config.uses_advantage and (baselines is None or bool(np.isnan(baselines).any()))
         key = cache_lib.hash_json({"stage": "reference_pass", **self._model_key(scoring=True),
                                    "train": self._train_digest, "value": config.uses_advantage and {
                                        "val": cache_lib.records_digest(self._val_records()),
@@ -236,9 +281,11 @@ class ReferenceStages:
                                        "generation": config.generation.as_dict(), "samples": config.value_samples,
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
                                        "folds": config.value_folds, "seed": config.seed,
-                                       **({"head": config.value_head} if config.value_head != "attention" else {})}})
+                                       **({"head": config.value_head} if config.value_head != "attention" else {}),
+                                       **({"singletons": config.group_singletons, "fits_value": fits_value}
+                                          if baselines is not None else {})}})
         hit = self.cache.load("reference_pass", key, functools.partial(_check_reference_cache, len(train),
-                                                                      config.uses_advantage))
+                                                                      fits_value))
         if hit is not None:
             payload, tensors = hit
             reports = payload.get("reports", {})
@@ -249,8 +296,8 @@ class ReferenceStages:
             values = tensors["values"].double().numpy() if "values" in tensors else None
         else:
             head, reports = None, {}
-            if config.uses_advantage:
-                if config.value_source == "generations":
+            if fits_value:
+                if config.value_fit_source == "generations":
                     reports["reward_check"] = self.check_reward_agreement()
                 head, reports["value_fit"] = self._fit_value(val_rows, self.value_targets(val_rows))
                 self._write_reports(reports)
@@ -270,15 +317,25 @@ class ReferenceStages:
 
         advantages = None
         if config.uses_advantage:
-            advantages = rewards - values
-            check_reward_scale(advantages, [r.id for r in train], "training advantages (R - V(x))")
+            grouped = ~np.isnan(baselines) if baselines is not None else np.zeros(len(train), dtype=bool)
+            baseline = np.asarray(values, dtype=np.float64) if values is not None else np.zeros(len(train))
+            if baselines is not None:
+                baseline = np.where(grouped, baselines, baseline)
+            advantages = rewards - baseline
+            check_reward_scale(advantages, [r.id for r in train], "training advantages (R - baseline)")
             stats = advantage_statistics(advantages)
-            fit = reports.get("value_fit", {})
-            stats["value_fit"] = {k: fit.get(k) for k in ("cv_r2", "cv_spearman", "informative")}
+            # how many rows each estimate covered: the other responses' mean (group) or V(x) (value)
+            stats["estimates"] = {"group": int(grouped.sum()), "value": int((~grouped).sum())}
+            if baselines is not None:
+                stats["prompt_groups"] = len(prompt_groups(train))
+            if fits_value:
+                fit = reports.get("value_fit", {})
+                stats["value_fit"] = {k: fit.get(k) for k in ("cv_r2", "cv_spearman", "informative")}
             if self.is_main:
                 atomic_write_json(self.output_dir / "advantage_stats.json", stats)
-            logger.info("training advantages: mean %.4f, median %.4f; %.1f%% negative (dropped by A-LoL)",
-                        stats["mean"], stats["median"], 100 * stats["share_negative"])
+            logger.info("training advantages: mean %.4f, median %.4f; %.1f%% negative (dropped by A-LoL); baseline: "
+                        "the other responses' mean for %d rows, V(x) for %d", stats["mean"], stats["median"],
+                        100 * stats["share_negative"], stats["estimates"]["group"], stats["estimates"]["value"])
         priority_values = advantages if config.uses_advantage else rewards
         weights = sampling_weights(config.sampling_strategy, priority_values, len(train))
         return TrainingSignal(rewards, advantages, ref_logprobs if config.uses_reference else None, weights)

@@ -64,7 +64,12 @@ from lolrl.engine.reports import (
 from lolrl.engine.rewards import reward_from_funcs
 from lolrl.engine.runtime import end_trainer_run
 from lolrl.engine.sampling import PrioritySampler
-from lolrl.engine.stages import ReferenceStages, TrainingSignal, advantage_statistics  # noqa: F401 (re-exported)
+from lolrl.engine.stages import (  # noqa: F401 (advantage_statistics: re-exported)
+    ReferenceStages,
+    TrainingSignal,
+    advantage_statistics,
+    check_group_singletons,
+)
 from lolrl.engine.task import TaskInfo
 from lolrl.engine.validation import BestModelKeeper, gold_texts
 from lolrl.engine.value import MIN_VALUE_PROMPTS
@@ -272,13 +277,20 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
     @staticmethod
     def _check_data(args: OfflineRLConfig, data: TaskData, reward) -> None:
         val = data.val[: args.max_val_examples] if args.max_val_examples else data.val
-        if args.uses_advantage and reward is None and args.value_source == "generations":
+        fits_value = args.uses_advantage
+        if fits_value and args.value_source == "group":
+            # V(x) only for the prompts with a single response (refused there with --group_singletons refuse)
+            fits_value = bool(args.do_train and data.train
+                              and check_group_singletons(data.train, args.group_singletons))
+        if fits_value and reward is None and args.value_fit_source == "generations":
             raise ConfigError(f"{args.algorithm} fits a value estimate on scored generations: it needs a reward "
-                              "(or --value_source data, to fit it on the validation records' stored rewards)")
-        if args.uses_advantage and args.value_source == "data" and any(r.reward is None for r in val):
+                              "(or --value_source data, to fit it on the validation records' stored rewards" +
+                              ("; --group_singletons data or refuse, as the run's prompts with a single response "
+                               "need V(x))" if args.value_source == "group" else ")"))
+        if fits_value and args.value_fit_source == "data" and any(r.reward is None for r in val):
             raise ConfigError("--value_source data fits V(x) on the validation records' rewards: every validation "
                               "record needs one")
-        if args.uses_advantage and args.do_train and len(val) < MIN_VALUE_PROMPTS:
+        if fits_value and args.do_train and len(val) < MIN_VALUE_PROMPTS:
             raise ConfigError(f"{args.algorithm} fits the value estimate on validation prompts: it needs at least "
                               f"{MIN_VALUE_PROMPTS}")
         if args.do_train and data.train and any(r.reward is None for r in data.train) and args.algorithm != "nll":
@@ -301,7 +313,7 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         validation and the gold NLL. Not all of them call the model's forward (the output layer runs in
         chunks; peft's ``generate`` calls the base model's), so each enters it explicitly. pi_ref's log-probs
         in fp32 against a bf16 loss scattered the first-step importance weights (0.73 to 1.41 on SmolLM2 in
-        issue 22's audit); in the loss's precision they are exactly 1 (tests/test_precision.py)."""
+        issue 22's audit); in the loss's precision they are exactly 1 (tests/engine/test_precision.py)."""
         return self.accelerator.autocast()
 
     def _load_policy(self, args: OfflineRLConfig, tokenizer):

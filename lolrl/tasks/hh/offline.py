@@ -37,7 +37,7 @@ def alol_data(data_args: ALoLHHData, config: ALoLHHConfig, train_rows, dev_rows)
     if config.algorithm.startswith("a_lol"):
         config.step_scale_rows = len(train_rows)
     train = pro_records(train_rows, data_args.prompt_format, config.train_candidates, "train")
-    value_reward = "mean" if config.value_source == "data" else "sft"
+    value_reward = "mean" if config.value_fit_source == "data" else "sft"
     return TaskData(train=train, val=validation_records(data_args, dev_rows, value_reward), test=None)
 
 

@@ -16,6 +16,15 @@ for the dialogue tasks, meteor). Numbers have 3 decimals; absent values are ``NA
 paper task's checkpoint-selection metric; for any other task it is ``meteor``, the original's default
 (read from ``validation_stats.jsonl`` and from ``eval_results.json``'s ``val/generated`` / ``test/generated``
 rows, where the original read the top-level ``meteor`` of its final-eval file); ``--metric`` picks another.
+
+Beside it, ``OUTPUT_intervals.csv`` / ``.md`` (printed too): per algorithm the mean and sample std over
+seeds of ``test_<metric>`` and, against the ``--baseline`` run (default ``nll``, the prefix's reference
+run), the mean paired difference with its bootstrap 95% interval over test prompts and seeds
+(:func:`lolrl.utils.stats.paired_bootstrap`): the runs are paired by test prompt id
+(``test_generations.jsonl``) within a seed. Seeds: a folder ``<prefix>_<algorithm>_seed<N>`` is seed N
+of ``<algorithm>``; any other run's seed is its ``args.json``'s ``seed``. A baseline with a single run
+(the reference) is paired with every seed of the others. A metric not scored per prompt (METEOR) gets
+its mean and std, no interval.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import ast
 import csv
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +42,7 @@ from lolrl.tasks.paper.tasks import is_paper_task, task_info
 from lolrl.utils.cli import DataclassParser, setting
 from lolrl.utils.errors import UserError, report_user_error
 from lolrl.utils.io import atomic_write_text
+from lolrl.utils.stats import mean_and_std, paired_bootstrap
 
 SEGMENTS = (("val_gen", "val/generated"), ("test_gen", "test/generated"), ("val_gold", "val/gold"),
             ("test_gold", "test/gold"))
@@ -204,22 +215,94 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aggregate(prefixes: dict[str, bool], task_name: str, output_file: str | Path, results_dir: str | Path,
-              metric: str | None = None) -> tuple[list[Run], Path, Path]:
-    task = task_info(task_name)
-    metric = success_metric(task_name, metric)
-    folder = task_folder(Path(results_dir), task_name)
-    runs = [load_run(r) for r in expected_runs(folder, prefixes)]
-    header, rows = table(runs, task.name, metric)
+SEED_SUFFIX = re.compile(r"^(?P<algorithm>.+)_seed(?P<seed>\d+)$")
+
+
+def algorithm_and_seed(run: Run) -> tuple[str, int]:
+    """``(algorithm, seed)`` of a run: ``a_lol_seed2`` is seed 2 of ``a_lol``; otherwise its ``args.json``'s seed."""
+    match = SEED_SUFFIX.match(run.algorithm)
+    if match:
+        return match["algorithm"], int(match["seed"])
+    try:
+        seed = json.loads((run.log_dir / "args.json").read_text(encoding="utf-8")).get("seed", 0)
+    except (OSError, TypeError, json.JSONDecodeError):
+        seed = 0
+    return run.algorithm, int(seed) if isinstance(seed, int) else 0
+
+
+def per_prompt_scores(run: Run, metric: str) -> dict[str, float] | None:
+    """Test prompt id -> the run's ``metric`` on it (``test_generations.jsonl``); None when not every row has it."""
+    rows = _read_jsonl(run.log_dir / "test_generations.jsonl")
+    if not rows or not all(isinstance(r.get(metric), (int, float)) and "id" in r for r in rows):
+        return None
+    return {str(r["id"]): float(r[metric]) for r in rows}
+
+
+def interval_table(runs: list[Run], task: str, metric: str, baseline: str) -> tuple[list[str], list[list[str]]]:
+    """Per (prefix, algorithm): seeds, mean and std over seeds of ``test_<metric>``, and the paired bootstrap
+    interval of the difference from ``baseline`` over test prompts and seeds."""
+    groups: dict[tuple[str, str], dict[int, Run]] = {}
+    for run in runs:
+        if run.status == "complete":
+            algorithm, seed = algorithm_and_seed(run)
+            seeds = groups.setdefault((run.baseline, algorithm), {})
+            if seed in seeds:
+                print(f"note: {run.path} and {seeds[seed].path} are both seed {seed} of {run.baseline} / {algorithm}: "
+                      "the intervals keep the first", file=sys.stderr)
+                continue
+            seeds[seed] = run
+    header = ["task_name", "baseline_model", "algorithm", "seeds", f"test_{metric} mean", f"test_{metric} std",
+              f"diff vs {baseline}", "ci95 low", "ci95 high", "pairs"]
+    rows = []
+    for (prefix, algorithm), seeds in groups.items():
+        values = [r.results["test/generated"].get(metric) for r in seeds.values()]
+        values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        mean, std = mean_and_std(values) if values else (None, None)
+        row = [task, prefix, algorithm, str(len(seeds)), _fmt(mean), _fmt(std)]
+        base = groups.get((prefix, baseline), {})
+        pairs = []
+        if algorithm != baseline and base:
+            for seed, run in sorted(seeds.items()):
+                other = base.get(seed) or (next(iter(base.values())) if len(base) == 1 else None)
+                mine, theirs = per_prompt_scores(run, metric), other and per_prompt_scores(other, metric)
+                if mine is not None and theirs:
+                    pairs.append({i: mine[i] - theirs[i] for i in mine.keys() & theirs.keys()})
+        pairs = [p for p in pairs if p]
+        if pairs:
+            diff = paired_bootstrap(pairs)
+            row += [f"{diff.mean:+.3f}", f"{diff.low:+.3f}", f"{diff.high:+.3f}", str(diff.pairs)]
+        else:
+            row += ["-" if algorithm == baseline else "NA"] * 3 + ["0"]
+        rows.append(row)
+    return header, rows
+
+
+def _write_table(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    output_file = Path(output_file)
-    md_file = output_file.with_suffix(".md")
-    atomic_write_text(output_file, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
+    md_file = path.with_suffix(".md")
     atomic_write_text(md_file, markdown(header, rows))
+    return md_file
+
+
+def aggregate(prefixes: dict[str, bool], task_name: str, output_file: str | Path, results_dir: str | Path,
+              metric: str | None = None, baseline: str = "nll") -> tuple[list[Run], Path, Path]:
+    task = task_info(task_name)
+    metric = success_metric(task_name, metric)
+    folder = task_folder(Path(results_dir), task_name)
+    runs = [load_run(r) for r in expected_runs(folder, prefixes)]
+    output_file = Path(output_file)
+    md_file = _write_table(output_file, *table(runs, task.name, metric))
+    _write_table(intervals_file(output_file), *interval_table(runs, task.name, metric, baseline))
     return runs, output_file, md_file
+
+
+def intervals_file(output_file: Path) -> Path:
+    """``OUTPUT_intervals.csv`` beside ``OUTPUT.csv``."""
+    return output_file.with_name(f"{output_file.stem}_intervals{output_file.suffix or '.csv'}")
 
 
 @dataclass
@@ -234,6 +317,9 @@ class AggregateArguments:
     results_dir: str = setting("final_results", "folder holding <task>/<prefix>[_<algorithm>]/ runs")
     metric: str | None = setting(None, "success metric of the best/worst and val_/test_ columns (default: the paper "
                                        "task's checkpoint-selection metric; meteor for other tasks, as the original)")
+    baseline: str = setting("nll", "the algorithm every other is compared with in OUTPUT_intervals.csv: mean "
+                                   "paired difference of test_<metric> and its bootstrap 95 percent interval over test "
+                                   "prompts and seeds (nll: the prefix's reference run)")
 
 
 def build_parser() -> DataclassParser:
@@ -250,11 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     if not is_paper_task(args.task_name) and not args.metric:
         print(f"note: '{args.task_name}' is not a paper task: success metric {metric} (--metric picks another)",
               file=sys.stderr)
-    runs, csv_path, md_path = aggregate(prefixes, args.task_name, args.output_file, args.results_dir, metric)
+    runs, csv_path, md_path = aggregate(prefixes, args.task_name, args.output_file, args.results_dir, metric,
+                                        args.baseline)
+    print(intervals_file(csv_path).with_suffix(".md").read_text(encoding="utf-8"))
     for run in runs:
         if run.status != "complete":
             print(f"{run.status.split(':')[0]}: {run.baseline} / {run.algorithm} ({run.path}"
                   f"{'' if run.status == 'missing' else ': ' + run.status.split(': ', 1)[-1]})", file=sys.stderr)
     complete = sum(r.status == "complete" for r in runs)
-    print(f"{complete} of {len(runs)} runs complete; wrote {csv_path} and {md_path}")
+    print(f"{complete} of {len(runs)} runs complete; wrote {csv_path}, {md_path} and "
+          f"{intervals_file(csv_path)} (+ .md)")
     return 0 if complete else 1

@@ -1,4 +1,5 @@
-"""Online PPO: learning on a toy reward, the HH scripts (its estimators and losses: tests/test_online_losses.py)."""
+"""Online PPO: learning on a toy reward, the HH scripts (its estimators and losses:
+tests/online/test_online_losses.py)."""
 import json
 import os
 import subprocess
@@ -10,38 +11,14 @@ import numpy as np
 import pytest
 import torch
 from hh_tiny import pro_row, tiny_reward_model
+from ppo_toy import MAX_NEW, WORDS, target_word_share, word_model
 
 pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 # ------------------------------------------------------------------------------------ learning
-WORDS = ["the", "cat", "dog", "sat", "on", "mat", "ran", "far", "big", "red", "sun", "sky", "good", "day", "a", "is"]
-MAX_NEW = 8
-
-
-def _word_model(directory: Path):
-    """A tiny Llama over a 19-token word vocabulary: every word (the target included) starts near 1/19."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from lolrl.demo.tiny import build_llama_lm
-
-    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", "<pad>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
-    tokenizer.save_pretrained(str(directory))
-    build_llama_lm(tokenizer, directory, hidden=32, heads=2, seed=0)
-
-
-def target_word_share(prompts, completions, **_):
-    """The toy reward: the share of the response budget spent on the word 'good'."""
-    return [c.split().count("good") / MAX_NEW for c in completions]
-
-
 def test_ppo_raises_the_reward_of_a_target_token(tmp_path):
     from lolrl.engine.data import Record
     from lolrl.engine.generation import GenerationSettings
@@ -49,7 +26,7 @@ def test_ppo_raises_the_reward_of_a_target_token(tmp_path):
     from lolrl.online.ppo import PPOConfig, PPOTrainer
 
     torch.set_num_threads(1)
-    _word_model(tmp_path / "lm")
+    word_model(tmp_path / "lm")
     prompts = [" ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(3)) for i in range(32)]
     train = [Record(id=str(i), prompt=p, response="", reward=None) for i, p in enumerate(prompts)]
     config = PPOConfig(model_name=str(tmp_path / "lm"), output_dir=str(tmp_path / "out"), max_steps=30,
@@ -78,7 +55,7 @@ def test_rollout_tokens_stop_at_the_first_stop_token(tmp_path):
     from lolrl.engine.generation import GenerationSettings, generate_token_ids
     from lolrl.engine.modeling import load_model, load_tokenizer
 
-    _word_model(tmp_path / "lm")
+    word_model(tmp_path / "lm")
     tokenizer, model = load_tokenizer(str(tmp_path / "lm")), load_model(str(tmp_path / "lm"))
     stop = tokenizer.convert_tokens_to_ids("good")
     rows = [TokenizedRow(i, tokenizer(" ".join(WORDS[i:i + 1 + i % 3]))["input_ids"], []) for i in range(12)]

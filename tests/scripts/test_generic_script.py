@@ -9,19 +9,14 @@ import pytest
 import torch
 from conftest import status_of
 from safetensors.torch import load_file
+from script_args import args_for
 
 from lolrl.engine.losses import ALGORITHMS
 from lolrl.tasks.paper.cli import main
 
 pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
-ROOT = Path(__file__).parent.parent
-
-
-def args_for(toy_dir, model, out, algo, reward, *extra):
-    return ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", algo,
-            "-t", "-e", "1", "-bs", "8", "-v_bs", "16", "-ml", "10", "--max_steps", "3", "-vf", "1",
-            "--num_beams", "1", "-lr", "1e-3", *extra]
+ROOT = Path(__file__).parents[2]
 
 
 def weights(directory):

@@ -12,7 +12,7 @@ from lolrl.engine.losses import ALGORITHMS
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # the fast lane: pytest -m "not slow"
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.mark.parametrize("algo", ["a_lol"])

@@ -23,7 +23,7 @@ from lolrl.tasks.hh.data import (
 
 pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[3]
 DEV = ROOT.parent / "shared" / "data" / "hh" / "hh_dev" / "sampled_dev.json"
 
 

@@ -13,7 +13,7 @@ from hh_tiny import pro_row
 
 from lolrl import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stages(node=cli.STAGES, words=()):

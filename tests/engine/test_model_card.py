@@ -16,12 +16,13 @@ from lolrl.engine.model_card import (
 )
 from lolrl.tasks.paper.cli import main
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 SECRET = "hf_secret_token_value"
 
 
 def args_for(toy_dir, model, out, reward, *extra, algo="a_lol"):
-    """tests/test_script.py's short run (two optimizer steps); A-LoL's value head in closed form (quick)."""
+    """tests/scripts/test_generic_script.py's short run (two optimizer steps); A-LoL's value head in closed form
+    (quick)."""
     return ["-i", str(toy_dir), "-tn", "toy", "--reward", reward, "-m", model, "-o", str(out), "-algo", algo,
             "-t", "-e", "1", "-bs", "8", "-v_bs", "16", "-ml", "10", "--max_steps", "2", "-vf", "1",
             "--num_beams", "1", "-lr", "1e-3", "--value_head", "ridge", *extra]

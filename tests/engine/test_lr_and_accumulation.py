@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # the fast lane: pytest -m "not slow"
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 

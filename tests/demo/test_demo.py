@@ -12,7 +12,7 @@ from lolrl.demo.pipeline import DemoSettings, run_demo, summarise
 
 pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 P = "topic: hiking\nuser: any tips for hiking ? my trail keeps letting me down .\nbot:"
 
 
@@ -83,6 +83,7 @@ def test_variant_names():
     assert parse_variant("wbc") == ("wbc", {})
     assert parse_variant("a_lol+k4") == ("a_lol", {"value_samples": 4})
     assert parse_variant("a_lol+ridge+k3") == ("a_lol", {"value_head": "ridge", "value_samples": 3})
+    assert parse_variant("a_lol+group") == ("a_lol", {"value_source": "group"})
     for bad in ("a_lol+k0", "a_lol+kx", "a_lol+lasso"):
         with pytest.raises(ValueError, match="unknown variant"):
             parse_variant(bad)

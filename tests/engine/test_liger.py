@@ -4,6 +4,7 @@ chunked output layer, chosen only where it applies, refused loudly where asked a
 Liger's kernels are Triton; without CUDA they run here under Triton's interpreter (conftest.py sets
 ``TRITON_INTERPRET=1`` before anything imports triton), which executes the very kernels on the CPU."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_liger_refused_where_it_cannot_apply(tiny_models, monkeypatch, case, mes
 def test_training_with_liger_equals_chunked(tmp_path, tiny_models, toy_dir, toy_reward_spec, caplog):
     """The paper script, a_lol for 3 steps: the reference pass, the loss and validation through Liger give
     the run the chunked kernel gives."""
-    from test_script import args_for
+    from script_args import args_for
 
     from lolrl.tasks.paper.cli import main
 
@@ -129,7 +130,7 @@ def test_training_with_liger_equals_chunked(tmp_path, tiny_models, toy_dir, toy_
 
 def test_script_refuses_liger_where_it_cannot_run(tmp_path, tiny_models, toy_dir, toy_reward_spec, monkeypatch,
                                                   capsys):
-    from test_script import args_for
+    from script_args import args_for
 
     from lolrl.tasks.paper.cli import main
 
@@ -149,7 +150,7 @@ def test_ppo_reference_logprobs_through_liger(hh_fixture, caplog):
     the reference (the starting adapter twice), so the KL between the two kernels' log-probs is 0."""
     import sys
 
-    from test_ppo import ROOT
+    ROOT = Path(__file__).resolve().parents[2]
 
     sys.path.insert(0, str(ROOT))
     from ppo_qlora_llama_hh import main as ppo_main
@@ -167,7 +168,7 @@ def test_ppo_reference_logprobs_through_liger(hh_fixture, caplog):
 def test_trl_trainers_refuse_the_liger_setting(hh_fixture, capsys):
     import sys
 
-    from test_ppo import ROOT
+    ROOT = Path(__file__).resolve().parents[2]
 
     sys.path.insert(0, str(ROOT))
     from ppo_qlora_llama_hh import main as ppo_main

@@ -7,7 +7,7 @@ import pytest
 
 from lolrl.tasks.paper.cli import main
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # the tests folder: helpers, data
 sys.path.insert(0, str(TESTS))
 
 

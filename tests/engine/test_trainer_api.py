@@ -1,5 +1,5 @@
 """The scripts' form of the Python API: a config, a trainer, records of a task folder and a reward built in Python
-(the README's TRL-form example: tests/test_datasets_input.py)."""
+(the README's TRL-form example: tests/engine/test_datasets_input.py)."""
 import math
 
 from lolrl import OfflineRLConfig, OfflineRLTrainer, TaskInfo, load_reward, load_task_dir

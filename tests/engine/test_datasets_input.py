@@ -14,7 +14,7 @@ from lolrl.engine.collation import Tokenizer, render_chat
 from lolrl.engine.data import DataError, TaskData, load_task_dir
 from lolrl.engine.rewards import RewardSpecError, reward_from_funcs
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 CHAT = [{"role": "user", "content": "topic: hiking\nuser: any tips?"}]
 ANSWER = [{"role": "assistant", "content": "take water and a map."}]
 # A template whose prompt rendered alone is not a prefix of the whole conversation (an extra marker after the

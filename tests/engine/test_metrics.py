@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder: paper_tiny
 
 from lolrl.engine import meteor
 from lolrl.engine.reports import (

@@ -13,7 +13,7 @@ from hh_tiny import save_nonzero_adapter
 from lolrl.tasks.paper.cli import main
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,10 @@ from lolrl.tasks.paper import aggregate, preprocess
 from lolrl.tasks.paper import cli as paper
 from lolrl.utils.cli import IGNORED, DataclassParser, to_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-ORIGINAL_FLAGS = json.loads((Path(__file__).parent / "original_flags.json").read_text())["scripts"]
+TESTS = Path(__file__).resolve().parents[1]  # the tests folder: helpers, data
+
+ROOT = Path(__file__).resolve().parents[2]
+ORIGINAL_FLAGS = json.loads((TESTS / "original_flags.json").read_text())["scripts"]
 
 HH_SCRIPTS = {"lolrl_qlora_llama_hh.py": (hh.ALoLHHData, hh.ALoLHHConfig),
               "dpo_qlora_llama_hh.py": (hh.DPOHHData, hh.DPOHHConfig),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the tests folder: paper_tiny
 import paper_tiny
 
 from lolrl.engine.data import DataError, load_jsonl

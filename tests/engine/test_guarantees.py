@@ -255,7 +255,7 @@ def test_reward_that_raises_or_collides_is_named():
     from lolrl.engine.rewards import RewardOutputError, load_reward
     from lolrl.engine.validation import reward_columns
 
-    reward = load_reward(f"{Path(__file__).parent / 'bad_rewards.py'}:raises")
+    reward = load_reward(f"{Path(__file__).resolve().parents[1] / 'bad_rewards.py'}:raises")
     with pytest.raises(RewardOutputError, match=r"'raises' .* raised KeyError: 'score' on batch 0 \(rows 0..1\)"):
         reward(prompts=["a"] * 4, completions=["b"] * 4, batch_size=2)
     with pytest.raises(DataError, match="column named 'desc' collides"):
@@ -320,7 +320,7 @@ def run_killed(args: list[str], fault: str):
     import subprocess
     import sys
 
-    env = {**os.environ, "LOLRL_FAULT": fault, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "LOLRL_FAULT": fault, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     code = "import sys; from lolrl.tasks.paper.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300,
                           check=False)
@@ -353,7 +353,7 @@ def test_ppo_stops_on_non_finite_steps_and_respects_the_lock(tmp_path):
     import os
     import socket
 
-    from test_ppo import MAX_NEW, WORDS, _word_model, target_word_share
+    from ppo_toy import MAX_NEW, WORDS, target_word_share, word_model
 
     from lolrl.engine.data import Record
     from lolrl.engine.generation import GenerationSettings
@@ -361,7 +361,7 @@ def test_ppo_stops_on_non_finite_steps_and_respects_the_lock(tmp_path):
     from lolrl.online.ppo import PPOConfig, PPOTrainer
     from lolrl.utils.lock import LOCK_NAME, FolderInUseError
 
-    _word_model(tmp_path / "lm")
+    word_model(tmp_path / "lm")
     train = [Record(id=str(i), prompt=" ".join(WORDS[i:i + 3]), response="") for i in range(8)]
     reward = RewardFunction.from_callables(target_word_share)
 
