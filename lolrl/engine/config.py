@@ -44,6 +44,19 @@ def _f(default, help: str, **metadata):
     return field(default=default, metadata={"help": help, **metadata})
 
 
+def warmup_ratio(text: str) -> float:
+    """the original's share of the steps warming up, in [0, 1] (1: all of them)"""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(f"expected a share in [0, 1], got {value}")
+    return min(value, 1 - 1e-9)  # transformers reads a warmup_steps below 1 as a share of the steps
+
+
+# --dtype fp32|bf16|fp16: the precision flags in one (autocast; fp32 is neither)
+DTYPE_FLAGS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True, "fp16": False},
+               "fp16": {"bf16": False, "fp16": True}}
+
+
 def _has_accelerator_device() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
@@ -67,6 +80,9 @@ class OfflineRLConfig(TrainingArguments):
     learning_rate: float = _f(2e-5, "AdamW learning rate", aliases=["-lr"], min=0.0)
     weight_decay: float = _f(0.01, "weight decay, not on biases and norms (the original's AdamW: 0.01)", min=0.0)
     lr_scheduler_type: str = _f("linear", "a transformers scheduler name", aliases=["--lr_scheduler"])
+    warmup_steps: float = _f(0, "linear warmup: optimizer steps, or below 1 a share of them (transformers' rule)",
+                             min=0, converted_aliases={"--warmup_ratio": warmup_ratio})
+    bf16: bool = _f(False, "bf16 autocast (fp32 master weights)", setting_aliases={"--dtype": DTYPE_FLAGS})
     activation_checkpointing: bool = _f(False, "trade compute for memory (gradient checkpointing)",
                                         aliases=["--gradient_checkpointing"])
     gradient_checkpointing: bool | None = _f(None, "TrainingArguments' deprecated name: --gradient_checkpointing "

@@ -183,6 +183,7 @@ class DataclassParser:
         self.fields: dict[str, _Flag] = {}
         self.flags: dict[str, str] = {}  # field name -> the flags that set it, for messages
         self.keys: dict[str, str] = {}  # a YAML key (field name or long alias) -> field name
+        self.alias_settings: dict[str, dict[str, dict[str, Any]]] = {}  # --dtype -> {bf16: {bf16: True, ...}}
         for cls in dataclass_types:
             hints = typing.get_type_hints(cls)
             group = self.parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0]
@@ -254,6 +255,17 @@ class DataclassParser:
             no_flags = dict.fromkeys([f"--no_{name}", *meta.get("no_aliases", [])])
             group.add_argument(*no_flags, dest=name, action="store_const",
                                const=value, help=argparse.SUPPRESS if hidden else f"same as --{name} {value}")
+        for alias, convert_alias in meta.get("converted_aliases", {}).items():  # --warmup_ratio R: warmup_steps
+            self.keys.setdefault(alias.lstrip("-"), name)
+            group.add_argument(alias, dest=name, type=convert_alias, help=argparse.SUPPRESS if hidden else
+                               f"sets --{name}: {getattr(convert_alias, '__doc__', '') or ''}".strip())
+        for alias, table in meta.get("setting_aliases", {}).items():  # --dtype bf16: bf16=True, fp16=False
+            self.keys.setdefault(alias.lstrip("-"), alias.lstrip("-"))
+            self.alias_settings[alias.lstrip("-")] = table
+            group.add_argument(alias, dest=f"_alias_{alias.lstrip('-')}", choices=list(table), default=None,
+                               help=argparse.SUPPRESS if hidden else
+                               "; ".join(f"{k}: {', '.join(f'--{f} {v}' for f, v in s.items())}"
+                                         for k, s in table.items()))
         for alias, value in meta.get("const_aliases", {}).items():
             self.keys.setdefault(alias.lstrip("-"), name) if alias.startswith("--") else None
             group.add_argument(alias, dest=name, action="store_const", const=value,
@@ -313,7 +325,14 @@ class DataclassParser:
         try:
             namespace = self.parser.parse_args(argv)
         finally:
-            self.parser.set_defaults(**{k: self.fields[k].default for k in defaults})
+            self.parser.set_defaults(**{k: self.fields[k].default if k in self.fields else None for k in defaults})
+        for alias, table in self.alias_settings.items():  # an alias that sets several fields, e.g. --dtype
+            choice = getattr(namespace, f"_alias_{alias}", None) or defaults.get(alias)
+            if choice is not None:
+                if choice not in table:
+                    self._fail(f"argument --{alias}: invalid choice: {choice!r} (choose from {', '.join(table)})")
+                for field_name, value in table[choice].items():
+                    setattr(namespace, field_name, value)
         for name in self.fields:
             self._check(name, getattr(namespace, name))
         for action in self.parser._actions:  # a --config value skips argparse's own choices check
@@ -321,7 +340,7 @@ class DataclassParser:
             if action.choices is not None and action.dest in defaults and value not in action.choices:
                 self._fail(f"argument {self.flags[action.dest]}: invalid choice: {value!r} (choose from "
                            f"{', '.join(map(str, action.choices))})")
-        return self.build(vars(namespace), given=self._given(argv) | set(defaults))
+        return self.build(vars(namespace), given=(self._given(argv) | set(defaults)) & set(self.fields))
 
     def _given(self, argv: list[str]) -> set[str]:
         """The fields set on the command line: parse again with every default a sentinel."""

@@ -52,7 +52,8 @@ def test_stop_marker_under_sentencepiece_and_todays_tokenizers(tmp_path, tiny_mo
     encode(" ###") is two under SentencePiece's rules: the marker is found as the last id of
     encode("a ###"), for every tokenizer style, and the training, PPO and evaluation paths share it."""
     from lolrl.engine.modeling import load_tokenizer
-    from lolrl.tasks.hh import evaluate, train
+    from lolrl.tasks.hh import evaluate
+    from lolrl.tasks.hh import shared as train
     from lolrl.tasks.hh.data import stop_ids
 
     legacy = sentencepiece_tokenizer(tmp_path / "sp", legacy=True)
