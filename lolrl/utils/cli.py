@@ -267,7 +267,8 @@ class DataclassParser:
                                "; ".join(f"{k}: {', '.join(f'--{f} {v}' for f, v in s.items())}"
                                          for k, s in table.items()))
         for alias, value in meta.get("const_aliases", {}).items():
-            self.keys.setdefault(alias.lstrip("-"), name) if alias.startswith("--") else None
+            if alias.startswith("--"):
+                self.keys.setdefault(alias.lstrip("-"), name)
             group.add_argument(alias, dest=name, action="store_const", const=value,
                                help=argparse.SUPPRESS if hidden else f"same as --{name} {value}")
 
