@@ -13,6 +13,9 @@ metadata and its default is written once, on the field. Metadata keys:
 * ``no_aliases`` / ``no_value``: more spellings of ``--no_<name>``, and its value for a non-boolean
   field (``--no_resume`` = ``--resume never``);
 * ``const_aliases``: flags that set the field to a value (``{"-ts": "good_priority"}``);
+* ``converted_aliases``: flags whose value goes through a function into the field
+  (``{"--warmup_ratio": warmup_ratio}``);
+* ``setting_aliases``: one flag whose choice sets several fields (``--dtype bf16``: ``bf16`` True, ``fp16`` False);
 * ``required``: the flag must be given (on the command line or in ``--config``);
 * ``given_sets``: the name of a boolean field set True when this one is given (``ppo_clip_given``);
 * ``hidden_field``: not a flag at all (bookkeeping of the Python API);
@@ -22,9 +25,6 @@ Fields of ``transformers.TrainingArguments`` parse as ``HfArgumentParser`` parse
 ``str`` as text, checked by the dataclass; ``str | list[str]`` as one or more values); a field no command
 line can give (a config object) is left to the Python API. An ignored field's value is parsed and
 dropped: the dataclass keeps its default. YAML keys are field names or long aliases.
-
-A dataclass with a field ``given_flags`` (``init=False``) gets the names of the fields set on the
-command line or in the ``--config`` file.
 
 Booleans parse as ``--flag`` (True), ``--flag True/False/yes/no/1/0`` and, for those on by default,
 ``--no_flag``; ``X | None``
@@ -76,12 +76,15 @@ def restated(cls: type, name: str, default: Any, note: str = "", **metadata: Any
     return setting(default, **meta)
 
 
-def default_of(cls: type, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls``: a second dataclass reuses it instead of restating it."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+def _default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls``: a second dataclass reuses it instead of restating it."""
+    return _default({f.name: f for f in dataclasses.fields(cls)}[name])
 
 
 def string_to_bool(text: str) -> bool:
@@ -156,12 +159,6 @@ class _Flag:
     default: Any
     parent: str | None = None  # the nested field it lives in (flattened), e.g. "lora"
     sub: str | None = None  # its name inside the nested dataclass, e.g. "r"
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
 
 
 class DataclassParser:
@@ -395,8 +392,6 @@ class DataclassParser:
                 config = cls(**kwargs)
             except UserError as exc:
                 self._fail(str(exc).splitlines()[0])
-            if "given_flags" in {f.name for f in dataclasses.fields(cls)}:
-                config.given_flags = frozenset(n for n in given if self.fields[n].owner is cls)
             out.append(config)
         return tuple(out)
 
