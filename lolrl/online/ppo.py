@@ -40,20 +40,16 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import TrainingArguments
 
 from lolrl.engine.collation import Collator, TokenizedRow, Tokenizer
-from lolrl.engine.config import ConfigError
+from lolrl.engine.config import ConfigError, RunConfig
 from lolrl.engine.data import Record
 from lolrl.engine.generation import GenerationSettings, generate_token_ids, with_stop_texts
-from lolrl.engine.model_card import CardContents, HubSettings, push_best, write_card
+from lolrl.engine.model_card import CardContents, push_best, write_card
 from lolrl.engine.modeling import (
     LOGPROB_KERNEL_HELP,
     LOGPROB_KERNELS,
-    LoraSettings,
-    QuantizationSettings,
     base_load_dtype,
-    check_logprob_kernel,
     choose_logprob_kernel,
     enable_activation_checkpointing,
     load_model,
@@ -64,7 +60,6 @@ from lolrl.engine.modeling import (
     set_dropout,
 )
 from lolrl.engine.optim import build_optimizer
-from lolrl.engine.optim import resolve as resolve_optimizer
 from lolrl.engine.reports import (
     plot_loss_curves,
     plot_validation_curve,
@@ -72,7 +67,6 @@ from lolrl.engine.reports import (
 )
 from lolrl.engine.runtime import (
     backward,
-    check_report_to,
     end_run,
     flat_config,
     make_accelerator,
@@ -113,7 +107,7 @@ REFERENCE_ADAPTER = "reference"
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(RunConfig):
     """PPO settings: a ``transformers.TrainingArguments`` (as TRL's own PPO configs were) holding PPO's settings,
     with the vocabulary of :class:`lolrl.engine.config.OfflineRLConfig` for what they share (``max_steps``,
     ``per_device_train_batch_size``, ``adam_epsilon``, ``lr_scheduler_type``, ``lora``, ``quantization``, ...).
@@ -130,8 +124,6 @@ class PPOConfig(TrainingArguments):
     per_device_eval_batch_size: int = setting(16, "generation and reward batches", min=1)
     learning_rate: float = setting(2e-5, "learning rate", min=0.0)
     weight_decay: float = setting(0.0, "decoupled weight decay", min=0.0)
-    optim: str = setting("adamw_torch", "a transformers optimizer name; the paged and 8-bit ones need CUDA and "
-                                        "bitsandbytes (else adamw_torch, with a warning)")
     adam_epsilon: float = setting(1e-6, "Adam epsilon")
     max_grad_norm: float = setting(0.0, "gradient-norm clip at each optimizer step (0: none, as TRL 0.7.1)", min=0.0)
     lr_scheduler_type: str = setting("constant", "a transformers scheduler name, over all optimizer steps (max_steps "
@@ -143,21 +135,10 @@ class PPOConfig(TrainingArguments):
     eval_on_start: bool = setting(True, "validate the starting policy first")
     save_steps: float = setting(0, "checkpoint every N PPO steps; 0: at every validation; -1 (or save_strategy "
                                    "'no'): never")
-    save_total_limit: int | None = setting(2, "checkpoints kept", aliases=["--keep_checkpoints"], min=1)
-    report_to: None | str | list[str] = setting("none", "trackers: tensorboard, wandb, ... or none")
-    activation_checkpointing: bool = setting(False, "trade compute for memory (gradient checkpointing)",
-                                             aliases=["--gradient_checkpointing"])
-    gradient_checkpointing: bool | None = setting(None, "TrainingArguments' name: sets activation_checkpointing",
-                                                  hidden_field=True)
 
     # ------------------------------------------------------------------------------------- model
     model_name: str | None = setting(None, "the starting policy: hub id or path", aliases=["--model_name_or_path"])
-    tokenizer_name: str | None = setting(None, "tokenizer, when not the model's")
     adapter_path: str | None = setting(None, "starting adapter; also the frozen reference")
-    lora: LoraSettings = setting(LoraSettings(), "LoRA settings (r = 0 and no adapter: full fine-tune)",
-                                 flatten="lora_")
-    load_in_4bit: bool = setting(False, "QLoRA: quantise the frozen base to 4-bit (CUDA + bitsandbytes)")
-    quantization: QuantizationSettings = setting(QuantizationSettings(), "how load_in_4bit quantises", flatten="")
     save_dir: str | None = setting(None, "the best adapter and its value head (default OUTPUT/best_adapter)")
     cache_dir: str | None = setting(None, "the starting policy's validation generations (default OUTPUT/cache)")
     stage_cache: bool = setting(True, "reuse the cached starting-policy validation; --no_cache recomputes it",
@@ -203,25 +184,14 @@ class PPOConfig(TrainingArguments):
 
     # ----------------------------------------------------------------------- validation, checkpoints
     max_val_examples: int | None = setting(None, "validate on the first N validation prompts only", min=1)
-    resume: str = setting("auto", "continue from the latest checkpoint in OUTPUT/checkpoints: auto (whenever one "
-                                  "exists), must (--resume alone) or never (--no_resume)",
-                          choices=("auto", "must", "never"), const="must", no_aliases=["--no_resume"],
-                          no_value="never")
     stop_after_steps: int = setting(-1, "stop, checkpointed, after this many PPO steps; the same command resumes")
-    max_nonfinite_steps: int = setting(3, "optimizer steps in a row with a NaN/inf loss or gradient before the run "
-                                          "stops", min=1)
 
     def __post_init__(self) -> None:
         if not self.model_name:
             raise ConfigError("PPOConfig needs a model_name (the starting policy)")
-        if not self.output_dir:
-            raise ConfigError("PPOConfig needs an output_dir (where the run writes its results)")
-        if not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()):
-            self.use_cpu = True  # as OfflineRLConfig: no bf16 device checks against a GPU that is not there
-        if self.gradient_checkpointing is not None:  # TrainingArguments' spelling
-            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
-        if self.save_steps == -1:  # the scripts' "never"
-            self.save_strategy, self.save_steps = "no", 0
+        super().__post_init__()
+
+    def complete(self) -> None:
         if self.validation is None:  # greedy, with the rollouts' length and stops
             self.validation = dataclasses.replace(self.rollout, do_sample=False, num_beams=1, top_p=1.0, top_k=0,
                                                   temperature=1.0)
@@ -230,21 +200,6 @@ class PPOConfig(TrainingArguments):
         self.eval_steps = self.eval_steps or 0  # 0 (or TrainingArguments' None): never
         self.save_dir = self.save_dir or str(Path(self.output_dir) / "best_adapter")
         self.cache_dir = self.cache_dir or str(Path(self.output_dir) / "cache")
-        self.optim = resolve_optimizer(self.optim)
-        self.validate()
-        try:
-            super().__post_init__()
-        except ValueError as exc:  # TrainingArguments' own checks: one line, as ours
-            raise ConfigError(str(exc).splitlines()[0]) from None
-
-    @property
-    def dtype(self) -> str:
-        """The run's precision: bf16 or fp16 (autocast, as the Trainer's ``bf16`` / ``fp16``) or fp32."""
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
-
-    @property
-    def hub(self) -> HubSettings:
-        return HubSettings.of(self)
 
     @property
     def backward_batch_size(self) -> int:
@@ -255,6 +210,7 @@ class PPOConfig(TrainingArguments):
         return self.save_strategy == "no"
 
     def validate(self) -> None:
+        super().validate()
         if self.max_steps < 1 or self.ppo_epochs < 1 or self.per_device_train_batch_size < 1:
             raise ConfigError("max_steps, ppo_epochs and per_device_train_batch_size must be >= 1")
         if self.rollout_batch_size < 2 or self.rollout_batch_size % self.backward_batch_size:
@@ -262,34 +218,14 @@ class PPOConfig(TrainingArguments):
                               f"per_device_train_batch_size x gradient_accumulation_steps ({self.backward_batch_size})")
         if self.rollout.max_new_tokens is None:
             raise ConfigError("the rollouts need a max_new_tokens")
-        check_logprob_kernel(self.logprob_kernel)
-        self.quantization.check()
-        self.hub.check()
-        check_report_to(self.report_to)
         if self.kl_penalty not in PPO_KL_PENALTIES:
             raise ConfigError(f"kl_penalty must be one of {', '.join(PPO_KL_PENALTIES)}")
         if self.init_kl_coef < 0 or (self.adap_kl_ctrl and (self.kl_target <= 0 or self.kl_horizon <= 0)):
             raise ConfigError("init_kl_coef must be >= 0; the adaptive controller needs kl_target and kl_horizon > 0")
-        if self.resume not in ("auto", "never", "must"):
-            raise ConfigError("resume must be auto, never or must")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.save_steps < 0:
-            raise ConfigError(f"save_steps must be >= 0 (-1 or save_strategy 'no': never), got {self.save_steps}")
         check_output_paths({"output folder": self.output_dir, "cache folder": self.cache_dir}, self.save_dir,
                            {"starting model": self.model_name, "adapter": self.adapter_path})
-        if self.max_nonfinite_steps < 1:
-            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if not self.rollout.do_sample:
             logger.warning("PPO rollouts without sampling: every rollout of a prompt is the same")
-
-    def to_dict(self) -> dict:
-        """Every setting (args.json, the trackers' hyper-parameters, the resume key), nested settings as mappings,
-        the hub token hidden (TrainingArguments hides every ``*_token``)."""
-        values = super().to_dict()
-        for name in ("lora", "quantization", "rollout", "validation"):
-            values[name] = dataclasses.asdict(getattr(self, name))
-        return values
 
     def card_settings(self) -> dict:
         """The settings the model card lists (:mod:`lolrl.engine.model_card`)."""
