@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,6 +56,9 @@ class ValueHead(nn.Module):
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_std", torch.ones(()))
         self._weights = None  # set by forward_rows for its groups (:meth:`_single_query`)
+        # a fit's own stream of dropout draws (:func:`new_fit_head`), so fits run in threads side by side draw
+        # what each would draw alone; None: torch's global generator
+        self.generator: torch.Generator | None = None
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B] (:meth:`forward_rows`
@@ -69,8 +74,7 @@ class ValueHead(nn.Module):
         padded ~4x its real tokens); the pooling is per row, so the grouping changes no value."""
         lengths = [row.shape[0] for row in rows]
         flat = torch.cat(rows).to(self.query.dtype)
-        if self.training and self.dropout.p > 0:
-            flat = self.dropout(flat)
+        flat = self.drop(flat)
         rows = flat.split(lengths)
         groups = padding_bounded_groups(lengths, max_padding=GROUP_PADDING)
         self._weights = self._single_query()  # once for every group (and one gradient for them in the backward)
@@ -83,8 +87,21 @@ class ValueHead(nn.Module):
             place = torch.empty(len(order), dtype=torch.long)
             place[order] = torch.arange(len(order))
             pooled = pooled[place.to(pooled.device)]
-        score = self.out(self.dropout(pooled))[:, 0, 0]
+        score = self.out(self.drop(pooled))[:, 0, 0]
         return self.target_mean + self.target_std * score
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's dropout in training, drawn from :attr:`generator` when it has one: the same operations as
+        ``nn.Dropout`` on CPU (a Bernoulli(1 - p) mask, divided by 1 - p, times ``x``), so from the same
+        generator state the same numbers; the identity in eval mode."""
+        p = self.dropout.p
+        if not self.training or p == 0:
+            return x
+        if self.generator is None or p == 1:
+            return self.dropout(x)
+        noise = torch.empty_like(x).bernoulli_(1 - p, generator=self.generator)
+        noise.div_(1 - p)
+        return x * noise
 
     def _single_query(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The attention's weights as its one query uses them: the key direction q W_k per head [heads, H],
@@ -253,17 +270,30 @@ def predict(head: nn.Module, states: list[torch.Tensor], batch_size: int = 64) -
     return torch.cat(values).cpu().numpy() if values else np.zeros(0)
 
 
+# the initial heads are drawn from torch's global generator: one fit at a time
+_INITIALISING = threading.Lock()
+
+
 def new_fit_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray, settings: ValueFitSettings,
                  fit_id: int) -> tuple[ValueHead, np.random.Generator]:
     """A fit's initial head (seeded by ``fit_id``, its output scaled to the targets of ``train_idx``), on the
-    states' device, and the fit's stream for its batch order."""
-    torch.manual_seed(settings.seed * 7919 + fit_id)
+    states' device, with its own generator for dropout (continuing the seeded stream, as a fit run alone
+    would draw from the global one), and the fit's stream for its batch order."""
+    device = states[0].device
+    seed = settings.seed * 7919 + fit_id
+    with _INITIALISING:
+        torch.manual_seed(seed)
+        head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
+        if device.type == "cpu":
+            head.generator = torch.Generator()
+            head.generator.set_state(torch.get_rng_state())
+        else:  # initialised on the CPU: the device's stream is still at its seed
+            head.generator = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng([settings.seed, fit_id])
-    head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
     part = targets[torch.as_tensor(train_idx)]
     head.target_mean.fill_(part.mean())
     head.target_std.fill_(part.std(unbiased=False).clamp(min=1e-6))
-    return head.to(states[0].device), rng
+    return head.to(device), rng
 
 
 def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
@@ -336,8 +366,17 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
         return fit_ridge_value_head(states, targets, settings)
     make_value_head(settings.head, 1)  # a clear error for an unknown kind
     device = torch.device(device) if device is not None else states[0].device
+    threads = FIT_THREADS or (torch.get_num_threads() if device.type == "cpu" else 1)
+    if torch.is_autocast_enabled(device.type):  # a thread-local mode the pool's threads would not inherit
+        threads = 1
     with _one_cpu_thread(device):
-        return _fit_attention_head(states, targets, settings, device)
+        return _fit_attention_head(states, targets, settings, device, threads)
+
+
+# The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
+# threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
+# generators, so the result does not depend on it.
+FIT_THREADS: int | None = None
 
 
 @contextmanager
@@ -357,7 +396,7 @@ def _one_cpu_thread(device: torch.device):
 
 
 def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settings: ValueFitSettings,
-                        device: torch.device) -> tuple[ValueHead, ValueFitReport]:
+                        device: torch.device, threads: int = 1) -> tuple[ValueHead, ValueFitReport]:
     started = time.perf_counter()
     states = [s.to(device) for s in states]
     n = len(states)
@@ -369,14 +408,21 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
     progress = tqdm(total=k + 1, desc="value head (cross-validated)", leave=False)
     judged = [None] * k  # judged[f]: [epochs + 1, |f|] predictions on f of the head without {f, f + 1}
     inner_errors = np.zeros((k, settings.epochs + 1))  # inner_errors[f]: SSE per epoch of heads without f, not on f
-    for f in range(k):  # the neighbour pairs {f, f + 1 mod k}
+
+    def pair_fit(f: int) -> list[np.ndarray]:  # the head without the neighbour pair {f, f + 1 mod k}
         g = (f + 1) % k
-        _, (on_f, on_g) = train_attention_head(states, targets_t, np.flatnonzero((fold != f) & (fold != g)),
-                                               [members[f], members[g]], settings.epochs, settings, fit_id=1 + f)
+        _, curves = train_attention_head(states, targets_t, np.flatnonzero((fold != f) & (fold != g)),
+                                         [members[f], members[g]], settings.epochs, settings, fit_id=1 + f)
+        progress.update(1)
+        return curves
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, k))) as pool:
+        pair_curves = list(pool.map(pair_fit, range(k)))
+    for f, (on_f, on_g) in enumerate(pair_curves):
+        g = (f + 1) % k
         judged[f] = on_f
         inner_errors[f] += ((on_g - y[members[g]]) ** 2).sum(axis=1)
         inner_errors[g] += ((on_f - y[members[f]]) ** 2).sum(axis=1)
-        progress.update(1)
     judged_errors = np.stack([((judged[f] - y[members[f]]) ** 2).sum(axis=1) for f in range(k)])
     fold_epochs, best_epoch = select_epochs(judged_errors, inner_errors)
     out_of_fold, selected = np.empty(n), np.empty(n)
@@ -388,6 +434,7 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
     progress.close()
     fitted = predict(head, states)
     head.cpu().eval()
+    head.generator = None  # the fit's stream ends with it
     cv_mse, constant_mse, cv_r2, cv_spearman = _cv_figures(out_of_fold, y, fold)
     report = ValueFitReport(best_epoch=best_epoch, cv_mse=cv_mse, constant_mse=constant_mse, cv_r2=cv_r2,
                             cv_spearman=cv_spearman, folds=k, n_fit=n,

@@ -193,7 +193,9 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     fold = value.fold_assignment(25, 5, 3)
     pairs = [(f, (f + 1) % 5) for f in range(5)]
     without_pair = [tuple(np.flatnonzero((fold != f) & (fold != g))) for f, g in pairs]
-    assert calls == [(without_pair[f], 6, 1 + f) for f in range(5)] + [(tuple(range(25)), report.best_epoch, 0)]
+    # the pair fits run side by side (any order), the final one after them
+    assert sorted(calls[:5], key=lambda c: c[2]) == [(without_pair[f], 6, 1 + f) for f in range(5)]
+    assert calls[5:] == [(tuple(range(25)), report.best_epoch, 0)]
     y, t = np.array(targets), torch.tensor(targets)
     members = [np.flatnonzero(fold == f) for f in range(5)]
 
@@ -214,6 +216,41 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     for f in range(5):
         oof[members[f]] = judged[f][expected[f]]
     assert report.cv_mse == pytest.approx(float(np.mean((oof - y) ** 2)), rel=1e-6)
+
+
+def test_the_heads_own_dropout_draws_what_nn_dropout_draws_from_the_same_state():
+    """:meth:`ValueHead.drop` from the head's generator gives, number for number, what ``nn.Dropout`` gives from
+    the global generator in the same state (so a fit with its own stream is the fit that drew from the global
+    one); nothing is dropped in eval mode."""
+    head = ValueHead(H, dropout=0.3).train()
+    x = torch.randn(7, 5, H)
+    torch.manual_seed(12)
+    expected = head.dropout(x)
+    head.generator = torch.Generator().manual_seed(12)
+    assert torch.equal(head.drop(x), expected)
+    assert not torch.equal(head.drop(x), expected)  # the stream moved on
+    assert torch.equal(head.eval().drop(x), x)
+
+
+def test_pair_fits_side_by_side_give_the_one_thread_result(monkeypatch):
+    """The cross-validation's pair fits run in threads (:data:`FIT_THREADS`); each draws its initial head,
+    batch order and dropout from its own seeded streams, so 1, 2 or 5 threads give the same report and the
+    same head, bit for bit."""
+    import lolrl.engine.value as value
+
+    states = _states(30, seed=9)
+    targets = [_target(s) for s in states]
+    settings = ValueFitSettings(epochs=4, learning_rate=1e-2, batch_size=8, dropout=0.2, seed=2)
+    results = []
+    for threads in (1, 2, 5, 2):
+        monkeypatch.setattr(value, "FIT_THREADS", threads)
+        head, report = fit_value_head(states, targets, settings)
+        results.append((head.state_dict(), {k: v for k, v in report.as_dict().items() if k != "fit_seconds"}))
+    first_state, first_report = results[0]
+    for state, report in results[1:]:
+        assert report == first_report
+        assert state.keys() == first_state.keys()
+        assert all(torch.equal(state[k], first_state[k]) for k in state)
 
 
 def test_the_cpu_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
@@ -412,8 +449,8 @@ def _padded_values(head: ValueHead, padded: torch.Tensor, mask: torch.Tensor) ->
     if head.training and head.dropout.p > 0:
         real = mask.bool()
         states = torch.zeros_like(padded)
-        states[real] = head.dropout(padded[real])
-    return head.target_mean + head.target_std * head.out(head.dropout(head.pool(states, mask)))[:, 0, 0]
+        states[real] = head.drop(padded[real])
+    return head.target_mean + head.target_std * head.out(head.drop(head.pool(states, mask)))[:, 0, 0]
 
 
 def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0):
