@@ -111,16 +111,14 @@ def settings_for(quick: bool) -> DemoSettings:
                         val_log_frequency=1, validate_start=False)
 
 
-# The default size, about an hour alone on 2 cores, estimated from timed pieces, not from a full run:
-# bench/real_text.py --n_train 16 --n_val 8 --n_test 16 --seeds 0 --runs nll,a_lol --max_steps 4 (2026-12-06,
-# SmolLM2, the 2 cores shared with 2 other jobs, load 2.5 to 4.6) and a unit timing at prompt 128 / response
-# 32 tokens (load 2.6 to 3.7): greedy generation of 64 prompts 61 s wall (65 CPU s); one LoRA training step
-# of 8 rows 26 to 35 s (23 to 27 CPU s); a scoring pass of 32 rows 22 s (25 CPU s). Alone, taken as CPU
-# seconds / 1.7 (two threads): ~38 s per 64 greedy answers, ~7.5 s per step of 4 rows, ~15 s per 32 rows
-# scored. A stage-2 run: 16 steps (~120 s), one validation during training and the final val + test
-# evaluation (~25 + 25 + 76 s), the shift on 16 prompts (~25 s); the reference pass of 192 rows (~90 s)
-# for r_lol once and for each A-LoL run; start ~125 s, pi_ref ~245 s: ~3560 s in all.
-SIZE = {"n_train": 96, "n_val": 32, "n_test": 128, "max_steps": 16, "batch_size": 4, "max_prompt_length": 128,
+# The default size, about an hour alone on 2 cores. Measured alone (2026-12-07, nothing else running) at the
+# previous size (96 training prompts, 16 steps per run): 1688 s for the runs plus ~70 s for the shifts, 29 min in
+# all; start 97 s, pi_ref 174 s, a stage-2 run 109 to 199 s, of which 16 steps ~34 s (2.1 s a step of 4 rows), the
+# validation generations ~13 s each, the test generations (128 prompts, greedy) ~45 s, A-LoL's reference pass and
+# value head ~30 to 50 s. That size moved the policy little (gold NLL shift 0.04 to 0.07) and separated nothing.
+# This size: twice the training prompts (384 rows), four times the steps (64 a run, more than one priority epoch for
+# the A-LoL family); estimated ~55 min alone from those pieces.
+SIZE = {"n_train": 192, "n_val": 32, "n_test": 128, "max_steps": 64, "batch_size": 4, "max_prompt_length": 128,
         "max_resp_length": 32, "shift_prompts": 16, "seeds": "0,1"}
 
 
