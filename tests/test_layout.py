@@ -184,3 +184,15 @@ def test_tests_mirror_the_package():
     for path in tests.rglob("test_*.py"):
         folder = path.parent.relative_to(tests).as_posix()
         assert folder in layers | {"scripts"} or path.name == "test_layout.py" and folder == ".", path
+
+
+def test_no_test_module_imports_another():
+    """Helpers shared by several test files live in tests/ as plain modules (script_args, logprob_cases, ...): a
+    test file never imports another test file (its tests would be collected twice, its fixtures leak)."""
+    importing = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            importing += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert importing == []

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import status_of
-from test_logprobs import CHUNK, _setup
-from test_logprobs import _logprobs_and_grads as logprobs_and_grads
+from logprob_cases import CHUNK, logprobs_and_grads
+from logprob_cases import setup as _setup
 
 from lolrl.engine import liger
 from lolrl.engine.modeling import (
