@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from lolrl.engine.losses import ALGORITHMS
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).parents[2]
 def test_two_processes_train_a_lol(tmp_path, tiny_models, toy_dir, toy_reward_spec, algo):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
            "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", algo, "-t",
            "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "10", "--num_beams", "1", "-vf", "1"]
@@ -42,7 +43,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_models, toy_dir, toy
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
            str(ROOT / "train_generation_task_with_off_policy_PG.py"), "-i", str(toy_dir), "-tn", "toy",
            "--reward", toy_reward_spec, "-m", tiny_models["causal"], "-o", str(out), "-algo", algo, "-t",
            "-e", "1", "-bs", "4", "-v_bs", "8", "-ml", "6", "--num_beams", "1", "-vf", "1", "--max_steps", "2",
@@ -74,8 +76,8 @@ def test_two_process_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_pa
     from lolrl.utils.checkpoint import latest_hf_checkpoint as latest_checkpoint
 
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _launch_resumable(whole, tiny_models, toy_dir, toy_reward_spec, 29521)
-    _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, 29522, "--stop_after_steps", "2")
+    _launch_resumable(whole, tiny_models, toy_dir, toy_reward_spec, free_port())
+    _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, free_port(), "--stop_after_steps", "2")
     stopped = latest_checkpoint(split / "checkpoints")
     assert stopped.name == "checkpoint-2"
     # the Trainer's checkpoint: each process's RNG states (dropout), sealed by the manifest
@@ -83,7 +85,7 @@ def test_two_process_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_pa
     assert not torch.equal(states[0], states[1])
     manifest = json.loads((stopped / "manifest.json").read_text())
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "lolrl_seal.json"} <= set(manifest["files"])
-    assert "resuming from" in _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, 29523).stderr
+    assert "resuming from" in _launch_resumable(split, tiny_models, toy_dir, toy_reward_spec, free_port()).stderr
     a = load_file(str(latest_checkpoint(whole / "checkpoints") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(split / "checkpoints") / "model.safetensors"))
     assert a.keys() == b.keys() and latest_checkpoint(split / "checkpoints").name == "checkpoint-4"
@@ -100,11 +102,11 @@ def test_two_process_run_killed_while_checkpointing_resumes_to_the_same_paramete
     from lolrl.utils.checkpoint import latest_hf_checkpoint
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _launch_resumable(whole, tiny_models, toy_dir, toy_reward_spec, 29524)
-    _launch_resumable(killed, tiny_models, toy_dir, toy_reward_spec, 29525, fault="mid_checkpoint_save:3")
+    _launch_resumable(whole, tiny_models, toy_dir, toy_reward_spec, free_port())
+    _launch_resumable(killed, tiny_models, toy_dir, toy_reward_spec, free_port(), fault="mid_checkpoint_save:3")
     assert (killed / "checkpoints" / "checkpoint-3").is_dir()  # written in part, never sealed
     assert latest_hf_checkpoint(killed / "checkpoints").name == "checkpoint-2"
-    rerun = _launch_resumable(killed, tiny_models, toy_dir, toy_reward_spec, 29526)
+    rerun = _launch_resumable(killed, tiny_models, toy_dir, toy_reward_spec, free_port())
     assert "resuming from" in rerun.stderr and "checkpoint-2" in rerun.stderr.split("resuming from", 1)[1]
     a = load_file(str(latest_hf_checkpoint(whole / "checkpoints") / "model.safetensors"))
     b = load_file(str(latest_hf_checkpoint(killed / "checkpoints") / "model.safetensors"))

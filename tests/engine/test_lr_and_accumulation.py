@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # the fast lane: pytest -m "not slow"
 
@@ -42,7 +43,7 @@ def test_offline_lr_schedule_is_the_same_with_one_and_two_processes(tmp_path, ti
     common = ["-e", "1", "-bs", "4", "--max_steps", "4", "-lr", "1e-3", "--warmup_ratio", "0.5"]
     one, two = tmp_path / "one", tmp_path / "two"
     _offline(one, tiny_models, toy_dir, 1, 0, *common)
-    _offline(two, tiny_models, toy_dir, 2, 29640, *common)
+    _offline(two, tiny_models, toy_dir, 2, free_port(), *common)
     # 2 warmup steps up to 1e-3, then linear to 0 at step 4 (the lr after each step)
     assert _logged_lr(one) == pytest.approx([5e-4, 1e-3, 5e-4, 0.0], abs=1e-12)
     assert _logged_lr(two) == pytest.approx(_logged_lr(one), abs=1e-12)
@@ -64,9 +65,9 @@ def test_accumulated_micro_batches_give_the_update_of_one_batch(tmp_path, tiny_m
     runs = {  # (processes, rows per micro-batch per process, micro-batches per optimizer step)
         "one_8x4": (1, 8, 4), "one_16x2": (1, 16, 2), "two_4x4": (2, 4, 4), "two_8x2": (2, 8, 2)}
     weights = {}
-    for i, (name, (nproc, rows, k)) in enumerate(runs.items()):
+    for name, (nproc, rows, k) in runs.items():
         out = tmp_path / name
-        _offline(out, tiny_models, toy_dir, nproc, 29641 + i, *common, "-bs", str(rows), "-as", str(k))
+        _offline(out, tiny_models, toy_dir, nproc, free_port(), *common, "-bs", str(rows), "-as", str(k))
         plan = json.loads((out / "training_plan.json").read_text())
         assert (plan["global_batch"], plan["optimizer_steps"]) == (rows * nproc, 4)
         checkpoint = latest_checkpoint(out / "checkpoints")
@@ -91,7 +92,7 @@ def test_ppo_lr_schedule_is_the_same_with_one_and_two_processes(hh_fixture):
               "--lr_scheduler_type", "linear", "--warmup_steps", "2", "--logging_steps", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
     _launch("ppo_qlora_llama_hh.py", 1, 0, [*common, "--output_dir", str(one)])
-    _launch("ppo_qlora_llama_hh.py", 2, 29650, [*common, "--output_dir", str(two)])
+    _launch("ppo_qlora_llama_hh.py", 2, free_port(), [*common, "--output_dir", str(two)])
     # the lr after each PPO step's 4 optimizer steps: (12 - 4) / 10, (12 - 8) / 10, 0 times 1e-3
     assert _logged_lr(one) == pytest.approx([8e-4, 4e-4, 0.0], abs=1e-12)
     assert _logged_lr(two) == pytest.approx(_logged_lr(one), abs=1e-12)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hh_tiny import save_nonzero_adapter
+from ports import free_port
 
 from lolrl.tasks.paper.cli import main
 
@@ -75,7 +76,7 @@ def test_two_processes_first_step_ratio_is_one_under_bf16(tmp_path, peaked_llama
     """Two gloo processes (DDP): every row of the first window, on either process, has ratio 1."""
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "train_generation_task_with_off_policy_PG.py"), *script_args(
                toy_dir, peaked_llama, out, "a_lol", toy_reward_spec, "-bs", "8")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hh_tiny import pro_row, tiny_reward_model
+from ports import free_port
 from ppo_toy import MAX_NEW, WORDS, target_word_share, word_model
 
 pytestmark = pytest.mark.slow  # the fast lane: pytest -m "not slow"
@@ -184,7 +185,7 @@ def test_ppo_script_with_two_processes(hh_fixture):
     tmp_path, args = hh_fixture
     out = tmp_path / "out2"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "ppo_qlora_llama_hh.py"), *args, "--output_dir", str(out), "--total_steps", "2",
            "--eval_steps", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

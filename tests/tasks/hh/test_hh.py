@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hh_tiny import TURNS, pro_row, sentencepiece_tokenizer, tiny_reward_model
+from ports import free_port
 
 from lolrl.engine.data import DataError
 from lolrl.tasks.hh.data import (
@@ -497,7 +498,7 @@ def test_hh_scripts_with_two_processes(tmp_path, tiny_models, script, extra):
     """torchrun, two gloo processes: the per-process batches of prompts (PRO: of candidate groups)."""
     args = _hh_training_fixture(tmp_path, tiny_models, n_train=8)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / script), *args, *extra, "--max_steps", "2", "--eval_steps", "2",
            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
