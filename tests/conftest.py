@@ -6,6 +6,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Liger's Triton kernels (tests/engine/test_liger.py) run on the CPU under Triton's interpreter; it is read when
 # triton decorates a kernel, so before anything imports liger_kernel. Without CUDA nothing else runs Triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# pytest -n 2 (the README's test command): each worker one intra-op thread, so two workers share the two cores
+# instead of four threads contending for them (read by torch when it is first imported, below)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

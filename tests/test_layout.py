@@ -164,7 +164,7 @@ def test_readme_first_screen_holds_the_set_up_demo_and_test_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash setup.sh" in head and "bash setup.sh" in ci
     assert "lolrl demo --output_dir" in head
-    test_command = "HF_HUB_OFFLINE=1 python -m pytest tests"
+    test_command = "HF_HUB_OFFLINE=1 python -m pytest -n 2 tests"
     assert test_command in head and test_command in ci
 
 
