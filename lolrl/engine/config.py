@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import TrainingArguments
 
 from lolrl.engine.generation import GenerationSettings
@@ -26,7 +25,7 @@ from lolrl.engine.modeling import (
     QuantizationSettings,
     check_logprob_kernel,
 )
-from lolrl.engine.runtime import check_report_to
+from lolrl.engine.runtime import check_report_to, has_accelerator_device
 from lolrl.engine.sampling import STRATEGIES, canonical_strategy
 from lolrl.utils.cli import setting
 from lolrl.utils.errors import ConfigError
@@ -54,10 +53,6 @@ def warmup_ratio(text: str) -> float:
 # --dtype fp32|bf16|fp16: the precision flags in one (autocast; fp32 is neither)
 DTYPE_FLAGS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True, "fp16": False},
                "fp16": {"bf16": False, "fp16": True}}
-
-
-def _has_accelerator_device() -> bool:
-    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
 @dataclass
@@ -99,7 +94,7 @@ class RunConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError(f"{type(self).__name__} needs an output_dir (where the run writes its results)")
-        if not _has_accelerator_device():
+        if not has_accelerator_device():
             # said, not left to chance: bf16 autocast on the CPU, and `torchrun` / `accelerate launch` then run
             # several CPU processes (gloo), as Accelerate's cpu=True does
             self.use_cpu = True

@@ -50,6 +50,12 @@ def check_report_to(report_to: str | None) -> None:
                               "would be logged")
 
 
+def has_accelerator_device() -> bool:
+    """Whether torch sees a GPU (or another accelerator); without one a run says it is on the CPU (Accelerate's
+    ``cpu=True``, TrainingArguments' ``use_cpu``)."""
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 def make_accelerator(config, accumulation_steps: int = 1):
     """An ``Accelerator`` for a run's ``dtype``, ``report_to``, ``output_dir`` and ``seed`` (any trainer's config),
     told of the ``accumulation_steps`` micro-batches per optimizer step (DeepSpeed's engine scales and steps by it)."""
@@ -65,8 +71,7 @@ def make_accelerator(config, accumulation_steps: int = 1):
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.dtype]
     log_with = report_to_list(config.report_to)
     # Without a GPU, say so: then `accelerate launch --multi_gpu` / torchrun run several CPU processes (gloo).
-    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed, log_with=log_with,
+    accelerator = Accelerator(cpu=not has_accelerator_device(), mixed_precision=mixed, log_with=log_with,
                               project_dir=config.output_dir, gradient_accumulation_steps=accumulation_steps)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != "FSDP":
         # Accelerate (1.15) selects FSDP only on accelerator devices; CPU processes then run plain DDP.

@@ -343,6 +343,12 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
     return [int(np.argmin(row)) for row in inner_errors], int(np.argmin(judged_errors.sum(axis=0)))
 
 
+# The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
+# threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
+# generators, so the result does not depend on it.
+FIT_THREADS: int | None = None
+
+
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
                    settings: ValueFitSettings | None = None,
                    device: torch.device | str | None = None) -> tuple[nn.Module, ValueFitReport]:
@@ -372,11 +378,6 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     with _one_cpu_thread(device):
         return _fit_attention_head(states, targets, settings, device, threads)
 
-
-# The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
-# threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
-# generators, so the result does not depend on it.
-FIT_THREADS: int | None = None
 
 
 @contextmanager
