@@ -30,7 +30,7 @@ from lolrl.engine.generation import GenerationSettings, generate
 from lolrl.engine.reference import prompt_states, reference_pass
 from lolrl.engine.sampling import sampling_weights
 from lolrl.engine.validation import generate_and_score, score_on_main, scored_generations_check
-from lolrl.engine.value import INFORMATIVE_R2, ValueFitSettings, fit_value_head, make_value_head
+from lolrl.engine.value import FIT_VERSION, INFORMATIVE_R2, ValueFitSettings, fit_value_head, make_value_head
 from lolrl.utils import cache as cache_lib
 from lolrl.utils.io import atomic_write_json
 from lolrl.utils.seeding import stage_rng
@@ -280,7 +280,7 @@ class ReferenceStages:
                                        "source": config.value_source, "reward": self.reward and self.reward.cache_key(),
                                        "generation": config.generation.as_dict(), "samples": config.value_samples,
                                        "epochs": config.value_epochs, "lr": config.value_learning_rate,
-                                       "folds": config.value_folds, "seed": config.seed,
+                                       "folds": config.value_folds, "seed": config.seed, "fit": FIT_VERSION,
                                        **({"head": config.value_head} if config.value_head != "attention" else {}),
                                        **({"singletons": config.group_singletons, "fits_value": fits_value}
                                           if baselines is not None else {})}})

@@ -44,6 +44,11 @@ def _num_heads(hidden_size: int, wanted: int = 8) -> int:
 GROUP_PADDING: float | None = 1.25
 
 
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """The rows (indices into ``lengths``) in groups of similar length (:data:`GROUP_PADDING`), by length."""
+    return padding_bounded_groups(lengths, max_padding=GROUP_PADDING)
+
+
 class ValueHead(nn.Module):
     """V(x) = mean + std * w^T Attn(q, H_x, H_x), with a learned query q and a padding mask."""
 
@@ -55,10 +60,9 @@ class ValueHead(nn.Module):
         self.out = nn.Linear(hidden_size, 1)
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_std", torch.ones(()))
-        self._weights = None  # set by forward_rows for its groups (:meth:`_single_query`)
-        # a fit's own stream of dropout draws (:func:`new_fit_head`), so fits run in threads side by side draw
-        # what each would draw alone; None: torch's global generator
-        self.generator: torch.Generator | None = None
+        # a fit's own stream of dropout draws (:func:`new_fit_head`: numpy's on CPU, a torch generator on the
+        # fit's device), so fits side by side in threads draw what each would draw alone; None: torch's global one
+        self.generator: np.random.Generator | torch.Generator | None = None
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B] (:meth:`forward_rows`
@@ -67,41 +71,68 @@ class ValueHead(nn.Module):
         return self.forward_rows(list(states[real].split(real.sum(1).tolist())))
 
     def forward_rows(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """V(x) [B] of each row's real states ``rows`` ([L_b, H] each, no padding). In training, dropout draws
-        on the real states only, in row order (drawing its mask over the padding too doubled the fit's cost).
-        Each row is pooled with rows of similar length (:data:`GROUP_PADDING`): a batch's few long prompts
-        no longer pad every other prompt to their length (HH's validation prompts: 13 to 512 tokens, a batch
-        padded ~4x its real tokens); the pooling is per row, so the grouping changes no value."""
-        lengths = [row.shape[0] for row in rows]
-        flat = torch.cat(rows).to(self.query.dtype)
-        flat = self.drop(flat)
-        rows = flat.split(lengths)
-        groups = padding_bounded_groups(lengths, max_padding=GROUP_PADDING)
-        self._weights = self._single_query()  # once for every group (and one gradient for them in the backward)
-        try:
-            pooled = torch.cat([self.pool(*pad_states([rows[i] for i in group])) for group in groups])
-        finally:
-            self._weights = None
+        """V(x) [B] of each row's real states ``rows`` ([L_b, H] each, no padding). Each row is pooled with rows
+        of similar length (:func:`length_groups`): a batch's few long prompts do not pad every other prompt to
+        their length (HH's validation prompts: 13 to 512 tokens, a batch padded ~4x its real tokens); the
+        pooling is per row, so the grouping changes no value."""
+        groups = length_groups([row.shape[0] for row in rows])
+        values = self.forward_padded([pad_states([rows[i] for i in group]) for group in groups])
         order = [i for group in groups for i in group]  # the rows by length
-        if order != sorted(order):  # back to the rows' order
-            place = torch.empty(len(order), dtype=torch.long)
-            place[order] = torch.arange(len(order))
-            pooled = pooled[place.to(pooled.device)]
+        if order == sorted(order):
+            return values
+        place = torch.empty(len(order), dtype=torch.long)  # back to the rows' order
+        place[order] = torch.arange(len(order))
+        return values[place.to(values.device)]
+
+    def forward_padded(self, groups: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """V(x) of the rows of padded groups (states [b, L, H] and mask [b, L] each), in group order.
+
+        The original's head: dropout on the prompt states, attention pooling with the learned query, dropout on
+        the pooled state, a linear output. Computed so that a training step's cost is the states' own: the
+        attention's weights are taken as its single query uses them once a forward (:meth:`_single_query`),
+        each group is pooled to its per-head weighted sums of states (:class:`_AttentionSums`), and the value and
+        output projections run once on all rows (their weight gradients are made once a step, not once a
+        group). In training the dropout zeroes each state element with probability p (:meth:`_kept`, on a
+        group's padding too, which the attention masks out); its 1/(1 - p) is applied to the per-head scores
+        and sums, which are linear in the states, instead of to every state element."""
+        key_direction, key_bias, w_v, b_v = self._single_query()
+        dtype = self.query.dtype
+        scale = 1.0
+        if self.training and self.dropout.p > 0:
+            scale = 1.0 / (1.0 - self.dropout.p)
+            groups = [(states.to(dtype) * self._kept(states.shape, states.device), mask) for states, mask in groups]
+        sums = _AttentionSums.apply(key_direction * scale if scale != 1.0 else key_direction, key_bias,
+                                    *(t for states, mask in groups for t in (states.to(dtype), mask.bool())))
+        return self._value(sums * scale if scale != 1.0 else sums, w_v, b_v)
+
+    def _value(self, sums: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
+        """V(x) from each row's per-head attention sums [B, heads, H]: the value projection (one batched product
+        over the heads, [heads, dim, H] x [heads, H, B]), the output projection, dropout, the linear output."""
+        values = torch.bmm(w_v, sums.permute(1, 2, 0)).permute(2, 0, 1) + b_v  # [B, heads, dim]
+        pooled = self.attention.out_proj(values.reshape(len(sums), 1, -1))
         score = self.out(self.drop(pooled))[:, 0, 0]
         return self.target_mean + self.target_std * score
 
+    def _kept(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """A float32 dropout mask: each element 1 with probability 1 - p and 0 otherwise, independently, drawn from
+        :attr:`generator`. On CPU (numpy's PCG64) an element is kept when a uniform 32-bit integer is below
+        (1 - p) 2^32 (exact to 2^-33), two draws from each 64-bit output: 3x as fast as torch's ``bernoulli_``;
+        elsewhere, or without a generator, when a float32 uniform is below 1 - p."""
+        keep = 1.0 - self.dropout.p
+        if isinstance(self.generator, np.random.Generator):
+            count = math.prod(shape)
+            bits = self.generator.bit_generator.random_raw((count + 1) // 2).view(np.uint32)[:count]
+            mask = np.less(bits, np.uint32(min(round(keep * 2 ** 32), 2 ** 32 - 1)), out=np.empty(count, np.float32),
+                           casting="unsafe")
+            return torch.from_numpy(mask).view(shape).to(device)
+        return (torch.rand(shape, generator=self.generator, device=device) < keep).float()
+
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's dropout in training, drawn from :attr:`generator` when it has one: the same operations as
-        ``nn.Dropout`` on CPU (a Bernoulli(1 - p) mask, divided by 1 - p, times ``x``), so from the same
-        generator state the same numbers; the identity in eval mode."""
+        """The head's dropout in training (:meth:`_kept`, scaled by 1 / (1 - p)); the identity in eval mode."""
         p = self.dropout.p
         if not self.training or p == 0:
             return x
-        if self.generator is None or p == 1:
-            return self.dropout(x)
-        noise = torch.empty_like(x).bernoulli_(1 - p, generator=self.generator)
-        noise.div_(1 - p)
-        return x * noise
+        return x * self._kept(x.shape, x.device) * (1.0 / (1.0 - p))
 
     def _single_query(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The attention's weights as its one query uses them: the key direction q W_k per head [heads, H],
@@ -121,12 +152,53 @@ class ValueHead(nn.Module):
         for a single query: the query is pushed through the key projection once (q W_k, [heads, H]) and
         the values are projected after pooling (sum_l a_l S_l) W_v, so the cost per prompt token is
         O(heads x H) instead of the O(H^2) of projecting every state to keys and values. [B, 1, H]."""
-        key_direction, key_bias, w_v, b_v = self._weights if self._weights is not None else self._single_query()
-        batch, _, width = states.shape
-        scores = (states @ key_direction.T).transpose(1, 2) + key_bias[:, None]  # [B, heads, L]
-        weights = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(dim=-1)
-        values = torch.einsum("bhe,hde->bhd", weights @ states, w_v) + b_v
-        return self.attention.out_proj(values.reshape(batch, 1, width))
+        key_direction, key_bias, w_v, b_v = self._single_query()
+        sums = _AttentionSums.apply(key_direction, key_bias, states, mask.bool())
+        values = torch.bmm(w_v, sums.permute(1, 2, 0)).permute(2, 0, 1) + b_v
+        return self.attention.out_proj(values.reshape(states.shape[0], 1, -1))
+
+
+class _AttentionSums(torch.autograd.Function):
+    """Each head's attention-weighted sum of each row's prompt states, for rows in padded groups: [B, heads, H],
+    the groups' rows in order. A state's score for a head is its product with the head's key direction plus the
+    head's key-bias score; a padding position gets weight 0. Arguments: the key directions [heads, H], the
+    key-bias scores [heads], then each group's states [b, L, H] and boolean mask [b, L]; the states get no
+    gradient.
+
+    One autograd node for all groups, and every product over the states in its fast layout: a training step
+    reads a group's states four times (scores, sums; their gradients), each a [heads x H] by [H x tokens]
+    product (the layout autograd picks for the key directions' gradient is 3-10x slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, key_direction: torch.Tensor, key_bias: torch.Tensor, *groups: torch.Tensor) -> torch.Tensor:
+        heads, width = key_direction.shape
+        sums, saved = [], []
+        for states, mask in zip(groups[::2], groups[1::2]):
+            rows, length = mask.shape
+            scores = (key_direction @ states.reshape(-1, width).T).view(heads, rows, length).transpose(0, 1)
+            weights = (scores + key_bias[:, None]).masked_fill(~mask[:, None, :], float("-inf")).softmax(dim=-1)
+            sums.append(torch.bmm(weights, states))
+            saved += [states, weights]
+        ctx.save_for_backward(key_direction, *saved)
+        ctx.groups = len(saved) // 2
+        return torch.cat(sums)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        key_direction, *saved = ctx.saved_tensors
+        heads, width = key_direction.shape
+        grad_direction = torch.zeros_like(key_direction)
+        grad_bias = key_direction.new_zeros(heads)
+        start = 0
+        for states, weights in zip(saved[::2], saved[1::2]):
+            rows = states.shape[0]
+            grad_weights = torch.bmm(grad[start:start + rows].to(states.dtype), states.transpose(1, 2))  # [b, heads, L]
+            start += rows
+            grad_scores = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
+            grad_direction += (grad_scores.transpose(0, 1).reshape(heads, -1) @ states.reshape(-1, width)).to(
+                grad_direction.dtype)
+            grad_bias += grad_scores.sum((0, 2)).to(grad_bias.dtype)
+        return grad_direction, grad_bias, *([None] * (2 * ctx.groups))
 
 
 class RidgeValueHead(nn.Module):
@@ -277,18 +349,15 @@ _INITIALISING = threading.Lock()
 def new_fit_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray, settings: ValueFitSettings,
                  fit_id: int) -> tuple[ValueHead, np.random.Generator]:
     """A fit's initial head (seeded by ``fit_id``, its output scaled to the targets of ``train_idx``), on the
-    states' device, with its own generator for dropout (continuing the seeded stream, as a fit run alone
-    would draw from the global one), and the fit's stream for its batch order."""
+    states' device, with its own stream of dropout draws (numpy's on CPU, the device's generator elsewhere),
+    and the fit's stream for its batch order."""
     device = states[0].device
     seed = settings.seed * 7919 + fit_id
     with _INITIALISING:
         torch.manual_seed(seed)
         head = ValueHead(states[0].shape[-1], dropout=settings.dropout)
-        if device.type == "cpu":
-            head.generator = torch.Generator()
-            head.generator.set_state(torch.get_rng_state())
-        else:  # initialised on the CPU: the device's stream is still at its seed
-            head.generator = torch.Generator(device=device).manual_seed(seed)
+    head.generator = (np.random.default_rng([settings.seed, fit_id, 1]) if device.type == "cpu"
+                      else torch.Generator(device=device).manual_seed(seed))
     rng = np.random.default_rng([settings.seed, fit_id])
     part = targets[torch.as_tensor(train_idx)]
     head.target_mean.fill_(part.mean())
@@ -296,32 +365,68 @@ def new_fit_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: n
     return head.to(device), rng
 
 
+def _padded_groups(states: list[torch.Tensor], rows) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``rows`` (indices into ``states``) in groups of similar length (:func:`length_groups`), padded: the
+    positions in ``rows`` in the groups' order, and the groups (states [b, L, H], mask [b, L])."""
+    rows = np.asarray(rows, dtype=np.int64)
+    groups = length_groups([states[i].shape[0] for i in rows])
+    order = np.asarray([i for group in groups for i in group], dtype=np.int64)
+    return order, [pad_states([states[i] for i in rows[group]]) for group in groups]
+
+
 def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
                          watched: list[np.ndarray], epochs: int, settings: ValueFitSettings,
-                         fit_id: int = 0) -> tuple[ValueHead, list[np.ndarray]]:
+                         fit_id: int = 0, snapshots: list | None = None) -> tuple[ValueHead, list[np.ndarray]]:
     """One attention head trained on ``train_idx`` for ``epochs`` epochs (targets standardised on them);
     returns it and, for each index set in ``watched``, its predictions after every epoch, [epochs + 1, n]
-    (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout."""
+    (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout. ``snapshots``:
+    a list that gets a copy of the head's state after each epoch (index e: after e epochs; 0: initial), each
+    the state of the same fit run for e epochs only.
+
+    Each batch is pooled in padded groups of similar length. The watched sets are padded once and predicted
+    in one pass after each epoch; when one batch holds every training row (``batch_size`` >= their number),
+    its groups are padded once too: every epoch is then the same full-batch step, which does not depend on
+    the rows' order, only on its own dropout draws."""
     device = states[0].device
     head, rng = new_fit_head(states, targets, train_idx, settings, fit_id)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0,
-                                  foreach=True)  # one kernel per step for all parameters, on CPU too
+                                  **({"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}))
     targets_d = targets.to(device)
-    # every watched set predicted in one pass after each epoch (rows of similar length pooled together)
-    seen = [states[i] for idx in watched for i in idx]
+    seen_idx = np.concatenate(watched) if watched else np.zeros(0, dtype=np.int64)
+    seen_order, seen = _padded_groups(states, seen_idx)
     bounds = np.cumsum([len(idx) for idx in watched])[:-1]
-    curve = [predict(head, seen, max(len(seen), 1))]
+
+    def predictions() -> np.ndarray:  # V(x) on every watched row, in the order of ``watched``
+        head.eval()
+        out = np.zeros(len(seen_idx))
+        if seen:
+            with torch.no_grad():
+                out[seen_order] = head.forward_padded(seen).float().cpu().numpy()
+        return out
+
+    # one batch holds every training row: its groups, padded once
+    whole = _padded_groups(states, train_idx) if len(train_idx) <= settings.batch_size else None
+    curve = [predictions()]
+
+    def snapshot():
+        if snapshots is not None:
+            snapshots.append({name: value.detach().clone() for name, value in head.state_dict().items()})
+
+    snapshot()
     for _ in range(epochs):
         head.train()
         order = rng.permutation(train_idx)
         for start in range(0, len(order), settings.batch_size):
-            batch = order[start:start + settings.batch_size]
-            values = head.forward_rows([states[i] for i in batch])
-            loss = torch.nn.functional.mse_loss(values, targets_d[torch.as_tensor(batch, device=device)])
+            batch = train_idx if whole else order[start:start + settings.batch_size]
+            positions, groups = whole or _padded_groups(states, batch)
+            values = head.forward_padded(groups)
+            rows = torch.as_tensor(np.asarray(batch)[positions], device=device)
+            loss = torch.nn.functional.mse_loss(values, targets_d[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        curve.append(predict(head, seen, max(len(seen), 1)))
+        curve.append(predictions())
+        snapshot()
     return head, np.split(np.stack(curve), bounds, axis=1) if watched else []
 
 
@@ -343,10 +448,17 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
     return [int(np.argmin(row)) for row in inner_errors], int(np.argmin(judged_errors.sum(axis=0)))
 
 
+# The fit's version: changed whenever the same inputs give other numbers (2: the dropout's own draws and layout),
+# so that a cached value head of another version is recomputed (the reference-pass cache's key carries it).
+FIT_VERSION = 2
+
 # The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
 # threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
 # generators, so the result does not depend on it.
 FIT_THREADS: int | None = None
+# The most memory the final head's per-epoch copies may take to train it alongside the pair fits
+# (:func:`fit_value_head`).
+SNAPSHOT_BYTES = 256 * 2 ** 20
 
 
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
@@ -417,8 +529,23 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         progress.update(1)
         return curves
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, k))) as pool:
+    # With threads to spare, the final head is trained alongside the pair fits for every epoch the selection can
+    # choose, keeping its state after each: the chosen one is the head trained for that many epochs, without
+    # waiting for the selection (when the copies fit in SNAPSHOT_BYTES).
+    hidden = states[0].shape[-1]
+    snapshots = [] if threads > 1 and (settings.epochs + 1) * 4 * (4 * hidden + 8) * hidden <= SNAPSHOT_BYTES else None
+
+    def final_fit(epochs: int) -> ValueHead:  # the head on every prompt
+        head, _ = train_attention_head(states, targets_t, np.arange(n), [], epochs, settings, fit_id=0,
+                                       snapshots=snapshots)
+        progress.update(1)
+        return head
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, k + 1))) as pool:
+        speculative = pool.submit(final_fit, settings.epochs) if snapshots is not None else None
         pair_curves = list(pool.map(pair_fit, range(k)))
+        if speculative is not None:
+            speculative.result()
     for f, (on_f, on_g) in enumerate(pair_curves):
         g = (f + 1) % k
         judged[f] = on_f
@@ -430,8 +557,11 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
     for f in range(k):
         out_of_fold[members[f]] = judged[f][fold_epochs[f]]
         selected[members[f]] = judged[f][best_epoch]
-    head, _ = train_attention_head(states, targets_t, np.arange(n), [], best_epoch, settings, fit_id=0)
-    progress.update(1)
+    if snapshots is None:
+        head = final_fit(best_epoch)
+    else:
+        head = new_fit_head(states, targets_t, np.arange(n), settings, fit_id=0)[0]
+        head.load_state_dict(snapshots[best_epoch])
     progress.close()
     fitted = predict(head, states)
     head.cpu().eval()

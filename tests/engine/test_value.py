@@ -1,6 +1,8 @@
 """The value head V(x): padding invariance, fitting with cross-validated selection and report, predict()."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -62,9 +64,9 @@ def test_value_does_not_depend_on_padding():
         assert abs(head(changed, mask)[0].item() - batched[0].item()) > 1e-4
 
 
-def test_training_dropout_draws_on_real_states_only():
-    """In training mode the dropout mask covers the real prompt states only: the same seed gives the same
-    V(x) however much padding the batch carries (the padding's draws were a third of the fit's time)."""
+def test_training_dropout_does_not_depend_on_the_callers_padding():
+    """In training mode the head pools the real prompt states in groups of its own (by their lengths), so the
+    same seed gives the same dropout and V(x) however much padding the caller's batch carries."""
     torch.manual_seed(0)
     head = ValueHead(H, dropout=0.5).train()
     states = _states(3, seed=7)
@@ -184,11 +186,12 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     calls = []
     train = value.train_attention_head
 
-    def counted(states, targets, train_idx, watched, epochs, settings, fit_id=0):
+    def counted(states, targets, train_idx, watched, epochs, settings, fit_id=0, **kwargs):
         calls.append((tuple(train_idx), epochs, fit_id))
-        return train(states, targets, train_idx, watched, epochs, settings, fit_id)
+        return train(states, targets, train_idx, watched, epochs, settings, fit_id, **kwargs)
 
     monkeypatch.setattr(value, "train_attention_head", counted)
+    monkeypatch.setattr(value, "FIT_THREADS", 1)  # one thread: the final head is trained after the selection
     head, report = value.fit_value_head(states, targets, settings)
     fold = value.fold_assignment(25, 5, 3)
     pairs = [(f, (f + 1) % 5) for f in range(5)]
@@ -218,17 +221,36 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     assert report.cv_mse == pytest.approx(float(np.mean((oof - y) ** 2)), rel=1e-6)
 
 
-def test_the_heads_own_dropout_draws_what_nn_dropout_draws_from_the_same_state():
-    """:meth:`ValueHead.drop` from the head's generator gives, number for number, what ``nn.Dropout`` gives from
-    the global generator in the same state (so a fit with its own stream is the fit that drew from the global
-    one); nothing is dropped in eval mode."""
-    head = ValueHead(H, dropout=0.3).train()
-    x = torch.randn(7, 5, H)
-    torch.manual_seed(12)
-    expected = head.dropout(x)
-    head.generator = torch.Generator().manual_seed(12)
-    assert torch.equal(head.drop(x), expected)
-    assert not torch.equal(head.drop(x), expected)  # the stream moved on
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
+    """:meth:`ValueHead._kept`: independent draws, each 1 with probability 1 - p (10^6 draws within 5 standard
+    deviations, also in each half and for neighbouring pairs), the same from the same seed, new ones as the
+    stream moves on; :meth:`ValueHead.drop` zeroes the rest and scales the kept by 1 / (1 - p); eval: identity."""
+    p = 0.3
+    head = ValueHead(H, dropout=p).train()
+
+    def seeded():
+        return np.random.default_rng(12) if source == "numpy" else torch.Generator().manual_seed(12)
+
+    head.generator = seeded()
+    shape = torch.Size([1000, 1001])  # an odd count: the last 64-bit draw is split
+    kept = head._kept(shape, torch.device("cpu"))
+    assert kept.shape == shape and kept.dtype == torch.float32 and set(kept.unique().tolist()) == {0.0, 1.0}
+    flat = kept.flatten().double()
+    tolerance = 5 * math.sqrt(p * (1 - p) / flat.numel())
+    assert abs(flat.mean().item() - (1 - p)) < tolerance
+    for half in flat.chunk(2):
+        assert abs(half.mean().item() - (1 - p)) < 2 * tolerance
+    both = (flat[:-1:2] * flat[1::2]).mean().item()  # the two halves of one 64-bit draw are independent
+    assert abs(both - (1 - p) ** 2) < 3 * tolerance
+    assert not torch.equal(head._kept(shape, torch.device("cpu")), kept)  # the stream moved on
+    head.generator = seeded()
+    assert torch.equal(head._kept(shape, torch.device("cpu")), kept)  # the same seed, the same mask
+    x = torch.randn(50, 7, H)
+    head.generator = seeded()
+    dropped = head.drop(x)
+    head.generator = seeded()
+    torch.testing.assert_close(dropped, x * head._kept(x.shape, x.device) / (1 - p), rtol=0, atol=1e-6)
     assert torch.equal(head.eval().drop(x), x)
 
 
@@ -343,6 +365,37 @@ def test_single_query_pooling_equals_multihead_attention():
     torch.testing.assert_close(head.pool(padded, mask), _attention_pool(head, padded, mask), atol=1e-5, rtol=0)
 
 
+def _attention_forward_padded(head: ValueHead, groups) -> torch.Tensor:
+    """:meth:`ValueHead.forward_padded` the straightforward way: nn.MultiheadAttention on each group's dropped-out
+    states (the same masks, drawn in the same order: each group's states, then the pooled states)."""
+    p = head.dropout.p if head.training else 0.0
+    if p > 0:
+        groups = [(states * head._kept(states.shape, states.device) / (1 - p), mask) for states, mask in groups]
+    pooled = torch.cat([_attention_pool(head, states, mask) for states, mask in groups])
+    return head.target_mean + head.target_std * head.out(head.drop(pooled))[:, 0, 0]
+
+
+def test_forward_equals_multihead_attention_on_the_same_dropout():
+    """In training too: V(x) and the gradients of every parameter equal nn.MultiheadAttention's on the same
+    dropped-out states, to 1e-5 (groups of several lengths, non-zero biases)."""
+    torch.manual_seed(3)
+    head = ValueHead(H, dropout=0.3).train()
+    for p in head.attention.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    groups = [pad_states(_states(n, seed=n, lo=lo, hi=hi)) for n, lo, hi in ((3, 2, 5), (4, 9, 14), (1, 30, 31))]
+    results = []
+    for forward in (ValueHead.forward_padded, _attention_forward_padded):
+        head.generator = np.random.default_rng(5)
+        head.zero_grad()
+        values = forward(head, groups)
+        (values * torch.arange(1.0, len(values) + 1)).sum().backward()
+        results.append((values.detach(), {name: p.grad.clone() for name, p in head.named_parameters()}))
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_fit_equals_the_multihead_attention_fit(monkeypatch):
     """The value stage's speed-ups keep its results: the same fit (same dropout draws, same epochs)
     as with nn.MultiheadAttention pooling, to 1e-4 on every prediction."""
@@ -350,7 +403,7 @@ def test_fit_equals_the_multihead_attention_fit(monkeypatch):
     targets = [_target(s) for s in states]
     settings = ValueFitSettings(epochs=4, learning_rate=1e-2, batch_size=16, dropout=0.1)
     fast_head, fast = fit_value_head(states, targets, settings)
-    monkeypatch.setattr(ValueHead, "pool", _attention_pool)
+    monkeypatch.setattr(ValueHead, "forward_padded", _attention_forward_padded)
     slow_head, slow = fit_value_head(states, targets, settings)
     assert fast.best_epoch == slow.best_epoch > 0 and fast.fold_epochs == slow.fold_epochs
     assert fast.cv_mse == pytest.approx(slow.cv_mse, rel=1e-4, abs=1e-6)
@@ -358,7 +411,6 @@ def test_fit_equals_the_multihead_attention_fit(monkeypatch):
     assert fast.fit_seconds > 0
 
 
-# ------------------------------------------------------------------------------------------ ridge head
 def test_ridge_leave_one_out_by_hand():
     """The closed-form leave-one-out error equals refitting without each row (centred data, fixed
     scaling: intercept and features refit on the n - 1 rows), and the weights are (Z'Z + aI)^-1 Z'y."""
@@ -453,10 +505,12 @@ def _padded_values(head: ValueHead, padded: torch.Tensor, mask: torch.Tensor) ->
     return head.target_mean + head.target_std * head.out(head.drop(head.pool(states, mask)))[:, 0, 0]
 
 
-def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0):
+def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0, snapshots=None):
     """:func:`train_attention_head` without its speed-ups: every batch padded again at every step, each
     watched set predicted on its own, in padded batches, after every epoch."""
     from lolrl.engine.value import new_fit_head
+
+    assert snapshots is None
 
     head, rng = new_fit_head(states, targets, train_idx, settings, fit_id)  # the same initial head and order
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0, foreach=True)
@@ -481,20 +535,25 @@ def _straightforward_training(states, targets, train_idx, watched, epochs, setti
     return head, [np.stack([c[w] for c in curves]) for w in range(len(watched))]
 
 
-def test_the_fast_fit_equals_the_straightforward_one(monkeypatch):
-    """The fit's speed-ups (rows pooled in groups of similar length, the attention's weights projected once a
-    forward, every watched fold predicted in one pass) change no result: the same dropout draws, the same
-    epochs, the same report and V(x) as padding each whole batch and predicting each fold on its own, to 1e-6.
-    Prompt lengths from 2 to 120 tokens, so that a batch splits into several groups."""
+@pytest.mark.parametrize("batch_size", [8, 64])  # batches drawn each epoch; one batch of every training row
+def test_the_fast_fit_equals_the_straightforward_one(monkeypatch, batch_size):
+    """The fit's speed-ups (rows pooled in groups of similar length, padded once when a batch holds every training
+    row, the attention's weights projected once a forward, every watched fold predicted in one pass, the final
+    head trained alongside the pair fits) change no result: the same epochs, the same report and V(x) as
+    padding each whole batch at every step, predicting each fold on its own, and training the final head after
+    the selection, to 1e-6. Without dropout, whose draws depend on the layout (the test above checks it on the
+    same draws). Prompt lengths from 2 to 120 tokens, so that a batch splits into several groups."""
     import lolrl.engine.value as value
 
     g = torch.Generator().manual_seed(11)
     lengths = [2, 3, 5, 8, 120, 4, 60, 7, 90, 3, 30, 2, 15, 110, 6, 45, 9, 3, 75, 12, 5, 100, 4, 20]
     states = [torch.randn(n, H, generator=g) for n in lengths]
     targets = [_target(s) for s in states]
-    settings = ValueFitSettings(epochs=5, learning_rate=1e-2, batch_size=8, dropout=0.1, seed=4)
+    settings = ValueFitSettings(epochs=5, learning_rate=1e-2, batch_size=batch_size, dropout=0.0, seed=4)
     assert len(value.padding_bounded_groups(lengths[:8], max_padding=value.GROUP_PADDING)) > 2
+    monkeypatch.setattr(value, "FIT_THREADS", 2)
     fast_head, fast = fit_value_head(states, targets, settings)
+    monkeypatch.setattr(value, "FIT_THREADS", 1)
     monkeypatch.setattr(value, "train_attention_head", _straightforward_training)
     slow_head, slow = fit_value_head(states, targets, settings)
     assert fast.best_epoch == slow.best_epoch and fast.fold_epochs == slow.fold_epochs
