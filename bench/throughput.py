@@ -34,6 +34,7 @@ Peak memory: CUDA's max allocated bytes, else the process's peak RSS. On CUDA ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -167,6 +168,18 @@ class Rounds:
                 self.started = time.perf_counter()
         if self.started is not None:
             self.real, self.fed = self.real + real, self.fed + fed
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in here is not counted: the Trainer's evaluation, checkpoint and logging between two steps
+        (an A-LoL epoch ends sooner, its rows being those with A > 0: its epoch-end validation and checkpoint
+        fell inside a timed round, which ran at half speed; TRL's workers neither validate nor save)."""
+        stopped = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.started is not None:
+                self.started += time.perf_counter() - stopped
 
 
 def load_policy(args, device):
@@ -326,6 +339,10 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
             padding.append(padding_ratio(inputs))
             return super().training_step(model, inputs, *rest, **kwargs)
 
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            with rounds.paused():
+                return super()._maybe_log_save_evaluate(*args, **kwargs)
+
     trainer = Timed(args=config, data=TaskData(train=train, val=val, test=None))
     trainer.model.config.use_cache = False
     started = time.perf_counter()
@@ -402,6 +419,10 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
         def training_step(self, model, inputs, *rest, **kwargs):
             rounds.before_step(*count(inputs))
             return super().training_step(model, inputs, *rest, **kwargs)
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            with rounds.paused():
+                return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     trainer = Timed(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     started = time.perf_counter()

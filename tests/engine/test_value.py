@@ -221,6 +221,22 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     assert report.cv_mse == pytest.approx(float(np.mean((oof - y) ** 2)), rel=1e-6)
 
 
+@pytest.mark.parametrize("probability", [0.0, 0.1, 0.5, 0.9, 58982.5 / 65536, 1.0 - 2 ** -20, 1.0])
+def test_bernoulli_mask_rate(probability):
+    """:func:`bernoulli_mask`: 0/1 floats whose mean is ``probability`` within 5 standard deviations over 2^22 draws,
+    also where a 16-bit draw equal to floor(q) decides by a second uniform (q = ``probability`` x 2^16: half of
+    them here for 58982.5 / 65536); never a 0 at probability 1 nor a 1 at 0; the same seed, the same mask."""
+    from lolrl.engine.value import bernoulli_mask
+
+    count = 2 ** 22 + 3  # not a multiple of 4: the last 64-bit draw is cut
+    mask = bernoulli_mask(np.random.default_rng(7), count, probability)
+    assert mask.shape == (count,) and mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, 1.0}
+    assert abs(mask.mean(dtype=np.float64) - probability) <= 5 * math.sqrt(probability * (1 - probability) / count)
+    if probability in (0.0, 1.0):
+        assert mask.min() == mask.max() == probability
+    np.testing.assert_array_equal(bernoulli_mask(np.random.default_rng(7), count, probability), mask)
+
+
 @pytest.mark.parametrize("source", ["numpy", "torch"])
 def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
     """:meth:`ValueHead._kept`: independent draws, each 1 with probability 1 - p (10^6 draws within 5 standard
@@ -241,7 +257,7 @@ def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
     assert abs(flat.mean().item() - (1 - p)) < tolerance
     for half in flat.chunk(2):
         assert abs(half.mean().item() - (1 - p)) < 2 * tolerance
-    both = (flat[:-1:2] * flat[1::2]).mean().item()  # the two halves of one 64-bit draw are independent
+    both = (flat[:-1:2] * flat[1::2]).mean().item()  # neighbours (parts of one 64-bit draw) are independent
     assert abs(both - (1 - p) ** 2) < 3 * tolerance
     assert not torch.equal(head._kept(shape, torch.device("cpu")), kept)  # the stream moved on
     head.generator = seeded()
