@@ -386,12 +386,10 @@ def _padded_groups(states: list[torch.Tensor], rows) -> tuple[np.ndarray, list[t
 
 def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
                          watched: list[np.ndarray], epochs: int, settings: ValueFitSettings,
-                         fit_id: int = 0, snapshots: list | None = None) -> tuple[ValueHead, list[np.ndarray]]:
+                         fit_id: int = 0) -> tuple[ValueHead, list[np.ndarray]]:
     """One attention head trained on ``train_idx`` for ``epochs`` epochs (targets standardised on them);
     returns it and, for each index set in ``watched``, its predictions after every epoch, [epochs + 1, n]
-    (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout. ``snapshots``:
-    a list that gets a copy of the head's state after each epoch (index e: after e epochs; 0: initial), each
-    the state of the same fit run for e epochs only.
+    (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout.
 
     Each batch is pooled in padded groups of similar length. The watched sets are padded once and predicted
     in one pass after each epoch; when one batch holds every training row (``batch_size`` >= their number),
@@ -417,12 +415,6 @@ def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, trai
     # one batch holds every training row: its groups, padded once
     whole = _padded_groups(states, train_idx) if len(train_idx) <= settings.batch_size else None
     curve = [predictions()]
-
-    def snapshot():
-        if snapshots is not None:
-            snapshots.append({name: value.detach().clone() for name, value in head.state_dict().items()})
-
-    snapshot()
     for _ in range(epochs):
         head.train()
         order = rng.permutation(train_idx)
@@ -436,7 +428,6 @@ def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, trai
             loss.backward()
             optimizer.step()
         curve.append(predictions())
-        snapshot()
     return head, np.split(np.stack(curve), bounds, axis=1) if watched else []
 
 
@@ -466,9 +457,6 @@ FIT_VERSION = 2
 # threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
 # generators, so the result does not depend on it.
 FIT_THREADS: int | None = None
-# The most memory the final head's per-epoch copies may take to train it alongside the pair fits
-# (:func:`fit_value_head`).
-SNAPSHOT_BYTES = 256 * 2 ** 20
 
 
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
@@ -539,23 +527,8 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         progress.update(1)
         return curves
 
-    # With threads to spare, the final head is trained alongside the pair fits for every epoch the selection can
-    # choose, keeping its state after each: the chosen one is the head trained for that many epochs, without
-    # waiting for the selection (when the copies fit in SNAPSHOT_BYTES).
-    hidden = states[0].shape[-1]
-    snapshots = [] if threads > 1 and (settings.epochs + 1) * 4 * (4 * hidden + 8) * hidden <= SNAPSHOT_BYTES else None
-
-    def final_fit(epochs: int) -> ValueHead:  # the head on every prompt
-        head, _ = train_attention_head(states, targets_t, np.arange(n), [], epochs, settings, fit_id=0,
-                                       snapshots=snapshots)
-        progress.update(1)
-        return head
-
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, k + 1))) as pool:
-        speculative = pool.submit(final_fit, settings.epochs) if snapshots is not None else None
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, k))) as pool:
         pair_curves = list(pool.map(pair_fit, range(k)))
-        if speculative is not None:
-            speculative.result()
     for f, (on_f, on_g) in enumerate(pair_curves):
         g = (f + 1) % k
         judged[f] = on_f
@@ -567,11 +540,8 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
     for f in range(k):
         out_of_fold[members[f]] = judged[f][fold_epochs[f]]
         selected[members[f]] = judged[f][best_epoch]
-    if snapshots is None:
-        head = final_fit(best_epoch)
-    else:
-        head = new_fit_head(states, targets_t, np.arange(n), settings, fit_id=0)[0]
-        head.load_state_dict(snapshots[best_epoch])
+    head, _ = train_attention_head(states, targets_t, np.arange(n), [], best_epoch, settings, fit_id=0)
+    progress.update(1)
     progress.close()
     fitted = predict(head, states)
     head.cpu().eval()

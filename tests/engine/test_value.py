@@ -186,12 +186,11 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     calls = []
     train = value.train_attention_head
 
-    def counted(states, targets, train_idx, watched, epochs, settings, fit_id=0, **kwargs):
+    def counted(states, targets, train_idx, watched, epochs, settings, fit_id=0):
         calls.append((tuple(train_idx), epochs, fit_id))
-        return train(states, targets, train_idx, watched, epochs, settings, fit_id, **kwargs)
+        return train(states, targets, train_idx, watched, epochs, settings, fit_id)
 
     monkeypatch.setattr(value, "train_attention_head", counted)
-    monkeypatch.setattr(value, "FIT_THREADS", 1)  # one thread: the final head is trained after the selection
     head, report = value.fit_value_head(states, targets, settings)
     fold = value.fold_assignment(25, 5, 3)
     pairs = [(f, (f + 1) % 5) for f in range(5)]
@@ -521,12 +520,10 @@ def _padded_values(head: ValueHead, padded: torch.Tensor, mask: torch.Tensor) ->
     return head.target_mean + head.target_std * head.out(head.drop(head.pool(states, mask)))[:, 0, 0]
 
 
-def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0, snapshots=None):
+def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0):
     """:func:`train_attention_head` without its speed-ups: every batch padded again at every step, each
     watched set predicted on its own, in padded batches, after every epoch."""
     from lolrl.engine.value import new_fit_head
-
-    assert snapshots is None
 
     head, rng = new_fit_head(states, targets, train_idx, settings, fit_id)  # the same initial head and order
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.0, foreach=True)
@@ -554,10 +551,9 @@ def _straightforward_training(states, targets, train_idx, watched, epochs, setti
 @pytest.mark.parametrize("batch_size", [8, 64])  # batches drawn each epoch; one batch of every training row
 def test_the_fast_fit_equals_the_straightforward_one(monkeypatch, batch_size):
     """The fit's speed-ups (rows pooled in groups of similar length, padded once when a batch holds every training
-    row, the attention's weights projected once a forward, every watched fold predicted in one pass, the final
-    head trained alongside the pair fits) change no result: the same epochs, the same report and V(x) as
-    padding each whole batch at every step, predicting each fold on its own, and training the final head after
-    the selection, to 1e-6. Without dropout, whose draws depend on the layout (the test above checks it on the
+    row, the attention's weights projected once a forward, every watched fold predicted in one pass, pair fits in
+    two threads) change no result: the same epochs, the same report and V(x) as padding each whole batch at
+    every step and predicting each fold on its own, to 1e-6. Without dropout, whose draws depend on the layout (the test above checks it on the
     same draws). Prompt lengths from 2 to 120 tokens, so that a batch splits into several groups."""
     import lolrl.engine.value as value
 
