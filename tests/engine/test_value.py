@@ -553,8 +553,9 @@ def test_the_fast_fit_equals_the_straightforward_one(monkeypatch, batch_size):
     """The fit's speed-ups (rows pooled in groups of similar length, padded once when a batch holds every training
     row, the attention's weights projected once a forward, every watched fold predicted in one pass, pair fits in
     two threads) change no result: the same epochs, the same report and V(x) as padding each whole batch at
-    every step and predicting each fold on its own, to 1e-6. Without dropout, whose draws depend on the layout (the test above checks it on the
-    same draws). Prompt lengths from 2 to 120 tokens, so that a batch splits into several groups."""
+    every step and predicting each fold on its own, to 1e-6. Without dropout, whose draws depend on the layout
+    (the tests above check it on the same draws). Prompt lengths from 2 to 120 tokens, so that a batch splits
+    into several groups."""
     import lolrl.engine.value as value
 
     g = torch.Generator().manual_seed(11)
