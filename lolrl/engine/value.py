@@ -69,6 +69,8 @@ class ValueHead(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"the value head's dropout must be in [0, 1), got {dropout}")
         self.query = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
         self.attention = nn.MultiheadAttention(hidden_size, _num_heads(hidden_size, num_heads), batch_first=True)
         self.dropout = nn.Dropout(dropout)
@@ -121,12 +123,16 @@ class ValueHead(nn.Module):
         return self._value(sums * scale if scale != 1.0 else sums, w_v, b_v)
 
     def _value(self, sums: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
-        """V(x) from each row's per-head attention sums [B, heads, H]: the value projection (one batched product
-        over the heads, [heads, dim, H] x [heads, H, B]), the output projection, dropout, the linear output."""
-        values = torch.bmm(w_v, sums.permute(1, 2, 0)).permute(2, 0, 1) + b_v  # [B, heads, dim]
-        pooled = self.attention.out_proj(values.reshape(len(sums), 1, -1))
-        score = self.out(self.drop(pooled))[:, 0, 0]
+        """V(x) from each row's per-head attention sums [B, heads, H]: the attention's output (:meth:`_project`),
+        dropout, the linear output."""
+        score = self.out(self.drop(self._project(sums, w_v, b_v)))[:, 0, 0]
         return self.target_mean + self.target_std * score
+
+    def _project(self, sums: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
+        """The attention's output [B, 1, H] from the per-head sums [B, heads, H]: the value projection (one
+        batched product over the heads, [heads, dim, H] x [heads, H, B]), then the output projection."""
+        values = torch.bmm(w_v, sums.permute(1, 2, 0)).permute(2, 0, 1) + b_v  # [B, heads, dim]
+        return self.attention.out_proj(values.reshape(len(sums), 1, -1))
 
     def _kept(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """A float32 dropout mask: each element 1 with probability 1 - p and 0 otherwise, independently, drawn from
@@ -163,9 +169,7 @@ class ValueHead(nn.Module):
         the values are projected after pooling (sum_l a_l S_l) W_v, so the cost per prompt token is
         O(heads x H) instead of the O(H^2) of projecting every state to keys and values. [B, 1, H]."""
         key_direction, key_bias, w_v, b_v = self._single_query()
-        sums = _AttentionSums.apply(key_direction, key_bias, states, mask.bool())
-        values = torch.bmm(w_v, sums.permute(1, 2, 0)).permute(2, 0, 1) + b_v
-        return self.attention.out_proj(values.reshape(states.shape[0], 1, -1))
+        return self._project(_AttentionSums.apply(key_direction, key_bias, states, mask.bool()), w_v, b_v)
 
 
 class _AttentionSums(torch.autograd.Function):

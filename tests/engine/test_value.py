@@ -236,6 +236,12 @@ def test_bernoulli_mask_rate(probability):
     np.testing.assert_array_equal(bernoulli_mask(np.random.default_rng(7), count, probability), mask)
 
 
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_dropout_outside_zero_to_one_is_refused(dropout):
+    with pytest.raises(ValueError, match="dropout"):
+        ValueHead(H, dropout=dropout)
+
+
 @pytest.mark.parametrize("source", ["numpy", "torch"])
 def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
     """:meth:`ValueHead._kept`: independent draws, each 1 with probability 1 - p (10^6 draws within 5 standard
