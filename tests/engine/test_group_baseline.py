@@ -123,6 +123,27 @@ def test_cache_keyed_by_value_source(tmp_path, tiny_models, toy_dir):
     assert "reference_pass" in second.stage_seconds  # computed, not read from the other source's entry
 
 
+def test_cache_keyed_by_the_value_fits_version(tmp_path, tiny_models, toy_dir, monkeypatch):
+    """A V(x) fit by code whose draws differ (another ``value.FIT_VERSION``) is not read back: recomputed; the same
+    version is read back."""
+    import lolrl.engine.stages as stages
+
+    data = grouped_data(toy_dir, ("p0", "p1"))
+    cache = str(tmp_path / "cache")
+
+    def signal_of():
+        trainer = OfflineRLTrainer(args=_config(tmp_path, tiny_models["causal"], value_source="data", value_epochs=1,
+                                                cache_dir=cache), data=data)
+        val_rows = trainer.row_tokenizer(trainer._val_records())
+        trainer.prepare_training_signal(trainer.row_tokenizer(data.train), val_rows)
+        return trainer.stage_seconds
+
+    assert "reference_pass" in signal_of()
+    assert signal_of() == {}  # the same version: read back
+    monkeypatch.setattr(stages, "FIT_VERSION", stages.FIT_VERSION + 1)
+    assert "reference_pass" in signal_of()
+
+
 def test_refuse_names_the_singleton_row(tmp_path, tiny_models, toy_dir):
     with pytest.raises(ConfigError, match=r"training row 3 \(id 'p2-0'.*only response to its prompt \(1 such rows\)"):
         OfflineRLTrainer(args=_config(tmp_path, tiny_models["causal"], group_singletons="refuse"),
