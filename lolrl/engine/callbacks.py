@@ -114,6 +114,10 @@ class CheckpointSeal(TrainerCallback):
             inject_fault("before_manifest")
             write_manifest(folder)
 
+        # every process has written its part of the checkpoint (its RNG state, its shard) before the manifest lists
+        # the folder: without this barrier the main process could seal a checkpoint without another's RNG file
+        if trainer.accelerator is not None:
+            trainer.accelerator.wait_for_everyone()
         decided_on_main(trainer.accelerator, seal)
         inject_fault("after_checkpoint_save")
         return control
