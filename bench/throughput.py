@@ -187,6 +187,17 @@ class Rounds:
                 self.started += time.perf_counter() - stopped
 
 
+def paused_between_steps(trainer_class, rounds: Rounds):
+    """``trainer_class`` whose validation, checkpoint and logging between steps are not timed (:meth:`Rounds.paused`),
+    for lolrl's and TRL's workers alike."""
+    class Paused(trainer_class):
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            with rounds.paused():
+                return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    return Paused
+
+
 def load_policy(args, device):
     from lolrl.engine.modeling import LoraSettings, enable_activation_checkpointing, load_model, load_tokenizer
 
@@ -352,16 +363,12 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
         sampling_strategy="uniform", val_log_frequency=1, generation=GenerationSettings(max_new_tokens=1, num_beams=1))
     padding = []
 
-    class Timed(OfflineRLTrainer):
+    class Timed(paused_between_steps(OfflineRLTrainer, rounds)):
         def training_step(self, model, inputs, *rest, **kwargs):
             real = int((inputs["prompt_lengths"] + inputs["response_lengths"]).sum())
             rounds.before_step(real, int(inputs["input_ids"].numel()))
             padding.append(padding_ratio(inputs))
             return super().training_step(model, inputs, *rest, **kwargs)
-
-        def _maybe_log_save_evaluate(self, *args, **kwargs):
-            with rounds.paused():
-                return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     warm_up(args, device, [pairs[i][0] for i in pool[:args.batch_size]])
     trainer = Timed(args=config, data=TaskData(train=train, val=val, test=None))
@@ -436,14 +443,10 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
                            train_sampling_strategy="random" if padding_free else "group_by_length", **common)
         data = Dataset.from_list([{"prompt": pairs[i][0], "completion": " " + pairs[i][1]} for i in pool])
 
-    class Timed(base):
+    class Timed(paused_between_steps(base, rounds)):
         def training_step(self, model, inputs, *rest, **kwargs):
             rounds.before_step(*count(inputs))
             return super().training_step(model, inputs, *rest, **kwargs)
-
-        def _maybe_log_save_evaluate(self, *args, **kwargs):
-            with rounds.paused():
-                return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     trainer = Timed(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     started = time.perf_counter()

@@ -44,11 +44,6 @@ def _num_heads(hidden_size: int, wanted: int = 8) -> int:
 GROUP_PADDING: float | None = 1.25
 
 
-def length_groups(lengths: list[int]) -> list[list[int]]:
-    """The rows (indices into ``lengths``) in groups of similar length (:data:`GROUP_PADDING`), by length."""
-    return padding_bounded_groups(lengths, max_padding=GROUP_PADDING)
-
-
 def bernoulli_mask(generator: np.random.Generator, count: int, probability: float) -> np.ndarray:
     """``count`` independent Bernoulli(``probability``) draws as float32 0/1, exactly (to double precision): a
     uniform 16-bit integer u (four from each 64-bit output of the generator) gives 1 when u < floor(q) and 0 when
@@ -89,17 +84,14 @@ class ValueHead(nn.Module):
 
     def forward_rows(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """V(x) [B] of each row's real states ``rows`` ([L_b, H] each, no padding). Each row is pooled with rows
-        of similar length (:func:`length_groups`): a batch's few long prompts do not pad every other prompt to
+        of similar length (:func:`_padded_groups`): a batch's few long prompts do not pad every other prompt to
         their length (HH's validation prompts: 13 to 512 tokens, a batch padded ~4x its real tokens); the
         pooling is per row, so the grouping changes no value."""
-        groups = length_groups([row.shape[0] for row in rows])
-        values = self.forward_padded([pad_states([rows[i] for i in group]) for group in groups])
-        order = [i for group in groups for i in group]  # the rows by length
-        if order == sorted(order):
+        order, groups = _padded_groups(rows, np.arange(len(rows)))  # order: the rows by length
+        values = self.forward_padded(groups)
+        if (order == np.arange(len(order))).all():
             return values
-        place = torch.empty(len(order), dtype=torch.long)  # back to the rows' order
-        place[order] = torch.arange(len(order))
-        return values[place.to(values.device)]
+        return values[torch.as_tensor(np.argsort(order), device=values.device)]  # back to the rows' order
 
     def forward_padded(self, groups: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """V(x) of the rows of padded groups (states [b, L, H] and mask [b, L] each), in group order.
@@ -194,7 +186,6 @@ class _AttentionSums(torch.autograd.Function):
             sums.append(torch.bmm(weights, states))
             saved += [states, weights]
         ctx.save_for_backward(key_direction, *saved)
-        ctx.groups = len(saved) // 2
         return torch.cat(sums)
 
     @staticmethod
@@ -212,7 +203,7 @@ class _AttentionSums(torch.autograd.Function):
             grad_direction += (grad_scores.transpose(0, 1).reshape(heads, -1) @ states.reshape(-1, width)).to(
                 grad_direction.dtype)
             grad_bias += grad_scores.sum((0, 2)).to(grad_bias.dtype)
-        return grad_direction, grad_bias, *([None] * (2 * ctx.groups))
+        return grad_direction, grad_bias, *([None] * len(saved))  # a states and a mask per group: no gradient
 
 
 class RidgeValueHead(nn.Module):
@@ -380,10 +371,10 @@ def new_fit_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: n
 
 
 def _padded_groups(states: list[torch.Tensor], rows) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """``rows`` (indices into ``states``) in groups of similar length (:func:`length_groups`), padded: the
-    positions in ``rows`` in the groups' order, and the groups (states [b, L, H], mask [b, L])."""
+    """``rows`` (indices into ``states``) in groups of similar length (:data:`GROUP_PADDING`), padded: the
+    positions in ``rows`` in the groups' order (by length), and the groups (states [b, L, H], mask [b, L])."""
     rows = np.asarray(rows, dtype=np.int64)
-    groups = length_groups([states[i].shape[0] for i in rows])
+    groups = padding_bounded_groups([states[i].shape[0] for i in rows], max_padding=GROUP_PADDING)
     order = np.asarray([i for group in groups for i in group], dtype=np.int64)
     return order, [pad_states([states[i] for i in rows[group]]) for group in groups]
 
@@ -421,9 +412,9 @@ def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, trai
     curve = [predictions()]
     for _ in range(epochs):
         head.train()
-        order = rng.permutation(train_idx)
+        order = train_idx if whole else rng.permutation(train_idx)
         for start in range(0, len(order), settings.batch_size):
-            batch = train_idx if whole else order[start:start + settings.batch_size]
+            batch = order[start:start + settings.batch_size]
             positions, groups = whole or _padded_groups(states, batch)
             values = head.forward_padded(groups)
             rows = torch.as_tensor(np.asarray(batch)[positions], device=device)
