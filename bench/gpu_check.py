@@ -103,14 +103,23 @@ def check_throughput(quick: bool, timeout: int, model_path: str | None = None) -
     if proc.returncode:
         return report("throughput", "FAIL", last_error(proc))
     model = next((l for l in proc.stdout.splitlines() if l.startswith(("data:", "device:"))), "")
-    pattern = re.compile(r"^(nll|a_lol|original_style)\s+([\d.]+) real tokens/s.*peak memory (\d+) MB"
-                         r"(?:.*MFU ([\d.]+%|n/a))?")
-    found = {m[1]: m for m in map(pattern.match, proc.stdout.splitlines()) if m}
+    found = throughput_figures(proc.stdout)
     missing = {"nll", "a_lol", "original_style"} - found.keys()
     if missing:
         return report("throughput", "FAIL", f"no figures for {sorted(missing)} in bench/throughput.py's output")
-    figures = "; ".join(f"{k} {m[2]} tok/s, MFU {m[4] or 'n/a (cpu)'}, peak {m[3]} MB" for k, m in found.items())
+    figures = "; ".join(f"{k} {f['tokens_s']} tok/s, MFU {f['mfu'] or 'n/a (cpu)'}, peak {f['peak_mb']} MB"
+                        for k, f in found.items())
     report("throughput", "PASS", f"{figures} [{model.strip()}]")
+
+
+THROUGHPUT_ROW = re.compile(r"^(nll|a_lol|original_style)\s+real tokens/s min\s+[\d.]+\s+median\s+([\d.]+)\s.*?"
+                            r"peak memory (\d+) MB(?:.*MFU ([\d.]+%|n/a))?")
+
+
+def throughput_figures(stdout: str) -> dict[str, dict]:
+    """Per method of bench/throughput.py's table: median real tokens/s, peak memory (MB), MFU (None on a CPU)."""
+    return {m[1]: {"tokens_s": m[2], "peak_mb": m[3], "mfu": m[4]}
+            for m in map(THROUGHPUT_ROW.match, stdout.splitlines()) if m}
 
 
 def check_qlora_paged(models: dict, cuda: bool, steps: int = 4) -> None:

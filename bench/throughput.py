@@ -29,7 +29,12 @@ methods: the median over rounds of the ratio within a round. TRL's steps are tim
 Data: the real HH files under ../shared/data/hh when present, else synthetic rows with HH's length
 distribution (prompt median ~110 tokens, p90 ~290; response median ~31, p90 ~95). The last lines
 printed are the ``ratio``, ``padding`` and ``peak_memory`` figures, then ``value_stage/reference_pass``.
-Peak memory: CUDA's max allocated bytes, else the process's peak RSS. On CUDA everything runs in bf16.
+Peak memory: CUDA's max allocated bytes; on a CPU the peak of the bytes malloc has handed out and not taken back
+(``bench/live_bytes.c``, built with ``$CC`` or ``cc`` and preloaded into every worker, Arrow's buffers routed
+through malloc too), the counterpart of CUDA's figure; each method's peak RSS is printed beside it. The RSS
+is not the measure: glibc keeps freed memory in its per-thread arenas, so it records how a process's frees
+fragmented them (measured: 450-970 MB kept free against 410 MB in use between steps; see live_bytes.c). Without a
+C compiler the peak RSS is the measure, and the first lines say so. On CUDA everything runs in bf16.
 """
 from __future__ import annotations
 
@@ -118,12 +123,52 @@ def prepare(workdir: Path, args, n_rows: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- worker
-def peak_memory_mb(device) -> float:
+LIVE_BYTES_SOURCE = Path(__file__).resolve().parent / "live_bytes.c"
+
+
+def build_live_bytes_counter(workdir: Path) -> tuple[str | None, str]:
+    """Compile bench/live_bytes.c into ``workdir``: (the library's path, how peak memory is measured)."""
+    if not sys.platform.startswith("linux"):
+        return None, "peak RSS (the live-heap counter preloads into glibc: Linux only)"
+    out = workdir / "live_bytes.so"
+    compiler = os.environ.get("CC", "cc")
+    try:
+        built = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(out), str(LIVE_BYTES_SOURCE)],
+                               capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, f"peak RSS (the live-heap counter was not built: {compiler}: {error})"
+    if built.returncode:
+        return None, f"peak RSS (the live-heap counter was not built: {built.stderr.strip().splitlines()[-1:]})"
+    return str(out), "live heap bytes (bench/live_bytes.c)"
+
+
+def live_heap_peak_mb() -> float | None:
+    """The peak of malloc's bytes in use, when bench/live_bytes.c is preloaded into this process."""
+    import ctypes
+
+    try:
+        peak = ctypes.CDLL(None).live_bytes_peak
+    except AttributeError:
+        return None
+    peak.restype = ctypes.c_longlong
+    return peak() / 2 ** 20
+
+
+def memory_figures(device) -> dict:
+    """``peak_memory_mb``, the measure it is (CUDA's max allocated, else the live heap when counted, else the RSS),
+    and ``peak_rss_mb``."""
     import torch
 
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    live = live_heap_peak_mb()
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        peak, measure = torch.cuda.max_memory_allocated() / 2 ** 20, "CUDA max allocated"
+    elif live is not None:
+        peak, measure = live, "live heap"
+    else:
+        peak, measure = rss, "peak RSS"
+    return {"peak_memory_mb": peak, "memory_measure": measure, "peak_rss_mb": rss,
+            **({"live_heap_peak_mb": live} if live is not None else {})}
 
 
 def say(payload: dict) -> None:
@@ -321,7 +366,7 @@ def run_original_style(method: str, args, rounds: Rounds) -> dict:
         result["layout"] += ", gradient checkpointing"
     for batch_rows in batches:
         step(batch_rows)
-    result.update(params=sum(p.numel() for p in model.parameters()), peak_memory_mb=peak_memory_mb(device),
+    result.update(params=sum(p.numel() for p in model.parameters()), **memory_figures(device),
                   device=torch.cuda.get_device_name() if cuda else "cpu")
     return result
 
@@ -388,7 +433,7 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
                       value_stage_s=fit["prompt_states_seconds"] + fit["fit_seconds"])
     if checkpointing(args, ours=True):
         result["layout"] += ", gradient checkpointing"
-    result.update(params=sum(p.numel() for p in trainer.model.parameters()), peak_memory_mb=peak_memory_mb(device),
+    result.update(params=sum(p.numel() for p in trainer.model.parameters()), **memory_figures(device),
                   device=torch.cuda.get_device_name() if cuda else "cpu")
     return result
 
@@ -456,7 +501,7 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
         layout += ", gradient checkpointing"
     result = {"method": method, "layout": layout,
               "train_s": time.perf_counter() - started, "params": sum(p.numel() for p in model.parameters()),
-              "peak_memory_mb": peak_memory_mb(device), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+              **memory_figures(device), "device": torch.cuda.get_device_name() if cuda else "cpu"}
     return result
 
 
@@ -484,6 +529,9 @@ class Worker:
         self.method, self.log = method, workdir / f"{method}.log"
         # idle workers wait on stdin: their OpenMP threads must sleep, not spin, while another method runs
         env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
+        if args.live_bytes:  # every worker's allocations counted (Arrow's buffers through malloc too)
+            env |= {"LD_PRELOAD": " ".join(filter(None, (args.live_bytes, env.get("LD_PRELOAD")))),
+                    "ARROW_DEFAULT_MEMORY_POOL": "system"}
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=open(self.log, "w"), text=True, env=env)
 
@@ -549,9 +597,10 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     info = prepare(workdir, args, n_rows=max(20 if args.quick else 50, 2 + args.rounds * args.steps) * args.batch_size)
     args.model_dir = info["model_dir"]
+    args.live_bytes, measure = build_live_bytes_counter(workdir)
     print(f"data: {info['rows']} rows, {info['source']}; model: {info['model']}; batch {args.batch_size}; "
           f"{args.rounds} rounds of {args.steps} timed steps per method, methods in turn (the order alternating): "
-          f"{', '.join(methods)}",
+          f"{', '.join(methods)}; peak memory: {measure}",
           flush=True)
     workers = {}
     for method in methods:  # one at a time, so the one-time passes are timed on a quiet machine
@@ -578,15 +627,20 @@ def report(methods, per_round, finals) -> int:
                for m in methods}
     first = finals[methods[0]]
     print(f"device: {first['device']}; {first['params'] / 1e6:.1f} M parameters")
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in first["device"]), None)
     for m in methods:
         f = finals[m]
         extra = ""
+        if first["device"] != "cpu":  # model FLOPs utilisation: 6 x parameters per real token, attention left out
+            extra = (f"; MFU {statistics.median(speed[m]) * 6 * f['params'] / (peak_tflops * 1e12):.1%}" if peak_tflops
+                     else "; MFU n/a (this GPU's bf16 peak is not in PEAK_BF16_TFLOPS)")
         if "reference_pass_s" in f:
-            extra = (f"; one-time reference pass {f['reference_pass_s']:.1f} s ({f['reference_rows']} rows), "
+            extra += (f"; one-time reference pass {f['reference_pass_s']:.1f} s ({f['reference_rows']} rows), "
                      f"value stage {f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s "
                      f"+ fit {f['value_fit_s']:.1f} s)")
         print(f"{m:21s} real tokens/s {summary(speed[m])}  padding {padding[m]:.2f} ({f['layout']})  "
-              f"peak memory {f['peak_memory_mb']:.0f} MB{extra}")
+              f"peak memory {f['peak_memory_mb']:.0f} MB ({f['memory_measure']}; peak RSS {f['peak_rss_mb']:.0f} MB)"
+              f"{extra}")
     if "padding_grouped" in finals.get("a_lol", {}):
         print(f"padding if only length-grouped (no packing): {finals['a_lol']['padding_grouped']:.2f}")
     for a, b in RATIOS:
@@ -598,8 +652,9 @@ def report(methods, per_round, finals) -> int:
         print(f"padding = {padding['a_lol']:.3f}")
     for other in ("nll", "trl_sft_padding_free"):
         if "a_lol" in methods and other in methods:
-            print(f"peak_memory a_lol/{other} = "
-                  f"{finals['a_lol']['peak_memory_mb'] / finals[other]['peak_memory_mb']:.3f}")
+            ours, theirs = finals["a_lol"], finals[other]
+            print(f"peak_memory a_lol/{other} = {ours['peak_memory_mb'] / theirs['peak_memory_mb']:.3f}  "
+                  f"({ours['memory_measure']}; peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.3f})")
     if "a_lol" in finals:
         f = finals["a_lol"]
         print(f"value_stage/reference_pass = {f['value_stage_s'] / f['reference_pass_s']:.3f}  "
