@@ -74,3 +74,4 @@ int posix_memalign(void **out, size_t a, size_t n) {
 
 long long live_bytes_now(void) { return atomic_load(&live); }
 long long live_bytes_peak(void) { return atomic_load(&peak); }
+void live_bytes_reset_peak(void) { atomic_store(&peak, atomic_load(&live)); }  /* a new peak from now on */

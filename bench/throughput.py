@@ -142,33 +142,45 @@ def build_live_bytes_counter(workdir: Path) -> tuple[str | None, str]:
     return str(out), "live heap bytes (bench/live_bytes.c)"
 
 
-def live_heap_peak_mb() -> float | None:
-    """The peak of malloc's bytes in use, when bench/live_bytes.c is preloaded into this process."""
+def live_heap_peak_mb(reset: bool = False) -> float | None:
+    """The peak of malloc's bytes in use (since the last ``reset``), when bench/live_bytes.c is preloaded into this
+    process; ``reset``: then start a new peak from what is in use now."""
     import ctypes
 
     try:
-        peak = ctypes.CDLL(None).live_bytes_peak
+        library = ctypes.CDLL(None)
+        peak, restart = library.live_bytes_peak, library.live_bytes_reset_peak
     except AttributeError:
         return None
     peak.restype = ctypes.c_longlong
-    return peak() / 2 ** 20
+    value = peak() / 2 ** 20
+    if reset:
+        restart()
+    return value
 
 
-def memory_figures(device) -> dict:
-    """``peak_memory_mb``, the measure it is (CUDA's max allocated, else the live heap when counted, else the RSS),
-    and ``peak_rss_mb``."""
+def step_memory(device, start: bool) -> float | None:
+    """The peak memory so far in :func:`memory_figures`' measure (None for the RSS); ``start``: then start a new
+    peak (the timed steps')."""
     import torch
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    live = live_heap_peak_mb()
     if device.type == "cuda":
-        peak, measure = torch.cuda.max_memory_allocated() / 2 ** 20, "CUDA max allocated"
-    elif live is not None:
-        peak, measure = live, "live heap"
-    else:
-        peak, measure = rss, "peak RSS"
-    return {"peak_memory_mb": peak, "memory_measure": measure, "peak_rss_mb": rss,
-            **({"live_heap_peak_mb": live} if live is not None else {})}
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        if start:
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+    return live_heap_peak_mb(reset=start)
+
+
+def memory_figures(device, rounds: Rounds) -> dict:
+    """The process's ``peak_memory_mb``, the measure it is (CUDA's max allocated, else the live heap when counted,
+    else the RSS), the timed steps' peak in that measure (``steps_peak_mb``, not for the RSS), ``peak_rss_mb``."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    now = step_memory(device, start=False)
+    if now is None:
+        return {"peak_memory_mb": rss, "memory_measure": "peak RSS", "peak_rss_mb": rss}
+    return {"peak_memory_mb": max(now, rounds.earlier_peak_mb or 0.0), "steps_peak_mb": rounds.steps_peak_mb,
+            "memory_measure": "CUDA max allocated" if device.type == "cuda" else "live heap", "peak_rss_mb": rss}
 
 
 def say(payload: dict) -> None:
@@ -186,12 +198,20 @@ class Rounds:
     def __init__(self, steps: int, rounds: int, cuda: bool):
         self.steps, self.rounds, self.cuda = steps, rounds, cuda
         self.calls = self.done = 0
+        # the peak memory before the timed steps and theirs (step_memory; None when only the RSS is measured)
+        self.earlier_peak_mb: float | None = None
+        self.steps_peak_mb: float | None = None
         self.started = None
         self.real = self.fed = 0
 
     @property
     def total_steps(self) -> int:
         return 2 + self.rounds * self.steps
+
+    def _device(self):
+        import torch
+
+        return torch.device("cuda" if self.cuda else "cpu")
 
     def _sync(self) -> None:
         if self.cuda:
@@ -206,11 +226,15 @@ class Rounds:
                 self._sync()
                 say({"seconds": time.perf_counter() - self.started, "real_tokens": self.real, "fed_tokens": self.fed})
                 self.started, self.done = None, self.done + 1
+                if self.done == self.rounds:
+                    self.steps_peak_mb = step_memory(self._device(), start=False)
             if self.done < self.rounds:
                 if index == 1:
                     say({"ready": True})
                 if sys.stdin.readline().strip() != "go":
                     raise SystemExit("worker: expected 'go'")
+                if index == 1:
+                    self.earlier_peak_mb = step_memory(self._device(), start=True)
                 self._sync()
                 self.real = self.fed = 0
                 self.started = time.perf_counter()
@@ -366,7 +390,7 @@ def run_original_style(method: str, args, rounds: Rounds) -> dict:
         result["layout"] += ", gradient checkpointing"
     for batch_rows in batches:
         step(batch_rows)
-    result.update(params=sum(p.numel() for p in model.parameters()), **memory_figures(device),
+    result.update(params=sum(p.numel() for p in model.parameters()), **memory_figures(device, rounds),
                   device=torch.cuda.get_device_name() if cuda else "cpu")
     return result
 
@@ -433,7 +457,7 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
                       value_stage_s=fit["prompt_states_seconds"] + fit["fit_seconds"])
     if checkpointing(args, ours=True):
         result["layout"] += ", gradient checkpointing"
-    result.update(params=sum(p.numel() for p in trainer.model.parameters()), **memory_figures(device),
+    result.update(params=sum(p.numel() for p in trainer.model.parameters()), **memory_figures(device, rounds),
                   device=torch.cuda.get_device_name() if cuda else "cpu")
     return result
 
@@ -501,7 +525,7 @@ def run_trl(method: str, args, rounds: Rounds) -> dict:
         layout += ", gradient checkpointing"
     result = {"method": method, "layout": layout,
               "train_s": time.perf_counter() - started, "params": sum(p.numel() for p in model.parameters()),
-              **memory_figures(device), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+              **memory_figures(device, rounds), "device": torch.cuda.get_device_name() if cuda else "cpu"}
     return result
 
 
@@ -621,6 +645,10 @@ def main() -> int:
     return report(methods, per_round, finals)
 
 
+def steps_peak(final: dict) -> str:
+    return f"the timed steps {final['steps_peak_mb']:.0f} MB; " if final.get("steps_peak_mb") else ""
+
+
 def report(methods, per_round, finals) -> int:
     speed = {m: [r["real_tokens"] / r["seconds"] for r in per_round[m]] for m in methods}
     padding = {m: sum(r["fed_tokens"] for r in per_round[m]) / sum(r["real_tokens"] for r in per_round[m])
@@ -639,8 +667,8 @@ def report(methods, per_round, finals) -> int:
                      f"value stage {f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s "
                      f"+ fit {f['value_fit_s']:.1f} s)")
         print(f"{m:21s} real tokens/s {summary(speed[m])}  padding {padding[m]:.2f} ({f['layout']})  "
-              f"peak memory {f['peak_memory_mb']:.0f} MB ({f['memory_measure']}; peak RSS {f['peak_rss_mb']:.0f} MB)"
-              f"{extra}")
+              f"peak memory {f['peak_memory_mb']:.0f} MB ({f['memory_measure']}; {steps_peak(f)}peak RSS "
+              f"{f['peak_rss_mb']:.0f} MB){extra}")
     if "padding_grouped" in finals.get("a_lol", {}):
         print(f"padding if only length-grouped (no packing): {finals['a_lol']['padding_grouped']:.2f}")
     for a, b in RATIOS:
@@ -653,8 +681,10 @@ def report(methods, per_round, finals) -> int:
     for other in ("nll", "trl_sft_padding_free"):
         if "a_lol" in methods and other in methods:
             ours, theirs = finals["a_lol"], finals[other]
+            steps = (f"the timed steps {ours['steps_peak_mb'] / theirs['steps_peak_mb']:.3f}; "
+                     if ours.get("steps_peak_mb") and theirs.get("steps_peak_mb") else "")
             print(f"peak_memory a_lol/{other} = {ours['peak_memory_mb'] / theirs['peak_memory_mb']:.3f}  "
-                  f"({ours['memory_measure']}; peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.3f})")
+                  f"({ours['memory_measure']}; {steps}peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.3f})")
     if "a_lol" in finals:
         f = finals["a_lol"]
         print(f"value_stage/reference_pass = {f['value_stage_s'] / f['reference_pass_s']:.3f}  "

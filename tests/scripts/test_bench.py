@@ -3,6 +3,7 @@ CPU memory measure (bench/live_bytes.c) counts what a process holds."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def test_throughput_quick_prints_its_figures(tmp_path):
         assert any(line.startswith("data: ") and line.endswith("peak memory: live heap bytes (bench/live_bytes.c)")
                    for line in out.stdout.splitlines()), out.stdout[:2000]
         rows = [line for line in out.stdout.splitlines() if line.startswith(("nll ", "a_lol "))]
-        assert len(rows) == 2 and all("(live heap; peak RSS" in line for line in rows), rows
+        assert len(rows) == 2 and all(re.search(r"\(live heap; the timed steps \d+ MB; peak RSS \d+ MB\)", line)
+                                      for line in rows), rows
 
 
 HOLD = """
@@ -61,7 +63,12 @@ grown.resize(24 * 2 ** 20, refcheck=False)  # realloc to 24 MiB
 seen["held"] = now() / 2 ** 20
 del held, grown
 seen["freed"] = now() / 2 ** 20
-seen["peak"] = live_heap_peak_mb()
+seen["peak"] = live_heap_peak_mb(reset=True)  # the peak so far; a new one starts from what is in use now
+seen["restarted"] = live_heap_peak_mb()
+brief = torch.ones(16 * 2 ** 20, dtype=torch.uint8)
+del brief
+seen["brief_peak"] = live_heap_peak_mb()
+seen["end"] = now() / 2 ** 20
 print(json.dumps(seen))
 """
 
@@ -83,6 +90,8 @@ def test_live_bytes_counter_counts_what_is_held_and_freed(tmp_path):
     assert 64 + 24 <= seen["held"] - seen["start"] < 64 + 24 + 4, seen
     assert abs(seen["freed"] - seen["start"]) < 1, seen
     assert seen["peak"] >= seen["held"] and seen["start_peak"] >= seen["start"], seen
+    assert abs(seen["restarted"] - seen["freed"]) < 1, seen
+    assert 15.9 <= seen["brief_peak"] - seen["end"] < 17, seen  # 16 MiB, give or take a few small objects
     # without the library preloaded there is no live-heap figure (the benchmark then reports the RSS)
     plain = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                             "from bench.throughput import live_heap_peak_mb; print(live_heap_peak_mb())", str(ROOT)],
