@@ -34,7 +34,7 @@ Peak memory: CUDA's max allocated bytes; on a CPU the peak of the bytes malloc h
 through malloc too), the counterpart of CUDA's figure; each method's peak RSS is printed beside it. The RSS
 is not the measure: glibc keeps freed memory in its per-thread arenas, so it records how a process's frees
 fragmented them (measured: 450-970 MB kept free against 410 MB in use between steps; see live_bytes.c). Without a
-C compiler the peak RSS is the measure, and the first lines say so. On CUDA everything runs in bf16.
+C compiler the peak RSS is the measure, and the first line says so. On CUDA everything runs in bf16.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ def build_live_bytes_counter(workdir: Path) -> tuple[str | None, str]:
     except (OSError, subprocess.TimeoutExpired) as error:
         return None, f"peak RSS (the live-heap counter was not built: {compiler}: {error})"
     if built.returncode:
-        return None, f"peak RSS (the live-heap counter was not built: {built.stderr.strip().splitlines()[-1:]})"
+        error = (built.stderr.strip().splitlines() or [f"exit status {built.returncode}"])[-1]
+        return None, f"peak RSS (the live-heap counter was not built: {compiler}: {error})"
     return str(out), "live heap bytes (bench/live_bytes.c)"
 
 
@@ -624,7 +625,7 @@ def main() -> int:
     args.live_bytes, measure = build_live_bytes_counter(workdir)
     print(f"data: {info['rows']} rows, {info['source']}; model: {info['model']}; batch {args.batch_size}; "
           f"{args.rounds} rounds of {args.steps} timed steps per method, methods in turn (the order alternating): "
-          f"{', '.join(methods)}; peak memory: {measure}",
+          f"{', '.join(methods)}; peak memory on a CPU: {measure}",
           flush=True)
     workers = {}
     for method in methods:  # one at a time, so the one-time passes are timed on a quiet machine
