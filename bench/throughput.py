@@ -188,6 +188,12 @@ def say(payload: dict) -> None:
     print(MESSAGE + json.dumps(payload), flush=True)
 
 
+def cpu_usage() -> tuple[float, int]:
+    """This process's CPU seconds (user + system, every thread) and minor page faults so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_minflt
+
+
 class Rounds:
     """Drives a worker's steps: step 0 warms up; then ``rounds`` rounds of ``steps`` timed steps, each
     started by a ``go`` line on stdin; ``before_step`` is called before every step with its token counts.
@@ -225,7 +231,10 @@ class Rounds:
         if index >= 1 and (index - 1) % self.steps == 0:
             if self.started is not None:
                 self._sync()
-                say({"seconds": time.perf_counter() - self.started, "real_tokens": self.real, "fed_tokens": self.fed})
+                cpu, faults = cpu_usage()
+                say({"seconds": time.perf_counter() - self.started, "real_tokens": self.real, "fed_tokens": self.fed,
+                     "steps": self.steps, "cpu_seconds": cpu - self.cpu_started[0],
+                     "minor_faults": faults - self.cpu_started[1]})
                 self.started, self.done = None, self.done + 1
                 if self.done == self.rounds:
                     self.steps_peak_mb = step_memory(self._device(), start=False)
@@ -238,6 +247,7 @@ class Rounds:
                     self.earlier_peak_mb = step_memory(self._device(), start=True)
                 self._sync()
                 self.real = self.fed = 0
+                self.cpu_started = cpu_usage()
                 self.started = time.perf_counter()
             elif sys.stdin.readline().strip() != "finish":  # the rest of the run waits for every method's last round
                 raise SystemExit("worker: expected 'finish'")
@@ -667,7 +677,11 @@ def report(methods, per_round, finals) -> int:
             extra += (f"; one-time reference pass {f['reference_pass_s']:.1f} s ({f['reference_rows']} rows), "
                      f"value stage {f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s "
                      f"+ fit {f['value_fit_s']:.1f} s)")
+        rounds = per_round[m]
         print(f"{m:21s} real tokens/s {summary(speed[m])}  padding {padding[m]:.2f} ({f['layout']})  "
+              f"CPU {sum(r['cpu_seconds'] for r in rounds) / sum(r['seconds'] for r in rounds):.2f}x wall, "
+              f"{sum(r['minor_faults'] for r in rounds) / sum(r['steps'] for r in rounds) / 1000:.0f}K page "
+              "faults a step  "
               f"peak memory {f['peak_memory_mb']:.0f} MB ({f['memory_measure']}; {steps_peak(f)}peak RSS "
               f"{f['peak_rss_mb']:.0f} MB){extra}")
     if "padding_grouped" in finals.get("a_lol", {}):

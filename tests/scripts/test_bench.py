@@ -122,15 +122,18 @@ def test_gpu_table_gives_mfu_that_gpu_check_reads(capsys):
     finally:
         sys.path.remove(str(ROOT))
     methods = ["nll", "a_lol", "original_style"]
-    per_round = {m: [{"real_tokens": 1000 * (i + 1), "seconds": 1.0, "fed_tokens": 1100 * (i + 1)} for i in range(3)]
-                 for m in methods}
+    per_round = {m: [{"real_tokens": 1000 * (i + 1), "seconds": 1.0, "fed_tokens": 1100 * (i + 1), "steps": 3,
+                      "cpu_seconds": 1.9, "minor_faults": 30_000} for i in range(3)] for m in methods}
     final = {"device": "NVIDIA H100 80GB HBM3", "params": 10 ** 9, "layout": "length-grouped", "peak_memory_mb": 5000.0,
              "memory_measure": "CUDA max allocated", "peak_rss_mb": 3000.0}
     finals = {m: dict(final) for m in methods}
     finals["a_lol"] |= {"reference_pass_s": 10.0, "reference_rows": 64, "value_stage_s": 2.0, "prompt_states_s": 1.0,
                         "value_fit_s": 1.0}
     assert report(methods, per_round, finals) == 0
-    table = throughput_figures(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    table = throughput_figures(printed)
+    assert all("CPU 1.90x wall, 10K page faults a step" in line for line in printed.splitlines()
+               if line.startswith(tuple(methods))), printed
     # median 2000 real tokens/s x 6 x 1e9 FLOPs over 989 TFLOP/s
     assert {m: f["mfu"] for m, f in table.items()} == {m: f"{2000 * 6e9 / 989e12:.1%}" for m in methods}
     assert all(f["peak_mb"] == "5000" and float(f["tokens_s"]) == 2000 for f in table.values())
