@@ -515,6 +515,21 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
                            "into FSDP1 / DeepSpeed shards is not implemented (the best model is in %s)",
                            self.args.save_dir)
 
+    def _release_training_state(self) -> None:
+        """Once training has ended and the best weights are back in the model: the optimizer's moments (twice the
+        trainable weights for AdamW) and the best weights' copy are not needed by the final evaluation, whose
+        generation would otherwise run with training's memory still held (measured on the benchmark's GPT-2:
+        the run's peak was the final evaluation's, 994 MB against 841 MB in the longest training step).
+        DeepSpeed's engine owns its optimizer's partitions: left alone."""
+        self.best_state = None
+        if self.optimizer is not None and not self.is_deepspeed_enabled:
+            self.optimizer.state.clear()
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------------------ evaluation
     def evaluate_split(self, split: str, records: list[Record], rows: list[TokenizedRow]) -> dict[str, dict]:
         """Generate on a split, score, and summarise generated and gold responses."""
@@ -611,6 +626,7 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
             if not self._train():
                 return {}
             self._restore_best()
+            self._release_training_state()
             if self.is_main:
                 plot_loss_curves(self.output_dir / "train_log.jsonl", self.output_dir / "train_loss_trajectory.png",
                                  keys=["loss", "nll", "advantage", "reward", "importance_weight", "raw_ratio",
