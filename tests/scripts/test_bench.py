@@ -1,5 +1,6 @@
 """bench/throughput.py --quick runs end to end and prints its figures last (a smoke run, not a timing); its
 CPU memory measure (bench/live_bytes.c) counts what a process holds."""
+import importlib
 import json
 import math
 import os
@@ -12,6 +13,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(name: str):
+    """The module bench/<name>.py (bench/ is a folder of scripts beside the package, not on the path)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(str(ROOT))
 
 
 @pytest.mark.slow
@@ -31,12 +41,7 @@ def test_throughput_quick_prints_its_figures(tmp_path):
     assert 1.0 <= figures["padding"] < 2.0
     assert out.stdout.strip().splitlines()[-1].startswith("value_stage/reference_pass")
     # bench/gpu_check.py's throughput check reads this table (its pattern once fell out of step with it)
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.gpu_check import throughput_figures
-    finally:
-        sys.path.remove(str(ROOT))
-    table = throughput_figures(out.stdout)
+    table = bench("gpu_check").throughput_figures(out.stdout)
     assert set(table) == {"nll", "a_lol", "original_style"}, out.stdout[-3000:]
     assert all(float(f["tokens_s"]) > 0 and int(f["peak_mb"]) > 0 and f["mfu"] is None for f in table.values())
     if shutil.which(os.environ.get("CC", "cc")):  # the workers' peak is their live heap, the RSS beside it
@@ -75,14 +80,9 @@ print(json.dumps(seen))
 
 
 def test_live_bytes_counter_counts_what_is_held_and_freed(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.throughput import build_live_bytes_counter
-    finally:
-        sys.path.remove(str(ROOT))
     if not shutil.which(os.environ.get("CC", "cc")):
         pytest.skip("no C compiler: bench/throughput.py measures the peak RSS instead, and says so")
-    library, measure = build_live_bytes_counter(tmp_path)
+    library, measure = bench("throughput").build_live_bytes_counter(tmp_path)
     assert library and measure.startswith("live heap"), measure
     env = os.environ | {"LD_PRELOAD": library}
     out = subprocess.run([sys.executable, "-c", HOLD, str(ROOT)], capture_output=True, text=True, env=env, timeout=120)
@@ -115,12 +115,6 @@ def test_throughput_takes_a_saved_model_and_checkpointing_for_every_method(tmp_p
 def test_gpu_table_gives_mfu_that_gpu_check_reads(capsys):
     """On a GPU the table gives each method's MFU (6 x parameters per real token over the card's bf16 peak),
     and bench/gpu_check.py's throughput check reads it."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.gpu_check import throughput_figures
-        from bench.throughput import report
-    finally:
-        sys.path.remove(str(ROOT))
     methods = ["nll", "a_lol", "original_style"]
     per_round = {m: [{"real_tokens": 1000 * (i + 1), "seconds": 1.0, "fed_tokens": 1100 * (i + 1), "steps": 3,
                       "cpu_seconds": 1.9, "minor_faults": 30_000} for i in range(3)] for m in methods}
@@ -129,9 +123,9 @@ def test_gpu_table_gives_mfu_that_gpu_check_reads(capsys):
     finals = {m: dict(final) for m in methods}
     finals["a_lol"] |= {"reference_pass_s": 10.0, "reference_rows": 64, "value_stage_s": 2.0, "prompt_states_s": 1.0,
                         "value_fit_s": 1.0}
-    assert report(methods, per_round, finals) == 0
+    assert bench("throughput").report(methods, per_round, finals) == 0
     printed = capsys.readouterr().out
-    table = throughput_figures(printed)
+    table = bench("gpu_check").throughput_figures(printed)
     assert all("CPU 1.90x wall, 10K page faults a step" in line for line in printed.splitlines()
                if line.startswith(tuple(methods))), printed
     # median 2000 real tokens/s x 6 x 1e9 FLOPs over 989 TFLOP/s
