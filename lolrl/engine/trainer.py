@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import logging
 import math
 import random
@@ -524,8 +525,6 @@ class OfflineRLTrainer(ReferenceStages, Trainer):
         self.best_state = None
         if self.optimizer is not None and not self.is_deepspeed_enabled:
             self.optimizer.state.clear()
-        import gc
-
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
