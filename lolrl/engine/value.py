@@ -116,8 +116,17 @@ class ValueHead(nn.Module):
 
     def _value(self, sums: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
         """V(x) from each row's per-head attention sums [B, heads, H]: the attention's output (:meth:`_project`),
-        dropout, the linear output."""
-        score = self.out(self.drop(self._project(sums, w_v, b_v)))[:, 0, 0]
+        dropout, the linear output. Without the dropout (eval mode, or p = 0) the three are one linear map,
+        reassociated: the output weights are pushed back through the output and value projections once
+        (z_h = W_v,h^T (W_o^T w)_h, [heads, H]), and each row costs O(heads x H) instead of O(H^2)."""
+        if self.training and self.dropout.p > 0:
+            score = self.out(self.drop(self._project(sums, w_v, b_v)))[:, 0, 0]
+        else:
+            heads, dim, _ = w_v.shape
+            back = self.out.weight[0] @ self.attention.out_proj.weight  # W_o^T w: [H]
+            direction = torch.einsum("hd,hde->he", back.view(heads, dim), w_v)  # [heads, H]
+            bias = back @ b_v.reshape(-1) + self.out.weight[0] @ self.attention.out_proj.bias + self.out.bias[0]
+            score = (sums * direction).sum((1, 2)) + bias
         return self.target_mean + self.target_std * score
 
     def _project(self, sums: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
@@ -444,9 +453,10 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
     return [int(np.argmin(row)) for row in inner_errors], int(np.argmin(judged_errors.sum(axis=0)))
 
 
-# The fit's version: changed whenever the same inputs give other numbers (2: the dropout's own draws and layout),
-# so that a cached value head of another version is recomputed (the reference-pass cache's key carries it).
-FIT_VERSION = 2
+# The fit's version: changed whenever the same inputs give other numbers (2: the dropout's own draws and layout;
+# 3: V(x) without dropout through the reassociated output, :meth:`ValueHead._value`), so that a cached value head
+# of another version is recomputed (the reference-pass cache's key carries it).
+FIT_VERSION = 3
 
 # The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
 # threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own

@@ -396,13 +396,17 @@ def _attention_forward_padded(head: ValueHead, groups) -> torch.Tensor:
     return head.target_mean + head.target_std * head.out(head.drop(pooled))[:, 0, 0]
 
 
-def test_forward_equals_multihead_attention_on_the_same_dropout():
+@pytest.mark.parametrize("mode, dropout", [("train", 0.3), ("train", 0.0), ("eval", 0.3)])
+def test_forward_equals_multihead_attention_on_the_same_dropout(mode, dropout):
     """In training too: V(x) and the gradients of every parameter equal nn.MultiheadAttention's on the same
-    dropped-out states, to 1e-5 (groups of several lengths, non-zero biases)."""
+    dropped-out states, to 1e-5 (groups of several lengths, non-zero biases, a non-trivial affine output); and
+    without dropout (eval mode, or p = 0), where the output is reassociated (:meth:`ValueHead._value`)."""
     torch.manual_seed(3)
-    head = ValueHead(H, dropout=0.3).train()
+    head = ValueHead(H, dropout=dropout).train(mode == "train")
     for p in head.attention.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    head.target_mean.fill_(-1.5)
+    head.target_std.fill_(2.0)
     groups = [pad_states(_states(n, seed=n, lo=lo, hi=hi)) for n, lo, hi in ((3, 2, 5), (4, 9, 14), (1, 30, 31))]
     results = []
     for forward in (ValueHead.forward_padded, _attention_forward_padded):
