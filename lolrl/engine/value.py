@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import signal
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -105,9 +108,12 @@ class ValueHead(nn.Module):
         group's padding too, which the attention masks out); its 1/(1 - p) is applied to the per-head scores
         and sums, which are linear in the states, instead of to every state element."""
         key_direction, key_bias, w_v, b_v = self._single_query()
+        dropout = self.training and self.dropout.p > 0
+        if not dropout and not torch.is_grad_enabled():
+            return self._values_without_grad(groups, key_direction, key_bias, w_v, b_v)
         dtype = self.query.dtype
         scale = 1.0
-        if self.training and self.dropout.p > 0:
+        if dropout:
             scale = 1.0 / (1.0 - self.dropout.p)
             groups = [(states.to(dtype) * self._kept(states.shape, states.device), mask) for states, mask in groups]
         sums = _AttentionSums.apply(key_direction * scale if scale != 1.0 else key_direction, key_bias,
@@ -117,17 +123,41 @@ class ValueHead(nn.Module):
     def _value(self, sums: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
         """V(x) from each row's per-head attention sums [B, heads, H]: the attention's output (:meth:`_project`),
         dropout, the linear output. Without the dropout (eval mode, or p = 0) the three are one linear map,
-        reassociated: the output weights are pushed back through the output and value projections once
-        (z_h = W_v,h^T (W_o^T w)_h, [heads, H]), and each row costs O(heads x H) instead of O(H^2)."""
+        reassociated (:meth:`_output_direction`), and each row costs O(heads x H) instead of O(H^2)."""
         if self.training and self.dropout.p > 0:
             score = self.out(self.drop(self._project(sums, w_v, b_v)))[:, 0, 0]
         else:
-            heads, dim, _ = w_v.shape
-            back = self.out.weight[0] @ self.attention.out_proj.weight  # W_o^T w: [H]
-            direction = torch.einsum("hd,hde->he", back.view(heads, dim), w_v)  # [heads, H]
-            bias = back @ b_v.reshape(-1) + self.out.weight[0] @ self.attention.out_proj.bias + self.out.bias[0]
+            direction, bias = self._output_direction(w_v, b_v)
             score = (sums * direction).sum((1, 2)) + bias
         return self.target_mean + self.target_std * score
+
+    def _output_direction(self, w_v: torch.Tensor, b_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The value projection, the output projection and the linear output without dropout as one linear map of
+        the per-head attention sums: the output weights pushed back through the output and value projections
+        (z_h = W_v,h^T (W_o^T w)_h, [heads, H]) and the bias; score = sum_h z_h . sums_h + bias."""
+        heads, dim, _ = w_v.shape
+        back = self.out.weight[0] @ self.attention.out_proj.weight  # W_o^T w: [H]
+        direction = torch.einsum("hd,hde->he", back.view(heads, dim), w_v)  # [heads, H]
+        bias = back @ b_v.reshape(-1) + self.out.weight[0] @ self.attention.out_proj.bias + self.out.bias[0]
+        return direction, bias
+
+    def _values_without_grad(self, groups: list[tuple[torch.Tensor, torch.Tensor]], key_direction: torch.Tensor,
+                             key_bias: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
+        """V(x) without dropout and without gradients (predictions, the reference pass): the score is linear in the
+        per-head sums, so each state is projected once on the key directions and on the output's directions
+        together (z_h . sum_l a_hl s_l = sum_l a_hl (z_h . s_l)): one [tokens, H] x [H, 2 heads] product a group
+        reads the states once, where the attention's sums read them twice (scores, then the weighted sums)."""
+        direction, bias = self._output_direction(w_v, b_v)
+        heads, width = key_direction.shape
+        both = torch.cat([key_direction, direction]).T  # [H, 2 heads]
+        dtype = self.query.dtype
+        scores = []
+        for states, mask in groups:
+            rows, length = mask.shape
+            projected = (states.reshape(-1, width).to(dtype) @ both).view(rows, length, 2, heads)
+            weights = (projected[:, :, 0] + key_bias).masked_fill(~mask.bool()[..., None], float("-inf")).softmax(1)
+            scores.append((weights * projected[:, :, 1]).sum((1, 2)))
+        return self.target_mean + self.target_std * (torch.cat(scores) + bias)
 
     def _project(self, sums: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
         """The attention's output [B, 1, H] from the per-head sums [B, heads, H]: the value projection (one
@@ -454,14 +484,22 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
 
 
 # The fit's version: changed whenever the same inputs give other numbers (2: the dropout's own draws and layout;
-# 3: V(x) without dropout through the reassociated output, :meth:`ValueHead._value`), so that a cached value head
+# 3: V(x) without dropout through the reassociated output, :meth:`ValueHead._value`; 4: V(x) without dropout or
+# gradients from one product of the states, :meth:`ValueHead._values_without_grad`), so that a cached value head
 # of another version is recomputed (the reference-pass cache's key carries it).
-FIT_VERSION = 3
+FIT_VERSION = 4
 
-# The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
+# The cross-validation's pair fits run side by side in this many workers (None: on CPU as many as torch's intra-op
 # threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
 # generators, so the result does not depend on it.
-FIT_THREADS: int | None = None
+FIT_WORKERS: int | None = None
+
+# What the workers are (:func:`_pool_kind`): "fork", forked processes where that is safe (Linux, the fit on CPU,
+# CUDA not initialised in this process), threads elsewhere; "thread", threads always. Threads share the GIL, which
+# each of a fit's many small operations takes back (the benchmark's five pair fits on 2 cores: 0.85 s in two
+# threads, 0.72 s in two processes, the same curves); the forked workers start with this process's memory (the
+# states are not copied) and send back only the fits' curves.
+FIT_POOL: str = "fork"
 
 
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
@@ -487,11 +525,57 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
         return fit_ridge_value_head(states, targets, settings)
     make_value_head(settings.head, 1)  # a clear error for an unknown kind
     device = torch.device(device) if device is not None else states[0].device
-    threads = FIT_THREADS or (torch.get_num_threads() if device.type == "cpu" else 1)
-    if torch.is_autocast_enabled(device.type):  # a thread-local mode the pool's threads would not inherit
-        threads = 1
+    workers = FIT_WORKERS or (torch.get_num_threads() if device.type == "cpu" else 1)
+    if torch.is_autocast_enabled(device.type):  # a thread-local mode the pool's workers would not inherit
+        workers = 1
     with _one_cpu_thread(device):
-        return _fit_attention_head(states, targets, settings, device, threads)
+        return _fit_attention_head(states, targets, settings, device, workers)
+
+
+def _pool_kind(device: torch.device, workers: int) -> str:
+    """How ``workers`` pair fits run side by side (:data:`FIT_POOL`): ``"none"`` (one after another), ``"fork"``
+    or ``"thread"``. A fork copies only the calling thread, so the workers must need nothing another thread holds:
+    they run on CPU, one intra-op thread each, and never touch CUDA (not initialised here)."""
+    if workers <= 1:
+        return "none"
+    fork_safe = (device.type == "cpu" and sys.platform.startswith("linux") and not torch.cuda.is_initialized())
+    return "fork" if FIT_POOL == "fork" and fork_safe else "thread"
+
+
+# the running fit's pair fit (a closure), inherited by its forked workers; one forked fit at a time
+_FORKED_FIT = None
+_FORKING = threading.Lock()
+
+
+def _forked_pair_fit(f: int) -> list[np.ndarray]:
+    return _FORKED_FIT(f)
+
+
+def _forked_worker_start() -> None:
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
+
+
+def _side_by_side(fit, count: int, kind: str, workers: int):
+    """``fit(f)`` for f in range(``count``), in order, run by ``workers`` workers of ``kind`` (:func:`_pool_kind`)."""
+    global _FORKED_FIT
+    workers = max(1, min(workers, count))
+    if kind == "none":
+        yield from map(fit, range(count))
+    elif kind == "thread":
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            yield from pool.map(fit, range(count))
+    else:
+        with _FORKING:
+            _FORKED_FIT = fit
+            try:
+                context = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(workers, mp_context=context, initializer=_forked_worker_start) as pool:
+                    futures = [pool.submit(_forked_pair_fit, f) for f in range(count)]
+                    for future in futures:
+                        yield future.result()
+            finally:
+                _FORKED_FIT = None
 
 
 
@@ -512,7 +596,7 @@ def _one_cpu_thread(device: torch.device):
 
 
 def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settings: ValueFitSettings,
-                        device: torch.device, threads: int = 1) -> tuple[ValueHead, ValueFitReport]:
+                        device: torch.device, workers: int = 1) -> tuple[ValueHead, ValueFitReport]:
     started = time.perf_counter()
     states = [s.to(device) for s in states]
     n = len(states)
@@ -529,11 +613,12 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         g = (f + 1) % k
         _, curves = train_attention_head(states, targets_t, np.flatnonzero((fold != f) & (fold != g)),
                                          [members[f], members[g]], settings.epochs, settings, fit_id=1 + f)
-        progress.update(1)
         return curves
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, k))) as pool:
-        pair_curves = list(pool.map(pair_fit, range(k)))
+    pair_curves = []
+    for curves in _side_by_side(pair_fit, k, _pool_kind(device, workers), workers):
+        pair_curves.append(curves)
+        progress.update(1)
     for f, (on_f, on_g) in enumerate(pair_curves):
         g = (f + 1) % k
         judged[f] = on_f
