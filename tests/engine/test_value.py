@@ -220,16 +220,17 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     assert report.cv_mse == pytest.approx(float(np.mean((oof - y) ** 2)), rel=1e-6)
 
 
-@pytest.mark.parametrize("probability", [0.0, 0.1, 0.5, 0.9, 58982.5 / 65536, 1.0 - 2 ** -20, 1.0])
+@pytest.mark.parametrize("probability", [0.0, 0.1, 0.5, 0.9, 230.5 / 256, 1.0 - 2 ** -20, 1.0])
 def test_bernoulli_mask_rate(probability):
-    """:func:`bernoulli_mask`: 0/1 floats whose mean is ``probability`` within 5 standard deviations over 2^22 draws,
-    also where a 16-bit draw equal to floor(q) decides by a second uniform (q = ``probability`` x 2^16: half of
-    them here for 58982.5 / 65536); never a 0 at probability 1 nor a 1 at 0; the same seed, the same mask."""
+    """:func:`bernoulli_mask`: booleans whose mean is ``probability`` within 5 standard deviations over 2^22 draws,
+    also where a byte equal to floor(q) decides by a second uniform (q = ``probability`` x 256: half of them here
+    for 230.5 / 256, all but 2^-20 of them for 1 - 2^-20); never False at probability 1 nor True at 0; the same
+    seed, the same mask."""
     from lolrl.engine.value import bernoulli_mask
 
-    count = 2 ** 22 + 3  # not a multiple of 4: the last 64-bit draw is cut
+    count = 2 ** 22 + 3  # not a multiple of 8: the last 64-bit draw is cut
     mask = bernoulli_mask(np.random.default_rng(7), count, probability)
-    assert mask.shape == (count,) and mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, 1.0}
+    assert mask.shape == (count,) and mask.dtype == np.bool_
     assert abs(mask.mean(dtype=np.float64) - probability) <= 5 * math.sqrt(probability * (1 - probability) / count)
     if probability in (0.0, 1.0):
         assert mask.min() == mask.max() == probability
@@ -246,7 +247,8 @@ def test_dropout_outside_zero_to_one_is_refused(dropout):
 def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
     """:meth:`ValueHead._kept`: independent draws, each 1 with probability 1 - p (10^6 draws within 5 standard
     deviations, also in each half and for neighbouring pairs), the same from the same seed, new ones as the
-    stream moves on; :meth:`ValueHead.drop` zeroes the rest and scales the kept by 1 / (1 - p); eval: identity."""
+    stream moves on; :meth:`ValueHead.drop` zeroes the rest and scales the kept by 1 / (1 - p), and
+    :meth:`ValueHead._drop_states` zeroes the same elements without scaling; eval: identity."""
     p = 0.3
     head = ValueHead(H, dropout=p).train()
 
@@ -272,6 +274,10 @@ def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
     dropped = head.drop(x)
     head.generator = seeded()
     torch.testing.assert_close(dropped, x * head._kept(x.shape, x.device) / (1 - p), rtol=0, atol=1e-6)
+    head.generator = seeded()
+    states = head._drop_states(x)  # the states' dropout: the same draws, unscaled, in one pass
+    head.generator = seeded()
+    assert torch.equal(states, x * head._kept(x.shape, x.device))
     assert torch.equal(head.eval().drop(x), x)
 
 
