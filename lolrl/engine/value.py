@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
-import signal
-import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -501,17 +498,10 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
 # of another version is recomputed (the reference-pass cache's key carries it).
 FIT_VERSION = 5
 
-# The cross-validation's pair fits run side by side in this many workers (None: on CPU as many as torch's intra-op
+# The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
 # threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
 # generators, so the result does not depend on it.
-FIT_WORKERS: int | None = None
-
-# What the workers are (:func:`_pool_kind`): "fork", forked processes where that is safe (Linux, the fit on CPU,
-# CUDA not initialised in this process), threads elsewhere; "thread", threads always. Threads share the GIL, which
-# each of a fit's many small operations takes back (the benchmark's five pair fits on 2 cores: 0.85 s in two
-# threads, 0.72 s in two processes, the same curves); the forked workers start with this process's memory (the
-# states are not copied) and send back only the fits' curves.
-FIT_POOL: str = "fork"
+FIT_THREADS: int | None = None
 
 
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
@@ -537,57 +527,11 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
         return fit_ridge_value_head(states, targets, settings)
     make_value_head(settings.head, 1)  # a clear error for an unknown kind
     device = torch.device(device) if device is not None else states[0].device
-    workers = FIT_WORKERS or (torch.get_num_threads() if device.type == "cpu" else 1)
-    if torch.is_autocast_enabled(device.type):  # a thread-local mode the pool's workers would not inherit
-        workers = 1
+    threads = FIT_THREADS or (torch.get_num_threads() if device.type == "cpu" else 1)
+    if torch.is_autocast_enabled(device.type):  # a thread-local mode the pool's threads would not inherit
+        threads = 1
     with _one_cpu_thread(device):
-        return _fit_attention_head(states, targets, settings, device, workers)
-
-
-def _pool_kind(device: torch.device, workers: int) -> str:
-    """How ``workers`` pair fits run side by side (:data:`FIT_POOL`): ``"none"`` (one after another), ``"fork"``
-    or ``"thread"``. A fork copies only the calling thread, so the workers must need nothing another thread holds:
-    they run on CPU, one intra-op thread each, and never touch CUDA (not initialised here)."""
-    if workers <= 1:
-        return "none"
-    fork_safe = (device.type == "cpu" and sys.platform.startswith("linux") and not torch.cuda.is_initialized())
-    return "fork" if FIT_POOL == "fork" and fork_safe else "thread"
-
-
-# the running fit's pair fit (a closure), inherited by its forked workers; one forked fit at a time
-_FORKED_FIT = None
-_FORKING = threading.Lock()
-
-
-def _forked_pair_fit(f: int) -> list[np.ndarray]:
-    return _FORKED_FIT(f)
-
-
-def _forked_worker_start() -> None:
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
-
-
-def _side_by_side(fit, count: int, kind: str, workers: int):
-    """``fit(f)`` for f in range(``count``), in order, run by ``workers`` workers of ``kind`` (:func:`_pool_kind`)."""
-    global _FORKED_FIT
-    workers = max(1, min(workers, count))
-    if kind == "none":
-        yield from map(fit, range(count))
-    elif kind == "thread":
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            yield from pool.map(fit, range(count))
-    else:
-        with _FORKING:
-            _FORKED_FIT = fit
-            try:
-                context = multiprocessing.get_context("fork")
-                with ProcessPoolExecutor(workers, mp_context=context, initializer=_forked_worker_start) as pool:
-                    futures = [pool.submit(_forked_pair_fit, f) for f in range(count)]
-                    for future in futures:
-                        yield future.result()
-            finally:
-                _FORKED_FIT = None
+        return _fit_attention_head(states, targets, settings, device, threads)
 
 
 
@@ -608,7 +552,7 @@ def _one_cpu_thread(device: torch.device):
 
 
 def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settings: ValueFitSettings,
-                        device: torch.device, workers: int = 1) -> tuple[ValueHead, ValueFitReport]:
+                        device: torch.device, threads: int = 1) -> tuple[ValueHead, ValueFitReport]:
     started = time.perf_counter()
     states = [s.to(device) for s in states]
     n = len(states)
@@ -625,12 +569,11 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         g = (f + 1) % k
         _, curves = train_attention_head(states, targets_t, np.flatnonzero((fold != f) & (fold != g)),
                                          [members[f], members[g]], settings.epochs, settings, fit_id=1 + f)
+        progress.update(1)
         return curves
 
-    pair_curves = []
-    for curves in _side_by_side(pair_fit, k, _pool_kind(device, workers), workers):
-        pair_curves.append(curves)
-        progress.update(1)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, k))) as pool:
+        pair_curves = list(pool.map(pair_fit, range(k)))
     for f, (on_f, on_g) in enumerate(pair_curves):
         g = (f + 1) % k
         judged[f] = on_f

@@ -281,46 +281,25 @@ def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
     assert torch.equal(head.eval().drop(x), x)
 
 
-@pytest.mark.parametrize("pool", ["fork", "thread"])
-def test_pair_fits_side_by_side_give_the_one_worker_result(monkeypatch, pool):
-    """The cross-validation's pair fits run side by side (:data:`FIT_WORKERS`), in forked processes or in threads
-    (:data:`FIT_POOL`); each draws its initial head, batch order and dropout from its own seeded streams, so 1, 2
-    or 5 workers of either kind give the same report and the same head, bit for bit."""
+def test_pair_fits_side_by_side_give_the_one_thread_result(monkeypatch):
+    """The cross-validation's pair fits run in threads (:data:`FIT_THREADS`); each draws its initial head,
+    batch order and dropout from its own seeded streams, so 1, 2 or 5 threads give the same report and the
+    same head, bit for bit."""
     import lolrl.engine.value as value
 
     states = _states(30, seed=9)
     targets = [_target(s) for s in states]
     settings = ValueFitSettings(epochs=4, learning_rate=1e-2, batch_size=8, dropout=0.2, seed=2)
-    monkeypatch.setattr(value, "FIT_POOL", pool)
-    kinds = []
-    real_kind = value._pool_kind
-    monkeypatch.setattr(value, "_pool_kind", lambda *a: kinds.append(real_kind(*a)) or kinds[-1])
     results = []
-    for workers in (1, 2, 5, 2):
-        monkeypatch.setattr(value, "FIT_WORKERS", workers)
+    for threads in (1, 2, 5, 2):
+        monkeypatch.setattr(value, "FIT_THREADS", threads)
         head, report = fit_value_head(states, targets, settings)
         results.append((head.state_dict(), {k: v for k, v in report.as_dict().items() if k != "fit_seconds"}))
-    assert kinds == ["none", pool, pool, pool]  # the pool under test ran
     first_state, first_report = results[0]
     for state, report in results[1:]:
         assert report == first_report
         assert state.keys() == first_state.keys()
         assert all(torch.equal(state[k], first_state[k]) for k in state)
-
-
-def test_a_failing_forked_pair_fit_fails_the_fit(monkeypatch):
-    """An error in a forked worker reaches the caller as that error, not as a hang or a partial report."""
-    import lolrl.engine.value as value
-
-    def broken(*args, **kwargs):
-        raise FloatingPointError("pair fit diverged")
-
-    monkeypatch.setattr(value, "FIT_POOL", "fork")
-    monkeypatch.setattr(value, "FIT_WORKERS", 2)
-    monkeypatch.setattr(value, "train_attention_head", broken)
-    states = _states(12, seed=3)
-    with pytest.raises(FloatingPointError, match="pair fit diverged"):
-        fit_value_head(states, [_target(s) for s in states], ValueFitSettings(epochs=2))
 
 
 def test_the_cpu_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
@@ -605,9 +584,9 @@ def test_the_fast_fit_equals_the_straightforward_one(monkeypatch, batch_size):
     targets = [_target(s) for s in states]
     settings = ValueFitSettings(epochs=5, learning_rate=1e-2, batch_size=batch_size, dropout=0.0, seed=4)
     assert len(value.padding_bounded_groups(lengths[:8], max_padding=value.GROUP_PADDING)) > 2
-    monkeypatch.setattr(value, "FIT_WORKERS", 2)
+    monkeypatch.setattr(value, "FIT_THREADS", 2)
     fast_head, fast = fit_value_head(states, targets, settings)
-    monkeypatch.setattr(value, "FIT_WORKERS", 1)
+    monkeypatch.setattr(value, "FIT_THREADS", 1)
     monkeypatch.setattr(value, "train_attention_head", _straightforward_training)
     slow_head, slow = fit_value_head(states, targets, settings)
     assert fast.best_epoch == slow.best_epoch and fast.fold_epochs == slow.fold_epochs
