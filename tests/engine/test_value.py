@@ -278,6 +278,10 @@ def test_dropout_masks_keep_each_element_with_probability_one_minus_p(source):
     states = head._drop_states(x)  # the states' dropout: the same draws, unscaled, in one pass
     head.generator = seeded()
     assert torch.equal(states, x * head._kept(x.shape, x.device))
+    head.generator = seeded()
+    half = head._drop_states(x.bfloat16())  # numpy has no bfloat16: torch's product, the same draws
+    head.generator = seeded()
+    assert torch.equal(half, x.bfloat16() * head._kept(x.shape, x.device))
     assert torch.equal(head.eval().drop(x), x)
 
 
