@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -429,10 +429,13 @@ def _padded_groups(states: list[torch.Tensor], rows) -> tuple[np.ndarray, list[t
 
 def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
                          watched: list[np.ndarray], epochs: int, settings: ValueFitSettings,
-                         fit_id: int = 0) -> tuple[ValueHead, list[np.ndarray]]:
+                         fit_id: int = 0, enough=None) -> tuple[ValueHead, list[np.ndarray]]:
     """One attention head trained on ``train_idx`` for ``epochs`` epochs (targets standardised on them);
     returns it and, for each index set in ``watched``, its predictions after every epoch, [epochs + 1, n]
-    (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout.
+    (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout. ``enough``
+    (optional) is asked before each epoch, with the epochs done and the head; training stops when it says
+    True. An epoch does not depend on how many follow it: stopped after e epochs, the head is the one trained
+    for e.
 
     Each batch is pooled in padded groups of similar length. The watched sets are padded once and predicted
     in one pass after each epoch; when one batch holds every training row (``batch_size`` >= their number),
@@ -458,7 +461,9 @@ def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, trai
     # one batch holds every training row: its groups, padded once
     whole = _padded_groups(states, train_idx) if len(train_idx) <= settings.batch_size else None
     curve = [predictions()]
-    for _ in range(epochs):
+    for done in range(epochs):
+        if enough is not None and enough(done, head):
+            break
         head.train()
         order = train_idx if whole else rng.permutation(train_idx)
         for start in range(0, len(order), settings.batch_size):
@@ -504,6 +509,12 @@ FIT_VERSION = 5
 # generators, so the result does not depend on it.
 FIT_THREADS: int | None = None
 
+# The final head starts after the pair fits, on the first thread they leave idle (5 pair fits on 2 threads: the
+# third round's idle one), and trains ahead of the choice of its epoch count, keeping a copy of its parameters
+# after each epoch while the copies fit in this many bytes (~4 MB each for a 512-wide head; ~270 MB for a 4096-wide
+# one: none, it waits). The selected epoch's copy is then taken: the same head, bit for bit, as trained after.
+FINAL_AHEAD_BYTES = 256 * 2**20
+
 
 def fit_value_head(states: list[torch.Tensor], targets: list[float],
                    settings: ValueFitSettings | None = None,
@@ -518,8 +529,9 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     f - 1, {f, f + 1} on f + 1; :func:`select_epochs`): f's targets neither train nor select what is
     scored on f. The figure is that of a head fit on (k - 2) / k of the prompts (conservative for the
     final head's). The final epoch count minimises the error of all folds' out-of-fold predictions, and
-    the final head is trained on every prompt for that many epochs. k + 1 small fits in all (6 for
-    k = 5; issue 22's fold heads plus every pair of folds took 16).
+    the final head is trained on every prompt for that many epochs (in the pair fits' pool, ahead of that
+    choice where a thread is idle: :data:`FINAL_AHEAD_BYTES`). k + 1 small fits in all (6 for k = 5; issue
+    22's fold heads plus every pair of folds took 16).
 
     The fit runs on ``device`` (default: where the states are); the head's attention costs
     O(heads x hidden) per prompt token (:meth:`ValueHead.pool`). ``settings``: default ``ValueFitSettings()``."""
@@ -573,21 +585,51 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         progress.update(1)
         return curves
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, k))) as pool:
-        pair_curves = list(pool.map(pair_fit, range(k)))
-    for f, (on_f, on_g) in enumerate(pair_curves):
-        g = (f + 1) % k
-        judged[f] = on_f
-        inner_errors[f] += ((on_g - y[members[g]]) ** 2).sum(axis=1)
-        inner_errors[g] += ((on_f - y[members[f]]) ** 2).sum(axis=1)
-    judged_errors = np.stack([((judged[f] - y[members[f]]) ** 2).sum(axis=1) for f in range(k)])
-    fold_epochs, best_epoch = select_epochs(judged_errors, inner_errors)
+    chosen = Future()  # the final head's epoch count, once the pair fits are judged
+
+    def final_fit() -> ValueHead:  # on every prompt, ahead of ``chosen`` while its copies fit (FINAL_AHEAD_BYTES)
+        copies, stopped = {}, []
+
+        def enough(done: int, head: ValueHead) -> bool:
+            size = sum(t.numel() * t.element_size() for t in head.state_dict().values())
+            if not chosen.done() and (len(copies) + 1) * size <= FINAL_AHEAD_BYTES:
+                copies[done] = {name: t.detach().clone() for name, t in head.state_dict().items()}
+                return False
+            if done < chosen.result():  # waits for the pair fits
+                return False
+            stopped.append(done)
+            return True
+
+        head, _ = train_attention_head(states, targets_t, np.arange(n), [], settings.epochs, settings, fit_id=0,
+                                       enough=enough)
+        if (stopped[0] if stopped else settings.epochs) != chosen.result():  # trained past it while it was chosen
+            head.load_state_dict(copies[chosen.result()])
+        progress.update(1)
+        return head
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, k + 1))) as pool:
+        pair_futures = [pool.submit(pair_fit, f) for f in range(k)]
+        final_future = pool.submit(final_fit)  # after the pair fits: it takes the first thread they leave idle
+        try:
+            for f, future in enumerate(pair_futures):
+                on_f, on_g = future.result()
+                g = (f + 1) % k
+                judged[f] = on_f
+                inner_errors[f] += ((on_g - y[members[g]]) ** 2).sum(axis=1)
+                inner_errors[g] += ((on_f - y[members[f]]) ** 2).sum(axis=1)
+            judged_errors = np.stack([((judged[f] - y[members[f]]) ** 2).sum(axis=1) for f in range(k)])
+            fold_epochs, best_epoch = select_epochs(judged_errors, inner_errors)
+        except BaseException as error:
+            for future in pair_futures + [final_future]:
+                future.cancel()
+            chosen.set_exception(error)  # a final fit waiting for its epoch count stops
+            raise
+        chosen.set_result(best_epoch)
+        head = final_future.result()
     out_of_fold, selected = np.empty(n), np.empty(n)
     for f in range(k):
         out_of_fold[members[f]] = judged[f][fold_epochs[f]]
         selected[members[f]] = judged[f][best_epoch]
-    head, _ = train_attention_head(states, targets_t, np.arange(n), [], best_epoch, settings, fit_id=0)
-    progress.update(1)
     progress.close()
     fitted = predict(head, states)
     head.cpu().eval()

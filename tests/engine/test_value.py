@@ -186,18 +186,21 @@ def test_cross_validation_fits_and_selection_by_hand(monkeypatch):
     calls = []
     train = value.train_attention_head
 
-    def counted(states, targets, train_idx, watched, epochs, settings, fit_id=0):
+    def counted(states, targets, train_idx, watched, epochs, settings, fit_id=0, enough=None):
         calls.append((tuple(train_idx), epochs, fit_id))
-        return train(states, targets, train_idx, watched, epochs, settings, fit_id)
+        return train(states, targets, train_idx, watched, epochs, settings, fit_id, enough)
 
     monkeypatch.setattr(value, "train_attention_head", counted)
     head, report = value.fit_value_head(states, targets, settings)
     fold = value.fold_assignment(25, 5, 3)
     pairs = [(f, (f + 1) % 5) for f in range(5)]
     without_pair = [tuple(np.flatnonzero((fold != f) & (fold != g))) for f, g in pairs]
-    # the pair fits run side by side (any order), the final one after them
+    # the pair fits run side by side (any order), the final one after them: on every prompt, up to every epoch
+    # (it may run ahead of the choice, :data:`FINAL_AHEAD_BYTES`), its result the head trained for the chosen count
     assert sorted(calls[:5], key=lambda c: c[2]) == [(without_pair[f], 6, 1 + f) for f in range(5)]
-    assert calls[5:] == [(tuple(range(25)), report.best_epoch, 0)]
+    assert calls[5:] == [(tuple(range(25)), 6, 0)]
+    chosen, _ = train(states, torch.tensor(targets), np.arange(25), [], report.best_epoch, settings, 0)
+    assert all(torch.equal(t, chosen.state_dict()[name]) for name, t in head.state_dict().items())
     y, t = np.array(targets), torch.tensor(targets)
     members = [np.flatnonzero(fold == f) for f in range(5)]
 
@@ -304,6 +307,50 @@ def test_pair_fits_side_by_side_give_the_one_thread_result(monkeypatch):
         assert report == first_report
         assert state.keys() == first_state.keys()
         assert all(torch.equal(state[k], first_state[k]) for k in state)
+
+
+@pytest.mark.parametrize("copies", [0, 2, 100])  # waits at once; after two epochs; never
+def test_the_final_head_trained_ahead_of_its_epoch_count_is_the_head_trained_after(monkeypatch, copies):
+    """The final head starts on the first thread the pair fits leave idle and trains ahead of the choice of its
+    epoch count, keeping a copy after each epoch while the copies fit in :data:`FINAL_AHEAD_BYTES`, then waits.
+    The pair fits held back until it has run ahead: the report and the head are those of one thread, where it
+    starts after the choice, bit for bit, whether it kept no copy, two, or every one."""
+    import threading
+
+    import lolrl.engine.value as value
+
+    states = _states(30, seed=12)
+    targets = [_target(s) for s in states]
+    settings = ValueFitSettings(epochs=12, learning_rate=3e-2, batch_size=8, dropout=0.1, seed=5)
+    monkeypatch.setattr(value, "FIT_THREADS", 1)
+    first_head, first = fit_value_head(states, targets, settings)
+    assert 0 < first.best_epoch < settings.epochs  # so that a head trained past it must be rolled back
+    size = sum(t.numel() * t.element_size() for t in first_head.state_dict().values())
+    train, ran, ahead = value.train_attention_head, [], threading.Event()
+    last = settings.epochs - 1 if copies == 100 else copies  # the epoch it goes to alone: the last, or its wait
+
+    def held_back(*args, **kwargs):
+        if kwargs.get("enough") is None:  # a pair fit
+            assert ahead.wait(timeout=20)
+            return train(*args, **kwargs)
+        counted = kwargs["enough"]
+
+        def enough(done, head):
+            ran.append(done)
+            if done == last:
+                ahead.set()
+            return counted(done, head)
+        return train(*args, **(kwargs | {"enough": enough}))
+
+    monkeypatch.setattr(value, "train_attention_head", held_back)
+    monkeypatch.setattr(value, "FIT_THREADS", 6)  # every pair fit and the final one at once
+    monkeypatch.setattr(value, "FINAL_AHEAD_BYTES", copies * size)
+    head, report = fit_value_head(states, targets, settings)
+    assert {k: v for k, v in report.as_dict().items() if k != "fit_seconds"} == \
+        {k: v for k, v in first.as_dict().items() if k != "fit_seconds"}
+    assert all(torch.equal(t, first_head.state_dict()[name]) for name, t in head.state_dict().items())
+    # how far it went: every epoch when the copies never run out, else to the larger of the copies and the choice
+    assert max(ran) == (settings.epochs - 1 if copies == 100 else max(copies, first.best_epoch))
 
 
 def test_the_cpu_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
@@ -544,7 +591,7 @@ def _padded_values(head: ValueHead, padded: torch.Tensor, mask: torch.Tensor) ->
     return head.target_mean + head.target_std * head.out(head.drop(head.pool(states, mask)))[:, 0, 0]
 
 
-def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0):
+def _straightforward_training(states, targets, train_idx, watched, epochs, settings, fit_id=0, enough=None):
     """:func:`train_attention_head` without its speed-ups: every batch padded again at every step, each
     watched set predicted on its own, in padded batches, after every epoch."""
     from lolrl.engine.value import new_fit_head
@@ -558,7 +605,9 @@ def _straightforward_training(states, targets, train_idx, watched, epochs, setti
             return [_padded_values(head, *pad_states([states[i] for i in idx])).numpy() for idx in watched]
 
     curves = [curves_now()]
-    for _ in range(epochs):
+    for done in range(epochs):
+        if enough is not None and enough(done, head):
+            break
         head.train()
         order = rng.permutation(train_idx)
         for start in range(0, len(order), settings.batch_size):
