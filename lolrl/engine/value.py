@@ -513,6 +513,7 @@ FIT_THREADS: int | None = None
 # third round's idle one), and trains ahead of the choice of its epoch count, keeping a copy of its parameters
 # after each epoch while the copies fit in this many bytes (~4 MB each for a 512-wide head; ~270 MB for a 4096-wide
 # one: none, it waits). The selected epoch's copy is then taken: the same head, bit for bit, as trained after.
+# On one thread (an accelerator's default) it starts after the choice and keeps no copy.
 FINAL_AHEAD_BYTES = 256 * 2**20
 
 
@@ -586,13 +587,15 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         return curves
 
     chosen = Future()  # the final head's epoch count, once the pair fits are judged
+    workers = max(1, min(threads, k + 1))
+    ahead_bytes = FINAL_AHEAD_BYTES if workers > 1 else 0  # one thread: no idle one to run ahead on
 
-    def final_fit() -> ValueHead:  # on every prompt, ahead of ``chosen`` while its copies fit (FINAL_AHEAD_BYTES)
+    def final_fit() -> ValueHead:  # on every prompt, ahead of ``chosen`` while its copies fit in ahead_bytes
         copies, stopped = {}, []
 
         def enough(done: int, head: ValueHead) -> bool:
             size = sum(t.numel() * t.element_size() for t in head.state_dict().values())
-            if not chosen.done() and (len(copies) + 1) * size <= FINAL_AHEAD_BYTES:
+            if not chosen.done() and (len(copies) + 1) * size <= ahead_bytes:
                 copies[done] = {name: t.detach().clone() for name, t in head.state_dict().items()}
                 return False
             if done < chosen.result():  # waits for the pair fits
@@ -607,7 +610,7 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         progress.update(1)
         return head
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, k + 1))) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         pair_futures = [pool.submit(pair_fit, f) for f in range(k)]
         final_future = pool.submit(final_fit)  # after the pair fits: it takes the first thread they leave idle
         try:

@@ -322,11 +322,21 @@ def test_the_final_head_trained_ahead_of_its_epoch_count_is_the_head_trained_aft
     states = _states(30, seed=12)
     targets = [_target(s) for s in states]
     settings = ValueFitSettings(epochs=12, learning_rate=3e-2, batch_size=8, dropout=0.1, seed=5)
+    train, ran, ahead = value.train_attention_head, [], threading.Event()
+
+    def recorded(*args, **kwargs):
+        if kwargs.get("enough") is not None:
+            counted = kwargs["enough"]
+            kwargs["enough"] = lambda done, head: ran.append(done) or counted(done, head)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(value, "train_attention_head", recorded)
     monkeypatch.setattr(value, "FIT_THREADS", 1)
     first_head, first = fit_value_head(states, targets, settings)
     assert 0 < first.best_epoch < settings.epochs  # so that a head trained past it must be rolled back
+    assert ran == list(range(first.best_epoch + 1))  # one thread: no idle one, it trains after the choice
+    ran.clear()
     size = sum(t.numel() * t.element_size() for t in first_head.state_dict().values())
-    train, ran, ahead = value.train_attention_head, [], threading.Event()
     last = settings.epochs - 1 if copies == 100 else copies  # the epoch it goes to alone: the last, or its wait
 
     def held_back(*args, **kwargs):
