@@ -386,12 +386,14 @@ def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict(head: nn.Module, states: list[torch.Tensor], batch_size: int = 64) -> np.ndarray:
-    """V(x) of each prompt's states ([L_i, H]), ``batch_size`` prompts at a time, in eval mode."""
+    """V(x) of each prompt's states ([L_i, H]), ``batch_size`` prompts at a time, in eval mode, without the
+    caller's autocast (the head is applied in its own dtype, as it was fit and as the reference pass applies it)."""
     head.eval()
     values = []
     for start in range(0, len(states), batch_size):
         rows = states[start:start + batch_size]
-        values.append((head.forward_rows(rows) if isinstance(head, ValueHead) else head(*pad_states(rows))).float())
+        with torch.autocast(rows[0].device.type, enabled=False):
+            values.append((head.forward_rows(rows) if isinstance(head, ValueHead) else head(*pad_states(rows))).float())
     return torch.cat(values).cpu().numpy() if values else np.zeros(0)
 
 
@@ -534,16 +536,16 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     choice where a thread is idle: :data:`FINAL_AHEAD_BYTES`). k + 1 small fits in all (6 for k = 5; issue
     22's fold heads plus every pair of folds took 16).
 
-    The fit runs on ``device`` (default: where the states are); the head's attention costs
-    O(heads x hidden) per prompt token (:meth:`ValueHead.pool`). ``settings``: default ``ValueFitSettings()``."""
+    The fit runs on ``device`` (default: where the states are), in the head's float32 whatever the caller's
+    autocast: every fit runs in the pool's threads, which start without it (autocast is thread-local), as the
+    reference pass applies the head without it. The head's attention costs O(heads x hidden) per prompt token
+    (:meth:`ValueHead.pool`). ``settings``: default ``ValueFitSettings()``."""
     settings = settings if settings is not None else ValueFitSettings()
     if settings.head == "ridge":
         return fit_ridge_value_head(states, targets, settings)
     make_value_head(settings.head, 1)  # a clear error for an unknown kind
     device = torch.device(device) if device is not None else states[0].device
     threads = FIT_THREADS or (torch.get_num_threads() if device.type == "cpu" else 1)
-    if torch.is_autocast_enabled(device.type):  # a thread-local mode the pool's threads would not inherit
-        threads = 1
     with _one_cpu_thread(device):
         return _fit_attention_head(states, targets, settings, device, threads)
 

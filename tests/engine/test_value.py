@@ -363,6 +363,25 @@ def test_the_final_head_trained_ahead_of_its_epoch_count_is_the_head_trained_aft
     assert max(ran) == (settings.epochs - 1 if copies == 100 else max(copies, first.best_epoch))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_fit_ignores_the_callers_autocast(monkeypatch, threads):
+    """The head is fit in float32 as the reference pass applies it (without autocast): called under bfloat16
+    autocast, the fit gives the head and report it gives without, bit for bit (the final head once ran in the
+    caller's thread, under its autocast, while the pair fits ran without)."""
+    import lolrl.engine.value as value
+
+    monkeypatch.setattr(value, "FIT_THREADS", threads)
+    states = _states(25, seed=13)
+    targets = [_target(s) for s in states]
+    settings = ValueFitSettings(epochs=5, learning_rate=1e-2, batch_size=8, dropout=0.1, seed=1)
+    plain_head, plain = fit_value_head(states, targets, settings)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head, report = fit_value_head(states, targets, settings)
+    assert {k: v for k, v in report.as_dict().items() if k != "fit_seconds"} == \
+        {k: v for k, v in plain.as_dict().items() if k != "fit_seconds"}
+    assert all(torch.equal(t, plain_head.state_dict()[name]) for name, t in head.state_dict().items())
+
+
 def test_the_cpu_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
     """The head's small operations run on one intra-op thread on CPU (no thread barriers to wait on a
     shared machine); the caller's thread count is back afterwards, also after an error."""
