@@ -506,9 +506,9 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
 # of another version is recomputed (the reference-pass cache's key carries it).
 FIT_VERSION = 5
 
-# The cross-validation's pair fits run side by side in this many threads (None: on CPU as many as torch's intra-op
-# threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator one). Each fit draws from its own
-# generators, so the result does not depend on it.
+# The cross-validation's fits (the pair fits, then the final one) run side by side in this many threads (None: on
+# CPU as many as torch's intra-op threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator
+# one). Each fit draws from its own generators, so the result does not depend on it.
 FIT_THREADS: int | None = None
 
 # The final head starts after the pair fits, on the first thread they leave idle (5 pair fits on 2 threads: the
