@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -431,7 +432,8 @@ def _padded_groups(states: list[torch.Tensor], rows) -> tuple[np.ndarray, list[t
 
 def train_attention_head(states: list[torch.Tensor], targets: torch.Tensor, train_idx: np.ndarray,
                          watched: list[np.ndarray], epochs: int, settings: ValueFitSettings,
-                         fit_id: int = 0, enough=None) -> tuple[ValueHead, list[np.ndarray]]:
+                         fit_id: int = 0, enough: Callable[[int, ValueHead], bool] | None = None
+                         ) -> tuple[ValueHead, list[np.ndarray]]:
     """One attention head trained on ``train_idx`` for ``epochs`` epochs (targets standardised on them);
     returns it and, for each index set in ``watched``, its predictions after every epoch, [epochs + 1, n]
     (row 0: the initial head). ``fit_id`` seeds this fit's initialisation, order and dropout. ``enough``
@@ -596,10 +598,11 @@ def _fit_attention_head(states: list[torch.Tensor], targets: list[float], settin
         copies, stopped = {}, []
 
         def enough(done: int, head: ValueHead) -> bool:
-            size = sum(t.numel() * t.element_size() for t in head.state_dict().values())
-            if not chosen.done() and (len(copies) + 1) * size <= ahead_bytes:
-                copies[done] = {name: t.detach().clone() for name, t in head.state_dict().items()}
-                return False
+            if not chosen.done():
+                state = head.state_dict()
+                if (len(copies) + 1) * sum(t.numel() * t.element_size() for t in state.values()) <= ahead_bytes:
+                    copies[done] = {name: t.detach().clone() for name, t in state.items()}
+                    return False
             if done < chosen.result():  # waits for the pair fits
                 return False
             stopped.append(done)
