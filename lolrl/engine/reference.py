@@ -71,8 +71,7 @@ def reference_pass(model, rows: list[TokenizedRow], collator: Collator, batch_si
         values = None
         if value_head is not None:
             padded, state_mask = pad_states([s.float() for s in states])
-            with torch.autocast(padded.device.type, enabled=False):  # the head applies as it was fit: in fp32
-                values = value_head(padded, state_mask.to(padded.device)).cpu()
+            values = value_head(padded, state_mask.to(padded.device)).cpu()  # in fp32, whatever the autocast
         for i, row in enumerate(batch_rows):
             local[row.index] = (logprobs[i, : len(row.response_ids)].float().cpu(),
                                 None if values is None else float(values[i]))

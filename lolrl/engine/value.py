@@ -14,6 +14,7 @@ A = R(x, y) - V(x). Compared with the original code:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -62,6 +63,16 @@ def bernoulli_mask(generator: np.random.Generator, count: int, probability: floa
     return mask
 
 
+def _without_autocast(method):
+    """A head computes in its own dtype (float32) whatever the caller's autocast: it is fit so, and V(x) is applied
+    so (the reference pass runs under the training precision's autocast)."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with torch.autocast(self.target_mean.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
 class ValueHead(nn.Module):
     """V(x) = mean + std * w^T Attn(q, H_x, H_x), with a learned query q and a padding mask."""
 
@@ -96,6 +107,7 @@ class ValueHead(nn.Module):
             return values
         return values[torch.as_tensor(np.argsort(order), device=values.device)]  # back to the rows' order
 
+    @_without_autocast
     def forward_padded(self, groups: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """V(x) of the rows of padded groups (states [b, L, H] and mask [b, L] each), in group order.
 
@@ -266,6 +278,7 @@ class RidgeValueHead(nn.Module):
                             ("weight", (hidden_size,)), ("target_mean", ()), ("target_std", ()), ("alpha", ())):
             self.register_buffer(name, torch.zeros(shape) if name != "feature_scale" else torch.ones(shape))
 
+    @_without_autocast
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``states`` [B, L, H], ``mask`` [B, L] with 1 on real prompt tokens -> V(x) [B]."""
         features = (mean_pool(states.to(self.weight.dtype), mask) - self.feature_mean) / self.feature_scale
@@ -387,14 +400,12 @@ def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict(head: nn.Module, states: list[torch.Tensor], batch_size: int = 64) -> np.ndarray:
-    """V(x) of each prompt's states ([L_i, H]), ``batch_size`` prompts at a time, in eval mode, without the
-    caller's autocast (the head is applied in its own dtype, as it was fit and as the reference pass applies it)."""
+    """V(x) of each prompt's states ([L_i, H]), ``batch_size`` prompts at a time, in eval mode."""
     head.eval()
     values = []
     for start in range(0, len(states), batch_size):
         rows = states[start:start + batch_size]
-        with torch.autocast(rows[0].device.type, enabled=False):
-            values.append((head.forward_rows(rows) if isinstance(head, ValueHead) else head(*pad_states(rows))).float())
+        values.append((head.forward_rows(rows) if isinstance(head, ValueHead) else head(*pad_states(rows))).float())
     return torch.cat(values).cpu().numpy() if values else np.zeros(0)
 
 
@@ -539,8 +550,7 @@ def fit_value_head(states: list[torch.Tensor], targets: list[float],
     22's fold heads plus every pair of folds took 16).
 
     The fit runs on ``device`` (default: where the states are), in the head's float32 whatever the caller's
-    autocast: every fit runs in the pool's threads, which start without it (autocast is thread-local), as the
-    reference pass applies the head without it. The head's attention costs O(heads x hidden) per prompt token
+    autocast (:func:`_without_autocast`). The head's attention costs O(heads x hidden) per prompt token
     (:meth:`ValueHead.pool`). ``settings``: default ``ValueFitSettings()``."""
     settings = settings if settings is not None else ValueFitSettings()
     if settings.head == "ridge":

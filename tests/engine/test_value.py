@@ -382,6 +382,24 @@ def test_the_fit_ignores_the_callers_autocast(monkeypatch, threads):
     assert all(torch.equal(t, plain_head.state_dict()[name]) for name, t in head.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", ["attention", "ridge"])
+def test_a_head_computes_in_float32_under_autocast(kind):
+    """V(x) as the reference pass applies it, under the training precision's bf16 autocast: the same values as
+    without, bit for bit (the head computes in its own dtype)."""
+    from lolrl.engine.value import make_value_head
+
+    torch.manual_seed(3)
+    head = make_value_head(kind, H).eval()
+    for buffer in head.buffers():
+        buffer.copy_(torch.rand_like(buffer) + 0.5)
+    padded, mask = pad_states(_states(6, seed=4))
+    with torch.no_grad():
+        plain = head(padded, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = head(padded, mask)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
 def test_the_cpu_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
     """The head's small operations run on one intra-op thread on CPU (no thread barriers to wait on a
     shared machine); the caller's thread count is back afterwards, also after an error."""
