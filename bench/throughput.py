@@ -10,8 +10,10 @@ Methods (each in its own process, so its peak memory is its own), on the same mo
 * ``nll``, ``a_lol`` (``a_lol_seq`` on request): this library's ``OfflineRLTrainer`` (a
   ``transformers.Trainer``) as a user runs it, timed through its ``training_step`` as TRL's are; the
   reference log-probs and advantages come from the stages made once before: the reference pass is
-  timed, and so is the value stage (prompt states of a quarter as many validation rows plus the
-  head's fit, on their stored rewards);
+  timed, and so is the value stage (the head's fit on a quarter as many validation rows, to their
+  stored rewards as a reward gives them to pi_ref's generation, on the prompt states of that
+  generation's prefill; and, timed afterwards, the same with the states by a forward of their own,
+  as ``--value_source data`` runs it);
 * ``original_style``: the original code's step, built here for comparison only: prompts padded on
   the left, responses on the right, a reference forward (all hidden states) and the value head in
   every step, full-vocabulary logits;
@@ -334,20 +336,22 @@ def original_batch(rows, pad_id: int):
     return (torch.tensor(ids), torch.tensor(mask), torch.tensor(resp), torch.tensor(resp_mask).float(), lq)
 
 
-def value_stage(model, rows, pad_id: int, batch_size: int, result: dict) -> None:
-    """The value stage as the trainer runs it: prompt states, then the head's fit (targets: random here)."""
-    import torch
-
+def value_stage_of_its_own(trainer, targets: list[float]) -> dict:
+    """The value stage as the trainer runs it where no generation of pi_ref's precedes it (``--value_source data``):
+    the validation prompts' states by a forward of their own, then the head's fit (the same targets)."""
     from lolrl.engine.reference import prompt_states
     from lolrl.engine.value import ValueFitSettings, fit_value_head
 
+    config = trainer.args
     started = time.perf_counter()
-    states = prompt_states(model, rows, pad_id, batch_size)
-    result["prompt_states_s"] = time.perf_counter() - started
-    targets = torch.rand(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    _, report = fit_value_head(states, targets, ValueFitSettings(), device=next(model.parameters()).device)
-    result["value_fit_s"] = report.fit_seconds
-    result["value_stage_s"] = result["prompt_states_s"] + report.fit_seconds
+    with trainer.training_precision():
+        states = prompt_states(trainer.model, trainer.val_rows, trainer.tokenizer.pad_token_id,
+                               config.per_device_eval_batch_size)
+    states_s = time.perf_counter() - started
+    _, report = fit_value_head(states, targets, ValueFitSettings(epochs=config.value_epochs, seed=config.seed),
+                               device=trainer.accelerator.device)
+    return {"prompt_states_s": states_s, "value_fit_s": report.fit_seconds,
+            "value_stage_s": states_s + report.fit_seconds}
 
 
 def run_original_style(method: str, args, rounds: Rounds) -> dict:
@@ -408,9 +412,11 @@ def run_original_style(method: str, args, rounds: Rounds) -> dict:
 
 def run_trainer(method: str, args, rounds: Rounds) -> dict:
     """lolrl's ``OfflineRLTrainer`` (a ``transformers.Trainer``) as a user runs it, timed through its
-    ``training_step`` as TRL's trainers are: the stages first (the reference pass; for A-LoL the value stage,
-    V(x) fit on the stored rewards of a quarter as many validation rows, plus their prompt states), then
-    one epoch over the same rows as TRL's workers, uniformly sampled, length-grouped."""
+    ``training_step`` as TRL's trainers are: the stages first (the reference pass; for A-LoL, as by default, pi_ref's
+    generation on a quarter as many validation prompts (one new token), scored by a reward that gives each prompt
+    its stored reward, and the value stage: V(x) fit to those rewards on the prompt states of the generation's
+    prefill), then one epoch over the same rows as TRL's workers, uniformly sampled, length-grouped. Afterwards
+    the value stage as ``--value_source data`` runs it (:func:`value_stage_of_its_own`), timed too."""
     import numpy as np
     import torch
 
@@ -439,7 +445,7 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
         lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0, logging_steps=10_000,
         save_strategy="no", report_to="none", disable_tqdm=True, seed=0, bf16=cuda, do_predict=False,
         activation_checkpointing=checkpointing(args, ours=True), lora=LoraSettings(r=args.lora_r, dropout=0.0),
-        max_prompt_length=MAX_PROMPT, max_resp_length=MAX_RESPONSE, value_source="data", stage_cache=False,
+        max_prompt_length=MAX_PROMPT, max_resp_length=MAX_RESPONSE, stage_cache=False,
         sampling_strategy="uniform", val_log_frequency=1, generation=GenerationSettings(max_new_tokens=1, num_beams=1))
     padding = []
 
@@ -450,8 +456,14 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
             padding.append(padding_ratio(inputs))
             return super().training_step(model, inputs, *rest, **kwargs)
 
+    stored = {r.prompt: r.reward for r in train + val}
+
+    def stored_reward(prompts, completions, **columns):  # each prompt's stored reward, whatever was generated
+        return [stored[p] for p in prompts]
+
     warm_up(args, device, [pairs[i][0] for i in pool[:args.batch_size]])
-    trainer = Timed(args=config, data=TaskData(train=train, val=val, test=None))
+    trainer = Timed(args=config, data=TaskData(train=train, val=val, test=None),
+                    reward_funcs=[stored_reward] if method != "nll" else None)
     trainer.model.config.use_cache = False
     started = time.perf_counter()
     trainer.run()
@@ -464,8 +476,10 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
     fit_path = out / "value_fit.json"
     if fit_path.exists():
         fit = json.loads(fit_path.read_text())
-        result.update(prompt_states_s=fit["prompt_states_seconds"], value_fit_s=fit["fit_seconds"],
-                      value_stage_s=fit["prompt_states_seconds"] + fit["fit_seconds"])
+        result.update(prompt_states_s=fit["prompt_states_seconds"], prompt_states_from=fit["prompt_states"],
+                      value_fit_s=fit["fit_seconds"], value_stage_s=fit["prompt_states_seconds"] + fit["fit_seconds"],
+                      reference_generations_s=trainer.stage_seconds.get("reference_generations"),
+                      of_its_own=value_stage_of_its_own(trainer, [r.reward for r in val]))
     if checkpointing(args, ours=True):
         result["layout"] += ", gradient checkpointing"
     result.update(params=sum(p.numel() for p in trainer.model.parameters()), **memory_figures(device, rounds),
@@ -675,8 +689,13 @@ def report(methods, per_round, finals) -> int:
                      else "; MFU n/a (this GPU's bf16 peak is not in PEAK_BF16_TFLOPS)")
         if "reference_pass_s" in f:
             extra += (f"; one-time reference pass {f['reference_pass_s']:.1f} s ({f['reference_rows']} rows), "
-                     f"value stage {f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s "
-                     f"+ fit {f['value_fit_s']:.1f} s)")
+                      f"value stage {f['value_stage_s']:.1f} s (prompt states {f['prompt_states_s']:.1f} s "
+                      f"+ fit {f['value_fit_s']:.1f} s)")
+            if f.get("reference_generations_s") is not None:
+                own = f["of_its_own"]
+                extra += (f"; the prompt states from pi_ref's validation generation ({f['prompt_states_from']}; "
+                          f"it took {f['reference_generations_s']:.1f} s, scored), by a forward of their own (as "
+                          f"--value_source data) {own['prompt_states_s']:.1f} s + fit {own['value_fit_s']:.1f} s")
         rounds = per_round[m]
         print(f"{m:21s} real tokens/s {summary(speed[m])}  padding {padding[m]:.2f} ({f['layout']})  "
               f"CPU {sum(r['cpu_seconds'] for r in rounds) / sum(r['seconds'] for r in rounds):.2f}x wall, "
@@ -703,7 +722,12 @@ def report(methods, per_round, finals) -> int:
     if "a_lol" in finals:
         f = finals["a_lol"]
         print(f"value_stage/reference_pass = {f['value_stage_s'] / f['reference_pass_s']:.3f}  "
-              f"(value stage on {f['reference_rows'] // 4} rows, reference pass on {f['reference_rows']})")
+              f"(value stage on {f['reference_rows'] // 4} rows, reference pass on {f['reference_rows']}; the prompt "
+              f"states from pi_ref's validation generation's prefill)")
+        if "of_its_own" in f:
+            print(f"value_stage/reference_pass (--value_source data) = "
+                  f"{f['of_its_own']['value_stage_s'] / f['reference_pass_s']:.3f}  (the prompt states by a forward "
+                  "of their own)")
     return 0
 
 

@@ -3,6 +3,11 @@
 Causal prompts are left-padded here (generation appends on the right); ``generate`` derives
 positions from the attention mask, so a prompt gets the same positions as in training.
 With several processes each one generates its share and the results are gathered once.
+
+:func:`generate_with_prompt_states` also keeps the prompts' last-layer states as the generation's own
+prefill computes them (:class:`PrefillStates`), so pi_ref's validation generation gives the value head its
+features without a forward of their own; :func:`prefill_prompt_states` recomputes exactly those states (the
+same calls, stopped after the prefill) when the generations come from a cache.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lolrl.engine.collation import TokenizedRow, length_grouped_batches, pad_prompts
+from lolrl.engine.modeling import unwrap
 from lolrl.utils.cli import setting
 
 logger = logging.getLogger(__name__)
@@ -135,6 +141,56 @@ def batches_per_process(n_rows: int, num_processes: int, batch_size: int) -> int
     return math.ceil(math.ceil(n_rows / num_processes) / batch_size)
 
 
+class PrefillStates:
+    """Context manager around ``generate`` calls: each prompt's last-layer states as the call's prefill computes
+    them, what :func:`lolrl.engine.modeling.last_hidden_states` computes in a forward of its own (decoder-only:
+    the body's output, the output layer's input; seq2seq: the encoder's output). The hook takes the body's
+    outputs until they cover the prompt (a prefill in chunks too) and nothing of the decoding steps after it;
+    a beam search's prefill runs on every beam's copy of a prompt, of which the first is kept."""
+
+    def __init__(self, model):
+        inner = unwrap(model)
+        if hasattr(inner, "get_base_model"):  # peft
+            inner = inner.get_base_model()
+        self.encoder_decoder = bool(getattr(inner.config, "is_encoder_decoder", False))
+        self.body = inner.get_encoder() if self.encoder_decoder else inner.base_model
+        if self.body is inner:
+            raise ValueError(f"{type(inner).__name__}: no model body (base_model_prefix) to take prompt states from")
+        self.parts: list[torch.Tensor] = []
+        self.wanted = 0
+
+    def expect(self, length: int) -> None:
+        """The next ``generate`` call's prompt length (0: keep nothing of it)."""
+        self.parts, self.wanted = [], length
+
+    def _hook(self, module, args, output):
+        if sum(part.shape[1] for part in self.parts) < self.wanted:
+            self.parts.append(output[0].detach().cpu())
+
+    def take(self, rows: int) -> torch.Tensor:
+        """The states of the call's ``rows`` prompts, [rows, L, H], as the prompts were padded."""
+        states = torch.cat(self.parts, dim=1) if self.parts else None
+        if states is None or states.shape[1] != self.wanted or states.shape[0] % rows:
+            raise RuntimeError(f"the generation's prefill gave prompt states of shape "
+                               f"{None if states is None else tuple(states.shape)} for {rows} prompts of "
+                               f"{self.wanted} tokens")
+        return states[:: states.shape[0] // rows]
+
+    def __enter__(self):
+        self._handle = self.body.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+class _AfterPrefill:
+    """A stopping criterion: every sequence is done once the prefill has given its first token."""
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_local(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
                    device, desc: str = "generate", show_progress: bool = True,
@@ -142,50 +198,104 @@ def generate_local(model, tokenizer, rows: list[TokenizedRow], settings: Generat
     """Generate for ``rows`` on this process; returns ``{row.index: text}``. With ``synced_batches``
     (sharded weights) this process runs exactly that many ``generate`` calls with ``synced_gpus``,
     dummy ones where it has no rows left, so that no process waits for a collective alone."""
+    return _generate_rows(model, tokenizer, rows, settings, batch_size, device, desc, show_progress,
+                          synced_batches)[0]
+
+
+@torch.no_grad()
+def _generate_rows(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
+                   device, desc: str = "generate", show_progress: bool = True, synced_batches: int | None = None,
+                   capture: bool = False, prefill_only: bool = False
+                   ) -> tuple[dict[int, str], dict[int, torch.Tensor]]:
+    """:func:`generate_local`'s texts and, with ``capture``, ``{row.index: prompt states}`` from each call's
+    prefill (:class:`PrefillStates`); ``prefill_only``: each call stops after its first token (no texts)."""
+    from contextlib import nullcontext
+
+    from transformers import StoppingCriteriaList
+
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     kwargs = _generate_kwargs(tokenizer, settings)
+    if prefill_only:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_AfterPrefill()])
     was_training = model.training
     model.eval()
     outputs: dict[int, str] = {}
+    states: dict[int, torch.Tensor] = {}
     batches = length_grouped_batches(rows, batch_size, prompt_only=True)
     total = len(batches)
     if synced_batches is not None:
         kwargs["synced_gpus"] = True
         total = synced_batches
-    for k in tqdm(range(total), desc=desc, disable=not show_progress, leave=False):
-        if k < len(batches):
-            ids, mask = pad_prompts(batches[k], tokenizer.pad_token_id, left=not encoder_decoder)
-        else:  # a batch this process does not need, only to keep it in step (output discarded)
-            ids = torch.full((1, 1), tokenizer.pad_token_id)
-            mask = torch.ones_like(ids)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        if k < len(batches):
-            new_tokens = out if encoder_decoder else out[:, ids.shape[1]:]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            outputs.update({row.index: text.strip() for row, text in zip(batches[k], texts)})
+    with PrefillStates(model) if capture else nullcontext() as prefill:
+        for k in tqdm(range(total), desc=desc, disable=not show_progress, leave=False):
+            if k < len(batches):
+                ids, mask = pad_prompts(batches[k], tokenizer.pad_token_id, left=not encoder_decoder)
+            else:  # a batch this process does not need, only to keep it in step (output discarded)
+                ids = torch.full((1, 1), tokenizer.pad_token_id)
+                mask = torch.ones_like(ids)
+            if prefill is not None:
+                prefill.expect(ids.shape[1] if k < len(batches) else 0)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            if k >= len(batches):
+                continue
+            if prefill is not None:
+                padded = prefill.take(len(batches[k]))
+                for row, row_states in zip(batches[k], padded):  # causal prompts are left-padded
+                    real = row_states[:len(row.prompt_ids)] if encoder_decoder else row_states[-len(row.prompt_ids):]
+                    states[row.index] = real.to(torch.float32, copy=True)
+            if not prefill_only:
+                new_tokens = out if encoder_decoder else out[:, ids.shape[1]:]
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                outputs.update({row.index: text.strip() for row, text in zip(batches[k], texts)})
     model.train(was_training)
-    return outputs
+    return outputs, states
 
 
 def generate(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
              accelerator=None, desc: str = "generate") -> list[str]:
     """Generate for every row, split across processes; the texts come back in row order."""
+    return _on_processes(model, tokenizer, rows, settings, batch_size, accelerator, desc)[0]
+
+
+def generate_with_prompt_states(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings,
+                                batch_size: int, accelerator=None, desc: str = "generate"
+                                ) -> tuple[list[str], list[torch.Tensor]]:
+    """:func:`generate`, and each row's prompt states ([L_i, H], float32, on CPU) from the generation's own prefill
+    (:class:`PrefillStates`)."""
+    return _on_processes(model, tokenizer, rows, settings, batch_size, accelerator, desc, capture=True)
+
+
+def prefill_prompt_states(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
+                          accelerator=None, desc: str = "prompt states (prefill)") -> list[torch.Tensor]:
+    """The prompt states :func:`generate_with_prompt_states` gives for the same rows and settings, bit for bit, at
+    the cost of the prefill alone: the same ``generate`` calls (the same batches, padding, beams and cache),
+    each stopped after its first new token."""
+    return _on_processes(model, tokenizer, rows, settings, batch_size, accelerator, desc, capture=True,
+                         prefill_only=True)[1]
+
+
+def _on_processes(model, tokenizer, rows: list[TokenizedRow], settings: GenerationSettings, batch_size: int,
+                  accelerator, desc: str, capture: bool = False, prefill_only: bool = False):
+    """(texts, states) in row order (states None without ``capture``), each process generating its share."""
     if accelerator is None or accelerator.num_processes == 1:
         device = accelerator.device if accelerator is not None else next(model.parameters()).device
-        local = generate_local(model, tokenizer, rows, settings, batch_size, device, desc)
+        texts, states = _generate_rows(model, tokenizer, rows, settings, batch_size, device, desc, capture=capture,
+                                       prefill_only=prefill_only)
     else:
         from accelerate.utils import gather_object
 
         mine = rows[accelerator.process_index::accelerator.num_processes]
         synced = batches_per_process(len(rows), accelerator.num_processes, batch_size) \
             if sharded_parameters(accelerator) else None
-        local_part = generate_local(accelerator.unwrap_model(model), tokenizer, mine, settings, batch_size,
-                                    accelerator.device, desc, show_progress=accelerator.is_local_main_process,
-                                    synced_batches=synced)
-        local = {}
-        for part in gather_object([local_part]):
-            local.update(part)
-    return [local[row.index] for row in rows]
+        texts, states = {}, {}
+        for part_texts, part_states in gather_object([_generate_rows(
+                accelerator.unwrap_model(model), tokenizer, mine, settings, batch_size, accelerator.device, desc,
+                show_progress=accelerator.is_local_main_process, synced_batches=synced, capture=capture,
+                prefill_only=prefill_only)]):
+            texts.update(part_texts)
+            states.update(part_states)
+    return ([texts[row.index] for row in rows] if not prefill_only else None,
+            [states[row.index] for row in rows] if capture else None)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 from lolrl.engine.collation import TokenizedRow
 from lolrl.engine.config import ConfigError
 from lolrl.engine.data import Record, TaskData, check_reward_scale
-from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.generation import GenerationSettings, generate, prefill_prompt_states
 from lolrl.engine.reference import prompt_states, reference_pass
 from lolrl.engine.sampling import sampling_weights
 from lolrl.engine.validation import generate_and_score, score_on_main, scored_generations_check
@@ -129,14 +129,20 @@ class ReferenceStages:
         return score_on_main(self.reward, records, completions, self.args.per_device_eval_batch_size,
                              self.accelerator, desc)
 
-    def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str):
+    def _generate_and_score(self, records: list[Record], rows: list[TokenizedRow], desc: str,
+                            prompt_states: list | None = None):
         with self.training_precision():
             return generate_and_score(self.model, self.tokenizer, records, rows, self.args.generation,
                                       self.args.per_device_eval_batch_size, self.accelerator, self.reward,
-                                      self.postprocess, desc)
+                                      self.postprocess, desc, prompt_states)
 
-    def _reference_generations(self, val_rows: list[TokenizedRow]) -> tuple[list[str], dict[str, list[float]]]:
-        """pi_ref's generations on the validation prompts and their rewards (cached)."""
+    # pi_ref's validation generation's prompt states, kept for the value head (:meth:`_value_features`)
+    _prefill_states: list[torch.Tensor] | None = None
+
+    def _reference_generations(self, val_rows: list[TokenizedRow], keep_states: bool = False
+                               ) -> tuple[list[str], dict[str, list[float]]]:
+        """pi_ref's generations on the validation prompts and their rewards (cached). ``keep_states``: a generation
+        run here also keeps its prefill's prompt states for the value head."""
         val = self._val_records()
         key = cache_lib.hash_json({"stage": "reference_generations", **self._model_key(),
                                    "val": cache_lib.records_digest(val), "reward": self.reward.cache_key(),
@@ -144,8 +150,12 @@ class ReferenceStages:
         hit = self.cache.load("reference_val_generations", key, scored_generations_check(len(val)))
         if hit is not None:
             return hit[0]["completions"], hit[0]["rewards"]
+        started = time.perf_counter()
+        states = [] if keep_states else None
         with stage_rng(self.args.seed, "reference_generations"):
-            completions, rewards = self._generate_and_score(val, val_rows, "reference on val")
+            completions, rewards = self._generate_and_score(val, val_rows, "reference on val", states)
+        self.stage_seconds["reference_generations"] = time.perf_counter() - started
+        self._prefill_states = states
         self.cache.save("reference_val_generations", key, {"completions": completions, "rewards": rewards})
         return completions, rewards
 
@@ -158,7 +168,7 @@ class ReferenceStages:
         if config.value_fit_source == "data":
             return [r.reward for r in val]
         if config.value_samples == 1:
-            return self._reference_generations(val_rows)[1]["final_reward"]
+            return self._reference_generations(val_rows, keep_states=True)[1]["final_reward"]
         k, n = config.value_samples, len(val)
         sampling = self.value_sampling_settings()
         key = cache_lib.hash_json({"stage": "value_samples", **self._model_key(), "val": cache_lib.records_digest(val),
@@ -198,16 +208,14 @@ class ReferenceStages:
         settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
                                     folds=config.value_folds, seed=config.seed, head=config.value_head)
         started = time.perf_counter()
-        with self.training_precision():  # the states the reference pass applies V(x) to are computed so too
-            states = prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.per_device_eval_batch_size,
-                                   self.accelerator, desc="value features")
+        states, source = self._value_features(val_rows)
         states_seconds = time.perf_counter() - started
         payload = [None]
         if self.is_main:
             with stage_rng(config.seed, "value_fit"):
                 head, report = fit_value_head(states, targets, settings, device=self.accelerator.device)
             payload = [({k: v.cpu() for k, v in head.state_dict().items()},
-                        report.as_dict() | {"prompt_states_seconds": states_seconds})]
+                        report.as_dict() | {"prompt_states_seconds": states_seconds, "prompt_states": source})]
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -219,10 +227,11 @@ class ReferenceStages:
         chosen = (f"ridge penalty {report['ridge_alpha']:.3g}" if report["head"] == "ridge"
                   else f"{report['best_epoch']} epochs")
         logger.info("value head (%s): %d-fold cross-validated MSE %.4f vs %.4f for a constant (R^2 %.3f, rank "
-                    "correlation %.3f); fit on all %d validation prompts with %s; prompt states %.1f s, fit %.1f s",
+                    "correlation %.3f); fit on all %d validation prompts with %s; prompt states (%s) %.1f s, "
+                    "fit %.1f s",
                     report["head"], report["folds"], report["cv_mse"], report["constant_mse"], report["cv_r2"],
-                    report["cv_spearman"], report["n_fit"], chosen, report["prompt_states_seconds"],
-                    report["fit_seconds"])
+                    report["cv_spearman"], report["n_fit"], chosen, report["prompt_states"],
+                    report["prompt_states_seconds"], report["fit_seconds"])
         if not report["informative"]:
             logger.warning("V(x) is no better than a constant on new prompts (%d-fold cross-validated R^2 %.3f < %.2f "
                            "over %d validation prompts): the advantage then only keeps rows whose reward is above "
@@ -230,6 +239,26 @@ class ReferenceStages:
                            "or more value-head epochs", report["folds"], report["cv_r2"], INFORMATIVE_R2,
                            report["n_fit"])
         return head, report
+
+    def _value_features(self, val_rows: list[TokenizedRow]) -> tuple[list[torch.Tensor], str]:
+        """The validation prompts' states V(x) is fit on, and where they came from. When V(x)'s targets are the
+        rewards of pi_ref's validation generation (``value_samples`` 1), its prefill computed them: kept from it
+        (``generation``), or, when the generations came from the cache, recomputed by the same calls stopped after
+        the prefill (``prefill``), bit for bit the same (cold or warm cache, one result). Otherwise a forward of
+        their own (``forward``). Either way in the training precision, as the reference pass's states that V(x)
+        is applied to, which agree with them to rounding."""
+        config = self.args
+        if config.value_fit_source == "generations" and config.value_samples == 1:
+            states, self._prefill_states = self._prefill_states, None
+            if states is not None:
+                return states, "generation"
+            with stage_rng(config.seed, "reference_generations"), self.training_precision():
+                return prefill_prompt_states(self.model, self.tokenizer, val_rows, config.generation,
+                                             config.per_device_eval_batch_size, self.accelerator,
+                                             desc="value features (prefill)"), "prefill"
+        with self.training_precision():
+            return prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.per_device_eval_batch_size,
+                                 self.accelerator, desc="value features"), "forward"
 
     def check_reward_agreement(self, sample_size: int = 64) -> dict:
         """Score a sample of training responses with ``--reward`` and compare with the data's rewards.

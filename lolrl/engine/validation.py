@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lolrl.engine.collation import TokenizedRow
 from lolrl.engine.data import DataError, Record
-from lolrl.engine.generation import GenerationSettings, generate
+from lolrl.engine.generation import GenerationSettings, generate, generate_with_prompt_states
 from lolrl.engine.reports import summarize_generations
 from lolrl.engine.rewards import RESERVED_COLUMNS
 from lolrl.utils.finite import check_finite_model
@@ -99,9 +99,17 @@ def scored_generations_check(n: int):
 
 def generate_and_score(model, tokenizer, records: list[Record], rows: list[TokenizedRow],
                        settings: GenerationSettings, batch_size: int, accelerator, reward=None, postprocess=None,
-                       desc: str = "validation") -> tuple[list[str], dict[str, list[float]]]:
-    """Completions for the records' prompts (post-processed) and their rewards (``{}`` without a reward)."""
-    completions = generate(model, tokenizer, rows, settings, batch_size, accelerator, desc=f"{desc}: generate")
+                       desc: str = "validation", prompt_states: list | None = None
+                       ) -> tuple[list[str], dict[str, list[float]]]:
+    """Completions for the records' prompts (post-processed) and their rewards (``{}`` without a reward).
+    ``prompt_states``: a list, filled with each row's prompt states from the generation's own prefill
+    (:func:`lolrl.engine.generation.generate_with_prompt_states`)."""
+    if prompt_states is None:
+        completions = generate(model, tokenizer, rows, settings, batch_size, accelerator, desc=f"{desc}: generate")
+    else:
+        completions, states = generate_with_prompt_states(model, tokenizer, rows, settings, batch_size, accelerator,
+                                                          desc=f"{desc}: generate")
+        prompt_states[:] = states
     if postprocess is not None:
         completions = [postprocess(c) for c in completions]
     rewards = score_on_main(reward, records, completions, batch_size, accelerator, f"{desc}: reward") \

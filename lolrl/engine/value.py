@@ -515,9 +515,10 @@ def select_epochs(judged_errors: np.ndarray, inner_errors: np.ndarray) -> tuple[
 # The fit's version: changed whenever the same inputs give other numbers (2: the dropout's own draws and layout;
 # 3: V(x) without dropout through the reassociated output, :meth:`ValueHead._value`; 4: V(x) without dropout or
 # gradients from one product of the states, :meth:`ValueHead._values_without_grad`; 5: dropout masks from 8-bit
-# draws, :func:`bernoulli_mask`), so that a cached value head
+# draws, :func:`bernoulli_mask`; 6: fit to targets from pi_ref's validation generation, on the prompt states of that
+# generation's prefill, :meth:`lolrl.engine.stages.ReferenceStages._value_features`), so that a cached value head
 # of another version is recomputed (the reference-pass cache's key carries it).
-FIT_VERSION = 5
+FIT_VERSION = 6
 
 # The cross-validation's fits (the pair fits, then the final one) run side by side in this many threads (None: on
 # CPU as many as torch's intra-op threads, each fit then on one, see :func:`_one_cpu_thread`; on an accelerator

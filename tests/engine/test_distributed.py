@@ -143,3 +143,10 @@ def test_sharded_weights_generate_the_same_number_of_times_on_every_process(tiny
     calls.clear()
     assert generate_local(model, tokenizer, [], settings, 2, "cpu", show_progress=False, synced_batches=1) == {}
     assert calls == [True]
+    # the prompt states of the generation's prefill: the real rows', none of the dummies'
+    from lolrl.engine.generation import _generate_rows
+
+    texts, states = _generate_rows(model, tokenizer, rows, settings, 2, "cpu", show_progress=False, synced_batches=4,
+                                   capture=True)
+    assert texts == out and sorted(states) == [0, 1, 2]
+    assert [states[r.index].shape[0] for r in rows] == [len(r.prompt_ids) for r in rows]

@@ -126,3 +126,28 @@ def test_every_decoding_setting_is_in_the_cache_key(tmp_path, tiny_models, toy_d
     monkeypatch.setitem(generation.NEUTRAL_DECODING, "typical_p", 0.9)
     assert targets(base)[1]
     assert np.isfinite(first).all()
+
+
+@pytest.mark.parametrize("model", ["causal", "llama", "seq2seq"])
+@pytest.mark.parametrize("beams", [1, 2])
+def test_the_generations_prefill_gives_the_prompt_states(tiny_models, toy_dir, model, beams):
+    """pi_ref's validation generation also gives V(x)'s features: each prompt's states as the prefill computed
+    them (left-padded in batches, every beam's copy; T5: the encoder's output) equal the states of a forward of
+    their own to rounding; the texts are those of a plain generation; the prefill alone (the generations from a
+    cache) gives the same states bit for bit."""
+    from lolrl.engine.generation import generate_with_prompt_states, prefill_prompt_states
+    from lolrl.engine.reference import prompt_states
+
+    lm, tokenizer = load_model(tiny_models[model]), load_tokenizer(tiny_models[model])
+    rows = Tokenizer(tokenizer, model == "seq2seq", 64, 16)(load_task_dir(toy_dir).val)
+    assert len({len(r.prompt_ids) for r in rows}) > 3  # batches with padding
+    settings = GenerationSettings(max_new_tokens=6, num_beams=beams)
+    texts, states = generate_with_prompt_states(lm, tokenizer, rows, settings, batch_size=5)
+    assert texts == generate(lm, tokenizer, rows, settings, batch_size=5)
+    forward = prompt_states(lm, rows, tokenizer.pad_token_id, batch_size=3)
+    assert [s.shape for s in states] == [(len(r.prompt_ids), lm.config.hidden_size) for r in rows]
+    for prefill, own in zip(states, forward):
+        assert prefill.dtype == torch.float32
+        torch.testing.assert_close(prefill, own, atol=1e-5, rtol=1e-5)
+    again = prefill_prompt_states(lm, tokenizer, rows, settings, batch_size=5)
+    assert all(torch.equal(a, b) for a, b in zip(again, states))

@@ -155,3 +155,33 @@ def test_run_with_the_ridge_head_reports_it(tmp_path, tiny_models, toy_dir, toy_
     with pytest.raises(ConfigError, match="--value_head must be attention or ridge"):
         OfflineRLConfig(model_name=tiny_models["causal"], output_dir=str(tmp_path), algorithm="a_lol",
                         value_head="linear")
+
+
+def test_v_from_the_generations_prefill_is_the_same_with_their_cache_warm(tmp_path, tiny_models, toy_dir,
+                                                                          toy_reward_spec):
+    """V(x) fit to the rewards of pi_ref's validation generation takes its prompt states from that generation's
+    prefill; with the generations in the cache (the reference pass's cache cold) the prefill alone recomputes them:
+    the same V(x), bit for bit. With --value_source data the states come from a forward of their own."""
+    import json
+
+    from lolrl.engine.rewards import load_reward
+
+    def signal(run, **settings):
+        trainer = _trainer(tmp_path / run, tiny_models["causal"], toy_dir, load_reward(toy_reward_spec),
+                           cache_dir=str(tmp_path / "cache"), **settings)
+        out = trainer.prepare_training_signal(trainer.row_tokenizer(trainer.data.train),
+                                              trainer.row_tokenizer(trainer._val_records()))
+        return out, json.loads((tmp_path / run / "run" / "value_fit.json").read_text())
+
+    cold, cold_fit = signal("cold")
+    assert cold_fit["prompt_states"] == "generation"
+    cache = tmp_path / "cache"
+    assert any(cache.glob("reference_val_generations*"))
+    for path in cache.glob("reference_pass*"):
+        path.unlink()
+    warm, warm_fit = signal("warm")
+    assert warm_fit["prompt_states"] == "prefill"
+    assert np.array_equal(warm.advantages, cold.advantages)
+    assert {k: warm_fit[k] for k in ("cv_mse", "best_epoch")} == {k: cold_fit[k] for k in ("cv_mse", "best_epoch")}
+    _, data_fit = signal("data", value_source="data")
+    assert data_fit["prompt_states"] == "forward"

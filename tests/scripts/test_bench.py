@@ -36,7 +36,7 @@ def test_throughput_quick_prints_its_figures(tmp_path):
             name, value = line.split(" = ", 1)
             figures[name] = float(value.split()[0])
     for name in ("ratio a_lol/nll", "ratio a_lol/original_style", "padding", "peak_memory a_lol/nll",
-                 "value_stage/reference_pass"):
+                 "value_stage/reference_pass", "value_stage/reference_pass (--value_source data)"):
         assert name in figures and math.isfinite(figures[name]) and figures[name] > 0, name
     assert 1.0 <= figures["padding"] < 2.0
     assert out.stdout.strip().splitlines()[-1].startswith("value_stage/reference_pass")
