@@ -478,12 +478,13 @@ def run_trainer(method: str, args, rounds: Rounds) -> dict:
         fit = json.loads(fit_path.read_text())
         result.update(prompt_states_s=fit["prompt_states_seconds"], prompt_states_from=fit["prompt_states"],
                       value_fit_s=fit["fit_seconds"], value_stage_s=fit["prompt_states_seconds"] + fit["fit_seconds"],
-                      reference_generations_s=trainer.stage_seconds.get("reference_generations"),
-                      of_its_own=value_stage_of_its_own(trainer, [r.reward for r in val]))
+                      reference_generations_s=trainer.stage_seconds.get("reference_generations"))
     if checkpointing(args, ours=True):
         result["layout"] += ", gradient checkpointing"
     result.update(params=sum(p.numel() for p in trainer.model.parameters()), **memory_figures(device, rounds),
                   device=torch.cuda.get_device_name() if cuda else "cpu")
+    if "value_stage_s" in result:  # after the memory figures: the run's peak is the trainer's alone
+        result["of_its_own"] = value_stage_of_its_own(trainer, [r.reward for r in val])
     return result
 
 
@@ -695,7 +696,8 @@ def report(methods, per_round, finals) -> int:
                 own = f["of_its_own"]
                 extra += (f"; the prompt states from pi_ref's validation generation ({f['prompt_states_from']}; "
                           f"it took {f['reference_generations_s']:.1f} s, scored), by a forward of their own (as "
-                          f"--value_source data) {own['prompt_states_s']:.1f} s + fit {own['value_fit_s']:.1f} s")
+                          f"--value_source data, after the training) {own['prompt_states_s']:.1f} s + fit "
+                          f"{own['value_fit_s']:.1f} s")
         rounds = per_round[m]
         print(f"{m:21s} real tokens/s {summary(speed[m])}  padding {padding[m]:.2f} ({f['layout']})  "
               f"CPU {sum(r['cpu_seconds'] for r in rounds) / sum(r['seconds'] for r in rounds):.2f}x wall, "
@@ -727,7 +729,7 @@ def report(methods, per_round, finals) -> int:
         if "of_its_own" in f:
             print(f"value_stage/reference_pass (--value_source data) = "
                   f"{f['of_its_own']['value_stage_s'] / f['reference_pass_s']:.3f}  (the prompt states by a forward "
-                  "of their own)")
+                  "of their own; timed after the training, in a warm process)")
     return 0
 
 
