@@ -128,18 +128,28 @@ def test_every_decoding_setting_is_in_the_cache_key(tmp_path, tiny_models, toy_d
     assert np.isfinite(first).all()
 
 
-@pytest.mark.parametrize("model", ["causal", "llama", "seq2seq"])
+@pytest.mark.parametrize("model", ["causal", "llama", "seq2seq", "causal+lora"])
 @pytest.mark.parametrize("beams", [1, 2])
 def test_the_generations_prefill_gives_the_prompt_states(tiny_models, toy_dir, model, beams):
     """pi_ref's validation generation also gives V(x)'s features: each prompt's states as the prefill computed
-    them (left-padded in batches, every beam's copy; T5: the encoder's output) equal the states of a forward of
-    their own to rounding; the texts are those of a plain generation; the prefill alone (the generations from a
-    cache) gives the same states bit for bit."""
+    them (left-padded in batches, every beam's copy; T5: the encoder's output; a peft model's, its adapter on)
+    equal the states of a forward of their own to rounding; the texts are those of a plain generation; the
+    prefill alone (the generations from a cache) gives the same states bit for bit."""
     from lolrl.engine.generation import generate_with_prompt_states, prefill_prompt_states
+    from lolrl.engine.modeling import LoraSettings, add_lora
     from lolrl.engine.reference import prompt_states
 
-    lm, tokenizer = load_model(tiny_models[model]), load_tokenizer(tiny_models[model])
-    rows = Tokenizer(tokenizer, model == "seq2seq", 64, 16)(load_task_dir(toy_dir).val)
+    base, plain = model.removesuffix("+lora"), None
+    lm, tokenizer = load_model(tiny_models[base]), load_tokenizer(tiny_models[base])
+    if base != model:
+        plain = prompt_states(lm, Tokenizer(tokenizer, False, 64, 16)(load_task_dir(toy_dir).val[:2]),
+                              tokenizer.pad_token_id, batch_size=2)
+        lm = add_lora(lm, LoraSettings(r=4, dropout=0.0))
+        torch.manual_seed(0)
+        for name, weight in lm.named_parameters():
+            if "lora_B" in name:
+                weight.data.normal_(0.0, 0.5)  # an adapter that changes the states
+    rows = Tokenizer(tokenizer, base == "seq2seq", 64, 16)(load_task_dir(toy_dir).val)
     assert len({len(r.prompt_ids) for r in rows}) > 3  # batches with padding
     settings = GenerationSettings(max_new_tokens=6, num_beams=beams)
     texts, states = generate_with_prompt_states(lm, tokenizer, rows, settings, batch_size=5)
@@ -151,3 +161,5 @@ def test_the_generations_prefill_gives_the_prompt_states(tiny_models, toy_dir, m
         torch.testing.assert_close(prefill, own, atol=1e-5, rtol=1e-5)
     again = prefill_prompt_states(lm, tokenizer, rows, settings, batch_size=5)
     assert all(torch.equal(a, b) for a, b in zip(again, states))
+    if plain is not None:
+        assert not torch.allclose(states[0], plain[0], atol=1e-3)  # the adapter's states, not the base's
