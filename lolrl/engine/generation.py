@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lolrl.engine.collation import TokenizedRow, length_grouped_batches, pad_prompts
 from lolrl.engine.modeling import unwrap
 from lolrl.utils.cli import setting
+from lolrl.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ class PrefillStates:
     them, what :func:`lolrl.engine.modeling.last_hidden_states` computes in a forward of its own (decoder-only:
     the body's output, the output layer's input; seq2seq: the encoder's output). The hook takes the body's
     outputs until they cover the prompt (a prefill in chunks too) and nothing of the decoding steps after it;
-    a beam search's prefill runs on every beam's copy of a prompt, of which the first is kept."""
+    a beam search's prefill runs on every beam's copy of a prompt, of which the first is kept. Decoder-only, the
+    output layer's input at the prefill's last position is checked to be the body's output there: a model that
+    changes the states between the two is refused, not fit on other states than the reference pass's."""
 
     def __init__(self, model):
         inner = unwrap(model)
@@ -154,18 +157,28 @@ class PrefillStates:
             inner = inner.get_base_model()
         self.encoder_decoder = bool(getattr(inner.config, "is_encoder_decoder", False))
         self.body = inner.get_encoder() if self.encoder_decoder else inner.base_model
-        if self.body is inner:
-            raise ValueError(f"{type(inner).__name__}: no model body (base_model_prefix) to take prompt states from")
+        self.head = None if self.encoder_decoder else inner.get_output_embeddings()
+        if self.body is inner or (not self.encoder_decoder and self.head is None):
+            raise ValueError(f"{type(inner).__name__}: no model body (base_model_prefix) and output layer to take "
+                             "prompt states from")
         self.parts: list[torch.Tensor] = []
         self.wanted = 0
+        self.head_input: torch.Tensor | None = None
 
     def expect(self, length: int) -> None:
         """The next ``generate`` call's prompt length (0: keep nothing of it)."""
-        self.parts, self.wanted = [], length
+        self.parts, self.wanted, self.head_input = [], length, None
 
-    def _hook(self, module, args, output):
-        if sum(part.shape[1] for part in self.parts) < self.wanted:
+    def _covered(self) -> int:
+        return sum(part.shape[1] for part in self.parts)
+
+    def _body_hook(self, module, args, output):
+        if self._covered() < self.wanted:
             self.parts.append(output[0].detach().cpu())
+
+    def _head_hook(self, module, args):
+        if self.wanted and self.head_input is None and self._covered() == self.wanted:  # the prefill's last forward
+            self.head_input = args[0][:, -1].detach().cpu()
 
     def take(self, rows: int) -> torch.Tensor:
         """The states of the call's ``rows`` prompts, [rows, L, H], as the prompts were padded."""
@@ -174,14 +187,22 @@ class PrefillStates:
             raise RuntimeError(f"the generation's prefill gave prompt states of shape "
                                f"{None if states is None else tuple(states.shape)} for {rows} prompts of "
                                f"{self.wanted} tokens")
+        if self.head is not None and (self.head_input is None
+                                      or not torch.equal(self.head_input.float(), states[:, -1].float())):
+            raise ConfigError(f"{type(self.head).__name__}, the model's output layer, does not take its body's output "
+                              "as it is: V(x)'s prompt states cannot come from the generation's prefill (with "
+                              "--value_source data or --value_samples 2 or more they come from a forward of their own)")
         return states[:: states.shape[0] // rows]
 
     def __enter__(self):
-        self._handle = self.body.register_forward_hook(self._hook)
+        self._handles = [self.body.register_forward_hook(self._body_hook)]
+        if self.head is not None:
+            self._handles.append(self.head.register_forward_pre_hook(self._head_hook))
         return self
 
     def __exit__(self, *exc):
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 class _AfterPrefill:

@@ -163,3 +163,18 @@ def test_the_generations_prefill_gives_the_prompt_states(tiny_models, toy_dir, m
     assert all(torch.equal(a, b) for a, b in zip(again, states))
     if plain is not None:
         assert not torch.allclose(states[0], plain[0], atol=1e-3)  # the adapter's states, not the base's
+
+
+def test_prefill_states_are_refused_where_the_output_layer_changes_the_bodys_output(tiny_models, toy_dir):
+    """The prefill's states are the output layer's input only if the model feeds it the body's output unchanged; a
+    model that transforms it in between is refused in one line, not fit on states the reference pass never sees."""
+    from lolrl.engine.generation import generate_with_prompt_states
+    from lolrl.utils.errors import ConfigError
+
+    lm, tokenizer = load_model(tiny_models["causal"]), load_tokenizer(tiny_models["causal"])
+    rows = Tokenizer(tokenizer, False, 64, 16)(load_task_dir(toy_dir).val[:4])
+    settings = GenerationSettings(max_new_tokens=3, num_beams=1)
+    assert len(generate_with_prompt_states(lm, tokenizer, rows, settings, batch_size=2)[1]) == 4
+    lm.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    with pytest.raises(ConfigError, match="does not take its body's output"):
+        generate_with_prompt_states(lm, tokenizer, rows, settings, batch_size=2)
