@@ -159,8 +159,9 @@ class PrefillStates:
         self.body = inner.get_encoder() if self.encoder_decoder else inner.base_model
         self.head = None if self.encoder_decoder else inner.get_output_embeddings()
         if self.body is inner or (not self.encoder_decoder and self.head is None):
-            raise ValueError(f"{type(inner).__name__}: no model body (base_model_prefix) and output layer to take "
-                             "prompt states from")
+            raise ConfigError(f"{type(inner).__name__}: no model body (base_model_prefix) and output layer to take "
+                              "V(x)'s prompt states from in the generation's prefill (with --value_source data or "
+                              "--value_samples 2 or more they come from a forward of their own)")
         self.parts: list[torch.Tensor] = []
         self.wanted = 0
         self.head_input: torch.Tensor | None = None
