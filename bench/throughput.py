@@ -340,7 +340,7 @@ def value_stage_of_its_own(trainer, targets: list[float]) -> dict:
     """The value stage as the trainer runs it where no generation of pi_ref's precedes it (``--value_source data``):
     the validation prompts' states by a forward of their own, then the head's fit (the same targets)."""
     from lolrl.engine.reference import prompt_states
-    from lolrl.engine.value import ValueFitSettings, fit_value_head
+    from lolrl.engine.value import fit_value_head
 
     config = trainer.args
     started = time.perf_counter()
@@ -348,8 +348,7 @@ def value_stage_of_its_own(trainer, targets: list[float]) -> dict:
         states = prompt_states(trainer.model, trainer.val_rows, trainer.tokenizer.pad_token_id,
                                config.per_device_eval_batch_size)
     states_s = time.perf_counter() - started
-    _, report = fit_value_head(states, targets, ValueFitSettings(epochs=config.value_epochs, seed=config.seed),
-                               device=trainer.accelerator.device)
+    _, report = fit_value_head(states, targets, trainer.value_fit_settings(), device=trainer.accelerator.device)
     return {"prompt_states_s": states_s, "value_fit_s": report.fit_seconds,
             "value_stage_s": states_s + report.fit_seconds}
 

@@ -205,8 +205,7 @@ class ReferenceStages:
 
     def _fit_value(self, val_rows: list[TokenizedRow], targets: list[float]) -> tuple[torch.nn.Module, dict]:
         config = self.args
-        settings = ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
-                                    folds=config.value_folds, seed=config.seed, head=config.value_head)
+        settings = self.value_fit_settings()
         started = time.perf_counter()
         states, source = self._value_features(val_rows)
         states_seconds = time.perf_counter() - started
@@ -239,6 +238,12 @@ class ReferenceStages:
                            "or more value-head epochs", report["folds"], report["cv_r2"], INFORMATIVE_R2,
                            report["n_fit"])
         return head, report
+
+    def value_fit_settings(self) -> ValueFitSettings:
+        """The value head's fit as this run's settings ask for it."""
+        config = self.args
+        return ValueFitSettings(epochs=config.value_epochs, learning_rate=config.value_learning_rate,
+                                folds=config.value_folds, seed=config.seed, head=config.value_head)
 
     def _value_features(self, val_rows: list[TokenizedRow]) -> tuple[list[torch.Tensor], str]:
         """The validation prompts' states V(x) is fit on, and where they came from. When V(x)'s targets are the
