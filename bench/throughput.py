@@ -339,14 +339,10 @@ def original_batch(rows, pad_id: int):
 def value_stage_of_its_own(trainer, targets: list[float]) -> dict:
     """The value stage as the trainer runs it where no generation of pi_ref's precedes it (``--value_source data``):
     the validation prompts' states by a forward of their own, then the head's fit (the same targets)."""
-    from lolrl.engine.reference import prompt_states
     from lolrl.engine.value import fit_value_head
 
-    config = trainer.args
     started = time.perf_counter()
-    with trainer.training_precision():
-        states = prompt_states(trainer.model, trainer.val_rows, trainer.tokenizer.pad_token_id,
-                               config.per_device_eval_batch_size)
+    states = trainer.forward_prompt_states(trainer.val_rows)
     states_s = time.perf_counter() - started
     _, report = fit_value_head(states, targets, trainer.value_fit_settings(), device=trainer.accelerator.device)
     return {"prompt_states_s": states_s, "value_fit_s": report.fit_seconds,

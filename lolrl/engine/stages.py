@@ -261,9 +261,14 @@ class ReferenceStages:
                 return prefill_prompt_states(self.model, self.tokenizer, val_rows, config.generation,
                                              config.per_device_eval_batch_size, self.accelerator,
                                              desc="value features (prefill)"), "prefill"
+        return self.forward_prompt_states(val_rows), "forward"
+
+    def forward_prompt_states(self, val_rows: list[TokenizedRow]) -> list[torch.Tensor]:
+        """The validation prompts' states by a forward of their own (:func:`lolrl.engine.reference.prompt_states`),
+        in the training precision."""
         with self.training_precision():
-            return prompt_states(self.model, val_rows, self.tokenizer.pad_token_id, config.per_device_eval_batch_size,
-                                 self.accelerator, desc="value features"), "forward"
+            return prompt_states(self.model, val_rows, self.tokenizer.pad_token_id,
+                                 self.args.per_device_eval_batch_size, self.accelerator, desc="value features")
 
     def check_reward_agreement(self, sample_size: int = 64) -> dict:
         """Score a sample of training responses with ``--reward`` and compare with the data's rewards.
